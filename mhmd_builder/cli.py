@@ -1,0 +1,107 @@
+"""The `mhmd` command: thin click wrappers over the plain Python functions of each stage."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .extract import ExtractSettings, MovieOutcome, extract
+from .manifest import export_manifest, format_status, status
+from .media import MediaError, Sampling
+from .runners import default_workers, make_runner
+from .workdir import WorkDir
+
+workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
+                              help="Work directory that holds every stage's records.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mhmd")
+def main() -> None:
+    """Build MHMD colorization training data from movie files, stage by stage."""
+
+
+def format_outcomes(outcomes: list[MovieOutcome]) -> str:
+    lines = []
+    for o in outcomes:
+        s = o.summary
+        if o.status == "failed":
+            lines.append(f"FAILED   {o.path}: {o.reason}")
+        else:
+            when = "" if o.status == "done" else " (done earlier)"
+            lines.append(f"ok       {o.movie_id}: {s.get('frames_out', 0)}/{s.get('frames_in', 0)} frames kept{when}")
+            lines += [f"         warning: {w}" for w in s.get("warnings", [])]
+    failed = sum(o.status == "failed" for o in outcomes)
+    frames_in = sum(o.summary.get("frames_in", 0) for o in outcomes if o.status != "failed")
+    frames_out = sum(o.summary.get("frames_out", 0) for o in outcomes if o.status != "failed")
+    lines.append(f"{len(outcomes) - failed} movies extracted, {failed} failed; "
+                 f"{frames_out} of {frames_in} sampled frames kept")
+    return "\n".join(lines)
+
+
+@main.command("extract")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@workdir_option
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="Frames per second, uniform in time.")
+@click.option("--keyframes", is_flag=True, help="Only key frames (the decoder skips the others: fast).")
+@click.option("--scenes", is_flag=True, help="A few frames per shot (ffmpeg's scene score).")
+@click.option("--scene-threshold", type=float, default=0.3, show_default=True)
+@click.option("--scene-max-gap", type=float, default=10.0, show_default=True,
+              help="With --scenes, also one frame every this many seconds inside long shots.")
+@click.option("--max-side", type=click.IntRange(min=0), default=640, show_default=True,
+              help="Scale frames (inside ffmpeg) so that the longer side is at most this; 0 keeps the size.")
+@click.option("--skip-head", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds left out at the start (opening credits).")
+@click.option("--skip-tail", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds left out at the end (closing credits).")
+@click.option("--crop/--no-crop", default=True, show_default=True, help="Detect and crop letterbox bars.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
+@click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
+def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, scene_max_gap, max_side,
+                    skip_head, skip_tail, crop, jpeg_quality, workers, runner) -> None:
+    """Extract frames from movies (files or folders) into WORKDIR, resumably."""
+    if keyframes and scenes:
+        raise click.UsageError("--keyframes and --scenes exclude each other")
+    mode = "keyframes" if keyframes else "scenes" if scenes else "fps"
+    settings = ExtractSettings(
+        sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
+        skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality)
+    try:
+        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers))
+    except MediaError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_outcomes(outcomes))
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
+
+
+@main.command("status")
+@workdir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status_command(workdir, as_json) -> None:
+    """Per stage: partitions done / failed / pending, frames in and out."""
+    report = status(WorkDir(workdir))
+    click.echo(json.dumps(report, indent=1) if as_json else format_status(report))
+
+
+@main.group("manifest")
+def manifest_group() -> None:
+    """The one-row-per-frame manifest."""
+
+
+@manifest_group.command("export")
+@workdir_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FILE.parquet")
+def manifest_export_command(workdir, output) -> None:
+    """Write every sampled frame, kept or not, with its scores and decisions."""
+    rows = export_manifest(WorkDir(workdir), output)
+    click.echo(f"wrote {rows} rows to {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Stage 1: one pass over each movie. Decode once, sample, score quality on the decoded pixels,
+encode a JPEG only for frames that pass, and record a row for every sampled frame."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import pyarrow as pa
+
+from .media import (DecodeStats, MediaError, Sampling, decode_frames, detect_letterbox, find_movies, movie_id,
+                    output_size, probe, slug)
+from .runners import LocalRunner
+from .quality import FrameVerdict, QualityFilter, QualityThresholds
+from .stages import Partition, PartitionError, Resources
+from .workdir import WorkDir
+
+STAGE = "extract"
+
+FRAME_SCHEMA = pa.schema([
+    ("frame_id", pa.string()),
+    ("movie_id", pa.string()),
+    ("timestamp", pa.float64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("kept", pa.bool_()),
+    ("reject_reason", pa.string()),
+    ("flags", pa.list_(pa.string())),
+    ("jpeg", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    sampling: Sampling = field(default_factory=Sampling)
+    max_side: int | None = 640
+    skip_head: float = 0.0
+    skip_tail: float = 0.0
+    crop_letterbox: bool = True
+    jpeg_quality: int = 95
+    quality: QualityThresholds = field(default_factory=QualityThresholds)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def frame_id(movie: str, timestamp: float) -> str:
+    return f"{movie}_{round(timestamp * 1000)}"
+
+
+def _time_window(duration: float | None, settings: ExtractSettings) -> tuple[float, float | None]:
+    start = settings.skip_head
+    end = duration - settings.skip_tail if duration is not None else None
+    if end is not None and end <= start:
+        raise PartitionError(f"--skip-head {settings.skip_head:g} and --skip-tail {settings.skip_tail:g} "
+                             f"leave nothing of this {duration:.1f} s movie")
+    return start, end
+
+
+def _verdict_row(v: FrameVerdict, movie: str, size: tuple[int, int], jpeg: str | None) -> dict:
+    return {"frame_id": v.meta["frame_id"], "movie_id": movie, "timestamp": v.meta["timestamp"],
+            "width": size[0], "height": size[1], "kept": v.kept, "reject_reason": v.reason,
+            "flags": list(v.flags), "jpeg": jpeg, **v.scores}
+
+
+def _rows_to_table(rows: list[dict]) -> pa.Table:
+    fixed = {f.name: pa.array([r[f.name] for r in rows], f.type) for f in FRAME_SCHEMA}
+    score_names = [k for k in rows[0] if k not in fixed] if rows else []
+    scores = {k: pa.array([r.get(k) for r in rows], pa.float64()) for k in score_names}
+    return pa.table({**fixed, **scores})
+
+
+@dataclass
+class ExtractStage:
+    workdir: WorkDir
+    settings: ExtractSettings = field(default_factory=ExtractSettings)
+    name: str = STAGE
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+
+    def setup(self) -> None:
+        cv2.setNumThreads(1)  # one worker per core already; ffmpeg does its own threading
+
+    def process(self, partition: Partition, progress) -> dict:
+        started = time.monotonic()
+        path, movie = Path(partition.info["path"]), partition.id
+        staging = self.workdir.begin(STAGE, movie) / "frames"
+        staging.mkdir()
+        final_frames = self.workdir.frames_dir(movie)
+        shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
+
+        try:
+            info = probe(path)
+        except MediaError as e:
+            raise PartitionError(str(e)) from None
+        start, end = _time_window(info.duration, self.settings)
+        crop = (detect_letterbox(path, info, start, end if end is not None else start)
+                if self.settings.crop_letterbox else None)
+        size = output_size(info, crop, self.settings.max_side)
+
+        quality = QualityFilter(self.settings.quality)
+        rows: list[dict] = []
+        seen: set[str] = set()
+        stats = DecodeStats()
+        span = (end - start) if end is not None else 0.0
+
+        def record(verdicts: list[FrameVerdict]) -> None:
+            for v in verdicts:
+                jpeg = None
+                if v.kept:
+                    jpeg = f"frames/{movie}/{v.meta['frame_id']}.jpg"
+                    ok, buf = cv2.imencode(".jpg", v.frame, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+                    (staging / f"{v.meta['frame_id']}.jpg").write_bytes(buf.tobytes())
+                rows.append(_verdict_row(v, movie, size, jpeg))
+
+        for timestamp, frame in decode_frames(path, self.settings.sampling, size, crop, start,
+                                              None if end is None else end - start, stats):
+            fid = frame_id(movie, timestamp)
+            if fid in seen:  # two frames within the same millisecond: keep the first
+                continue
+            seen.add(fid)
+            record(quality.push(frame, {"frame_id": fid, "timestamp": timestamp}))
+            progress(timestamp - start, max(span, timestamp - start))
+        record(quality.flush())
+
+        if not rows:
+            detail = f": {stats.error}" if stats.error else ""
+            raise PartitionError(f"no frames decoded (ffmpeg exit {stats.returncode}){detail}")
+        warnings = []
+        if stats.returncode:
+            warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
+        if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * span):
+            warnings.append(f"decoding stopped at {stats.last_time:.1f} s of {end:.1f} s (truncated file?)")
+
+        final_frames.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final_frames)
+        reasons = Counter(r["reject_reason"] for r in rows if not r["kept"])
+        summary = {
+            **partition.info,
+            "movie_id": movie,
+            "probe": info.to_dict(),
+            "crop": asdict(crop) if crop else None,
+            "frame_size": list(size),
+            "settings": self.settings.to_dict(),
+            "frames_in": len(rows),
+            "frames_out": sum(r["kept"] for r in rows),
+            "rejected": dict(sorted(reasons.items())),
+            "warnings": warnings,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
+        progress(span, span)
+        return summary
+
+
+@dataclass
+class MovieOutcome:
+    movie_id: str
+    path: str
+    status: str  # done | failed | skipped (done in an earlier run)
+    reason: str | None
+    summary: dict
+
+
+def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
+    """One partition per distinct movie content; the plan is recorded so `status` can show what
+    is pending. A file that cannot even be read for its id is recorded as failed right away."""
+    partitions: dict[str, Partition] = {}
+    unreadable: list[MovieOutcome] = []
+    for path in paths:
+        try:
+            mid = movie_id(path)
+        except OSError as e:
+            mid, info = f"{slug(path.stem) or 'movie'}-unreadable", {"path": str(path)}
+            reason = f"cannot read file: {e.strerror}"
+            workdir.plan(STAGE, mid, info)
+            workdir.mark_failed(STAGE, mid, {**info, "reason": reason})
+            unreadable.append(MovieOutcome(mid, str(path), "failed", reason, info))
+            continue
+        if mid not in partitions:
+            partitions[mid] = Partition(mid, {"path": str(path)})
+            workdir.plan(STAGE, mid, partitions[mid].info)
+    return list(partitions.values()), unreadable
+
+
+def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,
+            runner=None) -> list[MovieOutcome]:
+    """Extract frames from every movie in `inputs` (files or folders) into the work directory.
+    Movies already done are skipped, so a killed run resumes where it stopped."""
+    workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    stage = ExtractStage(workdir, settings or ExtractSettings())
+    partitions, outcomes = plan_movies(workdir, find_movies(inputs))
+    done = workdir.done(STAGE)
+    results = {r.id: r for r in (runner or LocalRunner()).run(stage, [p for p in partitions if p.id not in done])}
+    for p in partitions:
+        if p.id in results:
+            r = results[p.id]
+            outcomes.append(MovieOutcome(p.id, p.info["path"], "done" if r.ok else "failed", r.reason, r.summary))
+        else:
+            outcomes.append(MovieOutcome(p.id, p.info["path"], "skipped", None, done[p.id]))
+    return outcomes

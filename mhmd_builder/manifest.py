@@ -1,0 +1,84 @@
+"""The work directory seen whole: per-stage status and the one-row-per-frame manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from .workdir import WorkDir, atomic_write_table
+
+STAGES = ("extract", "detect", "label", "shard")
+
+# DESIGN §4: the contract's columns, in order; columns of stages not run yet are null.
+MANIFEST_COLUMNS = {
+    "frame_id": pa.string(),
+    "movie_id": pa.string(),
+    "timestamp": pa.float64(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "kept": pa.bool_(),
+    "reject_reason": pa.string(),
+    "colorfulness": pa.float64(),
+    "sharpness": pa.float64(),
+    "persons": pa.int32(),
+    "label": pa.string(),
+    "label_source": pa.string(),
+    "label_confidence": pa.float64(),
+    "split": pa.string(),
+}
+
+
+def stage_status(workdir: WorkDir, stage: str) -> dict:
+    planned, done, failed = workdir.planned(stage), workdir.done(stage), workdir.failed(stage)
+    return {
+        "partitions": {
+            "done": len(done),
+            "failed": len(failed),
+            "pending": len(set(planned) - set(done) - set(failed)),
+        },
+        "frames_in": sum(s.get("frames_in", 0) for s in done.values()),
+        "frames_out": sum(s.get("frames_out", 0) for s in done.values()),
+        "failures": {pid: info.get("reason") for pid, info in failed.items()},
+    }
+
+
+def status(workdir: WorkDir) -> dict:
+    """Per stage that has started: partitions done / failed / pending, frames in and out."""
+    return {stage: stage_status(workdir, stage) for stage in STAGES if workdir.stage_dir(stage).exists()}
+
+
+def format_status(report: dict) -> str:
+    if not report:
+        return "nothing here yet: run `mhmd extract` first"
+    lines = [f"{'stage':<10}{'done':>6}{'failed':>8}{'pending':>9}{'frames in':>11}{'frames out':>12}"]
+    for stage, s in report.items():
+        p = s["partitions"]
+        lines.append(f"{stage:<10}{p['done']:>6}{p['failed']:>8}{p['pending']:>9}{s['frames_in']:>11}{s['frames_out']:>12}")
+    for stage, s in report.items():
+        lines += [f"failed {stage} {pid}: {reason}" for pid, reason in s["failures"].items()]
+    return "\n".join(lines)
+
+
+def manifest(workdir: WorkDir) -> pd.DataFrame:
+    """One row per sampled frame, with the contract's columns first and every recorded score after."""
+    frames = workdir.read_table("extract")
+    if frames is None:
+        frames = pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS})
+    for name in MANIFEST_COLUMNS:
+        if name not in frames:
+            frames[name] = None
+    extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
+    return frames[list(MANIFEST_COLUMNS) + extra].sort_values(["movie_id", "timestamp"], ignore_index=True)
+
+
+def export_manifest(workdir: WorkDir, out: str) -> int:
+    """Write the manifest as Parquet with the contract's column types; returns the row count."""
+    frames = manifest(workdir)
+    schema = pa.schema([pa.field(n, t) for n, t in MANIFEST_COLUMNS.items()])
+    table = pa.Table.from_pandas(frames[list(MANIFEST_COLUMNS)], schema=schema, preserve_index=False)
+    extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
+    for name in extra:
+        table = table.append_column(name, pa.Array.from_pandas(frames[name]))
+    atomic_write_table(Path(out), table)
+    return table.num_rows

@@ -1,0 +1,332 @@
+"""Everything that talks to ffmpeg: finding movies, probing them, letterbox detection, decoding.
+
+Frames leave ffmpeg already sampled, cropped and scaled, as raw BGR pixels on a pipe, one ffmpeg
+process per movie; their exact presentation times come from ffmpeg's `showinfo` filter on stderr.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import queue
+import re
+import subprocess
+import threading
+import unicodedata
+from collections import deque
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import ffmpeg
+import numpy as np
+
+VIDEO_EXTENSIONS = {
+    ".mp4", ".m4v", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
+    ".wmv", ".flv", ".ogv", ".3gp", ".vob", ".mxf",
+}
+
+
+class MediaError(Exception):
+    """A movie that cannot be used; the message is one line naming the problem."""
+
+
+def find_movies(paths: list[str | Path]) -> list[Path]:
+    """Files given explicitly are always taken (a bad one is then recorded as failed);
+    folders are searched recursively for files with a video extension."""
+    found: list[Path] = []
+    for given in map(Path, paths):
+        if given.is_dir():
+            found += sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+        elif given.exists():
+            found.append(given)
+        else:
+            raise MediaError(f"{given}: no such file or directory")
+    unique = {p.resolve(): None for p in found}
+    return list(unique)
+
+
+def slug(text: str) -> str:
+    """ASCII letters, digits and '-' only: safe in file names and WebDataset keys (no dots)."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")[:48].strip("-")
+
+
+def content_hash(path: Path, chunk: int = 1 << 20) -> str:
+    """Hash of size plus head, middle and tail: identifies a file's content without reading
+    a whole multi-gigabyte film."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+            f.seek(offset)
+            h.update(f.read(chunk))
+    return h.hexdigest()[:8]
+
+
+def movie_id(path: Path) -> str:
+    """`<name>-<hash>`: readable, stable for the same content, never containing dots."""
+    return f"{slug(path.stem) or 'movie'}-{content_hash(path)}"
+
+
+@dataclass
+class MovieInfo:
+    """What ffprobe says of a movie's video stream; width and height are as displayed
+    (after rotation and pixel aspect ratio)."""
+
+    duration: float | None
+    fps: float | None
+    coded_width: int
+    coded_height: int
+    width: int
+    height: int
+    rotation: int
+    sar: float
+    codec: str
+    pix_fmt: str
+    bit_rate: int | None
+    header_frames: int | None
+    variable_frame_rate: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _first_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown error"
+
+
+def _rate(text: str | None) -> float | None:
+    try:
+        value = Fraction(text or "0/0")
+    except (ValueError, ZeroDivisionError):
+        return None
+    return float(value) if value > 0 else None
+
+
+def _rotation(stream: dict) -> int:
+    for side in stream.get("side_data_list", []):
+        if "rotation" in side:
+            return int(round(float(side["rotation"]))) % 360
+    return int(stream.get("tags", {}).get("rotate", 0)) % 360
+
+
+def probe(path: Path) -> MovieInfo:
+    """ffprobe the first video stream; MediaError with ffprobe's own words when it is unusable."""
+    if path.stat().st_size == 0:
+        raise MediaError("empty file (0 bytes)")
+    try:
+        meta = ffmpeg.probe(str(path))
+    except ffmpeg.Error as e:
+        raise MediaError(f"not a readable movie: {_first_line(e.stderr.decode(errors='replace'))}") from None
+    videos = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"
+              and not s.get("disposition", {}).get("attached_pic")]
+    if not videos:
+        raise MediaError("no video stream (audio-only or data file)")
+    s = videos[0]
+    coded_w, coded_h = int(s.get("width") or 0), int(s.get("height") or 0)
+    if coded_w <= 0 or coded_h <= 0:
+        raise MediaError("video stream has no frame size")
+    rotation = _rotation(s)
+    sar = _rate(s.get("sample_aspect_ratio", "1:1").replace(":", "/")) or 1.0
+    shown_w, shown_h = (coded_h, coded_w) if rotation in (90, 270) else (coded_w, coded_h)
+    duration = s.get("duration") or meta.get("format", {}).get("duration")
+    avg, real = _rate(s.get("avg_frame_rate")), _rate(s.get("r_frame_rate"))
+    nb = s.get("nb_frames")
+    bit_rate = s.get("bit_rate") or meta.get("format", {}).get("bit_rate")
+    return MovieInfo(
+        duration=float(duration) if duration not in (None, "N/A") else None,
+        fps=avg or real,
+        coded_width=coded_w,
+        coded_height=coded_h,
+        width=shown_w if rotation in (90, 270) else round(shown_w * sar),
+        height=round(shown_h * sar) if rotation in (90, 270) else shown_h,
+        rotation=rotation,
+        sar=sar,
+        codec=s.get("codec_name", "unknown"),
+        pix_fmt=s.get("pix_fmt", "unknown"),
+        bit_rate=int(bit_rate) if bit_rate not in (None, "N/A") else None,
+        header_frames=int(nb) if nb not in (None, "N/A") else None,
+        variable_frame_rate=bool(avg and real and abs(avg - real) > 0.01 * real),
+    )
+
+
+# -- letterbox ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Crop:
+    """A rectangle in the decoded (rotated, not aspect-corrected) picture."""
+
+    x: int
+    y: int
+    w: int
+    h: int
+
+
+def _grab_gray(path: Path, at: float, width: int, height: int) -> np.ndarray | None:
+    """One frame near `at` seconds, at the keyframe before it (cheap: no decode up to `at`)."""
+    out, _ = (
+        ffmpeg.input(str(path), ss=at, noaccurate_seek=None)
+        .output("pipe:", vframes=1, format="rawvideo", pix_fmt="gray", an=None)
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+        .run(capture_stdout=True, capture_stderr=True)
+    )
+    if len(out) < width * height:
+        return None
+    return np.frombuffer(out[: width * height], np.uint8).reshape(height, width)
+
+
+def _content_span(levels: np.ndarray, threshold: float) -> tuple[int, int]:
+    """First and one-past-last index whose level exceeds the threshold."""
+    bright = np.flatnonzero(levels > threshold)
+    return (int(bright[0]), int(bright[-1]) + 1) if bright.size else (0, 0)
+
+
+def detect_letterbox(path: Path, info: MovieInfo, start: float, end: float, samples: int = 9,
+                     black_level: float = 32.0) -> Crop | None:
+    """Black bars present in every sample frame spread over [start, end]. A row or column is
+    content when its mean level exceeds `black_level` in at least one sample, so a dark scene
+    does not get cropped as long as one sample shows it lit."""
+    w, h = (info.coded_height, info.coded_width) if info.rotation in (90, 270) else (info.coded_width, info.coded_height)
+    times = [start + (end - start) * (i + 0.5) / samples for i in range(samples)] if end > start else [start]
+    frames = [f for f in (_grab_gray(path, t, w, h) for t in times) if f is not None]
+    if not frames:
+        return None
+    rows = np.max([f.mean(axis=1) for f in frames], axis=0)
+    cols = np.max([f.mean(axis=0) for f in frames], axis=0)
+    y0, y1 = _content_span(rows, black_level)
+    x0, x1 = _content_span(cols, black_level)
+    # Even offsets and sizes keep chroma planes aligned; nothing to crop, or nothing but black: no crop.
+    x0, y0 = x0 + x0 % 2, y0 + y0 % 2
+    cw, ch = (x1 - x0) // 2 * 2, (y1 - y0) // 2 * 2
+    if cw < w / 4 or ch < h / 4 or (cw, ch) == (w - w % 2, h - h % 2):
+        return None
+    return Crop(x0, y0, cw, ch)
+
+
+# -- decoding -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How frames are chosen: `fps` (uniform in time), `keyframes` or `scenes`."""
+
+    mode: str = "fps"
+    fps: float = 1.0
+    scene_threshold: float = 0.3
+    scene_max_gap: float = 10.0
+
+    def select_filter(self) -> str | None:
+        if self.mode == "fps":
+            # The first frame of every 1/fps-second slot: exact source timestamps, no duplicates.
+            return f"isnan(prev_selected_t)+gte(floor(t*{self.fps})-floor(prev_selected_t*{self.fps}),1)"
+        if self.mode == "scenes":
+            # The first frame of every shot, and one every scene_max_gap seconds inside long shots.
+            return (f"isnan(prev_selected_t)+gt(scene,{self.scene_threshold})"
+                    f"+gte(t-prev_selected_t,{self.scene_max_gap})")
+        if self.mode == "keyframes":
+            return None  # the decoder itself skips every non-key frame
+        raise ValueError(f"unknown sampling mode {self.mode!r}")
+
+
+def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tuple[int, int]:
+    """Display size of the (cropped) picture with square pixels, shrunk to fit max_side."""
+    w = crop.w if crop else (info.coded_height if info.rotation in (90, 270) else info.coded_width)
+    h = crop.h if crop else (info.coded_width if info.rotation in (90, 270) else info.coded_height)
+    # Non-square pixels stretch the coded width, which rotation turns into the height.
+    if info.rotation in (90, 270):
+        h = h * info.sar
+    else:
+        w = w * info.sar
+    scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
+    return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
+
+
+_PTS_TIME = re.compile(rb"\bpts_time:\s*(-?[0-9.eE+-]+|nan)")
+
+
+@dataclass
+class DecodeStats:
+    returncode: int | None = None
+    last_time: float | None = None
+    error: str | None = None
+
+
+def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
+                  start: float = 0.0, duration: float | None = None,
+                  stats: DecodeStats | None = None) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame.
+
+    One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
+    keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line."""
+    stats = stats or DecodeStats()
+    width, height = size
+    in_args: dict = {}
+    if start > 0:
+        in_args["ss"] = start
+    if duration is not None:
+        in_args["t"] = duration
+    if sampling.mode == "keyframes":
+        in_args["skip_frame"] = "nokey"
+    stream = ffmpeg.input(str(path), **in_args).video
+    select = sampling.select_filter()
+    if select:
+        stream = stream.filter("select", select)
+    if crop:
+        stream = stream.filter("crop", crop.w, crop.h, crop.x, crop.y)
+    stream = stream.filter("scale", width, height, flags="area").filter("setsar", 1).filter("showinfo")
+    cmd = (
+        stream.output("pipe:", format="rawvideo", pix_fmt="bgr24", fps_mode="passthrough")
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "info")
+        .compile()
+    )
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            bufsize=0)
+    times: queue.Queue = queue.Queue()
+    tail: deque[str] = deque(maxlen=20)
+    reader = threading.Thread(target=_read_stderr, args=(proc.stderr, times, tail), daemon=True)
+    reader.start()
+    frame_bytes = width * height * 3
+    try:
+        while True:
+            buf = _read_exactly(proc.stdout, frame_bytes)
+            if buf is None:
+                break
+            t = times.get()
+            if t is None:  # stderr closed before this frame's line: should not happen
+                break
+            stats.last_time = start + t
+            yield start + t, np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+        stats.returncode = proc.wait()
+        reader.join()
+        errors = [ln for ln in tail if "error" in ln.lower() or "invalid" in ln.lower()]
+        stats.error = errors[-1] if errors else (tail[-1] if tail else None)
+
+
+def _read_exactly(pipe, n: int) -> bytes | None:
+    chunks, got = [], 0
+    while got < n:
+        chunk = pipe.read(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_stderr(pipe, times: queue.Queue, tail: deque) -> None:
+    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages."""
+    for line in iter(pipe.readline, b""):
+        if b"Parsed_showinfo" in line:
+            m = _PTS_TIME.search(line)
+            if m and b" n:" in line:
+                value = float(m.group(1))
+                times.put(value if math.isfinite(value) else 0.0)
+            continue
+        text = line.decode(errors="replace").strip()
+        if text:
+            tail.append(text)
+    times.put(None)
+    pipe.close()

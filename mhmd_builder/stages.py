@@ -1,0 +1,73 @@
+"""What every stage shares: partitions, the stage protocol, and running one partition safely.
+
+A stage says *what* is done to a partition; a runner (runners.py) decides *where* it runs. Stage
+code never sees the runner: it gets a partition and a progress callback and returns a summary.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .workdir import WorkDir
+
+Progress = Callable[[float, float], None]
+"""progress(done, total) in the stage's own units (e.g. seconds of film)."""
+
+
+class PartitionError(Exception):
+    """An expected failure of one partition (bad input); the message is one line."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    id: str
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one running partition needs, for runners that schedule (Ray)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+@dataclass
+class PartitionResult:
+    id: str
+    ok: bool
+    reason: str | None
+    summary: dict
+
+
+class Stage(Protocol):
+    name: str
+    workdir: WorkDir
+    resources: Resources
+
+    def setup(self) -> None:
+        """Load what is expensive (models) once per worker, before any partition."""
+
+    def process(self, partition: Partition, progress: Progress) -> dict:
+        """Do the work, commit it to the work directory, return the summary written in the
+        done marker. Raise PartitionError for bad input."""
+
+
+def run_partition(stage: Stage, partition: Partition, progress: Progress) -> PartitionResult:
+    """Run one partition; any failure is recorded in the work directory and returned, never raised,
+    so that one bad movie does not stop the others."""
+    started = time.monotonic()
+    try:
+        summary = stage.process(partition, progress)
+        return PartitionResult(partition.id, True, None, summary)
+    except Exception as e:  # noqa: BLE001 - every failure becomes a record, with its reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, PartitionError):
+            reason = f"{type(e).__name__}: {reason}"
+        info = {**partition.info, "reason": reason, "seconds": round(time.monotonic() - started, 3)}
+        if not isinstance(e, PartitionError):
+            info["traceback"] = traceback.format_exc()
+        stage.workdir.mark_failed(stage.name, partition.id, info)
+        return PartitionResult(partition.id, False, reason, info)

@@ -1,0 +1,126 @@
+"""The work directory: per-stage, per-partition tables written atomically, with done markers.
+
+Layout (one folder per stage, one partition per movie for the frame stages):
+
+    WORKDIR/<stage>/plan/<partition>.json     what the stage was asked to do (written before it runs)
+    WORKDIR/<stage>/parts/<partition>.parquet one row per frame the stage saw, kept or not
+    WORKDIR/<stage>/parts/<partition>.done    json summary; its presence marks the partition done
+    WORKDIR/<stage>/parts/<partition>.failed  json with a one-line reason
+    WORKDIR/<stage>/tmp/                      staging area, wiped when a partition restarts
+    WORKDIR/frames/<movie_id>/<frame_id>.jpg  the extracted frames
+
+A partition's outputs are written under temporary names, renamed into place, and only then marked
+done: the done marker is the commit point, so a killed run never leaves a half-done partition that
+looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling and rename, so readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+class WorkDir:
+    """Where every stage keeps its records. Cheap to construct and picklable (just a path)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+
+    def __repr__(self) -> str:
+        return f"WorkDir({str(self.root)!r})"
+
+    # -- layout -------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        return self.root / stage
+
+    def parts_dir(self, stage: str) -> Path:
+        return self.stage_dir(stage) / "parts"
+
+    def tmp_dir(self, stage: str, partition: str) -> Path:
+        return self.stage_dir(stage) / "tmp" / partition
+
+    def frames_dir(self, movie_id: str) -> Path:
+        return self.root / "frames" / movie_id
+
+    def table_path(self, stage: str, partition: str) -> Path:
+        return self.parts_dir(stage) / f"{partition}.parquet"
+
+    def _marker(self, stage: str, partition: str, kind: str) -> Path:
+        return self.parts_dir(stage) / f"{partition}.{kind}"
+
+    # -- plan ---------------------------------------------------------------------------------
+    def plan(self, stage: str, partition: str, info: dict) -> None:
+        atomic_write_json(self.stage_dir(stage) / "plan" / f"{partition}.json", info)
+
+    def planned(self, stage: str) -> dict[str, dict]:
+        plan_dir = self.stage_dir(stage) / "plan"
+        return {p.stem: read_json(p) for p in sorted(plan_dir.glob("*.json"))}
+
+    # -- partition state ----------------------------------------------------------------------
+    def is_done(self, stage: str, partition: str) -> bool:
+        return self._marker(stage, partition, "done").exists()
+
+    def done(self, stage: str) -> dict[str, dict]:
+        return {p.name[: -len(".done")]: read_json(p) for p in sorted(self.parts_dir(stage).glob("*.done"))}
+
+    def failed(self, stage: str) -> dict[str, dict]:
+        return {p.name[: -len(".failed")]: read_json(p) for p in sorted(self.parts_dir(stage).glob("*.failed"))}
+
+    def begin(self, stage: str, partition: str) -> Path:
+        """Start (or restart) a partition: drop what an earlier, unfinished attempt left behind."""
+        self._marker(stage, partition, "failed").unlink(missing_ok=True)
+        self.table_path(stage, partition).unlink(missing_ok=True)
+        tmp = self.tmp_dir(stage, partition)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, stage: str, partition: str, table: pa.Table, summary: dict) -> None:
+        """Publish a partition's table, then mark it done (the commit point)."""
+        atomic_write_table(self.table_path(stage, partition), table)
+        atomic_write_json(self._marker(stage, partition, "done"), summary)
+        shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
+
+    def mark_failed(self, stage: str, partition: str, info: dict) -> None:
+        atomic_write_json(self._marker(stage, partition, "failed"), info)
+        shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
+
+    # -- reading ------------------------------------------------------------------------------
+    def read_table(self, stage: str) -> pd.DataFrame | None:
+        """All done partitions of a stage as one frame, or None when the stage has none."""
+        paths = [self.table_path(stage, p) for p in self.done(stage)]
+        if not paths:
+            return None
+        return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default").to_pandas()
