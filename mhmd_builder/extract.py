@@ -100,6 +100,7 @@ class ExtractStage:
         crop = (detect_letterbox(path, info, start, end if end is not None else start)
                 if self.settings.crop_letterbox else None)
         size = output_size(info, crop, self.settings.max_side)
+        source_size = output_size(info, crop, None)  # effective resolution, before scaling
 
         quality = QualityFilter(self.settings.quality)
         rows: list[dict] = []
@@ -122,7 +123,7 @@ class ExtractStage:
             if fid in seen:  # two frames within the same millisecond: keep the first
                 continue
             seen.add(fid)
-            record(quality.push(frame, {"frame_id": fid, "timestamp": timestamp}))
+            record(quality.push(frame, {"frame_id": fid, "timestamp": timestamp, "source_size": source_size}))
             progress(timestamp - start, max(span, timestamp - start))
         record(quality.flush())
 
@@ -144,6 +145,7 @@ class ExtractStage:
             "probe": info.to_dict(),
             "crop": asdict(crop) if crop else None,
             "frame_size": list(size),
+            "source_size": list(source_size),
             "settings": self.settings.to_dict(),
             "frames_in": len(rows),
             "frames_out": sum(r["kept"] for r in rows),

@@ -92,9 +92,14 @@ class MovieInfo:
         return asdict(self)
 
 
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "unknown error"
+def _one_line(stderr: bytes, path: Path) -> str:
+    """ffmpeg's error lines joined into one, without its '[demuxer @ 0x..]' and path prefixes."""
+    messages: list[str] = []
+    for line in stderr.decode(errors="replace").splitlines():
+        text = re.sub(r"^\[[^]]* @ 0x[0-9a-f]+\]\s*", "", line.strip()).removeprefix(f"{path}: ")
+        if text and text not in messages:
+            messages.append(text)
+    return "; ".join(messages) or "unknown error"
 
 
 def _rate(text: str | None) -> float | None:
@@ -119,7 +124,7 @@ def probe(path: Path) -> MovieInfo:
     try:
         meta = ffmpeg.probe(str(path))
     except ffmpeg.Error as e:
-        raise MediaError(f"not a readable movie: {_first_line(e.stderr.decode(errors='replace'))}") from None
+        raise MediaError(f"not a readable movie: {_one_line(e.stderr, path)}") from None
     videos = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"
               and not s.get("disposition", {}).get("attached_pic")]
     if not videos:
@@ -217,7 +222,9 @@ class Sampling:
     def select_filter(self) -> str | None:
         if self.mode == "fps":
             # The first frame of every 1/fps-second slot: exact source timestamps, no duplicates.
-            return f"isnan(prev_selected_t)+gte(floor(t*{self.fps})-floor(prev_selected_t*{self.fps}),1)"
+            # (+0.001 of a slot so that t*fps = 0.9999999 for a frame exactly on a slot edge counts.)
+            slot = f"floor(%s*{self.fps}+0.001)"
+            return f"isnan(prev_selected_t)+gte({slot % 't'}-{slot % 'prev_selected_t'},1)"
         if self.mode == "scenes":
             # The first frame of every shot, and one every scene_max_gap seconds inside long shots.
             return (f"isnan(prev_selected_t)+gt(scene,{self.scene_threshold})"
@@ -237,7 +244,8 @@ def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tup
     else:
         w = w * info.sar
     scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
-    return max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
+    # Even sizes (for chroma subsampling downstream), rounded down so max_side is never exceeded.
+    return max(2, int(w * scale / 2 + 1e-6) * 2), max(2, int(h * scale / 2 + 1e-6) * 2)
 
 
 _PTS_TIME = re.compile(rb"\bpts_time:\s*(-?[0-9.eE+-]+|nan)")

@@ -1,0 +1,68 @@
+"""Shared test fixtures: movies generated with ffmpeg (as PySceneDetect's tests do), and the
+real sample media of ../shared when it is there."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-nostdin", *args], check=True)
+
+
+def make_movie(path: Path, seconds: float = 3.0, size: str = "160x120", rate: float = 25,
+               source: str = "testsrc2", vf: str | None = None, codec: list[str] | None = None,
+               audio: bool = False, extra: list[str] | None = None) -> Path:
+    """A short synthetic movie. `source` is a lavfi video source (testsrc2 is colourful and
+    moving); `vf` an optional filter chain; `codec` the encoder arguments (H.264 by default)."""
+    joiner = ":" if "=" in source else "="
+    args = ["-f", "lavfi", "-i", f"{source}{joiner}size={size}:rate={rate}:duration={seconds}"]
+    if audio:
+        args += ["-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}", "-c:a", "aac", "-shortest"]
+    if vf:
+        args += ["-vf", vf]
+    args += codec or ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]
+    ffmpeg(*args, *(extra or []), str(path))
+    return path
+
+
+def ffprobe_pts(path: Path) -> list[float]:
+    """ffprobe's own timestamp of every video frame (best effort: AVI H.264 has no pts)."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-show_entries",
+                          "frame=best_effort_timestamp_time", "-of", "json", str(path)],
+                         capture_output=True, check=True).stdout
+    frames = json.loads(out)["frames"]
+    return [float(f["best_effort_timestamp_time"]) for f in frames if "best_effort_timestamp_time" in f]
+
+
+def first_at_or_after(pts: list[float], fps: float) -> list[float]:
+    """What uniform sampling must return: the first frame of each 1/fps slot."""
+    slots = {}
+    for t in sorted(pts):
+        slots.setdefault(int(t * fps + 0.001), t)
+    return list(slots.values())
+
+
+@pytest.fixture
+def movie_factory(tmp_path):
+    """make(name, **make_movie options) -> path of a new movie under a fresh folder."""
+    folder = tmp_path / "movies"
+    folder.mkdir()
+
+    def make(name: str, **options) -> Path:
+        return make_movie(folder / name, **options)
+
+    make.folder = folder
+    return make
+
+
+@pytest.fixture
+def shared_samples() -> Path:
+    if not SHARED_SAMPLES.is_dir():
+        pytest.skip("../shared/samples is not present")
+    return SHARED_SAMPLES

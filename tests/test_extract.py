@@ -1,0 +1,177 @@
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.manifest import MANIFEST_COLUMNS
+from mhmd_builder.media import Sampling
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.workdir import WorkDir
+
+from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
+
+
+def run_cli(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def export(workdir: Path) -> pd.DataFrame:
+    out = workdir / "manifest.parquet"
+    assert run_cli("manifest", "export", "-w", workdir, "-o", out).exit_code == 0
+    return pd.read_parquet(out)
+
+
+def test_extract_records_every_sampled_frame_and_writes_kept_jpegs(tmp_path, movie_factory):
+    movie_factory("a.mp4", seconds=3, size="320x240")
+    movie_factory("b.mkv", seconds=2, size="320x240")
+    work = tmp_path / "work"
+    result = run_cli("extract", movie_factory.folder, "-w", work, "--fps", 2, "--max-side", 160)
+    assert result.exit_code == 0, result.output
+    assert "2 movies extracted, 0 failed" in result.output
+    frames = export(work)
+    assert list(frames.columns[: len(MANIFEST_COLUMNS)]) == list(MANIFEST_COLUMNS)
+    assert len(frames) == 10 and frames.frame_id.is_unique
+    assert frames.persons.isna().all() and frames.label.isna().all() and frames.split.isna().all()
+    assert (frames.width == 160).all() and (frames.height == 120).all()
+    for row in frames.itertuples():
+        assert row.frame_id == f"{row.movie_id}_{round(row.timestamp * 1000)}"
+        jpeg = work / row.jpeg if row.kept else None
+        if row.kept:
+            assert cv2.imread(str(jpeg)).shape == (120, 160, 3)
+        else:
+            assert row.jpeg is None and row.reject_reason
+    status = run_cli("status", "-w", work, "--json")
+    report = __import__("json").loads(status.output)["extract"]
+    assert report["partitions"] == {"done": 2, "failed": 0, "pending": 0}
+    assert report["frames_in"] == 10 and report["frames_out"] == int(frames.kept.sum())
+
+
+def test_rerun_skips_done_movies(tmp_path, movie_factory):
+    movie_factory("a.mp4", seconds=2)
+    work = WorkDir(tmp_path / "work")
+    first = extract([movie_factory.folder], work, runner=LocalRunner(1))
+    marker = work.parts_dir("extract") / f"{first[0].movie_id}.done"
+    stamp = marker.stat().st_mtime_ns
+    second = extract([movie_factory.folder], work, runner=LocalRunner(1))
+    assert [o.status for o in first] == ["done"] and [o.status for o in second] == ["skipped"]
+    assert marker.stat().st_mtime_ns == stamp
+
+
+def test_bad_inputs_are_recorded_as_failed_and_the_rest_finishes(tmp_path, movie_factory):
+    folder = movie_factory.folder
+    (folder / "empty.mp4").write_bytes(b"")
+    (folder / "notes.mp4").write_text("not a movie at all\n" * 50)
+    ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", str(folder / "audio only.mp4"))
+    whole = make_movie(tmp_path / "whole.mp4", seconds=4)  # moov atom at the end: cut, it is unreadable
+    (folder / "truncated.mp4").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    stream = make_movie(tmp_path / "stream.ts", seconds=8, extra=["-f", "mpegts"])
+    (folder / "truncated stream.ts").write_bytes(stream.read_bytes()[: stream.stat().st_size // 2])
+    movie_factory("Der Untergang. (2004) – Ära.mp4", seconds=2)
+    movie_factory("10bit.mkv", seconds=2, codec=["-c:v", "libx264", "-pix_fmt", "yuv420p10le"])
+    movie_factory("odd size.mp4", seconds=2, vf="scale=161:121", codec=["-c:v", "libx264", "-pix_fmt", "yuv444p"])
+    movie_factory("vfr.mp4", seconds=1.5, vf="setpts='if(lt(N,25),N/25,1+(N-25)/4)/TB'", extra=["-fps_mode", "vfr"])
+    plain = make_movie(tmp_path / "plain.mp4", seconds=2, size="320x180")
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(folder / "phone.mp4"))
+
+    work = tmp_path / "work"
+    result = run_cli("extract", folder, "-w", work, "--workers", 2)
+    assert result.exit_code == 1
+    failed = {line.split(": ")[0].split("/")[-1]: line for line in result.output.splitlines() if line.startswith("FAILED")}
+    assert set(failed) == {"empty.mp4", "notes.mp4", "audio only.mp4", "truncated.mp4"}
+    assert "empty file" in failed["empty.mp4"] and "no video stream" in failed["audio only.mp4"]
+    assert "not a readable movie" in failed["notes.mp4"] and "moov atom not found" in failed["truncated.mp4"]
+    assert "6 movies extracted, 4 failed" in result.output
+
+    wd = WorkDir(work)
+    done = {Path(s["path"]).name: s for s in wd.done("extract").values()}
+    assert set(done) == {"Der Untergang. (2004) – Ära.mp4", "10bit.mkv", "odd size.mp4", "vfr.mp4", "phone.mp4",
+                         "truncated stream.ts"}
+    assert done["phone.mp4"]["frame_size"] == [180, 320]
+    assert done["vfr.mp4"]["frames_in"] == 5  # 25 fps up to 1 s, then 4 fps up to 4.0 s: slots 0..4
+    assert done["truncated stream.ts"]["frames_in"] in range(3, 7)
+    assert all(s["frames_in"] >= 2 for s in done.values())
+    assert wd.failed("extract") and all("\n" not in f["reason"] for f in wd.failed("extract").values())
+    frames = export(work)
+    assert frames.frame_id.is_unique and not frames.frame_id.str.contains(r"[ .]").any()
+    status = run_cli("status", "-w", work)
+    assert "extract        6       4        0" in status.output
+
+
+def test_skip_head_and_tail_and_keyframes_through_the_cli(tmp_path, movie_factory):
+    movie_factory("m.mp4", seconds=10, codec=["-c:v", "libx264", "-g", "50", "-sc_threshold", "0", "-pix_fmt", "yuv420p"])
+    work = tmp_path / "work"
+    assert run_cli("extract", movie_factory.folder, "-w", work, "--skip-head", 2, "--skip-tail", 3).exit_code == 0
+    assert export(work).timestamp.tolist() == pytest.approx([2, 3, 4, 5, 6])
+    work2 = tmp_path / "work2"
+    assert run_cli("extract", movie_factory.folder, "-w", work2, "--keyframes").exit_code == 0
+    assert export(work2).timestamp.tolist() == pytest.approx([0, 2, 4, 6, 8])
+    too_much = run_cli("extract", movie_factory.folder, "-w", tmp_path / "w3", "--skip-head", 6, "--skip-tail", 5)
+    assert too_much.exit_code == 1 and "leave nothing of this 10.0 s movie" in too_much.output
+
+
+def test_letterboxed_movie_is_cropped(tmp_path, movie_factory):
+    movie_factory("scope.mp4", seconds=2, size="320x136", vf="pad=320:240:0:52:black")
+    work = WorkDir(tmp_path / "work")
+    (outcome,) = extract([movie_factory.folder], work, ExtractSettings(max_side=None), LocalRunner(1))
+    assert outcome.summary["crop"]["w"] == 320 and abs(outcome.summary["crop"]["h"] - 136) <= 4
+    frames = work.read_table("extract")
+    assert (frames.height <= 136).all()
+
+
+def test_missing_input_is_a_usage_error(tmp_path):
+    result = run_cli("extract", tmp_path / "nope.mp4", "-w", tmp_path / "w")
+    assert result.exit_code == 1 and "nope.mp4: no such file or directory" in result.output
+
+
+def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
+    for i in range(4):
+        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25)
+    args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "1"]
+    mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
+    reference = tmp_path / "reference"
+    subprocess.run([*mhmd, *args, "-w", str(reference)], check=True, capture_output=True)
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen([*mhmd, *args, "-w", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list((work / "extract" / "tmp").glob("*/frames/*.jpg")) or not list(work.glob("extract/parts/*.done")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-movie, after at least one movie was committed
+    proc.wait()
+    done_at_kill = len(list(work.glob("extract/parts/*.done")))
+    assert 1 <= done_at_kill < 4
+
+    subprocess.run([*mhmd, *args, "-w", str(work)], check=True, capture_output=True)
+    ours, theirs = export(work), export(reference)
+    assert ours.frame_id.is_unique
+    columns = ["frame_id", "timestamp", "kept", "reject_reason"]
+    pd.testing.assert_frame_equal(ours[columns], theirs[columns])
+    jpegs = sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
+    assert jpegs == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg"))
+    assert len(jpegs) == int(ours.kept.sum()) and not list((work / "extract" / "tmp").glob("*"))
+
+
+def test_shared_sample_videos_extract_at_the_right_times(tmp_path, shared_samples):
+    work = WorkDir(tmp_path / "work")
+    outcomes = extract([shared_samples / "videos"], work, runner=LocalRunner(2))
+    assert {o.status for o in outcomes} == {"done"}
+    frames = work.read_table("extract")
+    by_movie = frames.groupby("movie_id").timestamp.apply(list)
+    for name, movie in [("dancer", "dancer.avi"), ("vtest", "vtest_pets2009_480x360_h264.avi")]:
+        ours = next(v for k, v in by_movie.items() if k.startswith(f"{name}-"))
+        assert ours == pytest.approx(first_at_or_after(ffprobe_pts(shared_samples / "videos" / movie), 1.0))
+        assert len(ours) in (63, 80)  # 62.88 s and 79.5 s long
+    shutil.rmtree(work.root)

@@ -1,0 +1,172 @@
+import numpy as np
+import pytest
+
+from mhmd_builder.media import (Crop, MediaError, Sampling, decode_frames, detect_letterbox, find_movies, movie_id,
+                                output_size, probe, slug)
+
+from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
+
+
+def test_movie_id_is_safe_and_follows_content(tmp_path):
+    a = tmp_path / "Der Untergang. (2004) – Ära.mp4"
+    a.write_bytes(b"some bytes")
+    b = tmp_path / "copy.mp4"
+    b.write_bytes(b"some bytes")
+    mid = movie_id(a)
+    assert mid.startswith("der-untergang-2004-ara-")
+    assert "." not in mid and " " not in mid and "_" not in mid
+    assert mid.split("-")[-1] == movie_id(b).split("-")[-1]  # same content, same hash
+    b.write_bytes(b"other bytes")
+    assert mid.split("-")[-1] != movie_id(b).split("-")[-1]
+    assert slug("日本語") == ""  # nothing left: movie_id then falls back to "movie-<hash>"
+
+
+def test_find_movies_takes_explicit_files_and_video_files_in_folders(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "sub" / "a.MKV").write_bytes(b"x")
+    (tmp_path / "d" / "notes.txt").write_bytes(b"x")
+    explicit = tmp_path / "clip.weird"
+    explicit.write_bytes(b"x")
+    found = find_movies([tmp_path / "d", explicit, tmp_path / "d" / "sub" / "a.MKV"])
+    assert [p.name for p in found] == ["a.MKV", "clip.weird"]
+    with pytest.raises(MediaError, match="no such file"):
+        find_movies([tmp_path / "missing.mp4"])
+
+
+def test_probe_reads_size_rate_and_duration(tmp_path):
+    info = probe(make_movie(tmp_path / "m.mp4", seconds=2, size="320x180", rate=25))
+    assert (info.width, info.height, info.rotation, info.codec) == (320, 180, 0, "h264")
+    assert info.fps == pytest.approx(25)
+    assert info.duration == pytest.approx(2.0, abs=0.05)
+
+
+def test_probe_swaps_size_of_rotated_phone_video(tmp_path):
+    plain = make_movie(tmp_path / "plain.mp4", size="320x180")
+    rotated = tmp_path / "rotated.mp4"
+    ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v:0", "rotate=90", str(rotated))
+    info = probe(rotated)
+    assert info.rotation in (90, 270)
+    assert (info.width, info.height) == (180, 320)
+    frames = list(decode_frames(rotated, Sampling("fps", 1.0), output_size(info, None, None)))
+    assert frames[0][1].shape == (320, 180, 3)  # ffmpeg turned the pixels too
+
+
+def test_probe_corrects_non_square_pixels(tmp_path):
+    anamorphic = make_movie(tmp_path / "dvd.mp4", size="720x480", vf="setsar=32/27")
+    info = probe(anamorphic)
+    assert (info.width, info.height) == (853, 480)
+    assert output_size(info, None, 427) == (426, 240)
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "empty file"),
+    (b"this is a text file, not a movie\n" * 20, "not a readable movie"),
+])
+def test_probe_rejects_non_movies_with_one_line(tmp_path, content, match):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(content)
+    with pytest.raises(MediaError, match=match) as err:
+        probe(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_probe_rejects_audio_only(tmp_path):
+    audio = tmp_path / "sound.m4a"
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(audio))
+    with pytest.raises(MediaError, match="no video stream"):
+        probe(audio)
+
+
+def test_fps_sampling_takes_first_frame_of_each_slot_with_exact_times(tmp_path):
+    movie = make_movie(tmp_path / "m.mp4", seconds=4, rate=25)
+    times = [t for t, _ in decode_frames(movie, Sampling("fps", 2.0), (64, 48))]
+    pts = ffprobe_pts(movie)  # 25 fps has no frame at 0.5 s: the slot's first is 0.52 s
+    assert times == pytest.approx(first_at_or_after(pts, 2.0)) and len(times) == 8
+    every = [t for t, _ in decode_frames(movie, Sampling("fps", 25.0), (64, 48))]
+    assert every == pytest.approx(ffprobe_pts(movie))  # sampling at the source rate loses nothing
+
+
+def test_fps_sampling_on_variable_frame_rate_uses_real_timestamps(tmp_path):
+    # 1 s at 25 fps, then 2 s at 4 fps: a frame index x fps guess would be wrong after 1 s.
+    movie = make_movie(tmp_path / "vfr.mp4", seconds=1.5, rate=25,
+                       vf="setpts='if(lt(N,25),N/25,1+(N-25)/4)/TB'", extra=["-fps_mode", "vfr"])
+    pts = ffprobe_pts(movie)
+    times = [t for t, _ in decode_frames(movie, Sampling("fps", 1.0), (64, 48))]
+    assert times == pytest.approx(first_at_or_after(pts, 1.0))
+    assert max(times) > 3
+
+
+def test_keyframes_mode_returns_only_key_frames(tmp_path):
+    movie = make_movie(tmp_path / "gop.mp4", seconds=4, rate=25, codec=["-c:v", "libx264", "-g", "25",
+                       "-keyint_min", "25", "-sc_threshold", "0", "-pix_fmt", "yuv420p"])
+    times = [t for t, _ in decode_frames(movie, Sampling("keyframes"), (64, 48))]
+    assert times == pytest.approx([0, 1, 2, 3])
+
+
+def test_scenes_mode_takes_a_frame_at_each_cut(tmp_path):
+    parts = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        parts.append(make_movie(tmp_path / f"{i}.mp4", seconds=2, source=f"color=c={colour}"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"file '{p}'\n" for p in parts))
+    movie = tmp_path / "shots.mp4"
+    ffmpeg("-f", "concat", "-safe", "0", "-i", str(listing), "-c", "copy", str(movie))
+    times = [t for t, _ in decode_frames(movie, Sampling("scenes", scene_max_gap=100), (64, 48))]
+    assert times == pytest.approx([0, 2, 4], abs=0.05)
+
+
+def test_head_and_tail_window_keeps_movie_times(tmp_path):
+    movie = make_movie(tmp_path / "m.mp4", seconds=6, rate=25)
+    times = [t for t, _ in decode_frames(movie, Sampling("fps", 1.0), (64, 48), start=2.0, duration=3.0)]
+    assert times == pytest.approx([2, 3, 4])
+
+
+def test_letterbox_is_detected_and_cropped(tmp_path):
+    movie = make_movie(tmp_path / "scope.mp4", seconds=3, size="320x136", vf="pad=320:240:0:52:black")
+    info = probe(movie)
+    crop = detect_letterbox(movie, info, 0, 3)
+    assert crop is not None
+    assert crop.x == 0 and crop.w == 320
+    assert abs(crop.y - 52) <= 2 and abs(crop.h - 136) <= 4
+    (_, frame), *_ = decode_frames(movie, Sampling("fps", 1.0), output_size(info, crop, None), crop)
+    assert frame.shape[:2] == (crop.h, crop.w)
+    assert frame[:4].mean() > 40 and frame[-4:].mean() > 40  # no black band left
+
+
+def test_no_letterbox_on_full_frame_content(tmp_path):
+    movie = make_movie(tmp_path / "full.mp4", seconds=2)
+    assert detect_letterbox(movie, probe(movie), 0, 2) is None
+
+
+def test_ten_bit_and_odd_sized_movies_decode(tmp_path):
+    ten_bit = make_movie(tmp_path / "10bit.mp4", codec=["-c:v", "libx264", "-pix_fmt", "yuv420p10le"])
+    odd = make_movie(tmp_path / "odd.mp4", vf="scale=161:121", codec=["-c:v", "libx264", "-pix_fmt", "yuv444p"])
+    for movie in (ten_bit, odd):
+        info = probe(movie)
+        size = output_size(info, None, None)
+        frames = list(decode_frames(movie, Sampling("fps", 1.0), size))
+        assert len(frames) == 3
+        assert frames[0][1].shape == (size[1], size[0], 3) and frames[0][1].std() > 10
+    assert output_size(probe(odd), None, None) == (160, 120)  # even, never larger
+
+
+def test_scaling_keeps_aspect_and_crops_are_even():
+    assert output_size(_info(1920, 1080), None, 640) == (640, 360)
+    assert output_size(_info(1920, 1080), Crop(0, 132, 1920, 816), 640) == (640, 272)
+    assert output_size(_info(1920, 1080), None, None) == (1920, 1080)
+
+
+def _info(w, h):
+    from mhmd_builder.media import MovieInfo
+    return MovieInfo(duration=10, fps=24, coded_width=w, coded_height=h, width=w, height=h, rotation=0, sar=1.0,
+                     codec="h264", pix_fmt="yuv420p", bit_rate=None, header_frames=None, variable_frame_rate=False)
+
+
+def test_dancer_header_count_is_wrong_but_every_decodable_frame_comes_out(shared_samples):
+    dancer = shared_samples / "videos" / "dancer.avi"
+    info = probe(dancer)
+    assert info.header_frames == 1572
+    times = [t for t, _ in decode_frames(dancer, Sampling("fps", 25.0), (32, 32))]
+    assert len(times) == 1571
+    assert times == pytest.approx(ffprobe_pts(dancer))
+    assert np.all(np.diff(times) > 0)
