@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -101,6 +102,21 @@ def manifest_export_command(workdir, output) -> None:
     """Write every sampled frame, kept or not, with its scores and decisions."""
     rows = export_manifest(WorkDir(workdir), output)
     click.echo(f"wrote {rows} rows to {output}")
+
+
+@main.command("demo")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="OUTDIR")
+@click.option("--workers", type=click.IntRange(min=1), default=None)
+def demo_command(output, workers) -> None:
+    """Make short films with ffmpeg and build from them: OUTDIR/films, OUTDIR/work."""
+    from .demo import run_demo
+
+    workdir, outcomes = run_demo(Path(output), workers)
+    click.echo(format_outcomes(outcomes))
+    click.echo(format_status(status(workdir)))
+    click.echo(f"work directory: {workdir.root}")
+    if any(o.status == "failed" for o in outcomes):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The work directory seen whole: per-stage status and the one-row-per-frame manifest."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -39,6 +40,7 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
         },
         "frames_in": sum(s.get("frames_in", 0) for s in done.values()),
         "frames_out": sum(s.get("frames_out", 0) for s in done.values()),
+        "rejected": dict(sum((Counter(s.get("rejected", {})) for s in done.values()), Counter()).most_common()),
         "failures": {pid: info.get("reason") for pid, info in failed.items()},
     }
 
@@ -56,6 +58,8 @@ def format_status(report: dict) -> str:
         p = s["partitions"]
         lines.append(f"{stage:<10}{p['done']:>6}{p['failed']:>8}{p['pending']:>9}{s['frames_in']:>11}{s['frames_out']:>12}")
     for stage, s in report.items():
+        if s["rejected"]:
+            lines.append(f"{stage} rejected: " + ", ".join(f"{reason} {n}" for reason, n in s["rejected"].items()))
         lines += [f"failed {stage} {pid}: {reason}" for pid, reason in s["failures"].items()]
     return "\n".join(lines)
 

@@ -1,0 +1,77 @@
+"""`mhmd demo`: make short films with ffmpeg (nothing downloaded) and run the stages on them.
+
+The films mix what a history film holds: colour scenes worth keeping, and black-and-white
+flashbacks, sepia grading, fades to black, out-of-focus shots and letterbox bars that must go.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ffmpeg
+
+from .extract import ExtractSettings, MovieOutcome, extract
+from .media import Sampling
+from .runners import LocalRunner
+from .workdir import WorkDir
+
+SIZE, RATE = "640x360", 24
+SEPIA = dict(rr=0.393, rg=0.769, rb=0.189, gr=0.349, gg=0.686, gb=0.168, br=0.272, bg=0.534, bb=0.131)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`seconds` of a lavfi `source`, passed through `filters` [(name, kwargs), ...]."""
+
+    source: str
+    seconds: float
+    filters: tuple = ()
+
+
+def _render(segment: Segment, size: str):
+    stream = ffmpeg.input(f"{segment.source}:size={size}:rate={RATE}", f="lavfi", t=segment.seconds)
+    for name, kwargs in segment.filters:
+        stream = stream.filter(name, **kwargs)
+    return stream.filter("setsar", 1)
+
+
+def make_film(path: Path, segments: list[Segment], size: str = SIZE, pad_to: str | None = None) -> Path:
+    """Concatenate the segments into one H.264 film; `pad_to` adds letterbox bars."""
+    stream = ffmpeg.concat(*(_render(s, size) for s in segments))
+    if pad_to:
+        w, h = pad_to.split("x")
+        stream = stream.filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (stream.output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset="veryfast", g=RATE * 2)
+     .global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output().run())
+    return path
+
+
+DEMO_FILMS = {
+    "Colour, flashback and fades (1944).mp4": [
+        Segment("testsrc2=alpha=0", 4),
+        Segment("testsrc2=alpha=0", 3, (("hue", {"s": 0}),)),  # black-and-white flashback
+        Segment("testsrc2=alpha=0", 3, (("colorchannelmixer", SEPIA),)),  # sepia grading
+        Segment("color=c=black", 2),  # fade
+        Segment("testsrc2=alpha=0", 3, (("gblur", {"sigma": 8}),)),  # out of focus
+    ],
+    "Scope. Ära – letterboxed.mkv": [
+        Segment("mandelbrot=maxiter=64", 6),
+    ],
+}
+
+
+def make_demo_films(folder: Path) -> list[Path]:
+    films = []
+    for name, segments in DEMO_FILMS.items():
+        pad = "640x360" if "letterboxed" in name else None
+        films.append(make_film(folder / name, segments, size="640x272" if pad else SIZE, pad_to=pad))
+    return films
+
+
+def run_demo(out: Path, workers: int | None = None) -> tuple[WorkDir, list[MovieOutcome]]:
+    """Make the films in OUT/films and extract them into OUT/work."""
+    films = make_demo_films(out / "films")
+    workdir = WorkDir(out / "work")
+    settings = ExtractSettings(sampling=Sampling("fps", 2.0), max_side=512)
+    return workdir, extract(films, workdir, settings, LocalRunner(workers))
