@@ -74,7 +74,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality)
     try:
         outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers))
-    except MediaError as e:
+    except (MediaError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):

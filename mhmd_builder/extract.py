@@ -2,6 +2,7 @@
 encode a JPEG only for frames that pass, and record a row for every sampled frame."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -167,6 +168,16 @@ class MovieOutcome:
     summary: dict
 
 
+def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> None:
+    """Skipping a done movie is only right if it was extracted the same way."""
+    wanted = json.loads(json.dumps(settings.to_dict()))  # as stored: tuples become lists
+    for movie, summary in done.items():
+        if summary.get("settings") != wanted:
+            changed = sorted(k for k in wanted if summary.get("settings", {}).get(k) != wanted[k])
+            raise ValueError(f"{movie} was extracted with other settings ({', '.join(changed)}): "
+                             "use a new work directory, or the same settings to resume")
+
+
 def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
     """One partition per distinct movie content; the plan is recorded so `status` can show what
     is pending. A file that cannot even be read for its id is recorded as failed right away."""
@@ -196,6 +207,7 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     stage = ExtractStage(workdir, settings or ExtractSettings())
     partitions, outcomes = plan_movies(workdir, find_movies(inputs))
     done = workdir.done(STAGE)
+    _check_same_settings(done, stage.settings)
     results = {r.id: r for r in (runner or LocalRunner()).run(stage, [p for p in partitions if p.id not in done])}
     for p in partitions:
         if p.id in results:

@@ -68,6 +68,16 @@ def test_rerun_skips_done_movies(tmp_path, movie_factory):
     assert marker.stat().st_mtime_ns == stamp
 
 
+def test_rerun_with_other_settings_is_refused(tmp_path, movie_factory):
+    movie_factory("a.mp4", seconds=2)
+    work = tmp_path / "work"
+    assert run_cli("extract", movie_factory.folder, "-w", work).exit_code == 0
+    result = run_cli("extract", movie_factory.folder, "-w", work, "--fps", 2, "--max-side", 100)
+    assert result.exit_code == 1
+    assert "was extracted with other settings (max_side, sampling)" in result.output
+    assert run_cli("extract", movie_factory.folder, "-w", work).exit_code == 0
+
+
 def test_bad_inputs_are_recorded_as_failed_and_the_rest_finishes(tmp_path, movie_factory):
     folder = movie_factory.folder
     (folder / "empty.mp4").write_bytes(b"")
@@ -175,3 +185,15 @@ def test_shared_sample_videos_extract_at_the_right_times(tmp_path, shared_sample
         assert ours == pytest.approx(first_at_or_after(ffprobe_pts(shared_samples / "videos" / movie), 1.0))
         assert len(ours) in (63, 80)  # 62.88 s and 79.5 s long
     shutil.rmtree(work.root)
+
+
+def test_shared_sample_videos_keyframes_are_the_streams_key_frames(tmp_path, shared_samples):
+    movie = shared_samples / "videos" / "dancer.avi"
+    work = WorkDir(tmp_path / "work")
+    extract([movie], work, ExtractSettings(sampling=Sampling("keyframes")), LocalRunner(1))
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v", "-skip_frame", "nokey", "-show_entries",
+                          "frame=best_effort_timestamp_time", "-of", "csv=p=0", str(movie)],
+                         capture_output=True, text=True, check=True).stdout
+    keys = [float(t) for t in out.split()]
+    assert len(keys) > 100
+    assert work.read_table("extract").timestamp.tolist() == pytest.approx(keys)
