@@ -62,9 +62,10 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
+@click.option("--redo", is_flag=True, help="Extract again movies already done (e.g. with new thresholds).")
 @click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
 def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, scene_max_gap, max_side,
-                    skip_head, skip_tail, crop, jpeg_quality, workers, runner) -> None:
+                    skip_head, skip_tail, crop, jpeg_quality, workers, redo, runner) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
     if keyframes and scenes:
         raise click.UsageError("--keyframes and --scenes exclude each other")
@@ -73,7 +74,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
         sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality)
     try:
-        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers))
+        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers), redo)
     except (MediaError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_outcomes(outcomes))

@@ -175,7 +175,7 @@ def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> No
         if summary.get("settings") != wanted:
             changed = sorted(k for k in wanted if summary.get("settings", {}).get(k) != wanted[k])
             raise ValueError(f"{movie} was extracted with other settings ({', '.join(changed)}): "
-                             "use a new work directory, or the same settings to resume")
+                             "use a new work directory, the same settings to resume, or --redo")
 
 
 def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
@@ -200,13 +200,15 @@ def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], l
 
 
 def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,
-            runner=None) -> list[MovieOutcome]:
+            runner=None, redo: bool = False) -> list[MovieOutcome]:
     """Extract frames from every movie in `inputs` (files or folders) into the work directory.
-    Movies already done are skipped, so a killed run resumes where it stopped."""
+    Movies already done are skipped, so a killed run resumes where it stopped; `redo` extracts
+    them again (e.g. with new quality thresholds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     stage = ExtractStage(workdir, settings or ExtractSettings())
     partitions, outcomes = plan_movies(workdir, find_movies(inputs))
-    done = workdir.done(STAGE)
+    finished = {} if redo else workdir.done(STAGE)
+    done = {p.id: finished[p.id] for p in partitions if p.id in finished}
     _check_same_settings(done, stage.settings)
     results = {r.id: r for r in (runner or LocalRunner()).run(stage, [p for p in partitions if p.id not in done])}
     for p in partitions:

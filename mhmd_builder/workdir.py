@@ -99,7 +99,9 @@ class WorkDir:
         return {p.name[: -len(".failed")]: read_json(p) for p in sorted(self.parts_dir(stage).glob("*.failed"))}
 
     def begin(self, stage: str, partition: str) -> Path:
-        """Start (or restart) a partition: drop what an earlier, unfinished attempt left behind."""
+        """Start (or restart) a partition: drop what an earlier attempt left behind. The done
+        marker goes first, so a redo that is killed leaves the partition pending, not stale."""
+        self._marker(stage, partition, "done").unlink(missing_ok=True)
         self._marker(stage, partition, "failed").unlink(missing_ok=True)
         self.table_path(stage, partition).unlink(missing_ok=True)
         tmp = self.tmp_dir(stage, partition)

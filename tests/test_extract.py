@@ -76,6 +76,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, movie_factory):
     assert result.exit_code == 1
     assert "was extracted with other settings (max_side, sampling)" in result.output
     assert run_cli("extract", movie_factory.folder, "-w", work).exit_code == 0
+    redo = run_cli("extract", movie_factory.folder, "-w", work, "--fps", 2, "--redo")
+    assert redo.exit_code == 0 and len(export(work)) == 4  # 2 s at 2 fps, replacing the 1 fps rows
 
 
 def test_bad_inputs_are_recorded_as_failed_and_the_rest_finishes(tmp_path, movie_factory):
