@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from .stages import Partition, PartitionResult, Stage, run_partition
+from .stages import Partition, PartitionResult, Stage, record_failure, run_partition
 
 
 def default_workers() -> int:
@@ -85,15 +85,24 @@ class _Throttled:
 # Worker-process state: the stage is set up once per process, not once per partition.
 _worker_stage: Stage | None = None
 _worker_queue = None
+_worker_ready = False
 
 
 def _worker_init(stage: Stage, progress_queue) -> None:
     global _worker_stage, _worker_queue
     _worker_stage, _worker_queue = stage, progress_queue
-    stage.setup()
 
 
 def _worker_run(partition: Partition) -> PartitionResult:
+    # Set up on the first partition rather than in the pool's initializer: a setup error (a model
+    # that cannot load) then fails the partition with its reason instead of breaking the pool.
+    global _worker_ready
+    if not _worker_ready:
+        try:
+            _worker_stage.setup()
+        except Exception as e:  # noqa: BLE001
+            return record_failure(_worker_stage, partition, e)
+        _worker_ready = True
     return run_partition(_worker_stage, partition, _Throttled(partition.id, _worker_queue.put))
 
 

@@ -63,11 +63,16 @@ def run_partition(stage: Stage, partition: Partition, progress: Progress) -> Par
         summary = stage.process(partition, progress)
         return PartitionResult(partition.id, True, None, summary)
     except Exception as e:  # noqa: BLE001 - every failure becomes a record, with its reason
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, PartitionError):
-            reason = f"{type(e).__name__}: {reason}"
-        info = {**partition.info, "reason": reason, "seconds": round(time.monotonic() - started, 3)}
-        if not isinstance(e, PartitionError):
-            info["traceback"] = traceback.format_exc()
-        stage.workdir.mark_failed(stage.name, partition.id, info)
-        return PartitionResult(partition.id, False, reason, info)
+        return record_failure(stage, partition, e, time.monotonic() - started)
+
+
+def record_failure(stage: Stage, partition: Partition, error: Exception, seconds: float = 0.0) -> PartitionResult:
+    """Mark the partition failed with a one-line reason (and the traceback of unexpected errors)."""
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    info = {**partition.info, "seconds": round(seconds, 3)}
+    if not isinstance(error, PartitionError):
+        reason = f"{type(error).__name__}: {reason}"
+        info["traceback"] = "".join(traceback.format_exception(error))
+    info["reason"] = reason
+    stage.workdir.mark_failed(stage.name, partition.id, info)
+    return PartitionResult(partition.id, False, reason, info)

@@ -18,7 +18,8 @@ class CountingStage:
 
     def setup(self) -> None:
         self.setup_pid = os.getpid()
-        (self.workdir.root / f"setup-{os.getpid()}").write_text("")
+        with open(self.workdir.root / f"setup-{os.getpid()}", "a") as f:
+            f.write("x")
 
     def process(self, partition: Partition, progress) -> dict:
         if partition.info.get("bad"):
@@ -42,8 +43,10 @@ def test_runner_sets_up_once_per_worker_and_records_failures(tmp_path, workers):
     assert results["bad"].reason == "bad is bad"
     assert results["bug"].reason == "KeyError: 'missing'"
     assert set(wd.failed("count")) == {"bad", "bug"} and "Traceback" in wd.failed("count")["bug"]["traceback"]
-    setups = list(tmp_path.glob("setup-*"))
-    assert len(setups) == workers
+    setups = {int(p.name.split("-")[1]) for p in tmp_path.glob("setup-*")}
+    workers_used = {r.summary["pid"] for r in results.values() if r.ok}
+    assert setups == workers_used and len(setups) <= workers
+    assert all(p.read_text() == "x" for p in tmp_path.glob("setup-*"))  # each process set up exactly once
     assert all(r.summary["pid"] == r.summary["setup_pid"] for r in results.values() if r.ok)
     if workers > 1:
         assert all(r.summary["pid"] != os.getpid() for r in results.values() if r.ok)
