@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from .quality import current_decisions
 from .workdir import WorkDir, atomic_write_table
 
 STAGES = ("extract", "detect", "label", "shard")
@@ -47,7 +48,13 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
 
 def status(workdir: WorkDir) -> dict:
     """Per stage that has started: partitions done / failed / pending, frames in and out."""
-    return {stage: stage_status(workdir, stage) for stage in STAGES if workdir.stage_dir(stage).exists()}
+    report = {stage: stage_status(workdir, stage) for stage in STAGES if workdir.stage_dir(stage).exists()}
+    if "extract" in report and workdir.stage_dir("filter").exists():
+        # `mhmd filter` replaced extract's keep decisions: count what is kept now.
+        decisions = current_decisions(workdir)
+        report["extract"]["frames_out"] = int(decisions.kept.sum())
+        report["extract"]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
+    return report
 
 
 def format_status(report: dict) -> str:
@@ -65,10 +72,27 @@ def format_status(report: dict) -> str:
 
 
 def manifest(workdir: WorkDir) -> pd.DataFrame:
-    """One row per sampled frame, with the contract's columns first and every recorded score after."""
+    """One row per sampled frame, with the contract's columns first and every recorded score after.
+    `kept` and `reject_reason` are the frame's fate so far: the first stage that rejected it says why."""
     frames = workdir.read_table("extract")
     if frames is None:
-        frames = pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS})
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS})
+    decisions = current_decisions(workdir).set_index("frame_id")
+    frames = frames.set_index("frame_id")
+    for column in ("kept", "reject_reason", "flags"):
+        frames[column] = decisions[column]
+    detections = workdir.read_table("detect")
+    if detections is not None:
+        detections = detections.set_index("frame_id")
+        detections = detections[detections.index.isin(frames.index[frames.kept.astype(bool)])]
+        frames = frames.join(detections[["persons", "boxes", "confidences", "largest_person_area", "mask"]])
+        rejected = detections.index[~detections.kept.astype(bool)]
+        frames.loc[rejected, "kept"] = False
+        frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
+    parsing = workdir.stage_dir("parsing") / "attached.parquet"
+    if parsing.exists():
+        frames = frames.join(pd.read_parquet(parsing).set_index("frame_id")[["parsing"]])
+    frames = frames.reset_index()
     for name in MANIFEST_COLUMNS:
         if name not in frames:
             frames[name] = None

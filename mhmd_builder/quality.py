@@ -1,24 +1,69 @@
 """Frame quality: scores taken on the decoded frame inside the extract pass, and keep decisions.
 
-The extract stage feeds every sampled frame to a `QualityFilter` and encodes a JPEG only for the
-frames it keeps. A filter may hold frames back (to compare neighbours) and return verdicts later,
-always in frame order; `flush()` returns whatever is still held at the end of a movie.
+The extract stage feeds every sampled frame of a movie to one `QualityFilter` and encodes a JPEG
+only for the frames it keeps. The filter holds frames back while they may still turn out to be
+near-duplicates of a sharper neighbour and returns verdicts later, always in frame order; `flush()`
+returns whatever is still held at the end of the movie.
+
+Every score is a float (one float64 column of the extract table), so `mhmd filter` can re-decide
+from the recorded scores alone, with the same code (`judge` and `DuplicateRuns`), without decoding.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import hashlib
+import shlex
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import cv2
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
 
 # Fixed order in which failed checks are reported; the first one is the frame's reject_reason.
-REASONS = ("grayscale", "blurry")
+REASONS = ("grayscale", "tinted", "blurry", "dark", "overexposed", "low_resolution", "duplicate")
+
+# Every score a verdict carries, in column order.
+SCORE_NAMES = ("colorfulness", "chroma", "chroma_spread", "hue_concentration", "sharpness", "blur_sigma",
+               "mean_luma", "black_fraction", "white_fraction", "short_side", "phash_hi", "phash_lo")
+
+GRAY_SIDE = 512   # sharpness, exposure and hash on a grey image of this longer side: resolution-independent
+COLOR_SIDE = 64   # colour statistics on a thumbnail: averages away chroma noise and 4:2:0 colour fringes
+LUMA_BINS = 64    # lightness bins for the chroma left unexplained by lightness
+PRE_SIGMA = 1.5   # smoothing before measuring edges: film grain is finer than this, edges are not
+REBLUR_SIGMA = 2.0
+MAX_BLUR = 16.0   # blur_sigma of a frame without any edge
+BLACK_LEVEL = 16  # luma below this is crushed black
+WHITE_LEVEL = 250  # luma at or above this is clipped white
+
+
+def _threshold(default: float, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class QualityThresholds:
-    min_colorfulness: float = 10.0
-    min_sharpness: float = 30.0
+    """Keep decisions, from the recipe's `quality:` section or the command line. Calibrated in
+    benchmarks/RESULTS.md ("Quality calibration")."""
+
+    min_colorfulness: float = _threshold(
+        10.0, "Hasler-Suesstrunk colourfulness below which a frame is grayscale.")
+    min_chroma_spread: float = _threshold(
+        3.0, "Lab chroma not explained by lightness below which a colourful frame is tinted monochrome.")
+    max_blur_sigma: float = _threshold(
+        2.0, "Estimated edge blur (Gaussian sigma, px at 512 px) above which a frame is blurry.")
+    min_sharpness: float = _threshold(
+        1.0, "Laplacian variance (grey, 512 px) below which a frame has no detail: blurry.")
+    min_mean_luma: float = _threshold(25.0, "Mean luma (0-255) below which a frame is dark.")
+    max_black_fraction: float = _threshold(0.8, "Fraction of crushed-black pixels above which a frame is dark.")
+    max_mean_luma: float = _threshold(220.0, "Mean luma (0-255) above which a frame is overexposed.")
+    max_white_fraction: float = _threshold(
+        0.5, "Fraction of clipped-white pixels above which a frame is overexposed.")
+    min_short_side: float = _threshold(
+        224.0, "Shorter side (px) of the letterbox-cropped source picture below which it is low_resolution.")
+    max_hash_distance: int = _threshold(
+        4, "Perceptual-hash Hamming distance within which consecutive frames are duplicates (-1: off).")
 
     @classmethod
     def from_mapping(cls, values: dict | None) -> "QualityThresholds":
@@ -50,6 +95,13 @@ class FrameVerdict:
         return self.flags[0] if self.flags else None
 
 
+# -- scores ---------------------------------------------------------------------------------------
+def _fit(image: np.ndarray, side: int) -> np.ndarray:
+    h, w = image.shape[:2]
+    scale = side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+
+
 def colorfulness(bgr: np.ndarray) -> float:
     """Hasler and Suesstrunk (2003) colourfulness on signed opponent channels."""
     b, g, r = (c.astype(np.float32) for c in cv2.split(bgr))
@@ -57,26 +109,152 @@ def colorfulness(bgr: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
-def sharpness(bgr: np.ndarray, side: int = 512) -> float:
-    """Variance of the Laplacian on a grey image of fixed size, so it does not depend on resolution."""
-    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-    h, w = gray.shape
-    scale = side / max(h, w)
-    gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+def chroma_scores(bgr: np.ndarray) -> dict[str, float]:
+    """Mean Lab chroma; `chroma_spread`, the standard deviation of (a, b) left once lightness is
+    known (a tint of any tone curve makes colour a function of lightness: spread ~0, while real
+    colour has different hues at the same lightness); `hue_concentration`, the length of the
+    chroma-weighted mean hue vector (1: one hue)."""
+    lab = cv2.cvtColor(bgr, cv2.COLOR_BGR2Lab).reshape(-1, 3)
+    bins = lab[:, 0] // (256 // LUMA_BINS)
+    ab = lab[:, 1:].astype(np.float64) - 128.0
+    count = np.bincount(bins, minlength=LUMA_BINS)
+    filled = count > 0
+    # Within-bin sum of squares = total sum of squares minus what the bin means explain.
+    residual = float(np.sum(ab * ab))
+    for channel in ab.T:
+        sums = np.bincount(bins, channel, LUMA_BINS)
+        residual -= float(np.sum(sums[filled] ** 2 / count[filled]))
+    chroma = np.hypot(ab[:, 0], ab[:, 1]).mean()
+    return {
+        "chroma": float(chroma),
+        "chroma_spread": float(np.sqrt(max(residual, 0.0) / len(ab))),
+        "hue_concentration": float(np.hypot(*ab.mean(axis=0)) / chroma) if chroma > 0 else 0.0,
+    }
+
+
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian (on the fixed-size grey image): detail, grain included."""
     return float(cv2.Laplacian(gray, cv2.CV_32F).var())
 
 
-def score_frame(bgr: np.ndarray) -> dict[str, float]:
-    return {"colorfulness": colorfulness(bgr), "sharpness": sharpness(bgr)}
+def _gradient(image: np.ndarray) -> np.ndarray:
+    return cv2.magnitude(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1))
 
 
-def judge(scores: dict[str, float], thresholds: QualityThresholds) -> list[str]:
-    """All failed checks, in the fixed order of REASONS."""
-    failed = {
-        "grayscale": scores["colorfulness"] < thresholds.min_colorfulness,
-        "blurry": scores["sharpness"] < thresholds.min_sharpness,
+def blur_sigma(gray: np.ndarray) -> float:
+    """Gaussian blur of the frame's edges, in pixels of the fixed-size grey image, by re-blurring
+    (Hu and de Haan 2006): a step blurred by s has gradient peak ~1/s, so blurring it again by s0
+    lowers the peak by a factor sqrt(s^2 + s0^2) / s. The gradients are weighted by their 4th
+    power, so the strongest edges decide (a sharp subject before a soft background is sharp), and
+    measured after a pre-smoothing that removes film grain (whose gradients would pass for sharp
+    edges); the pre-smoothing is then taken back out."""
+    smooth = cv2.GaussianBlur(gray.astype(np.float32), (0, 0), PRE_SIGMA)
+    grad = _gradient(smooth).ravel()
+    reblurred = _gradient(cv2.GaussianBlur(smooth, (0, 0), REBLUR_SIGMA)).ravel()
+    weight = grad * grad
+    weight *= weight
+    ratio_sq = (float(weight @ grad) / max(float(weight @ reblurred), 1e-12)) ** 2
+    if ratio_sq <= 1.0 + 1e-6:  # no edge at all
+        return MAX_BLUR
+    total_sq = REBLUR_SIGMA ** 2 / (ratio_sq - 1.0)
+    return float(min(np.sqrt(max(total_sq - PRE_SIGMA ** 2, 0.0)), MAX_BLUR))
+
+
+def exposure(gray: np.ndarray) -> dict[str, float]:
+    hist = np.bincount(gray.ravel(), minlength=256)
+    n = gray.size
+    return {
+        "mean_luma": float(hist @ np.arange(256) / n),
+        "black_fraction": float(hist[:BLACK_LEVEL].sum() / n),
+        "white_fraction": float(hist[WHITE_LEVEL:].sum() / n),
     }
-    return [reason for reason in REASONS if failed[reason]]
+
+
+def phash(gray: np.ndarray) -> int:
+    """64-bit DCT perceptual hash: the 8x8 lowest frequencies of a 32x32 image against their median."""
+    low = cv2.dct(cv2.resize(gray, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32))[:8, :8]
+    return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")
+
+
+def frame_hash(scores: dict[str, float]) -> int:
+    """The hash back from its two exact float halves."""
+    return (int(scores["phash_hi"]) << 32) | int(scores["phash_lo"])
+
+
+def score_frame(bgr: np.ndarray, source_size: tuple[int, int] | None = None) -> dict[str, float]:
+    """Every score of one decoded frame. `source_size` is the (w, h) of the letterbox-cropped
+    picture before it was scaled down to this frame; the frame's own size when not given."""
+    gray = _fit(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), GRAY_SIDE)
+    thumb = _fit(bgr, COLOR_SIDE)
+    h = phash(gray)
+    return {
+        "colorfulness": colorfulness(thumb),
+        **chroma_scores(thumb),
+        "sharpness": sharpness(gray),
+        "blur_sigma": blur_sigma(gray),
+        **exposure(gray),
+        "short_side": float(min(source_size) if source_size else min(bgr.shape[:2])),
+        "phash_hi": float(h >> 32),
+        "phash_lo": float(h & 0xFFFFFFFF),
+    }
+
+
+# -- decisions ------------------------------------------------------------------------------------
+def judge(scores: dict[str, float], t: QualityThresholds) -> list[str]:
+    """Every failed check but `duplicate` (which needs the neighbours), in the fixed order of REASONS."""
+    colourless = scores["colorfulness"] < t.min_colorfulness
+    failed = {
+        "grayscale": colourless,
+        # Colour present, but all of one hue per lightness: sepia, cyan or amber monochrome.
+        "tinted": not colourless and scores["chroma_spread"] < t.min_chroma_spread,
+        "blurry": scores["blur_sigma"] > t.max_blur_sigma or scores["sharpness"] < t.min_sharpness,
+        "dark": scores["mean_luma"] < t.min_mean_luma or scores["black_fraction"] > t.max_black_fraction,
+        "overexposed": scores["mean_luma"] > t.max_mean_luma or scores["white_fraction"] > t.max_white_fraction,
+        "low_resolution": scores["short_side"] < t.min_short_side,
+    }
+    return [reason for reason in REASONS[:-1] if failed[reason]]
+
+
+def _rank(v: FrameVerdict) -> tuple[bool, float]:
+    """Which frame of a run to keep: one that passes every other check, then the sharpest."""
+    return not v.flags, v.scores["sharpness"]
+
+
+def _mark_duplicate(v: FrameVerdict) -> None:
+    v.flags.append("duplicate")  # last in REASONS, so the order stays fixed
+    v.frame = None
+
+
+class DuplicateRuns:
+    """Groups consecutive frames whose hash is within `max_distance` of the run's first frame
+    (measured from the first, so a slow pan cannot drift into one endless run) and flags all but
+    the best of each run as `duplicate`. Holds the best frame so far (the only pixels held) and
+    the verdicts after it, which cannot be returned before it without breaking frame order."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        self.anchor: int | None = None
+        self.held: list[FrameVerdict] = []  # held[0]: the run's best so far
+
+    def push(self, v: FrameVerdict) -> list[FrameVerdict]:
+        if self.max_distance < 0:
+            return [v]
+        h = frame_hash(v.scores)
+        if self.anchor is None or (h ^ self.anchor).bit_count() > self.max_distance:
+            done = self.flush()
+            self.anchor, self.held = h, [v]
+            return done
+        if _rank(v) > _rank(self.held[0]):
+            _mark_duplicate(self.held[0])
+            done, self.held = self.held, [v]
+            return done
+        _mark_duplicate(v)
+        self.held.append(v)
+        return []
+
+    def flush(self) -> list[FrameVerdict]:
+        done, self.held, self.anchor = self.held, [], None
+        return done
 
 
 class QualityFilter:
@@ -84,11 +262,163 @@ class QualityFilter:
 
     def __init__(self, thresholds: QualityThresholds | None = None):
         self.thresholds = thresholds or QualityThresholds()
+        self.runs = DuplicateRuns(self.thresholds.max_hash_distance)
 
     def push(self, frame: np.ndarray, meta: dict) -> list[FrameVerdict]:
-        scores = score_frame(frame)
+        scores = score_frame(frame, meta.get("source_size"))
         flags = judge(scores, self.thresholds)
-        return [FrameVerdict(meta, scores, flags, None if flags else frame)]
+        return self.runs.push(FrameVerdict(meta, scores, flags, None if flags else frame))
 
     def flush(self) -> list[FrameVerdict]:
-        return []
+        return self.runs.flush()
+
+
+# -- mhmd filter: new thresholds on recorded scores -----------------------------------------------
+STAGE = "filter"
+DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
+
+
+def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
+    """The decisions the extract pass would have made with these thresholds, from the recorded
+    scores of `frames` (extract table rows): frame_id, movie_id, kept, reject_reason, flags."""
+    missing = [name for name in SCORE_NAMES if name not in frames]
+    if missing:
+        raise ValueError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
+    rows = []
+    for movie, group in frames.sort_values(["movie_id", "timestamp"], kind="stable").groupby("movie_id", sort=False):
+        runs = DuplicateRuns(thresholds.max_hash_distance)
+        verdicts = []
+        for fid, *values in zip(group["frame_id"], *(group[name].to_numpy() for name in SCORE_NAMES)):
+            scores = dict(zip(SCORE_NAMES, values))
+            verdicts += runs.push(FrameVerdict({"frame_id": fid}, scores, judge(scores, thresholds)))
+        verdicts += runs.flush()
+        rows += [(v.meta["frame_id"], movie, v.kept, v.reason, v.flags) for v in verdicts]
+    return pd.DataFrame(rows, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags"])
+
+
+def _decisions_path(workdir: WorkDir):
+    return workdir.stage_dir(STAGE) / "decisions.parquet"
+
+
+def _fingerprint(path) -> str:
+    """Identifies one version of a movie's extract table: filter decisions made on an older
+    version (the movie was extracted again since) no longer apply."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def current_decisions(workdir: WorkDir) -> pd.DataFrame:
+    """The keep decision of every sampled frame that later stages and the manifest use: those of
+    the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
+    `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie)."""
+    frames = workdir.read_table("extract")
+    if frames is None:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
+    decisions = frames[["frame_id", "movie_id", "kept", "reject_reason", "flags", "jpeg"]].set_index("frame_id")
+    path = _decisions_path(workdir)
+    if path.exists():
+        filtered = pd.read_parquet(path)
+        fresh = {movie for movie, fp in filtered.groupby("movie_id")["extract_fingerprint"].first().items()
+                 if workdir.is_done("extract", movie)
+                 and _fingerprint(workdir.table_path("extract", movie)) == fp}
+        override = filtered[filtered.movie_id.isin(fresh)].set_index("frame_id")
+        override = override[override.index.isin(decisions.index)]
+        columns = ["kept", "reject_reason", "flags"]
+        decisions = pd.concat([decisions.loc[~decisions.index.isin(override.index), columns + ["jpeg"]],
+                               override[columns].join(decisions["jpeg"])]).loc[decisions.index]
+    decisions["needs_extraction"] = decisions["kept"].astype(bool) & decisions["jpeg"].isna()
+    return decisions.reset_index()[DECISION_COLUMNS]
+
+
+def recorded_thresholds(workdir: WorkDir) -> QualityThresholds:
+    """The thresholds the current decisions were made with: the last filter's, else the extract
+    settings (when every movie used the same), else the defaults. `mhmd filter` starts from these."""
+    summary = workdir.stage_dir(STAGE) / "summary.json"
+    if summary.exists():
+        return QualityThresholds.from_mapping(read_json(summary)["thresholds"])
+    used = {tuple(sorted(s.get("settings", {}).get("quality", {}).items())) for s in workdir.done("extract").values()}
+    return QualityThresholds.from_mapping(dict(used.pop())) if len(used) == 1 else QualityThresholds()
+
+
+def threshold_args(thresholds: QualityThresholds) -> list[str]:
+    """The command-line options that give these thresholds (those that differ from the defaults)."""
+    defaults = QualityThresholds()
+    return [arg for f in fields(thresholds) if getattr(thresholds, f.name) != getattr(defaults, f.name)
+            for arg in (f"--{f.name.replace('_', '-')}", f"{getattr(thresholds, f.name):g}")]
+
+
+def _extract_args(settings: dict) -> list[str]:
+    """`mhmd extract` options that repeat a movie's recorded extract settings (all but quality),
+    so that extracting it again samples the same frames."""
+    sampling = settings["sampling"]
+    args = {"fps": ["--fps", sampling["fps"]], "keyframes": ["--keyframes"],
+            "scenes": ["--scenes", "--scene-threshold", sampling["scene_threshold"],
+                       "--scene-max-gap", sampling["scene_max_gap"]]}[sampling["mode"]]
+    args += ["--max-side", settings["max_side"] or 0, "--skip-head", settings["skip_head"],
+             "--skip-tail", settings["skip_tail"], "--crop" if settings["crop_letterbox"] else "--no-crop",
+             "--jpeg-quality", settings["jpeg_quality"]]
+    return [f"{a:g}" if isinstance(a, float) else str(a) for a in args]
+
+
+def reextract_commands(workdir: WorkDir, movies: list[str], thresholds: QualityThresholds) -> list[str]:
+    """The `mhmd extract --redo` commands (one per set of recorded extract settings) that extract
+    these movies again with these thresholds."""
+    done = workdir.done("extract")
+    groups: dict[tuple, list[str]] = {}
+    for movie in movies:
+        groups.setdefault(tuple(_extract_args(done[movie]["settings"])), []).append(done[movie]["path"])
+    return [shlex.join(["mhmd", "extract", *paths, "-w", str(workdir.root), "--redo", *args,
+                        *threshold_args(thresholds)]) for args, paths in groups.items()]
+
+
+def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
+    """Re-decide every extracted frame with new thresholds, from the recorded scores (no decoding),
+    and record the decisions as the filter stage's own table. Returns a summary: counts, frames
+    newly rejected and accepted, and which movies must be extracted again (frames now kept that
+    never had a JPEG encoded) with the command that does it."""
+    workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    frames = workdir.read_table("extract")
+    if frames is None:
+        raise ValueError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
+    before = current_decisions(workdir).set_index("frame_id")["kept"]
+    decisions = decide(frames, thresholds)
+    jpeg = frames.set_index("frame_id")["jpeg"]
+    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
+    prints = {m: _fingerprint(workdir.table_path("extract", m)) for m in decisions["movie_id"].unique()}
+    decisions["extract_fingerprint"] = decisions["movie_id"].map(prints)
+    table = pa.Table.from_pandas(decisions, preserve_index=False, schema=pa.schema([
+        ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()),
+        ("reject_reason", pa.string()), ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()),
+        ("extract_fingerprint", pa.string())]))
+    atomic_write_table(_decisions_path(workdir), table)
+
+    was_kept = before.reindex(decisions["frame_id"]).fillna(False).astype(bool).to_numpy()
+    stale = decisions[decisions["needs_extraction"]].groupby("movie_id").size()
+    summary = {
+        "frames": len(decisions),
+        "kept": int(decisions["kept"].sum()),
+        "rejected": {r: int(n) for r, n in decisions["reject_reason"].value_counts().sort_index().items()},
+        "newly_rejected": int((was_kept & ~decisions["kept"]).sum()),
+        "newly_accepted": int((~was_kept & decisions["kept"]).sum()),
+        "needs_extraction": {m: int(n) for m, n in stale.items()},
+        "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
+        "thresholds": thresholds.to_dict(),
+        "output": str(_decisions_path(workdir)),
+    }
+    atomic_write_json(workdir.stage_dir(STAGE) / "summary.json", summary)
+    return summary
+
+
+def format_refilter(summary: dict) -> str:
+    lines = [f"{summary['kept']} of {summary['frames']} frames kept "
+             f"({summary['newly_rejected']} newly rejected, {summary['newly_accepted']} newly accepted)"]
+    lines += [f"  {reason}: {n}" for reason, n in summary["rejected"].items()]
+    if summary["needs_extraction"]:
+        frames = sum(summary["needs_extraction"].values())
+        lines += [f"{frames} newly kept frames of {len(summary['needs_extraction'])} movies were never encoded; "
+                  f"extract them again with:", *(f"  {c}" for c in summary["reextract_commands"])]
+    return "\n".join(lines)
+
+
+def with_overrides(base: QualityThresholds, given: dict) -> QualityThresholds:
+    """`base` with the values given on the command line (None: not given)."""
+    return replace(base, **{k: v for k, v in given.items() if v is not None})

@@ -1,0 +1,350 @@
+"""Quality scores and keep decisions: generated frames, films of known kinds through the extract
+stage, `mhmd filter` on recorded scores, and the real media of ../shared when it is there."""
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.manifest import export_manifest
+from mhmd_builder.quality import (REASONS, SCORE_NAMES, QualityFilter, QualityThresholds, current_decisions,
+                                  judge, recorded_thresholds, refilter, score_frame)
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.workdir import WorkDir
+
+from conftest import make_movie
+
+DEFAULT = QualityThresholds()
+NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
+
+
+def scene(seed: int, w: int = 640, h: int = 360) -> np.ndarray:
+    """A colourful generated picture: two-colour backdrop, coloured blocks, a few skin-toned
+    'persons' in coloured clothes; slightly soft and noisy like a camera picture."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0.0, 1.0, h)[:, None, None]
+    top, bottom = rng.integers(30, 230, (2, 3))
+    img = np.ascontiguousarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
+    for _ in range(10):
+        p, q = rng.integers(0, (w, h), (2, 2))
+        cv2.rectangle(img, tuple(map(int, p)), tuple(map(int, q)), tuple(map(int, rng.integers(0, 256, 3))), -1)
+    for _ in range(3):
+        x, y, s = int(rng.integers(w // 8, 7 * w // 8)), int(rng.integers(h // 3, h // 2)), h // 5
+        cv2.rectangle(img, (x - s // 3, y), (x + s // 3, y + 2 * s), tuple(map(int, rng.integers(0, 256, 3))), -1)
+        cv2.ellipse(img, (x, y - s // 3), (s // 4, s // 3), 0, 0, 360, (110, 140, 200), -1)
+    img = cv2.GaussianBlur(img, (0, 0), 0.7)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg(bgr: np.ndarray, quality: int = 80) -> np.ndarray:
+    """Round trip through JPEG: 4:2:0 chroma and block artefacts, as in any real picture."""
+    return cv2.imdecode(cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1], cv2.IMREAD_COLOR)
+
+
+def tinted(bgr: np.ndarray, white_bgr: tuple[int, int, int]) -> np.ndarray:
+    """Monochrome whose white is `white_bgr`: sepia, cyan, amber grading."""
+    gray = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.float32)[..., None] / 255
+    return (gray * np.array(white_bgr, np.float32)).astype(np.uint8)
+
+
+def grain(bgr: np.ndarray, sigma: float = 10.0, seed: int = 0, chroma: bool = False) -> np.ndarray:
+    """Film grain: the same noise on every channel, or (chroma) independent noise per channel."""
+    shape = bgr.shape if chroma else (*bgr.shape[:2], 1)
+    return np.clip(bgr + np.random.default_rng(seed).normal(0, sigma, shape), 0, 255).astype(np.uint8)
+
+
+def blurred_at_512(bgr: np.ndarray, sigma: float) -> np.ndarray:
+    small = cv2.resize(bgr, (512, round(512 * bgr.shape[0] / bgr.shape[1])), interpolation=cv2.INTER_AREA)
+    return cv2.GaussianBlur(small, (0, 0), sigma)
+
+
+def flags(bgr: np.ndarray, source_size=None, thresholds: QualityThresholds = DEFAULT) -> list[str]:
+    return judge(score_frame(bgr, source_size), thresholds)
+
+
+SEEDS = range(12)
+TINTS = {"sepia": (130, 180, 230), "cyan": (235, 215, 140), "amber": (70, 180, 255), "blue night": (255, 170, 110)}
+
+
+# -- single frames --------------------------------------------------------------------------------
+def test_colourful_scenes_are_kept_even_with_grain():
+    for seed in SEEDS:
+        assert flags(jpeg(scene(seed))) == []
+        assert flags(jpeg(grain(scene(seed), seed=seed))) == []
+
+
+def test_grey_frames_are_grayscale():
+    for seed in SEEDS:
+        grey = cv2.cvtColor(cv2.cvtColor(scene(seed), cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+        assert flags(jpeg(grain(grey, seed=seed)))[0] == "grayscale"
+        assert flags(jpeg(grain(grey, seed=seed, chroma=True)))[0] == "grayscale"  # colour noise is no colour
+
+
+@pytest.mark.parametrize("tint", TINTS)
+def test_tinted_monochrome_is_tinted_although_colourful(tint):
+    for seed in SEEDS:
+        frame = jpeg(grain(tinted(scene(seed), TINTS[tint]), seed=seed))
+        scores = score_frame(frame)
+        assert scores["colorfulness"] >= DEFAULT.min_colorfulness  # colour alone cannot tell
+        assert judge(scores, DEFAULT)[0] == "tinted"
+
+
+def test_blur_of_sigma_3_at_512_px_is_blurry_with_or_without_grain():
+    for seed in SEEDS:
+        sharp = cv2.resize(scene(seed), (512, 288), interpolation=cv2.INTER_AREA)
+        assert "blurry" not in flags(sharp) and "blurry" not in flags(grain(sharp, seed=seed))
+        blurred = blurred_at_512(sharp, 3)
+        assert "blurry" in flags(blurred) and "blurry" in flags(grain(blurred, seed=seed))
+
+
+def test_blur_estimate_does_not_depend_on_resolution():
+    frame = blurred_at_512(scene(1), 3)
+    sizes = [(400, 225), (512, 288), (1024, 576)]
+    estimates = [score_frame(cv2.resize(frame, s, interpolation=cv2.INTER_AREA if s[0] < 512 else cv2.INTER_CUBIC))
+                 ["blur_sigma"] for s in sizes]
+    assert all(2.5 < e < 3.6 for e in estimates), estimates
+
+
+def test_exposure_checks():
+    frame = scene(2)
+    assert "dark" in flags(np.zeros_like(frame))
+    assert "dark" in flags((frame * 0.12).astype(np.uint8))  # a fade to black
+    assert "overexposed" in flags(np.clip(frame.astype(np.int32) * 3 + 60, 0, 255).astype(np.uint8))
+    assert not {"dark", "overexposed"} & set(flags((frame * 0.5).astype(np.uint8)))  # a dim scene is fine
+
+
+def test_low_resolution_is_judged_on_the_source_picture_before_scaling():
+    frame = scene(3)
+    assert flags(frame, source_size=(1920, 1080)) == []
+    assert flags(frame, source_size=(320, 180)) == ["low_resolution"]
+    assert flags(cv2.resize(frame, (192, 108), interpolation=cv2.INTER_AREA)) == ["low_resolution"]
+
+
+def test_every_failed_check_is_flagged_in_the_fixed_order():
+    dim_grey_blur = cv2.cvtColor(cv2.GaussianBlur((scene(4) * 0.08).astype(np.uint8), (0, 0), 8), cv2.COLOR_BGR2GRAY)
+    found = flags(cv2.cvtColor(dim_grey_blur, cv2.COLOR_GRAY2BGR), source_size=(160, 90))
+    assert found == ["grayscale", "blurry", "dark", "low_resolution"]
+    assert [r for r in REASONS if r in found] == found
+
+
+def test_thresholds_from_the_recipe_round_trip():
+    t = QualityThresholds.from_mapping({"max_blur_sigma": 3.0, "max_hash_distance": -1})
+    assert t.max_blur_sigma == 3.0 and t.min_colorfulness == DEFAULT.min_colorfulness
+    assert QualityThresholds.from_mapping(t.to_dict()) == t and QualityThresholds.from_mapping(None) == DEFAULT
+    with pytest.raises(ValueError, match="unknown quality thresholds: min_sharpnes"):
+        QualityThresholds.from_mapping({"min_sharpnes": 1})
+
+
+def test_the_hash_survives_float64_columns():
+    scores = score_frame(scene(5))
+    assert all(isinstance(v, float) for v in scores.values()) and set(scores) == set(SCORE_NAMES)
+    assert all(0 <= scores[k] < 2 ** 32 and scores[k].is_integer() for k in ("phash_hi", "phash_lo"))
+
+
+# -- near-duplicate runs --------------------------------------------------------------------------
+def test_a_run_of_near_duplicates_keeps_only_its_sharpest_frame_in_order():
+    a = scene(6)
+    run = [cv2.GaussianBlur(a, (0, 0), s) if s else a for s in (1.2, 0.8, 0, 1.0)]  # the third is sharpest
+    pushed = [jpeg(grain(f, 4, seed=i)) for i, f in enumerate(run)] + [scene(7), scene(8)]
+    qf = QualityFilter(DEFAULT)
+    verdicts = []
+    for i, frame in enumerate(pushed):
+        verdicts += qf.push(frame, {"frame_id": str(i)})
+        held = qf.runs.held
+        assert sum(v.frame is not None for v in held) <= 1  # pixels of one candidate at most
+    verdicts += qf.flush()
+    assert [v.meta["frame_id"] for v in verdicts] == [str(i) for i in range(6)]
+    assert [v.kept for v in verdicts] == [False, False, True, False, True, True]
+    assert all(v.flags == ["duplicate"] and v.frame is None for v in verdicts[:4] if not v.kept)
+    assert all(v.frame is not None for v in verdicts if v.kept)
+
+
+def test_the_kept_frame_of_a_run_is_one_that_passes_every_other_check():
+    a = scene(9)
+    frames = [a, a.copy()]  # identical; the first is sharper by nothing, but is low-resolution
+    qf = QualityFilter(DEFAULT)
+    verdicts = qf.push(frames[0], {"frame_id": "0", "source_size": (200, 112)})
+    verdicts += qf.push(frames[1], {"frame_id": "1"}) + qf.flush()
+    assert [v.flags for v in verdicts] == [["low_resolution", "duplicate"], []]
+
+
+def test_duplicate_detection_can_be_switched_off():
+    qf = QualityFilter(NO_DUPLICATES)
+    frame = scene(10)
+    verdicts = [v for i in range(3) for v in qf.push(frame, {"frame_id": str(i)})] + qf.flush()
+    assert [v.kept for v in verdicts] == [True, True, True]
+
+
+# -- real media (../shared/samples) ---------------------------------------------------------------
+def fit(image: np.ndarray, side: int = 640) -> np.ndarray:
+    scale = min(1.0, side / max(image.shape[:2]))
+    return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+
+
+def test_every_real_black_and_white_photo_is_rejected(shared_samples):
+    photos = sorted((shared_samples / "photos" / "bw").glob("*.jpg"))
+    assert len(photos) >= 10
+    for path in photos:
+        image = cv2.imread(str(path))
+        reason = flags(fit(image), image.shape[1::-1])[0]
+        assert reason == ("tinted" if "sepia" in path.name else "grayscale"), path.name
+
+
+def video_frames(path: Path, every_s: float) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    step = max(1, round(cap.get(cv2.CAP_PROP_FPS) * every_s))
+    frames, i = [], 0
+    while cap.grab():
+        if i % step == 0:
+            frames.append(cap.retrieve()[1])
+        i += 1
+    return frames
+
+
+@pytest.mark.parametrize("name", ["vtest_pets2009_480x360_h264.avi", "dancer.avi"])
+def test_real_colour_frames_of_persons_are_kept(shared_samples, name):
+    frames = video_frames(shared_samples / "videos" / name, every_s=2)
+    kept = [flags(f) == [] for f in frames]
+    assert len(frames) >= 30 and np.mean(kept) >= 0.95
+
+
+# -- films of known kinds through the extract pass, then `mhmd filter` ----------------------------
+SEPIA = "colorchannelmixer=.393:.769:.189:0:.349:.686:.168:0:.272:.534:.131"
+FILMS = {  # name: (make_movie options, the reason every frame must get; None: kept)
+    "colour": ({}, None),
+    "grey": ({"vf": "hue=s=0"}, "grayscale"),
+    "sepia": ({"vf": SEPIA}, "tinted"),
+    "blurred": ({"vf": "scale=512:-2,gblur=sigma=3:steps=4"}, "blurry"),
+    "black": ({"source": "color=c=black"}, "grayscale"),
+    "letterboxed": ({"size": "640x272", "vf": "pad=640:360:0:44:black"}, None),
+    "frozen": ({"vf": "trim=end_frame=1,loop=74:1,noise=alls=12:allf=t"}, "duplicate"),
+}
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory):
+    """Every film of FILMS extracted once (1 fps, 3 s) with the default thresholds."""
+    root = tmp_path_factory.mktemp("quality")
+    (root / "movies").mkdir()
+    for name, (options, _) in FILMS.items():
+        make_movie(root / "movies" / f"{name}.mp4", **{"seconds": 3, "size": "640x360", **options})
+    work = WorkDir(root / "work")
+    # Letterbox detection (nine seeks per movie) only where it is under test; inline runner: no worker start-up.
+    plain = [root / "movies" / f"{name}.mp4" for name in FILMS if name != "letterboxed"]
+    outcomes = extract(plain, work, ExtractSettings(crop_letterbox=False), LocalRunner(1))
+    outcomes += extract([root / "movies" / "letterboxed.mp4"], work, ExtractSettings(), LocalRunner(1))
+    assert all(o.status == "done" for o in outcomes), [o.reason for o in outcomes]
+    return root, work
+
+
+def by_film(frames: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {name: frames[frames.movie_id.str.startswith(f"{name}-")] for name in FILMS}
+
+
+def test_films_of_known_kinds_get_their_reasons(extracted):
+    _, work = extracted
+    films = by_film(work.read_table("extract"))
+    for name, (_, reason) in FILMS.items():
+        frames = films[name]
+        assert len(frames) == 3, name
+        if reason is None:
+            assert frames.kept.all(), (name, frames.reject_reason.tolist())
+        elif reason == "duplicate":  # one frozen picture: its sharpest frame is kept
+            assert frames.kept.sum() == 1 and (frames.reject_reason.dropna() == "duplicate").all()
+        else:
+            assert (frames.reject_reason == reason).all(), (name, frames.reject_reason.tolist())
+    assert all("dark" in list(f) for f in films["black"]["flags"])
+    assert (films["letterboxed"].short_side == 272).all() and (films["colour"].short_side == 360).all()
+
+
+def test_manifest_export_shows_every_score_and_reason(extracted, tmp_path):
+    _, work = extracted
+    export_manifest(work, str(tmp_path / "m.parquet"))
+    manifest = pd.read_parquet(tmp_path / "m.parquet")
+    for name in SCORE_NAMES:
+        assert manifest[name].dtype == np.float64 and manifest[name].notna().all(), name
+    assert set(manifest.reject_reason.dropna()) <= set(REASONS)
+
+
+@pytest.fixture
+def workcopy(extracted, tmp_path):
+    """A private copy of the extracted work directory, for tests that write to it."""
+    root, work = extracted
+    shutil.copytree(work.root, tmp_path / "work")
+    return root, WorkDir(tmp_path / "work")
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("mhmd filter must not decode anything")
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    monkeypatch.setattr(cv2, "VideoCapture", refuse)
+
+
+def test_refilter_with_the_same_thresholds_reproduces_the_extract_decisions(workcopy, no_decoding):
+    _, work = workcopy
+    summary = refilter(work, DEFAULT)
+    assert summary["newly_rejected"] == summary["newly_accepted"] == 0 and not summary["needs_extraction"]
+    extract_rows = work.read_table("extract").set_index("frame_id").sort_index()
+    now = current_decisions(work).set_index("frame_id").sort_index()
+    assert now.kept.equals(extract_rows.kept)
+    assert [list(f) for f in now["flags"]] == [list(f) for f in extract_rows["flags"]]
+
+
+def test_refilter_changes_decisions_without_decoding(workcopy, no_decoding):
+    _, work = workcopy
+    lenient = QualityThresholds(min_colorfulness=0, min_chroma_spread=0)
+    summary = refilter(work, lenient)
+    now = by_film(current_decisions(work).merge(work.read_table("extract")[["frame_id", "movie_id"]]))
+    assert now["grey"].kept.all() and now["sepia"].kept.all() and now["grey"].needs_extraction.all()
+    assert not now["colour"].needs_extraction.any() and not now["blurred"].kept.any()
+    assert summary["newly_accepted"] == 6 and len(summary["needs_extraction"]) == 2
+    [command] = summary["reextract_commands"]  # both movies were extracted the same way
+    assert command.startswith("mhmd extract ") and "grey.mp4" in command and "sepia.mp4" in command
+    assert "--redo --fps 1 --max-side 640" in command and "--no-crop" in command
+    assert command.endswith("--min-colorfulness 0 --min-chroma-spread 0") and recorded_thresholds(work) == lenient
+
+    strict = QualityThresholds(min_short_side=400)
+    summary = refilter(work, strict)
+    now = by_film(current_decisions(work).merge(work.read_table("extract")[["frame_id", "movie_id"]]))
+    assert not now["colour"].kept.any() and (now["colour"].reject_reason == "low_resolution").all()
+    assert summary["newly_rejected"] > 0 and not summary["needs_extraction"]
+    assert (work.read_table("extract").kept.sum() > 0)  # extract's own records are untouched
+
+
+def test_filter_decisions_give_way_to_a_later_extraction(workcopy):
+    root, work = workcopy
+    lenient = QualityThresholds(min_colorfulness=0, min_chroma_spread=0)
+    refilter(work, lenient)
+    grey = next(m for m in work.done("extract") if m.startswith("grey-"))
+    extract([root / "movies" / "grey.mp4"], work, ExtractSettings(crop_letterbox=False, quality=lenient),
+            LocalRunner(1), redo=True)
+    now = current_decisions(work).merge(work.read_table("extract")[["frame_id", "movie_id", "jpeg"]])
+    grey_now = now[now.movie_id == grey]
+    assert grey_now.kept.all() and grey_now.jpeg.notna().all() and not grey_now.needs_extraction.any()
+
+
+def test_mhmd_filter_then_its_reextract_command(workcopy):
+    cli = CliRunner()
+    if "filter" not in main.commands or "--min-colorfulness" not in cli.invoke(main, ["extract", "--help"]).output:
+        pytest.skip("mhmd filter and the extract threshold options are not wired into cli.py yet")
+    _, work = workcopy
+    result = cli.invoke(main, ["filter", "-w", str(work.root), "--min-colorfulness", "0", "--min-chroma-spread", "0"])
+    assert result.exit_code == 0, result.output
+    assert "6 newly accepted" in result.output and current_decisions(work).needs_extraction.sum() == 6
+    command = shlex.split(result.output.strip().splitlines()[-1])
+    result = cli.invoke(main, [*command[1:], "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    assert not current_decisions(work).needs_extraction.any()
+    result = cli.invoke(main, ["filter", "-w", str(work.root)])  # thresholds not given: the last ones
+    assert result.exit_code == 0 and "0 newly rejected, 0 newly accepted" in result.output
