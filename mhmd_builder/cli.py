@@ -5,17 +5,28 @@ import json
 import sys
 from pathlib import Path
 
+from dataclasses import fields
+
 import click
 
 from . import __version__
 from .extract import ExtractSettings, MovieOutcome, extract
 from .manifest import export_manifest, format_status, status
 from .media import MediaError, Sampling
+from .quality import QualityThresholds, format_refilter, recorded_thresholds, refilter, with_overrides
 from .runners import default_workers, make_runner
 from .workdir import WorkDir
 
 workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
                               help="Work directory that holds every stage's records.")
+
+
+def quality_options(func):
+    """One option per quality threshold (QualityThresholds' fields); an option not given is None."""
+    for f in reversed(fields(QualityThresholds)):
+        func = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(f.default), default=None,
+                            help=f"{f.metadata['help']} [default: {f.default:g}]")(func)
+    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,15 +75,17 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
               help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
 @click.option("--redo", is_flag=True, help="Extract again movies already done (e.g. with new thresholds).")
 @click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
+@quality_options
 def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, scene_max_gap, max_side,
-                    skip_head, skip_tail, crop, jpeg_quality, workers, redo, runner) -> None:
+                    skip_head, skip_tail, crop, jpeg_quality, workers, redo, runner, **thresholds) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
     if keyframes and scenes:
         raise click.UsageError("--keyframes and --scenes exclude each other")
     mode = "keyframes" if keyframes else "scenes" if scenes else "fps"
     settings = ExtractSettings(
         sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
-        skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality)
+        skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
+        quality=with_overrides(QualityThresholds(), thresholds))
     try:
         outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers), redo)
     except (MediaError, ValueError) as e:
@@ -80,6 +93,83 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
     click.echo(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
+
+
+@main.command("filter")
+@workdir_option
+@quality_options
+def filter_command(workdir, **given) -> None:
+    """Re-apply quality thresholds to the recorded scores, without decoding anything. Thresholds
+    not given keep the values the current decisions were made with."""
+    work = WorkDir(workdir)
+    try:
+        summary = refilter(work, with_overrides(recorded_thresholds(work), given))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_refilter(summary))
+
+
+@main.command("detect")
+@workdir_option
+@click.option("--detector", type=click.Choice(["yolo", "opencv"]), default="yolo", show_default=True,
+              help="opencv: OpenCV 4's own HOG and Haar detectors, for machines without YOLO weights.")
+@click.option("--model", default="yolo11n.pt", show_default=True,
+              help="A YOLO model name (downloaded, SHA-256 checked), a .yaml config, or a path.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local weights file (offline use); overrides --model.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
+@click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True)
+@click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True)
+@click.option("--min-persons", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--max-persons", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--min-person-area", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="Fraction of the frame the largest person must cover.")
+@click.option("--masks", is_flag=True, help="Write a person mask PNG per kept frame (segmentation model).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Movies at once (each worker loads its own model).")
+def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf, iou, min_persons, max_persons,
+                   min_person_area, masks, workers) -> None:
+    """Detect persons in the frames that passed quality; keep frames with a few, large enough persons."""
+    from .detect import DetectSettings, detect
+    from .persons import DetectorError
+
+    if min_persons > max_persons:
+        raise click.UsageError("--min-persons is larger than --max-persons")
+    settings = DetectSettings(detector=detector, model=weights or model, device=device, batch=batch, imgsz=imgsz,
+                              conf=conf, iou=iou, min_persons=min_persons, max_persons=max_persons,
+                              min_person_area=min_person_area, masks=masks)
+    wd = WorkDir(workdir)
+    try:
+        results = detect(wd, settings, make_runner("local", workers))
+    except (DetectorError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    for r in results:
+        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else
+                   f"ok       {r.id}: {r.summary['frames_out']}/{r.summary['frames_in']} frames kept")
+    click.echo(format_status(status(wd)))
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
+@main.group("parsing")
+def parsing_group() -> None:
+    """Human parsing maps made by an external parser."""
+
+
+@parsing_group.command("attach")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@workdir_option
+def parsing_attach_command(folder, workdir) -> None:
+    """Attach FOLDER/<frame_id>.png parsing maps (checked: ids, sizes; all or nothing)."""
+    from .parsing import ParsingError, attach_parsing
+
+    try:
+        count = attach_parsing(WorkDir(workdir), folder)
+    except ParsingError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"attached {count} parsing maps")
 
 
 @main.command("status")

@@ -21,15 +21,32 @@ SEPIA = dict(rr=0.393, rg=0.769, rb=0.189, gr=0.349, gg=0.686, gb=0.168, br=0.27
 
 @dataclass(frozen=True)
 class Segment:
-    """`seconds` of a lavfi `source`, passed through `filters` [(name, kwargs), ...]."""
+    """`seconds` of a source passed through `filters` [(name, kwargs), ...]. The source is a lavfi
+    generator (`testsrc2`, `color=c=black`) or `photo:NAME`, a photo shipped inside ultralytics'
+    package, filmed with a slow zoom."""
 
     source: str
     seconds: float
     filters: tuple = ()
 
 
+def photo_path(name: str) -> Path:
+    from ultralytics.utils import ASSETS
+
+    return Path(ASSETS) / name
+
+
 def _render(segment: Segment, size: str):
-    stream = ffmpeg.input(f"{segment.source}:size={size}:rate={RATE}", f="lavfi", t=segment.seconds)
+    w, h = size.split("x")
+    if segment.source.startswith("photo:"):
+        frames = round(segment.seconds * RATE)
+        stream = (ffmpeg.input(str(photo_path(segment.source[6:])), loop=1, framerate=RATE, t=segment.seconds)
+                  .filter("scale", w, h, force_original_aspect_ratio="decrease")
+                  .filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="gray")
+                  .filter("zoompan", z=f"1+0.15*on/{frames}", x="iw/2-iw/zoom/2", y="ih/2-ih/zoom/2", d=1,
+                          s=size, fps=RATE))
+    else:
+        stream = ffmpeg.input(f"{segment.source}:size={size}:rate={RATE}", f="lavfi", t=segment.seconds)
     for name, kwargs in segment.filters:
         stream = stream.filter(name, **kwargs)
     return stream.filter("setsar", 1)

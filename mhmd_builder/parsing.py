@@ -1,0 +1,82 @@
+"""Human parsing maps made elsewhere (the paper used a CIHP-style parser: hair, face, upper
+clothes, coat...): a folder of PNGs named by frame id, checked and attached to the work directory.
+
+Either every map is valid and all are attached, or nothing is: a bad folder never leaves half a
+set behind. Attached maps live in WORKDIR/parsing/<movie>/<frame_id>.png and are listed in
+WORKDIR/parsing/attached.parquet; shards use them as parsing targets.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import cv2
+import pandas as pd
+import pyarrow as pa
+
+from .manifest import manifest
+from .workdir import WorkDir, atomic_write_table
+
+
+class ParsingError(Exception):
+    """Some maps are invalid: `problems` lists each as 'file: what is wrong'."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(f"{len(problems)} invalid parsing maps, nothing attached:\n" + "\n".join(problems))
+        self.problems = problems
+
+
+def check_maps(folder: Path, frames: pd.DataFrame) -> list[str]:
+    """Problems of the PNGs in `folder` against the extracted frames (frame_id, width, height, kept)."""
+    known = frames.set_index("frame_id")
+    problems = []
+    pngs = sorted(folder.glob("*.png"))
+    if not pngs:
+        problems.append(f"{folder}: no .png files")
+    for png in pngs:
+        if png.stem not in known.index:
+            problems.append(f"{png.name}: no extracted frame has the id {png.stem}")
+            continue
+        frame = known.loc[png.stem]
+        if not frame.kept:
+            problems.append(f"{png.name}: frame {png.stem} was rejected ({frame.reject_reason})")
+            continue
+        image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            problems.append(f"{png.name}: not a readable PNG")
+        elif image.shape[:2] != (frame.height, frame.width):
+            problems.append(f"{png.name}: {image.shape[1]}x{image.shape[0]}, but the frame is "
+                            f"{frame.width}x{frame.height}")
+    return problems
+
+
+def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:
+    """Check every map in `folder`, then copy them all into the work directory; returns how many."""
+    folder = Path(folder)
+    frames = manifest(workdir)
+    problems = check_maps(folder, frames)
+    if problems:
+        raise ParsingError(problems)
+    staging = workdir.stage_dir("parsing") / "tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    movie_of = frames.set_index("frame_id").movie_id
+    rows = []
+    for png in sorted(folder.glob("*.png")):
+        movie = movie_of[png.stem]
+        (staging / movie).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, staging / movie / png.name)
+        rows.append({"frame_id": png.stem, "movie_id": movie, "parsing": f"parsing/{movie}/{png.name}"})
+    # Merge with maps attached before; a map given again replaces the old one.
+    for movie_dir in staging.iterdir():
+        final = workdir.stage_dir("parsing") / movie_dir.name
+        final.mkdir(parents=True, exist_ok=True)
+        for png in movie_dir.iterdir():
+            os.replace(png, final / png.name)
+    shutil.rmtree(staging)
+    index = workdir.stage_dir("parsing") / "attached.parquet"
+    table = pd.DataFrame(rows)
+    if index.exists():
+        table = pd.concat([pd.read_parquet(index), table]).drop_duplicates("frame_id", keep="last")
+    atomic_write_table(index, pa.Table.from_pandas(table.sort_values("frame_id"), preserve_index=False))
+    return len(rows)

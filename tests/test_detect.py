@@ -1,0 +1,153 @@
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.demo import Segment, make_film
+from mhmd_builder.detect import DetectSettings, detect, keep_decision
+from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.manifest import manifest
+from mhmd_builder.media import Sampling
+from mhmd_builder.persons import Detections
+from mhmd_builder.quality import QualityThresholds
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.workdir import WorkDir
+
+# Consecutive frames of a slow zoom are near-duplicates: keep them all here, detection is under test.
+NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
+
+
+@pytest.fixture(scope="module")
+def persons_workdir(tmp_path_factory) -> WorkDir:
+    """One film: 3 s of zidane.jpg (two persons, close up), 3 s of bus.jpg (walking persons),
+    3 s of a test pattern (nobody); extracted at 1 frame per second."""
+    root = tmp_path_factory.mktemp("persons")
+    film = make_film(root / "films" / "persons.mp4",
+                     [Segment("photo:zidane.jpg", 3), Segment("photo:bus.jpg", 3), Segment("testsrc2=alpha=0", 3)])
+    work = WorkDir(root / "extracted")
+    extract([film], work, ExtractSettings(sampling=Sampling("fps", 1.0), quality=NO_DUPLICATES), LocalRunner(1))
+    return work
+
+
+def copy_workdir(work: WorkDir, tmp_path: Path) -> WorkDir:
+    import shutil
+
+    shutil.copytree(work.root, tmp_path / "work")
+    return WorkDir(tmp_path / "work")
+
+
+def test_keep_rule_and_reasons():
+    settings = DetectSettings(min_persons=1, max_persons=3, min_person_area=0.05)
+
+    def boxes(*areas):
+        return Detections(np.array([[0, 0, a, 1] for a in areas], np.float32), np.ones(len(areas), np.float32))
+
+    assert keep_decision(boxes(), settings) == "no_person"
+    assert keep_decision(boxes(0.2, 0.1, 0.1, 0.1), settings) == "too_many_persons"
+    assert keep_decision(boxes(0.04, 0.01), settings) == "person_too_small"
+    assert keep_decision(boxes(0.3, 0.01), settings) is None
+    assert keep_decision(boxes(), DetectSettings(min_persons=0)) is None
+
+
+def test_opencv_detector_keeps_frames_of_persons_and_drops_the_test_pattern(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    results = detect(work, DetectSettings(detector="opencv"), LocalRunner(1))
+    assert [r.ok for r in results] == [True]
+    frames = manifest(work).set_index("timestamp")
+    assert frames.loc[0:2.9].kept.all() and (frames.loc[0:2.9].persons >= 1).all()  # zidane, zooming in
+    assert frames.loc[0].persons == 2
+    assert frames.loc[3:5.9].kept.all() and (frames.loc[3:5.9].persons >= 1).all()  # bus
+    assert not frames.loc[6:].kept.any() and set(frames.loc[6:].reject_reason) == {"no_person"}
+    assert frames.persons.notna().all()
+    detections = work.read_table("detect")
+    for boxes in detections.boxes:
+        for box in boxes:
+            assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+
+
+def test_corrupt_and_missing_frames_are_recorded_and_the_run_goes_on(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    jpegs = sorted(work.root.glob("frames/*/*.jpg"))
+    jpegs[0].write_bytes(b"not a jpeg")
+    jpegs[1].unlink()
+    detect(work, DetectSettings(detector="opencv"), LocalRunner(1))
+    detections = work.read_table("detect").set_index("frame_id")
+    assert detections.loc[[jpegs[0].stem, jpegs[1].stem], "reject_reason"].tolist() == ["unreadable_frame"] * 2
+    assert detections.kept.sum() >= 4
+
+
+def test_yolo_path_batches_and_writes_masks(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    settings = DetectSettings(model="yolo11n-seg.yaml", device="cpu", batch=4, imgsz=160, masks=True, min_persons=0)
+    (result,) = detect(work, settings, LocalRunner(1))
+    assert result.ok and result.summary["detector"]["device"] == "cpu" and result.summary["frames_in"] == 9
+    detections = work.read_table("detect")
+    assert detections.kept.all()  # min_persons 0: random weights find nobody, and nobody is allowed
+    for row in detections.itertuples():
+        mask = cv2.imread(str(work.root / row.mask), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (360, 640) and mask.dtype == np.uint8
+    # Same settings, same frames: nothing to do on a rerun.
+    assert detect(work, settings, LocalRunner(1)) == []
+    # Other settings: the movie is detected again.
+    assert len(detect(work, DetectSettings(detector="opencv"), LocalRunner(1))) == 1
+
+
+def test_masks_with_a_detection_only_model_are_refused(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    result = CliRunner().invoke(main, ["detect", "-w", str(work.root), "--model", "yolo11n.yaml", "--masks",
+                                       "--device", "cpu"])
+    assert result.exit_code == 1 and "--masks needs a segmentation model" in result.output
+    result = CliRunner().invoke(main, ["detect", "-w", str(work.root), "--detector", "opencv", "--masks"])
+    assert result.exit_code == 1 and "--masks needs a YOLO segmentation model" in result.output
+
+
+def test_detect_cli_reports_the_funnel(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    result = CliRunner().invoke(main, ["detect", "-w", str(work.root), "--detector", "opencv", "--max-persons", "1"])
+    assert result.exit_code == 0, result.output
+    rejected = next(line for line in result.output.splitlines() if line.startswith("detect rejected:"))
+    assert "no_person 3" in rejected and "too_many_persons" in rejected
+    report = json.loads(CliRunner().invoke(main, ["status", "-w", str(work.root), "--json"]).output)
+    assert report["detect"]["frames_in"] == 9 and report["detect"]["partitions"]["done"] == 1
+
+
+def test_offline_known_weights_fail_with_both_remedies(persons_workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MHMD_WEIGHTS_DIR", str(tmp_path / "weights"))
+    work = copy_workdir(persons_workdir, tmp_path)
+    result = CliRunner().invoke(main, ["detect", "-w", str(work.root)])
+    assert result.exit_code == 1
+    assert "--weights PATH" in result.output and "--detector opencv" in result.output
+    assert not (work.root / "detect").exists()  # nothing started
+
+
+def test_parsing_maps_are_checked_and_attached_all_or_nothing(persons_workdir, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    detect(work, DetectSettings(detector="opencv"), LocalRunner(1))
+    frames = manifest(work)
+    kept, rejected = frames[frames.kept], frames[~frames.kept]
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for row in kept.itertuples():
+        cv2.imwrite(str(maps / f"{row.frame_id}.png"), np.full((row.height, row.width, 3), 80, np.uint8))
+    cv2.imwrite(str(maps / "stranger_0.png"), np.zeros((360, 640), np.uint8))
+    cv2.imwrite(str(maps / f"{rejected.frame_id.iloc[0]}.png"), np.zeros((360, 640), np.uint8))
+    cv2.imwrite(str(maps / f"{kept.frame_id.iloc[0]}.png"), np.zeros((100, 100), np.uint8))  # wrong size
+    result = CliRunner().invoke(main, ["parsing", "attach", str(maps), "-w", str(work.root)])
+    assert result.exit_code == 1 and "3 invalid parsing maps, nothing attached" in result.output
+    assert "stranger_0.png: no extracted frame" in result.output and "100x100, but the frame is 640x360" in result.output
+    assert "was rejected (no_person)" in result.output
+    assert not (work.root / "parsing").exists()
+
+    (maps / "stranger_0.png").unlink()
+    (maps / f"{rejected.frame_id.iloc[0]}.png").unlink()
+    cv2.imwrite(str(maps / f"{kept.frame_id.iloc[0]}.png"), np.zeros((360, 640), np.uint8))
+    result = CliRunner().invoke(main, ["parsing", "attach", str(maps), "-w", str(work.root)])
+    assert result.exit_code == 0 and f"attached {len(kept)} parsing maps" in result.output
+    attached = manifest(work).set_index("frame_id").parsing.dropna()
+    assert sorted(attached.index) == sorted(kept.frame_id)
+    assert all((work.root / p).is_file() for p in attached)
