@@ -11,9 +11,8 @@ import click
 
 from . import __version__
 from .extract import ExtractSettings, MovieOutcome, extract
-from .manifest import export_manifest, format_status, status
 from .media import MediaError, Sampling
-from .quality import QualityThresholds, format_refilter, recorded_thresholds, refilter, with_overrides
+from .quality import QualityThresholds, with_overrides
 from .runners import default_workers, make_runner
 from .workdir import WorkDir
 
@@ -33,6 +32,13 @@ def quality_options(func):
 @click.version_option(__version__, prog_name="mhmd")
 def main() -> None:
     """Build MHMD colorization training data from movie files, stage by stage."""
+
+
+def status_text(workdir: WorkDir, report: dict | None = None) -> str:
+    # manifest (pandas) is imported on use: it costs a second, which `mhmd extract` need not pay.
+    from .manifest import format_status, status
+
+    return format_status(report if report is not None else status(workdir))
 
 
 def format_outcomes(outcomes: list[MovieOutcome]) -> str:
@@ -101,6 +107,8 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
 def filter_command(workdir, **given) -> None:
     """Re-apply quality thresholds to the recorded scores, without decoding anything. Thresholds
     not given keep the values the current decisions were made with."""
+    from .filter import format_refilter, recorded_thresholds, refilter
+
     work = WorkDir(workdir)
     try:
         summary = refilter(work, with_overrides(recorded_thresholds(work), given))
@@ -148,7 +156,7 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
     for r in results:
         click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else
                    f"ok       {r.id}: {r.summary['frames_out']}/{r.summary['frames_in']} frames kept")
-    click.echo(format_status(status(wd)))
+    click.echo(status_text(wd))
     if any(not r.ok for r in results):
         sys.exit(1)
 
@@ -177,8 +185,10 @@ def parsing_attach_command(folder, workdir) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status_command(workdir, as_json) -> None:
     """Per stage: partitions done / failed / pending, frames in and out."""
+    from .manifest import status
+
     report = status(WorkDir(workdir))
-    click.echo(json.dumps(report, indent=1) if as_json else format_status(report))
+    click.echo(json.dumps(report, indent=1) if as_json else status_text(WorkDir(workdir), report))
 
 
 @main.group("manifest")
@@ -191,6 +201,8 @@ def manifest_group() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="FILE.parquet")
 def manifest_export_command(workdir, output) -> None:
     """Write every sampled frame, kept or not, with its scores and decisions."""
+    from .manifest import export_manifest
+
     rows = export_manifest(WorkDir(workdir), output)
     click.echo(f"wrote {rows} rows to {output}")
 
@@ -204,7 +216,7 @@ def demo_command(output, workers) -> None:
 
     workdir, outcomes = run_demo(Path(output), workers)
     click.echo(format_outcomes(outcomes))
-    click.echo(format_status(status(workdir)))
+    click.echo(status_text(workdir))
     click.echo(f"work directory: {workdir.root}")
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, resolve_weights
-from .quality import current_decisions
+from .filter import current_decisions
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources
 from .workdir import WorkDir

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from .quality import current_decisions
+from .filter import current_decisions
 from .workdir import WorkDir, atomic_write_table
 
 STAGES = ("extract", "detect", "label", "shard")

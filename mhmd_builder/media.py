@@ -13,6 +13,7 @@ import subprocess
 import threading
 import unicodedata
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -169,13 +170,17 @@ class Crop:
 
 
 def _grab_gray(path: Path, at: float, width: int, height: int) -> np.ndarray | None:
-    """One frame near `at` seconds, at the keyframe before it (cheap: no decode up to `at`)."""
-    out, _ = (
-        ffmpeg.input(str(path), ss=at, noaccurate_seek=None)
-        .output("pipe:", vframes=1, format="rawvideo", pix_fmt="gray", an=None)
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
-        .run(capture_stdout=True, capture_stderr=True)
-    )
+    """The key frame at or before `at` seconds, decoded alone. Passthrough timing matters: with the
+    default, ffmpeg would decode every frame from that key frame up to `at` and throw them away."""
+    try:
+        out, _ = (
+            ffmpeg.input(str(path), ss=at, noaccurate_seek=None, skip_frame="nokey", threads=1)
+            .output("pipe:", vframes=1, format="rawvideo", pix_fmt="gray", an=None, fps_mode="passthrough")
+            .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+            .run(capture_stdout=True, capture_stderr=True)
+        )
+    except ffmpeg.Error:
+        return None
     if len(out) < width * height:
         return None
     return np.frombuffer(out[: width * height], np.uint8).reshape(height, width)
@@ -194,7 +199,8 @@ def detect_letterbox(path: Path, info: MovieInfo, start: float, end: float, samp
     does not get cropped as long as one sample shows it lit."""
     w, h = (info.coded_height, info.coded_width) if info.rotation in (90, 270) else (info.coded_width, info.coded_height)
     times = [start + (end - start) * (i + 0.5) / samples for i in range(samples)] if end > start else [start]
-    frames = [f for f in (_grab_gray(path, t, w, h) for t in times) if f is not None]
+    with ThreadPoolExecutor(3) as pool:  # each grab is mostly process start-up: overlap them
+        frames = [f for f in pool.map(lambda t: _grab_gray(path, t, w, h), times) if f is not None]
     if not frames:
         return None
     rows = np.max([f.mean(axis=1) for f in frames], axis=0)

@@ -19,11 +19,13 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:  # pandas costs a second to import: only the stages that read tables need it
+    import pandas as pd
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -1,0 +1,161 @@
+"""`mhmd filter`: new quality thresholds applied to the recorded scores, without decoding, and
+the keep decisions every later stage uses (`current_decisions`).
+
+A stage never rewrites another's files: the filter's decisions are its own table, and they
+replace extract's for the movies they were made on (until a movie is extracted again).
+"""
+from __future__ import annotations
+
+import hashlib
+import shlex
+from dataclasses import fields
+
+import pandas as pd
+import pyarrow as pa
+
+from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
+from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
+
+STAGE = "filter"
+DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
+
+
+def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
+    """The decisions the extract pass would have made with these thresholds, from the recorded
+    scores of `frames` (extract table rows): frame_id, movie_id, kept, reject_reason, flags."""
+    missing = [name for name in SCORE_NAMES if name not in frames]
+    if missing:
+        raise ValueError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
+    rows = []
+    for movie, group in frames.sort_values(["movie_id", "timestamp"], kind="stable").groupby("movie_id", sort=False):
+        runs = DuplicateRuns(thresholds.max_hash_distance)
+        verdicts = []
+        for fid, *values in zip(group["frame_id"], *(group[name].to_numpy() for name in SCORE_NAMES)):
+            scores = dict(zip(SCORE_NAMES, values))
+            verdicts += runs.push(FrameVerdict({"frame_id": fid}, scores, judge(scores, thresholds)))
+        verdicts += runs.flush()
+        rows += [(v.meta["frame_id"], movie, v.kept, v.reason, v.flags) for v in verdicts]
+    return pd.DataFrame(rows, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags"])
+
+
+def _decisions_path(workdir: WorkDir):
+    return workdir.stage_dir(STAGE) / "decisions.parquet"
+
+
+def _fingerprint(path) -> str:
+    """Identifies one version of a movie's extract table: filter decisions made on an older
+    version (the movie was extracted again since) no longer apply."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def current_decisions(workdir: WorkDir) -> pd.DataFrame:
+    """The keep decision of every sampled frame that later stages and the manifest use: those of
+    the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
+    `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie)."""
+    frames = workdir.read_table("extract")
+    if frames is None:
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
+    decisions = frames[["frame_id", "movie_id", "kept", "reject_reason", "flags", "jpeg"]].set_index("frame_id")
+    path = _decisions_path(workdir)
+    if path.exists():
+        filtered = pd.read_parquet(path)
+        fresh = {movie for movie, fp in filtered.groupby("movie_id")["extract_fingerprint"].first().items()
+                 if workdir.is_done("extract", movie)
+                 and _fingerprint(workdir.table_path("extract", movie)) == fp}
+        override = filtered[filtered.movie_id.isin(fresh)].set_index("frame_id")
+        override = override[override.index.isin(decisions.index)]
+        columns = ["kept", "reject_reason", "flags"]
+        decisions = pd.concat([decisions.loc[~decisions.index.isin(override.index), columns + ["jpeg"]],
+                               override[columns].join(decisions["jpeg"])]).loc[decisions.index]
+    decisions["needs_extraction"] = decisions["kept"].astype(bool) & decisions["jpeg"].isna()
+    return decisions.reset_index()[DECISION_COLUMNS]
+
+
+def recorded_thresholds(workdir: WorkDir) -> QualityThresholds:
+    """The thresholds the current decisions were made with: the last filter's, else the extract
+    settings (when every movie used the same), else the defaults. `mhmd filter` starts from these."""
+    summary = workdir.stage_dir(STAGE) / "summary.json"
+    if summary.exists():
+        return QualityThresholds.from_mapping(read_json(summary)["thresholds"])
+    used = {tuple(sorted(s.get("settings", {}).get("quality", {}).items())) for s in workdir.done("extract").values()}
+    return QualityThresholds.from_mapping(dict(used.pop())) if len(used) == 1 else QualityThresholds()
+
+
+def threshold_args(thresholds: QualityThresholds) -> list[str]:
+    """The command-line options that give these thresholds (those that differ from the defaults)."""
+    defaults = QualityThresholds()
+    return [arg for f in fields(thresholds) if getattr(thresholds, f.name) != getattr(defaults, f.name)
+            for arg in (f"--{f.name.replace('_', '-')}", f"{getattr(thresholds, f.name):g}")]
+
+
+def _extract_args(settings: dict) -> list[str]:
+    """`mhmd extract` options that repeat a movie's recorded extract settings (all but quality),
+    so that extracting it again samples the same frames."""
+    sampling = settings["sampling"]
+    args = {"fps": ["--fps", sampling["fps"]], "keyframes": ["--keyframes"],
+            "scenes": ["--scenes", "--scene-threshold", sampling["scene_threshold"],
+                       "--scene-max-gap", sampling["scene_max_gap"]]}[sampling["mode"]]
+    args += ["--max-side", settings["max_side"] or 0, "--skip-head", settings["skip_head"],
+             "--skip-tail", settings["skip_tail"], "--crop" if settings["crop_letterbox"] else "--no-crop",
+             "--jpeg-quality", settings["jpeg_quality"]]
+    return [f"{a:g}" if isinstance(a, float) else str(a) for a in args]
+
+
+def reextract_commands(workdir: WorkDir, movies: list[str], thresholds: QualityThresholds) -> list[str]:
+    """The `mhmd extract --redo` commands (one per set of recorded extract settings) that extract
+    these movies again with these thresholds."""
+    done = workdir.done("extract")
+    groups: dict[tuple, list[str]] = {}
+    for movie in movies:
+        groups.setdefault(tuple(_extract_args(done[movie]["settings"])), []).append(done[movie]["path"])
+    return [shlex.join(["mhmd", "extract", *paths, "-w", str(workdir.root), "--redo", *args,
+                        *threshold_args(thresholds)]) for args, paths in groups.items()]
+
+
+def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
+    """Re-decide every extracted frame with new thresholds, from the recorded scores (no decoding),
+    and record the decisions as the filter stage's own table. Returns a summary: counts, frames
+    newly rejected and accepted, and which movies must be extracted again (frames now kept that
+    never had a JPEG encoded) with the command that does it."""
+    workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    frames = workdir.read_table("extract")
+    if frames is None:
+        raise ValueError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
+    before = current_decisions(workdir).set_index("frame_id")["kept"]
+    decisions = decide(frames, thresholds)
+    jpeg = frames.set_index("frame_id")["jpeg"]
+    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
+    prints = {m: _fingerprint(workdir.table_path("extract", m)) for m in decisions["movie_id"].unique()}
+    decisions["extract_fingerprint"] = decisions["movie_id"].map(prints)
+    table = pa.Table.from_pandas(decisions, preserve_index=False, schema=pa.schema([
+        ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()),
+        ("reject_reason", pa.string()), ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()),
+        ("extract_fingerprint", pa.string())]))
+    atomic_write_table(_decisions_path(workdir), table)
+
+    was_kept = before.reindex(decisions["frame_id"]).fillna(False).astype(bool).to_numpy()
+    stale = decisions[decisions["needs_extraction"]].groupby("movie_id").size()
+    summary = {
+        "frames": len(decisions),
+        "kept": int(decisions["kept"].sum()),
+        "rejected": {r: int(n) for r, n in decisions["reject_reason"].value_counts().sort_index().items()},
+        "newly_rejected": int((was_kept & ~decisions["kept"]).sum()),
+        "newly_accepted": int((~was_kept & decisions["kept"]).sum()),
+        "needs_extraction": {m: int(n) for m, n in stale.items()},
+        "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
+        "thresholds": thresholds.to_dict(),
+        "output": str(_decisions_path(workdir)),
+    }
+    atomic_write_json(workdir.stage_dir(STAGE) / "summary.json", summary)
+    return summary
+
+
+def format_refilter(summary: dict) -> str:
+    lines = [f"{summary['kept']} of {summary['frames']} frames kept "
+             f"({summary['newly_rejected']} newly rejected, {summary['newly_accepted']} newly accepted)"]
+    lines += [f"  {reason}: {n}" for reason, n in summary["rejected"].items()]
+    if summary["needs_extraction"]:
+        frames = sum(summary["needs_extraction"].values())
+        lines += [f"{frames} newly kept frames of {len(summary['needs_extraction'])} movies were never encoded; "
+                  f"extract them again with:", *(f"  {c}" for c in summary["reextract_commands"])]
+    return "\n".join(lines)
