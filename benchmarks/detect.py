@@ -73,8 +73,9 @@ def time_ultralytics(paths: list[str], args) -> float:
 
     started = time.perf_counter()
     model = YOLO(args.model)
+    precision = {"quantize": 16} if args.device.startswith("cuda") else {}  # fp16 on GPU, as mhmd detect
     for _ in model.predict(paths, batch=args.batch, imgsz=args.imgsz, device=args.device, classes=[0],
-                           half=args.device.startswith("cuda"), stream=True, verbose=False):
+                           stream=True, verbose=False, **precision):
         pass
     return time.perf_counter() - started
 

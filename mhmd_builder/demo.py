@@ -1,17 +1,21 @@
-"""`mhmd demo`: make short films with ffmpeg (nothing downloaded) and run the stages on them.
+"""`mhmd demo`: make short films with ffmpeg from photos that ship inside ultralytics' package
+(nothing downloaded) and run the stages on them.
 
 The films mix what a history film holds: colour scenes worth keeping, and black-and-white
 flashbacks, sepia grading, fades to black, out-of-focus shots and letterbox bars that must go.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import ffmpeg
 
+from .detect import DetectSettings, detect
 from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
+from .persons import DetectorError, resolve_weights
 from .runners import LocalRunner
 from .workdir import WorkDir
 
@@ -36,25 +40,33 @@ def photo_path(name: str) -> Path:
     return Path(ASSETS) / name
 
 
-def _render(segment: Segment, size: str):
+def _source(segment: Segment, size: str):
+    """The segment's pictures before its own filters."""
     w, h = size.split("x")
-    if segment.source.startswith("photo:"):
-        frames = round(segment.seconds * RATE)
-        stream = (ffmpeg.input(str(photo_path(segment.source[6:])), loop=1, framerate=RATE, t=segment.seconds)
-                  .filter("scale", w, h, force_original_aspect_ratio="decrease")
-                  .filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="gray")
-                  .filter("zoompan", z=f"1+0.15*on/{frames}", x="iw/2-iw/zoom/2", y="ih/2-ih/zoom/2", d=1,
-                          s=size, fps=RATE))
-    else:
-        stream = ffmpeg.input(f"{segment.source}:size={size}:rate={RATE}", f="lavfi", t=segment.seconds)
-    for name, kwargs in segment.filters:
-        stream = stream.filter(name, **kwargs)
-    return stream.filter("setsar", 1)
+    if not segment.source.startswith("photo:"):
+        return ffmpeg.input(f"{segment.source}:size={size}:rate={RATE}", f="lavfi", t=segment.seconds)
+    frames = round(segment.seconds * RATE)
+    return (ffmpeg.input(str(photo_path(segment.source[6:])), loop=1, framerate=RATE, t=segment.seconds)
+            .filter("scale", w, h, force_original_aspect_ratio="decrease")
+            .filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="gray")
+            .filter("zoompan", z=f"1+0.5*on/{frames}", x="iw/2-iw/zoom/2", y="ih/2-ih/zoom/2", d=1,
+                    s=size, fps=RATE))
 
 
 def make_film(path: Path, segments: list[Segment], size: str = SIZE, pad_to: str | None = None) -> Path:
     """Concatenate the segments into one H.264 film; `pad_to` adds letterbox bars."""
-    stream = ffmpeg.concat(*(_render(s, size) for s in segments))
+    # ffmpeg-python merges identical sources into one node: a source used twice must be split.
+    outputs = {}
+    for key, n in Counter((s.source, s.seconds) for s in segments).items():
+        source = _source(Segment(*key), size)
+        outputs[key] = iter([source] if n == 1 else [source.split()[i] for i in range(n)])
+    rendered = []
+    for segment in segments:
+        stream = next(outputs[(segment.source, segment.seconds)])
+        for name, kwargs in segment.filters:
+            stream = stream.filter(name, **kwargs)
+        rendered.append(stream.filter("setsar", 1))
+    stream = ffmpeg.concat(*rendered)
     if pad_to:
         w, h = pad_to.split("x")
         stream = stream.filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="black")
@@ -66,14 +78,16 @@ def make_film(path: Path, segments: list[Segment], size: str = SIZE, pad_to: str
 
 DEMO_FILMS = {
     "Colour, flashback and fades (1944).mp4": [
-        Segment("testsrc2=alpha=0", 4),
-        Segment("testsrc2=alpha=0", 3, (("hue", {"s": 0}),)),  # black-and-white flashback
-        Segment("testsrc2=alpha=0", 3, (("colorchannelmixer", SEPIA),)),  # sepia grading
+        Segment("photo:zidane.jpg", 4),  # colour, two persons close up
+        Segment("photo:bus.jpg", 3, (("hue", {"s": 0}),)),  # black-and-white flashback
+        Segment("photo:zidane.jpg", 3, (("colorchannelmixer", SEPIA),)),  # sepia grading
         Segment("color=c=black", 2),  # fade
-        Segment("testsrc2=alpha=0", 3, (("gblur", {"sigma": 8}),)),  # out of focus
+        Segment("photo:bus.jpg", 3, (("gblur", {"sigma": 8}),)),  # out of focus
+        Segment("photo:bus.jpg", 4),  # colour, persons walking
     ],
     "Scope. Ära – letterboxed.mkv": [
-        Segment("mandelbrot=maxiter=64", 6),
+        Segment("mandelbrot=maxiter=64", 4),  # colourful, sharp, nobody in it
+        Segment("photo:zidane.jpg", 4),
     ],
 }
 
@@ -86,9 +100,20 @@ def make_demo_films(folder: Path) -> list[Path]:
     return films
 
 
+def demo_detector() -> DetectSettings:
+    """YOLO when its weights can be had (downloaded, or in the cache), else OpenCV's detector."""
+    try:
+        return DetectSettings(model=resolve_weights("yolo11n.pt"))
+    except DetectorError as e:
+        print(f"notice: {e}; this demo uses the OpenCV detector instead")
+        return DetectSettings(detector="opencv")
+
+
 def run_demo(out: Path, workers: int | None = None) -> tuple[WorkDir, list[MovieOutcome]]:
-    """Make the films in OUT/films and extract them into OUT/work."""
+    """Make the films in OUT/films, extract them into OUT/work, and detect persons."""
     films = make_demo_films(out / "films")
     workdir = WorkDir(out / "work")
     settings = ExtractSettings(sampling=Sampling("fps", 2.0), max_side=512)
-    return workdir, extract(films, workdir, settings, LocalRunner(workers))
+    outcomes = extract(films, workdir, settings, LocalRunner(workers))
+    detect(workdir, demo_detector(), LocalRunner(workers))
+    return workdir, outcomes
