@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .filter import current_decisions
+from .labels import LABEL_STAGE, read_human_labels
 from .workdir import WorkDir, atomic_write_table
 
 STAGES = ("extract", "detect", "label", "shard")
@@ -89,6 +90,7 @@ def manifest(workdir: WorkDir) -> pd.DataFrame:
         rejected = detections.index[~detections.kept.astype(bool)]
         frames.loc[rejected, "kept"] = False
         frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
+    frames = _with_labels(workdir, frames)
     parsing = workdir.stage_dir("parsing") / "attached.parquet"
     if parsing.exists():
         frames = frames.join(pd.read_parquet(parsing).set_index("frame_id")[["parsing"]])
@@ -98,6 +100,26 @@ def manifest(workdir: WorkDir) -> pd.DataFrame:
             frames[name] = None
     extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
     return frames[list(MANIFEST_COLUMNS) + extra].sort_values(["movie_id", "timestamp"], ignore_index=True)
+
+
+def _with_labels(workdir: WorkDir, frames: pd.DataFrame) -> pd.DataFrame:
+    """label, label_source, label_confidence: the labeler's output where it ran, else the human
+    labels imported so far."""
+    human = read_human_labels(workdir)
+    if human is not None:
+        human = human.set_index("frame_id")
+        frames = frames.join(human[["label"]])
+        frames["label_source"] = frames.label.notna().map({True: "human", False: None})
+        frames["label_confidence"] = frames.label.notna().map({True: 1.0, False: None})
+    predicted = workdir.read_table(LABEL_STAGE)
+    if predicted is not None:
+        predicted = predicted.set_index("frame_id")
+        predicted = predicted[predicted.index.isin(frames.index)]
+        for column in ("label", "label_source", "label_confidence", "top3", "top3_confidence"):
+            if column not in frames:
+                frames[column] = None
+            frames.loc[predicted.index, column] = predicted[column]
+    return frames
 
 
 def export_manifest(workdir: WorkDir, out: str) -> int:

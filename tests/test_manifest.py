@@ -25,3 +25,40 @@ def test_empty_workdir_exports_the_contract_columns(tmp_path):
     frame = pd.read_parquet(out)
     assert list(frame.columns) == list(MANIFEST_COLUMNS) and len(frame) == 0
     assert format_status(status(WorkDir(tmp_path / "w"))).startswith("nothing here yet")
+
+
+def test_manifest_shows_human_labels_then_the_labelers(tmp_path):
+    import pyarrow as pa
+
+    from mhmd_builder.labels import LABEL_STAGE, PREDICTION_SCHEMA, write_human_labels
+
+    wd = WorkDir(tmp_path)
+    wd.begin("extract", "m")
+    wd.commit("extract", "m", pa.table({
+        "frame_id": ["m_0", "m_1000", "m_2000"], "movie_id": ["m"] * 3, "timestamp": [0.0, 1.0, 2.0],
+        "width": pa.array([64] * 3, pa.int32()), "height": pa.array([64] * 3, pa.int32()),
+        "kept": [True] * 3, "reject_reason": pa.array([None] * 3, pa.string()),
+        "flags": pa.array([[]] * 3, pa.list_(pa.string())), "jpeg": ["a", "b", "c"]}), {})
+    write_human_labels(wd, pd.DataFrame({"frame_id": ["m_0"], "label": ["during_ww2/usa/military"], "label_id": [24],
+                                         "source": ["todo.csv"], "line": [2]}))
+    frames = export_and_read(wd, tmp_path)
+    assert frames.label.fillna("-").tolist() == ["during_ww2/usa/military", "-", "-"]
+    assert frames.label_source.fillna("-").tolist() == ["human", "-", "-"]
+
+    wd.begin(LABEL_STAGE, "m")
+    wd.commit(LABEL_STAGE, "m", pa.Table.from_pylist([
+        {"frame_id": "m_0", "movie_id": "m", "label": "during_ww2/usa/military", "label_id": 24,
+         "label_source": "human", "label_confidence": 1.0, "top3": [], "top3_confidence": []},
+        {"frame_id": "m_1000", "movie_id": "m", "label": "during_ww2/japan/military", "label_id": 27,
+         "label_source": "model", "label_confidence": 0.75, "top3": [], "top3_confidence": []},
+    ], PREDICTION_SCHEMA), {})
+    frames = export_and_read(wd, tmp_path)
+    assert frames.label.fillna("-").tolist() == ["during_ww2/usa/military", "during_ww2/japan/military", "-"]
+    assert frames.label_source.fillna("-").tolist() == ["human", "model", "-"]
+    assert frames.label_confidence.tolist()[:2] == [1.0, 0.75] and pd.isna(frames.label_confidence[2])
+
+
+def export_and_read(wd, tmp_path):
+    out = tmp_path / "m.parquet"
+    export_manifest(wd, str(out))
+    return pd.read_parquet(out).sort_values("timestamp", ignore_index=True)
