@@ -10,7 +10,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import ffmpeg
+import numpy as np
 
 from .detect import DetectSettings, detect
 from .extract import ExtractSettings, MovieOutcome, extract
@@ -74,6 +76,24 @@ def make_film(path: Path, segments: list[Segment], size: str = SIZE, pad_to: str
     (stream.output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset="veryfast", g=RATE * 2)
      .global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output().run())
     return path
+
+
+def person_scene(rng: np.random.Generator, w: int = 640, h: int = 360) -> np.ndarray:
+    """A colourful generated scene: a two-colour backdrop, coloured blocks, and a few 'persons'
+    (skin-toned head, coloured clothes), slightly soft and noisy like a camera picture."""
+    t = np.linspace(0.0, 1.0, h)[:, None, None]
+    top, bottom = rng.integers(30, 230, (2, 3))
+    img = np.ascontiguousarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
+    for _ in range(10):
+        p, q = rng.integers(0, (w, h), (2, 2))
+        cv2.rectangle(img, tuple(map(int, p)), tuple(map(int, q)), tuple(map(int, rng.integers(0, 256, 3))), -1)
+    for _ in range(rng.integers(1, 4)):
+        x, y, s = (int(v) for v in rng.integers((w // 8, h // 3, h // 8), (7 * w // 8, h // 2, h // 4)))
+        cv2.rectangle(img, (x - s // 3, y), (x + s // 3, y + 2 * s), tuple(map(int, rng.integers(0, 256, 3))), -1)
+        skin = tuple(int(c) for c in rng.integers((70, 100, 150), (140, 170, 235)))
+        cv2.ellipse(img, (x, y - s // 3), (s // 4, s // 3), 0, 0, 360, skin, -1)
+    img = cv2.GaussianBlur(img, (0, 0), 0.7)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
 
 
 DEMO_FILMS = {

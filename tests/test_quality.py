@@ -8,28 +8,15 @@ import cv2
 import numpy as np
 import pytest
 
+from mhmd_builder.demo import person_scene
 from mhmd_builder.quality import REASONS, SCORE_NAMES, QualityFilter, QualityThresholds, judge, score_frame
 
 DEFAULT = QualityThresholds()
 NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
 
 
-def scene(seed: int, w: int = 640, h: int = 360) -> np.ndarray:
-    """A colourful generated picture: two-colour backdrop, coloured blocks, a few skin-toned
-    'persons' in coloured clothes; slightly soft and noisy like a camera picture."""
-    rng = np.random.default_rng(seed)
-    t = np.linspace(0.0, 1.0, h)[:, None, None]
-    top, bottom = rng.integers(30, 230, (2, 3))
-    img = np.ascontiguousarray(np.broadcast_to(top * (1 - t) + bottom * t, (h, w, 3)).astype(np.uint8))
-    for _ in range(10):
-        p, q = rng.integers(0, (w, h), (2, 2))
-        cv2.rectangle(img, tuple(map(int, p)), tuple(map(int, q)), tuple(map(int, rng.integers(0, 256, 3))), -1)
-    for _ in range(3):
-        x, y, s = int(rng.integers(w // 8, 7 * w // 8)), int(rng.integers(h // 3, h // 2)), h // 5
-        cv2.rectangle(img, (x - s // 3, y), (x + s // 3, y + 2 * s), tuple(map(int, rng.integers(0, 256, 3))), -1)
-        cv2.ellipse(img, (x, y - s // 3), (s // 4, s // 3), 0, 0, 360, (110, 140, 200), -1)
-    img = cv2.GaussianBlur(img, (0, 0), 0.7)
-    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+def scene(seed: int) -> np.ndarray:
+    return person_scene(np.random.default_rng(seed))
 
 
 def jpeg(bgr: np.ndarray, quality: int = 80) -> np.ndarray:
