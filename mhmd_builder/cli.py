@@ -161,6 +161,150 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
         sys.exit(1)
 
 
+taxonomy_option = click.option("--taxonomy", type=click.Path(exists=True, dir_okay=False), default=None,
+                               help="Taxonomy CSV [default: the shipped MHMD labels].")
+movies_option = click.option("--movies", type=click.Path(exists=True, dir_okay=False), default=None,
+                             help="Movie metadata CSV (movie, era, nationality): frames inherit what is known.")
+
+LABEL_STUDIO_HOWTO = """Label Studio: start it with
+  LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root}
+create a project with the labeling config {config}, add a "Local files" source storage with the
+absolute path {root}/frames (do not sync it), import {tasks}, label, and export JSON for `mhmd labels import`."""
+
+
+def label_context(work: WorkDir, taxonomy: str | None, movies: str | None):
+    """The taxonomy and the movie metadata (or None), their problems as click errors."""
+    from .labels import LabelFileError, load_movie_metadata
+    from .taxonomy import TaxonomyError, load_taxonomy
+
+    try:
+        labels = load_taxonomy(taxonomy)
+        return labels, load_movie_metadata(movies, work, labels) if movies else None
+    except (TaxonomyError, LabelFileError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command("sample")
+@workdir_option
+@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
+              help="Share of each film's frames that passed detection (at least one per film).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="TODO file: a CSV, or the tasks JSON for label-studio (its labeling config goes beside it, .xml).")
+@click.option("--format", "fmt", type=click.Choice(["csv", "label-studio"]), default="csv", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--uncertain", type=click.IntRange(min=1), default=None,
+              help="Instead of a sample: the N model-labelled frames the labeler is least sure of.")
+@movies_option
+@taxonomy_option
+def sample_command(workdir, fraction, output, fmt, seed, uncertain, movies, taxonomy) -> None:
+    """Pick frames for people to label, spread over films and time; never frames labelled already."""
+    from .sample import sample_frames, uncertain_frames, write_sample
+
+    work = WorkDir(workdir)
+    labels, metadata = label_context(work, taxonomy, movies)
+    try:
+        frames = (uncertain_frames(work, uncertain, metadata) if uncertain
+                  else sample_frames(work, fraction, seed, movie_metadata=metadata))
+        written = write_sample(frames, output, fmt, labels)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{len(frames)} frames of {frames.movie_id.nunique()} movies: {', '.join(map(str, written))}")
+    if fmt == "label-studio":
+        click.echo(LABEL_STUDIO_HOWTO.format(root=work.root, tasks=written[0], config=written[1]))
+
+
+@main.group("labels")
+def labels_group() -> None:
+    """Human labels: import what people labelled."""
+
+
+@labels_group.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@workdir_option
+@movies_option
+@taxonomy_option
+def labels_import_command(file, workdir, movies, taxonomy) -> None:
+    """Check FILE (CSV, or a Label Studio JSON export) and merge it into the human labels; on any
+    problem, list them all and write nothing."""
+    from .labels import LabelFileError, import_labels
+
+    work = WorkDir(workdir)
+    labels, metadata = label_context(work, taxonomy, movies)
+    try:
+        s = import_labels(work, file, labels, metadata)
+    except LabelFileError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{s['labelled']} labels in {file}: {s['new']} new, {s['changed']} changed, {s['unchanged']} "
+               f"unchanged; {s['unlabelled']} not labelled yet; {s['total']} human labels in all")
+
+
+@main.group("labeler")
+def labeler_group() -> None:
+    """The ResNet labeler: train on the human labels, label every other kept frame."""
+
+
+@labeler_group.command("train")
+@workdir_option
+@click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Human labels (CSV or Label Studio JSON export), imported before training.")
+@taxonomy_option
+@movies_option
+@click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint (.safetensors) [default: WORKDIR/labeler/labeler.safetensors].")
+@click.option("--weights", default="imagenet", show_default=True,
+              help="imagenet (torchvision's download, SHA-256 checked), none (random), or a local .pth.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
+                          image_size, device, seed) -> None:
+    """Import --labels, train the labeler on every human label, print and save its validation metrics."""
+    from .labeler import LabelerError, TrainSettings, train
+    from .labels import LabelFileError, import_labels
+    from .persons import DetectorError
+
+    wd = WorkDir(workdir)
+    tax, metadata = label_context(wd, taxonomy, movies)
+    settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
+                             image_size=image_size, device=device, seed=seed)
+    try:
+        imported = import_labels(wd, labels_file, tax, metadata)
+        click.echo(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
+        train(wd, settings, tax)
+    except (LabelerError, LabelFileError, DetectorError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@labeler_group.command("predict")
+@workdir_option
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A labeler checkpoint (.safetensors, with its .json beside it).")
+@taxonomy_option
+@movies_option
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size) -> None:
+    """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
+    from .labeler import LabelerError, PredictSettings, predict
+    from .persons import DetectorError
+
+    wd = WorkDir(workdir)
+    tax, metadata = label_context(wd, taxonomy, movies)
+    try:
+        results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata)
+    except (LabelerError, DetectorError) as e:
+        raise click.ClickException(str(e)) from None
+    for r in results:
+        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else
+                   f"ok       {r.id}: {r.summary['model']} labeled by the model, {r.summary['human']} by people")
+    click.echo(status_text(wd))
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
 @main.group("parsing")
 def parsing_group() -> None:
     """Human parsing maps made by an external parser."""
