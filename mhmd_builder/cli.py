@@ -41,6 +41,15 @@ def status_text(workdir: WorkDir, report: dict | None = None) -> str:
     return format_status(report if report is not None else status(workdir))
 
 
+def report_partitions(workdir: WorkDir, results: list, describe) -> None:
+    """A line per partition (`describe(summary)` when it went well), the funnel, exit 1 on failures."""
+    for r in results:
+        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else f"ok       {r.id}: {describe(r.summary)}")
+    click.echo(status_text(workdir))
+    if any(not r.ok for r in results):
+        sys.exit(1)
+
+
 def format_outcomes(outcomes: list[MovieOutcome]) -> str:
     lines = []
     for o in outcomes:
@@ -153,12 +162,7 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
         results = detect(wd, settings, make_runner("local", workers))
     except (DetectorError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    for r in results:
-        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else
-                   f"ok       {r.id}: {r.summary['frames_out']}/{r.summary['frames_in']} frames kept")
-    click.echo(status_text(wd))
-    if any(not r.ok for r in results):
-        sys.exit(1)
+    report_partitions(wd, results, lambda s: f"{s['frames_out']}/{s['frames_in']} frames kept")
 
 
 taxonomy_option = click.option("--taxonomy", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -297,12 +301,7 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
         results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata)
     except (LabelerError, DetectorError) as e:
         raise click.ClickException(str(e)) from None
-    for r in results:
-        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else
-                   f"ok       {r.id}: {r.summary['model']} labeled by the model, {r.summary['human']} by people")
-    click.echo(status_text(wd))
-    if any(not r.ok for r in results):
-        sys.exit(1)
+    report_partitions(wd, results, lambda s: f"{s['model']} labeled by the model, {s['human']} by people")
 
 
 @main.group("parsing")
