@@ -304,6 +304,31 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
     report_partitions(wd, results, lambda s: f"{s['model']} labeled by the model, {s['human']} by people")
 
 
+@main.command("shard")
+@workdir_option
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SHARDDIR (rewritten whole).")
+@click.option("--maxcount", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per tar.")
+@click.option("--maxsize", type=click.IntRange(min=1), default=1 << 30, show_default=True, help="Bytes per tar.")
+@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=100_001 / 1_353_166,
+              show_default="the paper's 0.0739", help="Share of frames in the test split; whole films.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@taxonomy_option
+def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxonomy) -> None:
+    """Write the kept frames as WebDataset shards, split by film, deterministically."""
+    from .shard import ShardSettings, shard
+
+    work = WorkDir(workdir)
+    tax, _ = label_context(work, taxonomy, None)
+    try:
+        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    for split, info in index["splits"].items():
+        tars = [s["name"] for s in index["shards"] if s["split"] == split]
+        click.echo(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars")
+    click.echo(f"index: {Path(output) / 'index.json'}")
+
+
 @main.group("parsing")
 def parsing_group() -> None:
     """Human parsing maps made by an external parser."""

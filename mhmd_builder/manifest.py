@@ -91,6 +91,9 @@ def manifest(workdir: WorkDir) -> pd.DataFrame:
         frames.loc[rejected, "kept"] = False
         frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
     frames = _with_labels(workdir, frames)
+    shards = workdir.read_table("shard")
+    if shards is not None:
+        frames = frames.join(shards.set_index("frame_id")[["split"]])
     parsing = workdir.stage_dir("parsing") / "attached.parquet"
     if parsing.exists():
         frames = frames.join(pd.read_parquet(parsing).set_index("frame_id")[["parsing"]])

@@ -1,0 +1,102 @@
+import io
+import json
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from mhmd_builder.cli import main
+from mhmd_builder.detect import DetectSettings, detect
+from mhmd_builder.labels import write_human_labels
+from mhmd_builder.manifest import manifest
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.shard import ShardSettings, shard, split_films
+from mhmd_builder.taxonomy import load_taxonomy
+
+from test_sample import copy_films  # two films, extracted and detected once per session
+
+
+@pytest.fixture
+def films(tmp_path_factory, tmp_path):
+    return copy_films(tmp_path_factory, tmp_path)
+
+
+def test_films_are_split_whole_and_the_test_split_stays_near_its_fraction():
+    frames = pd.DataFrame({"movie_id": [f"m{i}" for i in range(20) for _ in range(10 + i)]})
+    split = split_films(frames, 0.2, seed=3)
+    sizes = frames.groupby("movie_id").size()
+    test = sum(sizes[m] for m, s in split.items() if s == "test")
+    assert 0 < test <= 0.2 * len(frames) and set(split.values()) == {"train", "test"}
+    assert split == split_films(frames, 0.2, seed=3) and split != split_films(frames, 0.2, seed=4)
+    assert set(split_films(frames.iloc[:10], 0.5, 0).values()) == {"train"}  # one film: train only
+
+
+def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
+    taxonomy = load_taxonomy()
+    kept = manifest(films).query("kept")
+    labelled = kept.iloc[::2]
+    usa = taxonomy.by_name("during_ww2/usa/military")
+    write_human_labels(films, pd.DataFrame({"frame_id": labelled.frame_id, "label": usa.name,
+                                            "label_id": usa.id, "source": "t.csv", "line": range(len(labelled))}))
+    settings = ShardSettings(maxcount=5, test_fraction=0.3, seed=1)
+    index = shard(films, tmp_path / "a", settings, taxonomy)
+    shard(films, tmp_path / "b", settings, taxonomy)
+    names = [s["name"] for s in index["shards"]]
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names + ["index.json"])  # no temp files
+    assert all(s["count"] <= 5 for s in index["shards"]) and sum(s["count"] for s in index["shards"]) == len(kept)
+
+    samples = list(wds.WebDataset([str(tmp_path / "a" / n) for n in names], shardshuffle=False).decode("rgb"))
+    assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
+    movies_of = {split: {s["json"]["movie"] for s, n in zip(samples, _names_of(samples, names, tmp_path / "a"))
+                         if n.startswith(split)} for split in ("train", "test")}
+    assert movies_of["train"] and movies_of["test"] and not movies_of["train"] & movies_of["test"]
+    for sample in samples:
+        assert "." not in sample["__key__"] and sample["jpg"].shape[2] == 3
+        if sample["json"]["label"]:
+            assert sample["cls"] == usa.id and sample["json"]["era"] == "during_ww2"
+        else:
+            assert "cls" not in sample and sample["json"]["label_id"] is None
+    jpeg = kept.set_index("frame_id").jpeg[samples[0]["__key__"]]
+    raw = next(iter(wds.WebDataset(str(tmp_path / "a" / names[0]), shardshuffle=False)))
+    assert raw["jpg"] == (films.root / kept.set_index("frame_id").jpeg[raw["__key__"]]).read_bytes()  # not re-encoded
+    assert jpeg
+    assert index["splits"]["train"]["labels"] or index["splits"]["test"]["labels"]
+    splits = manifest(films).set_index("frame_id").split.dropna()
+    assert sorted(splits.index) == sorted(kept.frame_id)
+
+
+def _names_of(samples, names, folder):
+    """The tar each sample came from, read with Python's own tarfile."""
+    where = {}
+    for name in names:
+        with tarfile.open(folder / name) as tar:
+            members = tar.getmembers()
+            assert all(m.mtime == 0 for m in members)
+            where.update({m.name.split(".", 1)[0]: name for m in members})
+    return [where[s["__key__"]] for s in samples]
+
+
+def test_masks_go_into_the_shards(films, tmp_path):
+    detect(films, DetectSettings(model="yolo11n-seg.yaml", device="cpu", imgsz=160, masks=True, min_persons=0),
+           LocalRunner(1))
+    index = shard(films, tmp_path / "out", ShardSettings(test_fraction=0))
+    (only,) = index["shards"]
+    samples = list(wds.WebDataset(str(tmp_path / "out" / only["name"]), shardshuffle=False))
+    assert samples and all("mask.png" in s for s in samples)
+    mask = np.array(Image.open(io.BytesIO(samples[0]["mask.png"])))
+    assert mask.shape == (360, 640)
+
+
+def test_shard_cli_and_nothing_to_shard(films, tmp_path):
+    result = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path / "s"), "--maxcount", "4"])
+    assert result.exit_code == 0, result.output
+    index = json.loads((tmp_path / "s" / "index.json").read_text())
+    assert "train:" in result.output and len(index["shards"]) >= 5
+    empty = CliRunner().invoke(main, ["shard", "-w", str(tmp_path / "nothing"), "-o", str(tmp_path / "t")])
+    assert empty.exit_code == 1 and "no kept frames to shard" in empty.output
