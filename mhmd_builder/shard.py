@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -117,6 +117,18 @@ class _Tars:
             self.writer = None
 
 
+def _clear(out: Path) -> None:
+    """Remove an earlier shard set from OUT; refuse to touch a folder that holds anything else."""
+    out.mkdir(parents=True, exist_ok=True)
+    ours = re.compile(r"^(\.?(train|test)-\d{6}\.tar(\.tmp)?|index\.json)$")
+    others = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
+    if others:
+        raise ValueError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
+                         "give an empty or new folder")
+    for path in out.iterdir():
+        path.unlink()
+
+
 def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSettings | None = None,
           taxonomy: Taxonomy | None = None) -> dict:
     """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index."""
@@ -134,8 +146,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     split_of = split_films(frames, settings.test_fraction, settings.seed)
     frames["split"] = frames.movie_id.map(split_of)
 
-    shutil.rmtree(out, ignore_errors=True)  # a rerun (or a killed run) rewrites the whole set
-    out.mkdir(parents=True)
+    _clear(out)  # a rerun (or a killed run) rewrites the whole set
     index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256, "shards": [], "splits": {}}
     for split in ("train", "test"):
         part = frames[frames.split == split]

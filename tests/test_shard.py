@@ -98,5 +98,13 @@ def test_shard_cli_and_nothing_to_shard(films, tmp_path):
     assert result.exit_code == 0, result.output
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert "train:" in result.output and len(index["shards"]) >= 5
+    again = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path / "s"), "--maxcount", "100"])
+    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json",
+                                                                                           "test-000000.tar",
+                                                                                           "train-000000.tar"]
+    (tmp_path / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path)])
+    assert refused.exit_code == 1 and "holds files that are not shards" in refused.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     empty = CliRunner().invoke(main, ["shard", "-w", str(tmp_path / "nothing"), "-o", str(tmp_path / "t")])
     assert empty.exit_code == 1 and "no kept frames to shard" in empty.output
