@@ -16,22 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mhmd_builder.demo import Segment, make_film
-from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.media import Sampling
-from mhmd_builder.quality import QualityThresholds
-from mhmd_builder.runners import LocalRunner
+from detect import make_frames  # benchmarks/detect.py: the same frames
+
 from mhmd_builder.shard import shard
-from mhmd_builder.workdir import WorkDir
-
-
-def make_frames(root: Path, frames: int) -> WorkDir:
-    seconds = frames / 24 / 2
-    film = make_film(root / "film.mp4", [Segment("photo:zidane.jpg", seconds), Segment("photo:bus.jpg", seconds)])
-    work = WorkDir(root / "work")
-    settings = ExtractSettings(sampling=Sampling("fps", 24.0), quality=QualityThresholds(max_hash_distance=-1))
-    extract([film], work, settings, LocalRunner(1))
-    return work
 
 
 def timed(action) -> float:
