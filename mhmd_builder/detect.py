@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, resolve_weights
+from .persons import (Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, pick_device,
+                      resolve_weights)
 from .filter import current_decisions
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources
@@ -112,8 +113,8 @@ class DetectStage:
 
     def __post_init__(self) -> None:
         self.detector = None
-        if self.settings.detector == "yolo":
-            self.resources = Resources(cpus=1, gpus=1 if _cuda_available() else 0)
+        if self.settings.detector == "yolo" and pick_device(self.settings.device).startswith("cuda"):
+            self.resources = Resources(cpus=1, gpus=1)
 
     def setup(self) -> None:
         """Load the model once per worker."""
@@ -196,12 +197,6 @@ def _unreadable_row(frame: dict) -> dict:
     return {"frame_id": frame["frame_id"], "movie_id": frame["movie_id"], "persons": None, "boxes": None,
             "confidences": None, "largest_person_area": None, "kept": False,
             "reject_reason": "unreadable_frame", "mask": None}
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def plan_detection(workdir: WorkDir, settings: DetectSettings) -> list[Partition]:

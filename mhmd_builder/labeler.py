@@ -23,11 +23,11 @@ import pyarrow as pa
 
 from .detect import inputs_digest, load_frame, prefetched
 from .labels import LABEL_STAGE, PREDICTION_SCHEMA, labelable_frames, read_human_labels
-from .persons import pick_device, sha256_of, weights_cache
+from .persons import pick_device, sha256_of, verify_sha256, weights_cache
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import WorkDir, atomic_write_json, read_json
+from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -75,12 +75,7 @@ def imagenet_weights_file(arch: str) -> Path:
 def check_weights_file(path: Path) -> Path:
     """A known file name must have its published hash; other files are taken as they are."""
     pinned = PINNED_SHA256.get(path.name)
-    if pinned:
-        digest = sha256_of(path)
-        if digest != pinned:
-            raise LabelerError(f"{path}: SHA-256 {digest[:16]}... does not match the published {pinned[:16]}... "
-                               f"for {path.name}: refusing it (delete the file to download again)")
-    return path
+    return verify_sha256(path, pinned, LabelerError) if pinned else path
 
 
 def initial_weights(arch: str, weights: str) -> tuple[dict | None, str]:
@@ -117,14 +112,9 @@ def metrics_path(checkpoint: Path) -> Path:
 
 def save_checkpoint(model, config: dict, checkpoint: Path) -> None:
     """Weights (safetensors) then config, each written under a temporary name and renamed."""
-    import os
+    from safetensors.torch import save
 
-    from safetensors.torch import save_file
-
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, checkpoint)
+    atomic_write_bytes(checkpoint, save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
     atomic_write_json(config_path(checkpoint), config)
 
 
@@ -320,11 +310,10 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings = settings or TrainSettings()
     taxonomy = taxonomy or load_taxonomy()
-    if settings.arch not in ARCHS:
-        raise LabelerError(f"unknown architecture {settings.arch!r} (available: {', '.join(ARCHS)})")
+    torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
+    model = build_model(settings.arch, len(taxonomy))  # an unknown architecture fails before any work
     checkpoint = Path(settings.output) if settings.output else workdir.root / "labeler" / "labeler.safetensors"
     device = pick_device(settings.device)
-    torch.manual_seed(settings.seed)
     labeled = labeled_frames(workdir)
     if labeled.label_id.max() >= len(taxonomy):
         raise LabelerError(f"human labels use class ids beyond the {len(taxonomy)} labels of {taxonomy.source}")
@@ -332,7 +321,6 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
     train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
     targets = train_rows.label_id.to_numpy(int)
 
-    model = build_model(settings.arch, len(taxonomy))
     state, weights_from = initial_weights(settings.arch, settings.weights)
     if state is not None:
         model.load_state_dict(state, strict=False)

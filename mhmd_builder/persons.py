@@ -60,6 +60,15 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(path: Path, expected: str, error: type[Exception]) -> Path:
+    """`path` when its SHA-256 is the published one; else `error` saying it is refused."""
+    digest = sha256_of(path)
+    if digest != expected:
+        raise error(f"{path}: SHA-256 {digest[:16]}... does not match the published {expected[:16]}... "
+                    f"for {path.name}: refusing it (delete the file to download again)")
+    return path
+
+
 def resolve_weights(model: str) -> str:
     """A path for YOLO(): a config (.yaml: random weights), an existing file, or a known name,
     downloaded by ultralytics into the cache and checked against its pinned SHA-256."""
@@ -78,11 +87,7 @@ def resolve_weights(model: str) -> str:
         except Exception as e:  # noqa: BLE001 - any download failure gets the same remedies
             raise DetectorError(f"cannot download {name} ({type(e).__name__}, offline?): give a local copy with "
                                 f"--weights PATH, or use --detector opencv") from None
-    digest = sha256_of(target)
-    if digest != PINNED_SHA256[name]:
-        raise DetectorError(f"{target}: SHA-256 {digest[:16]}... does not match the published "
-                            f"{PINNED_SHA256[name][:16]}... for {name}: refusing it (delete the file to download again)")
-    return str(target)
+    return str(verify_sha256(target, PINNED_SHA256[name], DetectorError))
 
 
 def pick_device(device: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import webdataset as wds
 
 from .manifest import manifest
@@ -165,8 +166,6 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
 
 def _record(workdir: WorkDir, frames: pd.DataFrame, out: Path, started: float) -> None:
     """The shard stage's own records: which frame went to which split, and the funnel counts."""
-    import pyarrow as pa
-
     workdir.begin(STAGE, "all")
     table = pa.Table.from_pandas(frames[["frame_id", "movie_id", "split"]], preserve_index=False)
     workdir.commit(STAGE, "all", table, {"frames_in": len(frames), "frames_out": len(frames), "output": str(out),
