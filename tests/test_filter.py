@@ -143,8 +143,6 @@ def test_filter_decisions_give_way_to_a_later_extraction(workcopy):
 
 def test_mhmd_filter_then_its_reextract_command(workcopy):
     cli = CliRunner()
-    if "filter" not in main.commands or "--min-colorfulness" not in cli.invoke(main, ["extract", "--help"]).output:
-        pytest.skip("mhmd filter and the extract threshold options are not wired into cli.py yet")
     _, work = workcopy
     result = cli.invoke(main, ["filter", "-w", str(work.root), "--min-colorfulness", "0", "--min-chroma-spread", "0"])
     assert result.exit_code == 0, result.output
@@ -155,3 +153,9 @@ def test_mhmd_filter_then_its_reextract_command(workcopy):
     assert not current_decisions(work).needs_extraction.any()
     result = cli.invoke(main, ["filter", "-w", str(work.root)])  # thresholds not given: the last ones
     assert result.exit_code == 0 and "0 newly rejected, 0 newly accepted" in result.output
+
+
+def test_mhmd_filter_on_an_empty_work_directory_says_what_to_run(tmp_path):
+    result = CliRunner().invoke(main, ["filter", "-w", str(tmp_path / "empty"), "--min-colorfulness", "5"])
+    assert result.exit_code == 1 and "no extracted movies yet: run `mhmd extract` first" in result.output
+    assert len(result.output.strip().splitlines()) == 1
