@@ -329,6 +329,32 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
     click.echo(f"index: {Path(output) / 'index.json'}")
 
 
+@main.command("relabel")
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A labeler checkpoint (.safetensors, with its .json beside it).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="NEWDIR (rewritten whole).")
+@click.option("--override-human", is_flag=True, help="Replace human labels too (kept by default).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@taxonomy_option
+def relabel_command(shard_dir, checkpoint, output, override_human, device, batch_size, taxonomy) -> None:
+    """Write SHARD_DIR's shards again with the checkpoint's labels: same images byte for byte, new
+    json and cls; print how many labels changed, per label."""
+    from .labeler import LabelerError
+    from .persons import DetectorError
+    from .relabel import RelabelError, RelabelSettings, format_changes, relabel
+    from .taxonomy import TaxonomyError, load_taxonomy
+
+    try:
+        index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
+                        load_taxonomy(taxonomy))
+    except (RelabelError, LabelerError, DetectorError, TaxonomyError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(format_changes(index["relabel"]["changes"]))
+    click.echo(f"index: {Path(output) / 'index.json'}")
+
+
 @main.group("parsing")
 def parsing_group() -> None:
     """Human parsing maps made by an external parser."""

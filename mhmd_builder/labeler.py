@@ -171,12 +171,14 @@ def format_metrics(metrics: dict, names: list[str]) -> str:
 
 
 # -- images ---------------------------------------------------------------------------------------
-def load_rgb(path: Path, size: int) -> np.ndarray | None:
+def fit_rgb(bgr: np.ndarray, size: int) -> np.ndarray:
     """The whole frame, RGB, squeezed to size x size: a centre crop would cut off persons at the sides."""
+    return cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def load_rgb(path: Path, size: int) -> np.ndarray | None:
     image = load_frame(path)
-    if image is None:
-        return None
-    return cv2.cvtColor(cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+    return None if image is None else fit_rgb(image, size)
 
 
 class LabeledFrames:
@@ -380,6 +382,41 @@ class PredictSettings:
     loader_threads: int = 4
 
 
+class Labeler:
+    """A checkpoint loaded once, on its device, labelling batches of images."""
+
+    def __init__(self, checkpoint: str | Path, taxonomy: Taxonomy, device: str = "auto"):
+        import torch
+
+        model, self.config = load_checkpoint(checkpoint, taxonomy)
+        self.names, self.image_size = taxonomy.names, self.config["image_size"]
+        self.device = pick_device(device)
+        self.half = self.device.startswith("cuda")  # fp16 on the GPU: twice the throughput, same argmax
+        model = model.to(self.device, memory_format=torch.channels_last)
+        self.model = model.half() if self.half else model
+
+    def predict_batch(self, batch: list[tuple[dict, np.ndarray]], allowed: list[int] | None) -> list[dict]:
+        """Rows of PREDICTION_SCHEMA for (frame with frame_id and movie_id, RGB image of the
+        checkpoint's size) pairs; `allowed` restricts the labels (None: all)."""
+        import torch
+
+        images = torch.from_numpy(np.stack([image for _, image in batch])).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            x = normalise(images, self.device).contiguous(memory_format=torch.channels_last)
+            logits = self.model(x.half() if self.half else x).float()
+            if allowed is not None:  # the film's era / nation are known: only consistent labels
+                mask = torch.full_like(logits, float("-inf"))
+                mask[:, allowed] = 0
+                logits = logits + mask
+            confidence, ids = logits.softmax(1).topk(min(3, logits.shape[1] if allowed is None else len(allowed)), 1)
+        confidence, ids = confidence.cpu().numpy(), ids.cpu().numpy()
+        names = self.names
+        return [{"frame_id": frame["frame_id"], "movie_id": frame["movie_id"], "label": names[ids[i, 0]],
+                 "label_id": int(ids[i, 0]), "label_source": "model", "label_confidence": float(confidence[i, 0]),
+                 "top3": [names[j] for j in ids[i]], "top3_confidence": confidence[i].tolist()}
+                for i, (frame, _) in enumerate(batch)]
+
+
 @dataclass
 class LabelStage:
     workdir: WorkDir
@@ -390,21 +427,15 @@ class LabelStage:
     resources: Resources = field(default_factory=lambda: Resources(cpus=1))
 
     def __post_init__(self) -> None:
-        self.model = None
+        self.labeler = None
         if pick_device(self.settings.device).startswith("cuda"):
             self.resources = Resources(cpus=1, gpus=1)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "model": None}  # workers load their own model in setup()
+        return {**self.__dict__, "labeler": None}  # workers load their own model in setup()
 
     def setup(self) -> None:
-        import torch
-
-        model, self.config = load_checkpoint(self.checkpoint, self.taxonomy)
-        self.device = pick_device(self.settings.device)
-        self.half = self.device.startswith("cuda")  # fp16 on the GPU: twice the throughput, same argmax
-        model = model.to(self.device, memory_format=torch.channels_last)
-        self.model = model.half() if self.half else model
+        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
 
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
@@ -417,11 +448,11 @@ class LabelStage:
         batch: list[tuple[dict, np.ndarray]] = []
 
         def run_batch() -> None:
-            rows.extend(self._predict(batch, allowed))
+            rows.extend(self.labeler.predict_batch(batch, allowed))
             batch.clear()
             progress(len(rows), len(frames))
 
-        size = self.config["image_size"]
+        size = self.labeler.image_size
         loaded = prefetched(todo, lambda f: load_rgb(self.workdir.root / f["jpeg"], size),
                             self.settings.loader_threads, 2 * self.settings.batch_size)
         unreadable = 0
@@ -453,26 +484,6 @@ class LabelStage:
         name = self.taxonomy.names[label_id]
         return {"frame_id": frame["frame_id"], "movie_id": frame["movie_id"], "label": name, "label_id": label_id,
                 "label_source": "human", "label_confidence": 1.0, "top3": [name], "top3_confidence": [1.0]}
-
-    def _predict(self, batch: list[tuple[dict, np.ndarray]], allowed: list[int] | None) -> list[dict]:
-        import torch
-
-        images = torch.from_numpy(np.stack([image for _, image in batch])).permute(0, 3, 1, 2)
-        with torch.inference_mode():
-            x = normalise(images, self.device).contiguous(memory_format=torch.channels_last)
-            logits = self.model(x.half() if self.half else x).float()
-            if allowed is not None:  # the film's era / nation are known: only consistent labels
-                mask = torch.full_like(logits, float("-inf"))
-                mask[:, allowed] = 0
-                logits = logits + mask
-            confidence, ids = logits.softmax(1).topk(min(3, logits.shape[1] if allowed is None else len(allowed)), 1)
-        confidence, ids = confidence.cpu().numpy(), ids.cpu().numpy()
-        names = self.taxonomy.names
-        return [{"frame_id": frame["frame_id"], "movie_id": frame["movie_id"], "label": names[ids[i, 0]],
-                 "label_id": int(ids[i, 0]), "label_source": "model", "label_confidence": float(confidence[i, 0]),
-                 "top3": [names[j] for j in ids[i]], "top3_confidence": confidence[i].tolist()}
-                for i, (frame, _) in enumerate(batch)]
-
 
 def allowed_labels(taxonomy: Taxonomy, metadata: dict | None) -> list[int] | None:
     """Label ids consistent with a film's known era / nationality; None when nothing is known."""

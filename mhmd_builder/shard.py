@@ -21,7 +21,7 @@ import pyarrow as pa
 import webdataset as wds
 
 from .manifest import manifest
-from .taxonomy import Taxonomy, load_taxonomy
+from .taxonomy import Label, Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json
 
 STAGE = "shard"
@@ -55,6 +55,14 @@ def split_films(frames: pd.DataFrame, test_fraction: float, seed: int) -> dict[s
     return split
 
 
+def label_fields(label: Label | None, source: str | None = None, confidence: float | None = None) -> dict:
+    """The label part of a sample's json: all null for an unlabelled frame."""
+    return {"label_id": label.id if label else None, "label": label.name if label else None,
+            "era": label.era if label else None, "nationality": label.nationality if label else None,
+            "garment": label.garment if label else None, "label_source": source if label else None,
+            "label_confidence": float(confidence) if label else None}
+
+
 def sample_json(row, taxonomy: Taxonomy) -> dict:
     label = taxonomy.by_name(row.label) if isinstance(row.label, str) else None
     boxes = row.boxes if isinstance(row.boxes, (list, np.ndarray)) else []
@@ -62,18 +70,18 @@ def sample_json(row, taxonomy: Taxonomy) -> dict:
         "frame_id": row.frame_id, "movie": row.movie_id, "timestamp": round(float(row.timestamp), 3),
         "width": int(row.width), "height": int(row.height),
         "boxes": [[round(float(v), 5) for v in box] for box in boxes],
-        "label_id": label.id if label else None, "label": label.name if label else None,
-        "era": label.era if label else None, "nationality": label.nationality if label else None,
-        "garment": label.garment if label else None,
-        "label_source": row.label_source if label else None,
-        "label_confidence": float(row.label_confidence) if label else None,
+        **label_fields(label, row.label_source, row.label_confidence),
     }
+
+
+def encode_json(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True).encode()
 
 
 def _sample(row, root: Path, taxonomy: Taxonomy) -> dict:
     meta = sample_json(row, taxonomy)
     sample = {"__key__": row.frame_id, "jpg": (root / row.jpeg).read_bytes(),
-              "json": json.dumps(meta, sort_keys=True).encode()}
+              "json": encode_json(meta)}
     if meta["label_id"] is not None:
         sample["cls"] = str(meta["label_id"]).encode()
     target = row.parsing if isinstance(getattr(row, "parsing", None), str) else getattr(row, "mask", None)
@@ -82,13 +90,43 @@ def _sample(row, root: Path, taxonomy: Taxonomy) -> dict:
     return sample
 
 
+class AtomicTar:
+    """One tar written with webdataset's TarWriter under a hidden temporary name and renamed on a
+    clean exit (removed on an error): no partial tar is ever visible under its final name."""
+
+    def __init__(self, path: Path):
+        self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
+        self.file = open(self.temp, "wb")
+        # Samples are bytes already (no encoder pass); GNU headers cost less than PAX ones; fixed
+        # owner and mtime make the bytes depend on the samples alone.
+        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False,
+                                    format="GNU_FORMAT")
+
+    def write(self, sample: dict) -> None:
+        self.writer.write(sample)
+
+    def __enter__(self) -> "AtomicTar":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.close(keep=error_type is None)
+
+    def close(self, keep: bool = True) -> None:
+        self.writer.close()
+        self.file.close()
+        if keep:
+            os.replace(self.temp, self.path)
+        else:
+            self.temp.unlink(missing_ok=True)
+
+
 class _Tars:
-    """Consecutive tars of one split, each written under a temporary name and renamed when full."""
+    """Consecutive tars of one split, each opened when the last one is full."""
 
     def __init__(self, out: Path, split: str, settings: ShardSettings):
         self.out, self.split, self.settings = out, split, settings
         self.shards: list[dict] = []
-        self.writer = None
+        self.tar: AtomicTar | None = None
 
     def write(self, sample: dict) -> None:
         size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")  # tar headers: 512 B each
@@ -96,29 +134,29 @@ class _Tars:
         if current is None or current["count"] >= self.settings.maxcount or (
                 current["count"] and current["bytes"] + size > self.settings.maxsize):
             self._open()
-        self.writer.write(sample)
+        self.tar.write(sample)
         self.shards[-1]["count"] += 1
         self.shards[-1]["bytes"] += size
 
     def _open(self) -> None:
         self.close()
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.file = open(self.out / f".{name}.tmp", "wb")
-        # Samples are bytes already (no encoder pass); GNU headers cost less than PAX ones.
-        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False,
-                                    format="GNU_FORMAT")
+        self.tar = AtomicTar(self.out / name)
         self.shards.append({"name": name, "split": self.split, "count": 0, "bytes": 0})
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.file.close()
-            name = self.shards[-1]["name"]
-            os.replace(self.out / f".{name}.tmp", self.out / name)
-            self.writer = None
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
 
 
-def _clear(out: Path) -> None:
+def split_entry(movies: list[str], labels: list[str | None]) -> dict:
+    """A split's line in index.json: samples, films, and the label histogram."""
+    return {"samples": len(movies), "movies": len(set(movies)),
+            "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
+
+
+def clear_shard_dir(out: Path) -> None:
     """Remove an earlier shard set from OUT; refuse to touch a folder that holds anything else."""
     out.mkdir(parents=True, exist_ok=True)
     ours = re.compile(r"^(\.?(train|test)-\d{6}\.tar(\.tmp)?|index\.json)$")
@@ -147,7 +185,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     split_of = split_films(frames, settings.test_fraction, settings.seed)
     frames["split"] = frames.movie_id.map(split_of)
 
-    _clear(out)  # a rerun (or a killed run) rewrites the whole set
+    clear_shard_dir(out)  # a rerun (or a killed run) rewrites the whole set
     index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256, "shards": [], "splits": {}}
     for split in ("train", "test"):
         part = frames[frames.split == split]
@@ -157,8 +195,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
             tars.write(_sample(row, workdir.root, taxonomy))
         tars.close()
         index["shards"] += [{k: s[k] for k in ("name", "split", "count")} for s in tars.shards]
-        index["splits"][split] = {"samples": len(part), "movies": int(part.movie_id.nunique()),
-                                  "labels": dict(sorted(Counter(part.label.dropna()).items()))}
+        index["splits"][split] = split_entry(part.movie_id.tolist(), part.label.tolist())
     atomic_write_json(out / "index.json", index)
     _record(workdir, frames, out, started)
     return index

@@ -1,0 +1,103 @@
+import json
+
+import pandas as pd
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.labeler import Labeler, TrainSettings, load_rgb, train
+from mhmd_builder.labels import write_human_labels
+from mhmd_builder.manifest import manifest
+from mhmd_builder.relabel import RelabelError, RelabelSettings, format_changes, relabel
+from mhmd_builder.shard import ShardSettings, shard
+from mhmd_builder.taxonomy import load_taxonomy
+
+from test_sample import copy_films
+
+TAXONOMY = load_taxonomy()
+HUMAN = "during_ww2/usa/military"
+
+
+@pytest.fixture
+def labelled(tmp_path_factory, tmp_path):
+    """The two detected films, every other kept frame labelled by hand, a tiny labeler trained on
+    those labels, and the frames sharded (the others without a label)."""
+    work = copy_films(tmp_path_factory, tmp_path)
+    kept = manifest(work).query("kept").sort_values("frame_id")
+    human = kept.iloc[::2]
+    names = [HUMAN if i % 3 else "after_ww2/china/informal" for i in range(len(human))]
+    write_human_labels(work, pd.DataFrame({"frame_id": human.frame_id, "label": names,
+                                           "label_id": [TAXONOMY.by_name(n).id for n in names],
+                                           "source": "t.csv", "line": range(len(human))}))
+    checkpoint = tmp_path / "ckpt" / "l.safetensors"
+    train(work, TrainSettings(arch="resnet18", weights="none", image_size=64, epochs=1, batch_size=8,
+                              device="cpu", output=str(checkpoint)), TAXONOMY)
+    shard(work, tmp_path / "shards", ShardSettings(maxcount=4, test_fraction=0.3, seed=2), TAXONOMY)
+    return work, checkpoint, tmp_path
+
+
+def read_all(folder):
+    index = json.loads((folder / "index.json").read_text())
+    return index, [s for e in index["shards"] for s in wds.WebDataset(str(folder / e["name"]), shardshuffle=False)]
+
+
+def expected_labels(work, checkpoint, frame_ids):
+    """What the checkpoint says of each frame, read from the work directory's own JPEGs."""
+    labeler = Labeler(checkpoint, TAXONOMY, "cpu")
+    jpegs = manifest(work).set_index("frame_id").jpeg
+    batch = [({"frame_id": f, "movie_id": ""}, load_rgb(work.root / jpegs[f], labeler.image_size)) for f in frame_ids]
+    return {row["frame_id"]: row["label"] for row in labeler.predict_batch(batch, None)}
+
+
+def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled):
+    work, checkpoint, tmp = labelled
+    index = relabel(tmp / "shards", checkpoint, tmp / "new", RelabelSettings(device="cpu", batch_size=3), TAXONOMY)
+    old_index, old = read_all(tmp / "shards")
+    new_index, new = read_all(tmp / "new")
+    assert [e["name"] for e in new_index["shards"]] == [e["name"] for e in old_index["shards"]]
+    assert [s["__key__"] for s in new] == [s["__key__"] for s in old]  # same tars, same order
+    predicted = expected_labels(work, checkpoint, [s["__key__"] for s in old])
+    for before, after in zip(old, new):
+        assert after["jpg"] == before["jpg"]  # byte for byte
+        was, now = json.loads(before["json"]), json.loads(after["json"])
+        if was["label_source"] == "human":
+            assert now == was and after["cls"] == before["cls"]
+        else:
+            assert was["label"] is None and "cls" not in before
+            label = TAXONOMY.by_name(predicted[after["__key__"]])
+            assert (now["label"], now["label_source"], int(after["cls"])) == (label.name, "model", label.id)
+            assert now["era"] == label.era and 0 < now["label_confidence"] <= 1
+            assert {k: v for k, v in now.items() if not k.startswith(("label", "era", "nation", "garment"))} == \
+                {k: v for k, v in was.items() if not k.startswith(("label", "era", "nation", "garment"))}
+    changed = sum(c["count"] for c in index["relabel"]["changes"] if c["from"] != c["to"])
+    assert changed == sum(json.loads(s["json"])["label_source"] is None for s in old) > 0
+    assert f"{changed} of {len(old)} labels changed" in format_changes(index["relabel"]["changes"])
+    labels_after = sum(sum(split["labels"].values()) for split in new_index["splits"].values())
+    assert labels_after == len(new)
+
+
+def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled):
+    work, checkpoint, tmp = labelled
+    result = CliRunner().invoke(main, ["relabel", str(tmp / "shards"), "--checkpoint", str(checkpoint),
+                                       "-o", str(tmp / "all"), "--override-human", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    _, new = read_all(tmp / "all")
+    predicted = expected_labels(work, checkpoint, [s["__key__"] for s in new])
+    assert all(json.loads(s["json"])["label_source"] == "model" for s in new)
+    assert {s["__key__"]: json.loads(s["json"])["label"] for s in new} == predicted
+    assert "labels changed" in result.output and HUMAN in result.output
+
+
+def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled, tmp_path):
+    work, checkpoint, tmp = labelled
+    before = {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()}
+    with pytest.raises(RelabelError, match="not a folder written by `mhmd shard`"):
+        relabel(tmp / "ckpt", checkpoint, tmp / "x", taxonomy=TAXONOMY)
+    with pytest.raises(RelabelError, match="not the source folder"):
+        relabel(tmp / "shards", checkpoint, tmp / "shards", taxonomy=TAXONOMY)
+    other = tmp_path / "tax.csv"
+    other.write_text((TAXONOMY.source and open(TAXONOMY.source).read()).replace("informal", "casual"))
+    with pytest.raises(RelabelError, match="another taxonomy"):
+        relabel(tmp / "shards", checkpoint, tmp / "x", taxonomy=load_taxonomy(other))
+    assert {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()} == before
