@@ -323,10 +323,16 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
         index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
+    click.echo(format_index(index, output))
+
+
+def format_index(index: dict, out: str | Path) -> str:
+    lines = []
     for split, info in index["splits"].items():
         tars = [s["name"] for s in index["shards"] if s["split"] == split]
-        click.echo(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars")
-    click.echo(f"index: {Path(output) / 'index.json'}")
+        where = f"{Path(out) / tars[0]} .. {tars[-1]}" if tars else "no tars"
+        lines.append(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars ({where})")
+    return "\n".join(lines + [f"index: {Path(out) / 'index.json'}"])
 
 
 @main.command("relabel")
@@ -401,19 +407,86 @@ def manifest_export_command(workdir, output) -> None:
     click.echo(f"wrote {rows} rows to {output}")
 
 
+NEXT_STEP = """stopped: nobody has labelled frames yet. {what} in
+  {todo}
+Fill its `label` column with label names of the taxonomy ({taxonomy}), or label them in Label Studio
+(`mhmd sample -w {workdir} --format label-studio ...`), then build again with the labels:
+  mhmd build {pipeline} ... -w {workdir} -o {out} --labels {todo}
+(or set `labels: none` in the recipe to shard without labels)"""
+
+
+def report_build(result, workdir: WorkDir, pipeline, out: str) -> None:
+    """What was done, the funnel, and what comes next; exit 1 on failures, 3 when labels are needed."""
+    click.echo(format_outcomes(result.outcomes))
+    click.echo(status_text(workdir))
+    if result.needs_labels:
+        what = (f"{result.sample[0]} frames of {result.sample[1]} films to label are" if result.sample
+                else "The sample to label (written by an earlier build) is")
+        click.echo(NEXT_STEP.format(what=what, todo=result.needs_labels,
+                                    taxonomy=pipeline.taxonomy or "the 42 MHMD labels", workdir=workdir.root,
+                                    pipeline=pipeline.source, out=out))
+    else:
+        click.echo(format_index(result.index, out))
+    for failure in result.failures:
+        click.echo(f"FAILED   {failure}")
+    if result.failures:
+        sys.exit(1)
+    if result.needs_labels:
+        sys.exit(3)
+
+
+def build_errors():
+    from .build import PipelineError
+    from .labeler import LabelerError
+    from .labels import LabelFileError
+    from .persons import DetectorError
+    from .taxonomy import TaxonomyError
+
+    return (PipelineError, LabelerError, LabelFileError, DetectorError, TaxonomyError, MediaError, ValueError)
+
+
+@main.command("build")
+@click.argument("pipeline", type=click.Path())
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@workdir_option
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SHARDDIR (rewritten whole).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Human labels (CSV or Label Studio JSON export) [default: the recipe's `labels`].")
+@movies_option
+@click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
+def build_command(pipeline, inputs, workdir, output, labels, movies, runner, workers) -> None:
+    """Run every stage of the recipe PIPELINE (a YAML file, or a shipped one by name: mhmd.yaml,
+    demo.yaml) on the movies: extract, detect, label (stops after writing the sample to label when
+    there are no labels yet: exit code 3), shard. Resumes where a killed run stopped."""
+    from .build import build, load_pipeline
+
+    work = WorkDir(workdir)
+    try:
+        recipe = load_pipeline(pipeline)
+        result = build(recipe, list(inputs), work, output, runner, workers, labels, movies)
+    except build_errors() as e:
+        raise click.ClickException(str(e)) from None
+    report_build(result, work, recipe, output)
+
+
 @main.command("demo")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="OUTDIR")
 @click.option("--workers", type=click.IntRange(min=1), default=None)
 def demo_command(output, workers) -> None:
-    """Make short films with ffmpeg and build from them: OUTDIR/films, OUTDIR/work."""
+    """Make short films with ffmpeg and build a dataset from them with pipelines/demo.yaml:
+    OUTDIR/films, OUTDIR/work, OUTDIR/labels.csv (the demo's own labels), OUTDIR/shards."""
+    from .build import PIPELINES, load_pipeline
     from .demo import run_demo
 
-    workdir, outcomes = run_demo(Path(output), workers)
-    click.echo(format_outcomes(outcomes))
-    click.echo(status_text(workdir))
-    click.echo(f"work directory: {workdir.root}")
-    if any(o.status == "failed" for o in outcomes):
-        sys.exit(1)
+    try:
+        result = run_demo(Path(output), workers)
+    except build_errors() as e:
+        raise click.ClickException(str(e)) from None
+    report_build(result, WorkDir(Path(output) / "work"), load_pipeline(PIPELINES / "demo.yaml"),
+                 str(Path(output) / "shards"))
+    click.echo(f"work directory: {Path(output) / 'work'}")
 
 
 if __name__ == "__main__":

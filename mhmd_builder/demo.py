@@ -1,24 +1,24 @@
 """`mhmd demo`: make short films with ffmpeg from photos that ship inside ultralytics' package
-(nothing downloaded) and run the stages on them.
+(nothing downloaded) and build a dataset from them with pipelines/demo.yaml.
 
 The films mix what a history film holds: colour scenes worth keeping, and black-and-white
 flashbacks, sepia grading, fades to black, out-of-focus shots and letterbox bars that must go.
+The demo plays the person who labels the sample: it knows what each second of its films shows.
 """
 from __future__ import annotations
 
+import csv
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
 import ffmpeg
 import numpy as np
 
-from .detect import DetectSettings, detect
-from .extract import ExtractSettings, MovieOutcome, extract
-from .media import Sampling
+from .build import PIPELINES, BuildResult, build, load_pipeline
+from .detect import DetectSettings
 from .persons import DetectorError, resolve_weights
-from .runners import LocalRunner
 from .workdir import WorkDir
 
 SIZE, RATE = "640x360", 24
@@ -29,11 +29,12 @@ SEPIA = dict(rr=0.393, rg=0.769, rb=0.189, gr=0.349, gg=0.686, gb=0.168, br=0.27
 class Segment:
     """`seconds` of a source passed through `filters` [(name, kwargs), ...]. The source is a lavfi
     generator (`testsrc2`, `color=c=black`) or `photo:NAME`, a photo shipped inside ultralytics'
-    package, filmed with a slow zoom."""
+    package, filmed with a slow zoom. `label`: what a person labelling the segment's frames says."""
 
     source: str
     seconds: float
     filters: tuple = ()
+    label: str | None = None
 
 
 def photo_path(name: str) -> Path:
@@ -73,7 +74,8 @@ def make_film(path: Path, segments: list[Segment], size: str = SIZE, pad_to: str
         w, h = pad_to.split("x")
         stream = stream.filter("pad", w, h, "(ow-iw)/2", "(oh-ih)/2", color="black")
     path.parent.mkdir(parents=True, exist_ok=True)
-    (stream.output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset="veryfast", g=RATE * 2)
+    # bitexact: no random container ids or dates, so the same film is the same bytes (and movie id)
+    (stream.output(str(path), vcodec="libx264", pix_fmt="yuv420p", preset="veryfast", g=RATE * 2, fflags="+bitexact")
      .global_args("-nostdin", "-hide_banner", "-loglevel", "error").overwrite_output().run())
     return path
 
@@ -96,18 +98,23 @@ def person_scene(rng: np.random.Generator, w: int = 640, h: int = 360) -> np.nda
     return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
 
 
+FORMAL, INFORMAL = "during_ww2/britain_france/formal", "during_ww2/britain_france/informal"
 DEMO_FILMS = {
     "Colour, flashback and fades (1944).mp4": [
-        Segment("photo:zidane.jpg", 4),  # colour, two persons close up
+        Segment("photo:zidane.jpg", 4, label=FORMAL),  # colour, two persons close up
         Segment("photo:bus.jpg", 3, (("hue", {"s": 0}),)),  # black-and-white flashback
         Segment("photo:zidane.jpg", 3, (("colorchannelmixer", SEPIA),)),  # sepia grading
         Segment("color=c=black", 2),  # fade
         Segment("photo:bus.jpg", 3, (("gblur", {"sigma": 8}),)),  # out of focus
-        Segment("photo:bus.jpg", 4),  # colour, persons walking
+        Segment("photo:bus.jpg", 4, label=INFORMAL),  # colour, persons walking
     ],
     "Scope. Ära – letterboxed.mkv": [
         Segment("mandelbrot=maxiter=64", 4),  # colourful, sharp, nobody in it
-        Segment("photo:zidane.jpg", 4),
+        Segment("photo:zidane.jpg", 4, label=FORMAL),
+    ],
+    "Street, 1945.mp4": [
+        Segment("photo:bus.jpg", 4, (("hue", {"h": 25}),), label=INFORMAL),  # another grading
+        Segment("photo:zidane.jpg", 3, (("eq", {"saturation": 1.4}),), label=FORMAL),
     ],
 }
 
@@ -120,20 +127,47 @@ def make_demo_films(folder: Path) -> list[Path]:
     return films
 
 
-def demo_detector() -> DetectSettings:
+def demo_detector(settings: DetectSettings) -> DetectSettings:
     """YOLO when its weights can be had (downloaded, or in the cache), else OpenCV's detector."""
     try:
-        return DetectSettings(model=resolve_weights("yolo11n.pt"))
+        return replace(settings, model=resolve_weights(settings.model))
     except DetectorError as e:
         print(f"notice: {e}; this demo uses the OpenCV detector instead")
-        return DetectSettings(detector="opencv")
+        return replace(settings, detector="opencv")
 
 
-def run_demo(out: Path, workers: int | None = None) -> tuple[WorkDir, list[MovieOutcome]]:
-    """Make the films in OUT/films, extract them into OUT/work, and detect persons."""
+def segment_at(segments: list[Segment], timestamp: float) -> Segment:
+    end = 0.0
+    for segment in segments:
+        end += segment.seconds
+        if timestamp < end:
+            return segment
+    return segments[-1]
+
+
+def label_sample(todo: Path, workdir: WorkDir, labelled: Path) -> Path:
+    """Fill the sample's label column with what the demo films show at each frame's time."""
+    films = {movie: DEMO_FILMS[Path(s["path"]).name] for movie, s in workdir.done("extract").items()}
+    with open(todo, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["label"] = segment_at(films[row["movie_id"]], float(row["timestamp"])).label or ""
+    with open(labelled, "w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return labelled
+
+
+def run_demo(out: Path, workers: int | None = None) -> BuildResult:
+    """Make the films in OUT/films and build: work directory OUT/work, shards OUT/shards. The first
+    build stops at the sample to label; the demo labels it (OUT/labels.csv) and builds again."""
     films = make_demo_films(out / "films")
+    pipeline = load_pipeline(PIPELINES / "demo.yaml")
+    pipeline = replace(pipeline, detect=demo_detector(pipeline.detect))
     workdir = WorkDir(out / "work")
-    settings = ExtractSettings(sampling=Sampling("fps", 2.0), max_side=512)
-    outcomes = extract(films, workdir, settings, LocalRunner(workers))
-    detect(workdir, demo_detector(), LocalRunner(workers))
-    return workdir, outcomes
+    result = build(pipeline, films, workdir, out / "shards", workers=workers)
+    if result.needs_labels:
+        labels = label_sample(result.needs_labels, workdir, out / "labels.csv")
+        result = build(pipeline, films, workdir, out / "shards", workers=workers, labels=str(labels))
+    return result

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +46,21 @@ STD = (0.229, 0.224, 0.225)
 
 class LabelerError(Exception):
     """The labeler cannot train or predict; the message is one line and says what to do."""
+
+
+@contextmanager
+def fixed_cpu_threads():
+    """Torch's CPU results depend on its thread count (work is split per thread), and libraries change
+    it (ultralytics sets cores - 1): the labeler trains and predicts with one thread per core of the
+    machine, so the same inputs give the same checkpoint, labels and shards in any process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- model and weights ----------------------------------------------------------------------------
@@ -257,6 +274,27 @@ def labeled_frames(workdir: WorkDir) -> "pd.DataFrame":
     return labeled.sort_values("frame_id", ignore_index=True)
 
 
+def labels_digest(labeled: "pd.DataFrame") -> str:
+    """Identifies the human labels a labeler is trained on."""
+    pairs = "\n".join(f"{f} {i}" for f, i in sorted(zip(labeled.frame_id, labeled.label_id.astype(int))))
+    return hashlib.sha256(pairs.encode()).hexdigest()[:16]
+
+
+def default_checkpoint(workdir: WorkDir) -> Path:
+    return workdir.root / "labeler" / "labeler.safetensors"
+
+
+def checkpoint_is_current(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> bool:
+    """Whether `train` would make the checkpoint that is there already: same settings, taxonomy and
+    human labels (a build resumed after training need not train again)."""
+    checkpoint = Path(settings.output) if settings.output else default_checkpoint(workdir)
+    if not checkpoint.is_file() or not config_path(checkpoint).is_file():
+        return False
+    config = read_json(config_path(checkpoint))
+    return (config.get("settings") == settings.to_dict() and config.get("taxonomy_sha256") == taxonomy.sha256
+            and config.get("labels_digest") == labels_digest(labeled_frames(workdir)))
+
+
 def split_by_film(labeled, val_fraction: float, seed: int) -> tuple[np.ndarray, str]:
     """A boolean validation mask and how it was made. Whole films go to validation (seeded) until
     they hold val_fraction of the frames: frames of one film are near-duplicates, and a frame split
@@ -306,6 +344,11 @@ def evaluate(model, loader, device: str) -> tuple[np.ndarray, np.ndarray]:
 def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
           taxonomy: Taxonomy | None = None) -> dict:
     """Train a labeler on the human labels; write the checkpoint; return its config (with metrics)."""
+    with fixed_cpu_threads():
+        return _train(workdir, settings, taxonomy)
+
+
+def _train(workdir: WorkDir | str | Path, settings: TrainSettings | None, taxonomy: Taxonomy | None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -314,7 +357,7 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
     taxonomy = taxonomy or load_taxonomy()
     torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
     model = build_model(settings.arch, len(taxonomy))  # an unknown architecture fails before any work
-    checkpoint = Path(settings.output) if settings.output else workdir.root / "labeler" / "labeler.safetensors"
+    checkpoint = Path(settings.output) if settings.output else default_checkpoint(workdir)
     device = pick_device(settings.device)
     labeled = labeled_frames(workdir)
     if labeled.label_id.max() >= len(taxonomy):
@@ -363,6 +406,7 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
         "arch": settings.arch, "image_size": settings.image_size, "mean": MEAN, "std": STD,
         "taxonomy_sha256": taxonomy.sha256, "taxonomy_source": taxonomy.source, "label_names": taxonomy.names,
         "seed": settings.seed, "settings": settings.to_dict(), "initial_weights": weights_from,
+        "labels_digest": labels_digest(labeled),
         "train_frames": int(len(train_rows)), "val_frames": int(len(val_rows)),
         "val_movies": sorted(val_rows.movie_id.unique().tolist()),
         "metrics": {k: v for k, v in best.items() if k != "confusion"},
@@ -401,7 +445,7 @@ class Labeler:
         import torch
 
         images = torch.from_numpy(np.stack([image for _, image in batch])).permute(0, 3, 1, 2)
-        with torch.inference_mode():
+        with torch.inference_mode(), fixed_cpu_threads():
             x = normalise(images, self.device).contiguous(memory_format=torch.channels_last)
             logits = self.model(x.half() if self.half else x).float()
             if allowed is not None:  # the film's era / nation are known: only consistent labels

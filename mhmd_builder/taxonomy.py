@@ -12,11 +12,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-# data_manifests/ sits beside the package in a checkout, and inside it in a wheel (pyproject.toml).
-_HERE = Path(__file__).resolve().parent
-DEFAULT_TAXONOMY = next((p for p in (_HERE.parent / "data_manifests" / "mhmd_taxonomy.csv",
-                                     _HERE / "data_manifests" / "mhmd_taxonomy.csv") if p.exists()),
-                        _HERE.parent / "data_manifests" / "mhmd_taxonomy.csv")
+from . import shipped
+
+DEFAULT_TAXONOMY = shipped("data_manifests/mhmd_taxonomy.csv")
 MHMD_TOTAL = 1_353_166  # images in MHMD: the paper's counts must add up to this
 COLUMNS = ("id", "name", "era", "nationality", "garment")
 

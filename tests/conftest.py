@@ -66,3 +66,18 @@ def shared_samples() -> Path:
     if not SHARED_SAMPLES.is_dir():
         pytest.skip("../shared/samples is not present")
     return SHARED_SAMPLES
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`mhmd demo` run once per session, offline (no YOLO weights: the OpenCV detector):
+    (its output folder, what it printed, its exit code)."""
+    from click.testing import CliRunner
+
+    from mhmd_builder.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MHMD_WEIGHTS_DIR", str(out.parent / "no-weights"))
+        result = CliRunner().invoke(main, ["demo", "-o", str(out), "--workers", "2"])
+    return out, result.output, result.exit_code

@@ -1,16 +1,18 @@
-from click.testing import CliRunner
+import json
 
-from mhmd_builder.cli import main
+import pandas as pd
+import webdataset as wds
+
+from mhmd_builder.demo import DEMO_FILMS, FORMAL, INFORMAL
 from mhmd_builder.manifest import manifest
 from mhmd_builder.workdir import WorkDir
 
 
-def test_demo_makes_its_films_and_keeps_only_colour_frames_of_persons(tmp_path, monkeypatch):
-    monkeypatch.setenv("MHMD_WEIGHTS_DIR", str(tmp_path / "no-weights"))  # offline: the OpenCV detector
-    result = CliRunner().invoke(main, ["demo", "-o", str(tmp_path / "out"), "--workers", "2"])
-    assert result.exit_code == 0, result.output
-    assert "2 movies extracted, 0 failed" in result.output and "uses the OpenCV detector" in result.output
-    work = WorkDir(tmp_path / "out" / "work")
+def test_demo_keeps_only_colour_frames_of_persons(demo_run):
+    out, output, code = demo_run
+    assert code == 0, output
+    assert "3 movies extracted, 0 failed" in output and "uses the OpenCV detector" in output
+    work = WorkDir(out / "work")
     frames = manifest(work)
     colour_film = frames[frames.movie_id.str.startswith("colour-flashback")].set_index("timestamp")
     # 4 s zidane.jpg, 3 s black-and-white, 3 s sepia, 2 s black, 3 s blurred, 4 s bus.jpg (at 2 fps)
@@ -28,4 +30,33 @@ def test_demo_makes_its_films_and_keeps_only_colour_frames_of_persons(tmp_path, 
     assert scope.loc[4:].kept.any()
     crops = {s["movie_id"].split("-")[0]: s["crop"] for s in work.done("extract").values()}
     assert crops["colour"] is None and crops["scope"]["h"] == 272
-    assert "detect rejected: no_person" in result.output
+    assert "detect rejected: no_person" in output
+
+
+def test_demo_labels_its_sample_trains_a_labeler_and_writes_shards(demo_run):
+    out, output, code = demo_run
+    frames = manifest(WorkDir(out / "work"))
+    kept = frames[frames.kept.astype(bool)]
+    labels = pd.read_csv(out / "labels.csv")
+    # The demo labelled its sample (half of each film's kept frames) with what its films show.
+    assert set(labels.label) <= {FORMAL, INFORMAL} and set(labels.movie_id) == set(kept.movie_id)
+    assert 0.3 * len(kept) <= len(labels) <= 0.7 * len(kept)
+    assert set(kept.label_source) == {"human", "model"} and kept.label.notna().all()
+    assert (kept.set_index("frame_id").label[labels.frame_id] == labels.set_index("frame_id").label).all()
+
+    index = json.loads((out / "shards" / "index.json").read_text())
+    samples = [s for e in index["shards"] for s in wds.WebDataset(str(out / "shards" / e["name"]),
+                                                                     shardshuffle=False).decode("rgb")]
+    assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
+    assert all(s["cls"] == s["json"]["label_id"] for s in samples)
+    films = {split: {s["json"]["movie"] for s, e in zip(samples, _splits(index)) if e == split} for split in ("train", "test")}
+    assert films["train"] and films["test"] and not films["train"] & films["test"]
+    assert len(films["train"] | films["test"]) == len(DEMO_FILMS)
+    # The funnel and where the shards are.
+    for line in ("stage       done", "label          3", "shard          1", "extract rejected:",
+                 f"index: {out / 'shards' / 'index.json'}"):
+        assert line in output
+
+
+def _splits(index):
+    return [e["split"] for e in index["shards"] for _ in range(e["count"])]

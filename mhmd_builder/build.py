@@ -1,0 +1,153 @@
+"""`mhmd build`: every stage in order with a recipe's settings, resumable after a kill at any moment.
+
+A recipe (pipelines/*.yaml) holds one section per stage whose keys are the fields of that stage's
+settings (ExtractSettings, DetectSettings, TrainSettings, PredictSettings, ShardSettings; nested
+ones as nested maps), plus `sample` (fraction, seed) and the files `labels`, `movies`, `taxonomy`
+(relative to the recipe). Every stage resumes from the work directory's records: extract, detect and
+predict redo only unfinished films, the labeler is trained again only when its labels or settings
+changed, and the shards are rewritten whole (each tar atomically, the index last). The same inputs
+and recipe therefore give byte-identical shards, interrupted or not.
+
+Labels: without a labels file (and without `labels: none`) the build stops after writing the sample
+people should label, and says what to do next; with `labels: none` it shards without labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from . import shipped
+from .detect import DetectSettings, detect
+from .extract import ExtractSettings, MovieOutcome, extract
+from .labeler import PredictSettings, TrainSettings, checkpoint_is_current, default_checkpoint, predict, train
+from .labels import import_labels, load_movie_metadata, read_human_labels
+from .runners import LocalRunner, make_runner
+from .sample import sample_frames, write_sample
+from .shard import ShardSettings, shard
+from .taxonomy import load_taxonomy
+from .workdir import WorkDir
+
+PIPELINES = shipped("pipelines")
+NO_LABELS = "none"  # `labels: none`: shard without labelling
+
+
+class PipelineError(ValueError):
+    """A recipe that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    fraction: float = 0.01  # the paper labels 1% by hand
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    source: str = "(defaults)"
+    extract: ExtractSettings = field(default_factory=ExtractSettings)
+    detect: DetectSettings = field(default_factory=DetectSettings)
+    sample: SampleSettings = field(default_factory=SampleSettings)
+    labeler: TrainSettings = field(default_factory=TrainSettings)
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    shard: ShardSettings = field(default_factory=ShardSettings)
+    labels: str | None = None  # a labels file, `none`, or None (stop after writing the sample)
+    movies: str | None = None
+    taxonomy: str | None = None
+
+
+def _settings(cls, values, where: str):
+    """An instance of the settings dataclass `cls` from a YAML map; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise PipelineError(f"{where}: expected a map of settings, not {values!r}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise PipelineError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+    defaults = cls()
+    given = {}
+    for name, value in values.items():
+        default, where_key = getattr(defaults, name), f"{where}.{name}"
+        if value is None and "None" not in str(known[name].type):
+            raise PipelineError(f"{where_key}: needs a value")
+        if value is None or default is None:
+            pass
+        elif dataclasses.is_dataclass(default):
+            value = _settings(type(default), value or {}, where_key)
+        elif isinstance(default, bool) and not isinstance(value, bool):
+            raise PipelineError(f"{where_key}: expected true or false, not {value!r}")
+        elif isinstance(default, (int, float)) and not isinstance(default, bool):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or (
+                    isinstance(default, int) and not float(value).is_integer()):
+                raise PipelineError(f"{where_key}: expected {type(default).__name__}, not {value!r}")
+            value = type(default)(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise PipelineError(f"{where_key}: expected text, not {value!r}")
+        given[name] = value
+    return replace(defaults, **given)
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read and check a recipe; file paths in it are taken relative to the recipe's folder."""
+    path = Path(path)
+    if not path.is_file() and (PIPELINES / path.name).is_file() and path.parent == Path("."):
+        path = PIPELINES / path.name  # `mhmd build demo.yaml`: a shipped recipe by name
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    values = dict(values)
+    for key in ("labels", "movies", "taxonomy"):
+        value = values.get(key)
+        if value is not None and value != NO_LABELS:
+            values[key] = str((path.parent / str(value)).resolve())
+    return _settings(Pipeline, {**values, "source": str(path)}, str(path))
+
+
+@dataclass
+class BuildResult:
+    outcomes: list[MovieOutcome]
+    failures: list[str]  # "stage partition: reason" of every partition that failed
+    needs_labels: Path | None = None  # the sample for people to label, when the build stopped there
+    sample: tuple[int, int] | None = None  # (frames, films) of that sample when this build wrote it
+    index: dict | None = None  # the shard index, when shards were written
+
+
+def _failures(stage: str, results) -> list[str]:
+    return [f"{stage} {r.id}: {r.reason}" for r in results if not r.ok]
+
+
+def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str | Path, out: str | Path,
+          runner: str = "local", workers: int | None = None, labels: str | None = None,
+          movies: str | None = None) -> BuildResult:
+    """Run the recipe on the movies; `labels` / `movies` given here win over the recipe's."""
+    workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    taxonomy = load_taxonomy(pipeline.taxonomy)
+    outcomes = extract(list(inputs), workdir, pipeline.extract, make_runner(runner, workers))
+    failures = [f"extract {o.path}: {o.reason}" for o in outcomes if o.status == "failed"]
+    # Every detection worker loads its own model: one at a time unless asked for more.
+    failures += _failures("detect", detect(workdir, pipeline.detect, make_runner(runner, workers or 1)))
+    movies = movies or pipeline.movies
+    metadata = load_movie_metadata(movies, workdir, taxonomy) if movies else None
+    labels = labels or pipeline.labels
+    if labels and labels != NO_LABELS:
+        import_labels(workdir, labels, taxonomy, metadata)
+    if labels != NO_LABELS:
+        if read_human_labels(workdir) is None:
+            todo = workdir.root / "sample" / "to_label.csv"
+            if todo.exists():  # never overwrite a file someone may be labelling
+                return BuildResult(outcomes, failures, needs_labels=todo)
+            frames = sample_frames(workdir, pipeline.sample.fraction, pipeline.sample.seed, movie_metadata=metadata)
+            write_sample(frames, todo, "csv", taxonomy)
+            return BuildResult(outcomes, failures, needs_labels=todo, sample=(len(frames), frames.movie_id.nunique()))
+        checkpoint = Path(pipeline.labeler.output) if pipeline.labeler.output else default_checkpoint(workdir)
+        if not checkpoint_is_current(workdir, pipeline.labeler, taxonomy):
+            train(workdir, pipeline.labeler, taxonomy)
+        results = predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata, LocalRunner(1))
+        failures += _failures("label", results)
+    index = shard(workdir, out, pipeline.shard, taxonomy)
+    return BuildResult(outcomes, failures, index=index)

@@ -1,0 +1,139 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+
+from mhmd_builder.build import PIPELINES, PipelineError, build, load_pipeline
+from mhmd_builder.cli import main
+from mhmd_builder.demo import DEMO_FILMS
+from mhmd_builder.labeler import default_checkpoint
+from mhmd_builder.manifest import manifest
+
+from test_sample import copy_films
+
+# The settings test_sample's two films were extracted and detected with: building them again with
+# this recipe finds extraction and detection done and goes on from there.
+RECIPE = """
+extract:
+  sampling: {mode: fps, fps: 2.0}
+  quality: {max_hash_distance: -1}
+detect: {detector: opencv}
+sample: {fraction: 0.5, seed: 1}
+labeler: {arch: resnet18, weights: none, epochs: 1, batch_size: 8, image_size: 64, device: cpu}
+predict: {device: cpu}
+shard: {maxcount: 5, test_fraction: 0.3}
+"""
+
+
+@pytest.fixture
+def films(tmp_path_factory, tmp_path):
+    work = copy_films(tmp_path_factory, tmp_path)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    movies = [s["path"] for s in work.done("extract").values()]
+    return work, recipe, movies
+
+
+def test_shipped_recipes_load_and_bad_ones_are_refused_with_file_and_key(tmp_path):
+    paper = load_pipeline(PIPELINES / "mhmd.yaml")
+    assert paper.sample.fraction == 0.01 and abs(paper.shard.test_fraction - 100_001 / 1_353_166) < 1e-4
+    assert paper.labeler.arch == "resnet50" and paper.labels is None
+    assert load_pipeline("demo.yaml").extract.sampling.fps == 2.0  # a shipped recipe by name
+    bad = tmp_path / "bad.yaml"
+    for text, message in [("detect: {max_persns: 3}", "detect: unknown setting 'max_persns'"),
+                          ("shard: {maxcount: many}", "shard.maxcount: expected int"),
+                          ("extract: {sampling: {fps: 1.5x}}", "extract.sampling.fps: expected float"),
+                          ("extract: {crop_letterbox: 1}", "expected true or false"),
+                          ("extract: [1, 2]", "extract: expected a map"),
+                          ("detect: {detector: yolo", "not valid YAML")]:
+        bad.write_text(text)
+        with pytest.raises(PipelineError, match=message) as error:
+            load_pipeline(bad)
+        assert str(bad) in str(error.value)
+    bad.write_text("labels: ../l.csv\nmovies: m.csv")
+    assert load_pipeline(bad).labels == str((tmp_path.parent / "l.csv").resolve())
+    assert load_pipeline(bad).movies == str(tmp_path / "m.csv")
+
+
+def test_build_stops_at_the_sample_then_labels_trains_and_shards(films, tmp_path):
+    work, recipe, movies = films
+    args = ["build", str(recipe), *movies, "-w", str(work.root), "-o", str(tmp_path / "shards")]
+    stopped = CliRunner().invoke(main, args)
+    assert stopped.exit_code == 3, stopped.output
+    todo = work.root / "sample" / "to_label.csv"
+    assert f"--labels {todo}" in stopped.output and "label` column" in stopped.output
+    assert not (tmp_path / "shards").exists()
+    sample = pd.read_csv(todo)
+    kept = manifest(work).query("kept")
+    assert set(sample.movie_id) == set(kept.movie_id) and len(sample) == pytest.approx(len(kept) / 2, abs=1)
+
+    sample["label"] = "during_ww2/usa/military"
+    sample.to_csv(tmp_path / "labels.csv", index=False)
+    todo.write_text("someone is labelling this")  # a rerun without labels must not overwrite it
+    assert CliRunner().invoke(main, args).exit_code == 3 and todo.read_text() == "someone is labelling this"
+
+    done = CliRunner().invoke(main, [*args, "--labels", str(tmp_path / "labels.csv")])
+    assert done.exit_code == 0, done.output
+    first = {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()}
+    samples = [s for name in sorted(first) if name.endswith(".tar")
+               for s in wds.WebDataset(str(tmp_path / "shards" / name), shardshuffle=False).decode()]
+    assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
+    sources = {s["json"]["label_source"] for s in samples}
+    assert sources == {"human", "model"} and all("cls" in s for s in samples)
+
+    # Built again: nothing changed, so the labeler is not trained again and the shards are the same.
+    checkpoint = default_checkpoint(work)
+    trained_at = checkpoint.stat().st_mtime_ns
+    again = CliRunner().invoke(main, [*args, "--labels", str(tmp_path / "labels.csv")])
+    assert again.exit_code == 0, again.output
+    assert checkpoint.stat().st_mtime_ns == trained_at
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == first
+
+
+def test_labels_none_shards_without_labels(films, tmp_path):
+    work, recipe, movies = films
+    pipeline = load_pipeline(recipe)
+    result = build(pipeline, movies, work, tmp_path / "shards", labels="none")
+    assert result.needs_labels is None and not result.failures
+    samples = [s for e in result.index["shards"]
+               for s in wds.WebDataset(str(tmp_path / "shards" / e["name"]), shardshuffle=False).decode()]
+    assert samples and all("cls" not in s and s["json"]["label"] is None for s in samples)
+    assert not (work.root / "sample").exists()
+
+
+@pytest.mark.slow
+def test_a_build_killed_at_random_moments_resumes_to_the_same_shards(demo_run, tmp_path):
+    """The demo's build, killed with SIGKILL (the whole process group: workers too) at seeded random
+    moments and restarted each time, ends with shards byte-identical to the demo's own."""
+    out, output, code = demo_run
+    assert code == 0, output
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text((PIPELINES / "demo.yaml").read_text().replace("detector: yolo", "detector: opencv"))
+    films = [str(out / "films" / name) for name in DEMO_FILMS]
+    command = [sys.executable, "-m", "mhmd_builder.cli", "build", str(recipe), *films, "-w", str(tmp_path / "work"),
+               "-o", str(tmp_path / "shards"), "--labels", str(out / "labels.csv"), "--workers", "2"]
+    env = {**os.environ, "MHMD_WEIGHTS_DIR": str(out.parent / "no-weights")}
+    rng = np.random.default_rng(7)
+    kills = 0
+    for delay in rng.uniform(3, 22, size=4):
+        run = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+        try:
+            run.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+            kills += 1
+        time.sleep(0.1)
+    assert kills >= 2  # the kills really interrupted builds
+    final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert final.returncode == 0, final.stdout + final.stderr
+    expected = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == expected
