@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import webdataset as wds
@@ -49,6 +50,10 @@ def test_demo_labels_its_sample_trains_a_labeler_and_writes_shards(demo_run):
                                                                      shardshuffle=False).decode("rgb")]
     assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
     assert all(s["cls"] == s["json"]["label_id"] for s in samples)
+    # Film names with spaces, commas, dots and non-ASCII letters give plain keys (no dot: webdataset
+    # would split the key there).
+    assert all(re.fullmatch(r"[a-z0-9-]+-[0-9a-f]{8}_\d+", s["__key__"]) for s in samples)
+    assert {s["__key__"].split("-")[0] for s in samples} == {"colour", "scope", "street"}
     films = {split: {s["json"]["movie"] for s, e in zip(samples, _splits(index)) if e == split} for split in ("train", "test")}
     assert films["train"] and films["test"] and not films["train"] & films["test"]
     assert len(films["train"] | films["test"]) == len(DEMO_FILMS)

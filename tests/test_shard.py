@@ -108,3 +108,21 @@ def test_shard_cli_and_nothing_to_shard(films, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     empty = CliRunner().invoke(main, ["shard", "-w", str(tmp_path / "nothing"), "-o", str(tmp_path / "t")])
     assert empty.exit_code == 1 and "no kept frames to shard" in empty.output
+
+
+def test_hugging_face_datasets_reads_the_shards_sample_for_sample(films, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from datasets import load_dataset
+
+    index = shard(films, tmp_path / "s", ShardSettings(maxcount=4, test_fraction=0.3, seed=1))
+    files = {split: [str(tmp_path / "s" / e["name"]) for e in index["shards"] if e["split"] == split]
+             for split in ("train", "test")}
+    data = load_dataset("webdataset", data_files=files, cache_dir=str(tmp_path / "cache"))
+    for split, names in files.items():
+        expected = [s for name in names for s in wds.WebDataset(name, shardshuffle=False).decode("rgb8")]
+        got = data[split]
+        assert got.num_rows == index["splits"][split]["samples"] == len(expected)
+        for row, sample in zip(got, expected):
+            assert row["__key__"] == sample["__key__"] and row["json"] == sample["json"]
+            assert np.array_equal(np.asarray(row["jpg"].convert("RGB")), sample["jpg"])
