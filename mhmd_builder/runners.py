@@ -109,8 +109,11 @@ def _worker_run(partition: Partition) -> PartitionResult:
 class LocalRunner:
     name = "local"
 
-    def __init__(self, workers: int | None = None):
+    def __init__(self, workers: int | None = None, start_method: str = "spawn"):
         self.workers = max(1, workers or default_workers())
+        # spawn by default: the parent has threads (progress), and later stages hold CUDA state.
+        # fork only for stages whose workers do plain file work with what the parent imported.
+        self.start_method = start_method
 
     def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
         if not partitions:
@@ -133,17 +136,17 @@ class LocalRunner:
         return results
 
     def _run_pool(self, stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
-        # spawn, not fork: the parent has threads (progress), and later stages hold CUDA state.
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context(self.start_method)
         progress_queue = ctx.Queue()
         stop = threading.Event()
-        drainer = threading.Thread(target=_drain, args=(progress_queue, display, stop), daemon=True)
-        drainer.start()
         results: list[PartitionResult] = []
         workers = min(self.workers, len(partitions))
         try:
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
-                                     initargs=(stage, progress_queue)) as pool:
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, progress_queue))
+            # The progress thread starts after the pool: a forked worker must not copy a running thread.
+            drainer = threading.Thread(target=_drain, args=(progress_queue, display, stop), daemon=True)
+            drainer.start()
+            with pool:
                 futures = {pool.submit(_worker_run, p): p for p in partitions}
                 for future in as_completed(futures):
                     results.append(self._result_of(stage, futures[future], future))

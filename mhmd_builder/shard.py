@@ -4,15 +4,21 @@ Split by film (no film in both splits), samples shuffled across films within a s
 webdataset's own TarWriter. Output is deterministic (sorted inputs, seeded shuffles, fixed tar
 metadata: the same inputs and seed give byte-identical tars) and atomic (each tar is written under
 a temporary name and renamed; `index.json` comes last).
+
+Every tar is one partition of the shard stage: tars are written in parallel (webdataset's writer
+is pure Python, about 40 us a member: one process cannot keep up with the disk), and a rerun
+rewrites only the tars whose samples changed, or that are missing.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import tarfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,8 @@ import pyarrow as pa
 import webdataset as wds
 
 from .manifest import manifest
+from .runners import LocalRunner
+from .stages import Partition, Resources
 from .taxonomy import Label, Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json
 
@@ -78,15 +86,23 @@ def encode_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def _sample(row, root: Path, taxonomy: Taxonomy) -> dict:
+def _spec(row, root: Path, taxonomy: Taxonomy) -> dict:
+    """What a sample's members are made of: the json written out, the files' paths and sizes."""
     meta = sample_json(row, taxonomy)
-    sample = {"__key__": row.frame_id, "jpg": (root / row.jpeg).read_bytes(),
-              "json": encode_json(meta)}
-    if meta["label_id"] is not None:
-        sample["cls"] = str(meta["label_id"]).encode()
-    target = row.parsing if isinstance(getattr(row, "parsing", None), str) else getattr(row, "mask", None)
-    if isinstance(target, str):
-        sample["mask.png"] = (root / target).read_bytes()
+    target = row.parsing if isinstance(row.parsing, str) else row.mask
+    files = {"jpg": root / row.jpeg, **({"mask.png": root / target} if isinstance(target, str) else {})}
+    return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
+            "cls": meta["label_id"], "files": {k: str(path) for k, path in files.items()},
+            "sizes": {k: path.stat().st_size for k, path in files.items()}}
+
+
+def _members(spec: dict) -> dict:
+    """The sample as webdataset writes it: `jpg` (and `mask.png`) copied byte for byte, not re-encoded."""
+    sample = {"__key__": spec["key"], "json": spec["json"].encode()}
+    if spec["cls"] is not None:
+        sample["cls"] = str(spec["cls"]).encode()
+    for member, path in spec["files"].items():
+        sample[member] = Path(path).read_bytes()
     return sample
 
 
@@ -96,11 +112,14 @@ class AtomicTar:
 
     def __init__(self, path: Path):
         self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
-        self.file = open(self.temp, "wb")
-        # Samples are bytes already (no encoder pass); GNU headers cost less than PAX ones; fixed
-        # owner and mtime make the bytes depend on the samples alone.
-        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False,
-                                    format="GNU_FORMAT")
+        self.file = open(self.temp, "wb", buffering=1 << 20)
+        # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
+        # on the samples alone.
+        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
+        # GNU headers cost less to build than PAX ones (Python's default; webdataset 1.0 accepts a
+        # `format` but never hands it to tarfile), and members are copied in one piece, not 16 KiB ones.
+        self.writer.tarstream.format = tarfile.GNU_FORMAT
+        self.writer.tarstream.copybufsize = 1 << 20
 
     def write(self, sample: dict) -> None:
         self.writer.write(sample)
@@ -120,60 +139,102 @@ class AtomicTar:
             self.temp.unlink(missing_ok=True)
 
 
-class _Tars:
-    """Consecutive tars of one split, each opened when the last one is full."""
-
-    def __init__(self, out: Path, split: str, settings: ShardSettings):
-        self.out, self.split, self.settings = out, split, settings
-        self.shards: list[dict] = []
-        self.tar: AtomicTar | None = None
-
-    def write(self, sample: dict) -> None:
-        size = sum(len(v) + 1024 for k, v in sample.items() if k != "__key__")  # tar headers: 512 B each
-        current = self.shards[-1] if self.shards else None
-        if current is None or current["count"] >= self.settings.maxcount or (
-                current["count"] and current["bytes"] + size > self.settings.maxsize):
-            self._open()
-        self.tar.write(sample)
-        self.shards[-1]["count"] += 1
-        self.shards[-1]["bytes"] += size
-
-    def _open(self) -> None:
-        self.close()
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self.tar = AtomicTar(self.out / name)
-        self.shards.append({"name": name, "split": self.split, "count": 0, "bytes": 0})
-
-    def close(self) -> None:
-        if self.tar is not None:
-            self.tar.close()
-            self.tar = None
-
-
 def split_entry(movies: list[str], labels: list[str | None]) -> dict:
     """A split's line in index.json: samples, films, and the label histogram."""
     return {"samples": len(movies), "movies": len(set(movies)),
             "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
 
 
-def clear_shard_dir(out: Path) -> None:
-    """Remove an earlier shard set from OUT; refuse to touch a folder that holds anything else."""
+SHARD_NAME = re.compile(r"^(train|test)-\d{6}\.tar$")
+TEMPORARY = re.compile(r"^\.(train|test)-\d{6}\.tar\.tmp$")
+
+
+def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
+    """Remove an earlier shard set from OUT, except the tars named in `keep`; refuse to touch a folder
+    that holds anything else. The index goes first: a folder being rewritten never has one."""
     out.mkdir(parents=True, exist_ok=True)
-    ours = re.compile(r"^(\.?(train|test)-\d{6}\.tar(\.tmp)?|index\.json)$")
-    others = sorted(p.name for p in out.iterdir() if not ours.match(p.name))
+    others = sorted(p.name for p in out.iterdir()
+                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name == "index.json"))
     if others:
         raise ValueError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
                          "give an empty or new folder")
+    (out / "index.json").unlink(missing_ok=True)
     for path in out.iterdir():
-        path.unlink()
+        if path.name not in keep:
+            path.unlink()
+
+
+@dataclass
+class TarStage:
+    """Writes one tar per partition into `out` and records which frames went into it."""
+
+    workdir: WorkDir
+    out: Path
+    name: str = STAGE
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, partition: Partition, progress) -> dict:
+        started = time.monotonic()
+        self.workdir.begin(STAGE, partition.id)
+        specs, tar_name = partition.info["samples"], f"{partition.id}.tar"
+        with AtomicTar(self.out / tar_name) as tar:
+            for i, spec in enumerate(specs):
+                tar.write(_members(spec))
+                progress(i + 1, len(specs))
+        table = pa.table({"frame_id": [s["key"] for s in specs], "movie_id": [s["movie_id"] for s in specs],
+                          "split": [partition.info["split"]] * len(specs), "shard": [tar_name] * len(specs)})
+        summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(specs),
+                   "frames_out": len(specs), "bytes": (self.out / tar_name).stat().st_size,
+                   "seconds": round(time.monotonic() - started, 3)}
+        self.workdir.commit(STAGE, partition.id, table, summary)
+        return summary
+
+
+def _sample_bytes(spec: dict) -> int:
+    """A sample's share of a tar: its members plus a 512-byte header (and padding) for each."""
+    members = [len(spec["json"]), *spec["sizes"].values()] + ([8] if spec["cls"] is not None else [])
+    return sum(size + 1024 for size in members)
+
+
+def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettings,
+              taxonomy: Taxonomy) -> list[Partition]:
+    """Consecutive tars per split: a new one when the last holds `maxcount` samples or would pass
+    `maxsize` bytes. Each partition's digest covers its samples, their files' sizes and OUT."""
+    partitions = []
+    for split in ("train", "test"):
+        part = frames[frames.split == split]
+        part = part.iloc[np.random.default_rng(settings.seed).permutation(len(part))]  # mix films and scenes
+        tars: list[list[dict]] = []
+        size = 0
+        for row in part.itertuples():
+            spec = _spec(row, root, taxonomy)
+            if not tars or len(tars[-1]) >= settings.maxcount or size + _sample_bytes(spec) > settings.maxsize:
+                tars.append([])
+                size = 0
+            tars[-1].append(spec)
+            size += _sample_bytes(spec)
+        for i, specs in enumerate(tars):
+            digest = hashlib.sha256(json.dumps([str(out), specs]).encode()).hexdigest()[:16]
+            partitions.append(Partition(f"{split}-{i:06d}", {"split": split, "samples": specs, "digest": digest}))
+    return partitions
+
+
+def _up_to_date(partition: Partition, done: dict | None, out: Path) -> bool:
+    tar = out / f"{partition.id}.tar"
+    return bool(done) and done.get("digest") == partition.info["digest"] and tar.is_file() \
+        and tar.stat().st_size == done.get("bytes")
 
 
 def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSettings | None = None,
-          taxonomy: Taxonomy | None = None) -> dict:
-    """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index."""
+          taxonomy: Taxonomy | None = None, runner=None) -> dict:
+    """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index.
+    Tars still up to date from an earlier (or killed) run are kept; the others are written by
+    `runner` (default: one process per core)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
-    settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out)
-    started = time.monotonic()
+    settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
     frames = manifest(workdir)
     if "jpeg" in frames:
         frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)
@@ -182,29 +243,28 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames:
             frames[column] = None
-    split_of = split_films(frames, settings.test_fraction, settings.seed)
-    frames["split"] = frames.movie_id.map(split_of)
+    frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed))
 
-    clear_shard_dir(out)  # a rerun (or a killed run) rewrites the whole set
-    index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256, "shards": [], "splits": {}}
-    for split in ("train", "test"):
-        part = frames[frames.split == split]
-        part = part.iloc[np.random.default_rng(settings.seed).permutation(len(part))]  # mix films and scenes
-        tars = _Tars(out, split, settings)
-        for row in part.itertuples():
-            tars.write(_sample(row, workdir.root, taxonomy))
-        tars.close()
-        index["shards"] += [{k: s[k] for k in ("name", "split", "count")} for s in tars.shards]
-        index["splits"][split] = split_entry(part.movie_id.tolist(), part.label.tolist())
+    partitions = plan_tars(frames, workdir.root, out, settings, taxonomy)
+    planned = {p.id for p in partitions}
+    for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
+        workdir.drop(STAGE, stale)  # tars of an earlier, larger plan
+    done = workdir.done(STAGE)
+    todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), out)]
+    clear_shard_dir(out, keep={f"{p.id}.tar" for p in partitions if p not in todo})
+    for p in partitions:
+        workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": len(p.info["samples"]),
+                                   "digest": p.info["digest"]})
+    # Fork, not spawn: writing tars needs no more than this process has imported (a spawned worker
+    # would spend seconds importing), and nothing here holds a GPU.
+    failures = [r for r in (runner or LocalRunner(start_method="fork")).run(TarStage(workdir, out), todo) if not r.ok]
+    if failures:
+        raise ValueError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
+                         f"{failures[0].reason}")
+    index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256,
+             "shards": [{"name": f"{p.id}.tar", "split": p.info["split"], "count": len(p.info["samples"])}
+                        for p in partitions],
+             "splits": {split: split_entry(part.movie_id.tolist(), part.label.tolist())
+                        for split, part in ((s, frames[frames.split == s]) for s in ("train", "test"))}}
     atomic_write_json(out / "index.json", index)
-    _record(workdir, frames, out, started)
     return index
-
-
-def _record(workdir: WorkDir, frames: pd.DataFrame, out: Path, started: float) -> None:
-    """The shard stage's own records: which frame went to which split, and the funnel counts."""
-    workdir.begin(STAGE, "all")
-    table = pa.Table.from_pandas(frames[["frame_id", "movie_id", "split"]], preserve_index=False)
-    workdir.commit(STAGE, "all", table, {"frames_in": len(frames), "frames_out": len(frames), "output": str(out),
-                                          "seconds": round(time.monotonic() - started, 3)})
-

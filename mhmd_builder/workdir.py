@@ -111,6 +111,12 @@ class WorkDir:
         tmp.mkdir(parents=True)
         return tmp
 
+    def drop(self, stage: str, partition: str) -> None:
+        """Forget a partition that is no longer planned: its records, staging folder and plan."""
+        self.begin(stage, partition)
+        shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
+        (self.stage_dir(stage) / "plan" / f"{partition}.json").unlink(missing_ok=True)
+
     def commit(self, stage: str, partition: str, table: pa.Table, summary: dict) -> None:
         """Publish a partition's table, then mark it done (the commit point)."""
         atomic_write_table(self.table_path(stage, partition), table)

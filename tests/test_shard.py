@@ -126,3 +126,35 @@ def test_hugging_face_datasets_reads_the_shards_sample_for_sample(films, tmp_pat
         for row, sample in zip(got, expected):
             assert row["__key__"] == sample["__key__"] and row["json"] == sample["json"]
             assert np.array_equal(np.asarray(row["jpg"].convert("RGB")), sample["jpg"])
+
+
+def test_a_rerun_rewrites_only_the_tars_that_changed(films, tmp_path):
+    settings = ShardSettings(maxcount=4, test_fraction=0.3, seed=1)
+    index = shard(films, tmp_path / "s", settings)
+    tars = {e["name"]: tmp_path / "s" / e["name"] for e in index["shards"]}
+    first = {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in tars.items()}
+    assert shard(films, tmp_path / "s", settings) == index
+    assert {name: (p.read_bytes(), p.stat().st_mtime_ns) for name, p in tars.items()} == first  # nothing rewritten
+
+    victim = sorted(tars)[1]
+    tars[victim].unlink()
+    shard(films, tmp_path / "s", settings)
+    assert tars[victim].read_bytes() == first[victim][0]  # a missing tar is written again, the same
+
+    # A new label changes one sample's json: only its tar is written again.
+    frame = next(iter(wds.WebDataset(str(tars[victim]), shardshuffle=False)))["__key__"]
+    label = load_taxonomy().by_name("after_ww2/usa/formal")
+    write_human_labels(films, pd.DataFrame({"frame_id": [frame], "label": [label.name], "label_id": [label.id],
+                                            "source": ["t.csv"], "line": [2]}))
+    shard(films, tmp_path / "s", settings)
+    changed = {name for name, p in tars.items() if p.read_bytes() != first[name][0]}
+    assert changed == {victim}
+    assert all(tars[n].stat().st_mtime_ns == first[n][1] for n in tars if n != victim)
+
+    # Fewer, larger tars: the old ones and their records go.
+    index = shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json", "test-000000.tar", "train-000000.tar"]
+    assert sorted(films.done("shard")) == ["test-000000", "train-000000"] and not films.planned("shard").keys() - {
+        "test-000000", "train-000000"}
+    frames = manifest(films)
+    assert frames.frame_id.is_unique and frames[frames.kept.astype(bool)].split.notna().all()
