@@ -1,11 +1,13 @@
 """Shard writing throughput: `mhmd shard` against `tar cf` of the same JPEG files, in one run.
 
-    uv run python benchmarks/shard.py [--frames 2000] [--repeats 3]
+    uv run python benchmarks/shard.py [--frames 6000] [--repeats 3] [--workers N]
 
 The frames come from a film of zooms over ultralytics' sample photos, extracted by the project at
 24 fps with duplicates kept (no detection: every frame that passed quality is sharded). `tar cf`
 reads the JPEG files and writes one tar; `mhmd shard` also reads the work directory's tables, writes
-the json of each sample, shuffles, and splits into tars of 1,000. Both write to the same disk.
+the json of each sample, shuffles, splits into tars of 1,000 and writes them in parallel (one process
+per core unless --workers). Both write to the same disk; each `mhmd shard` run starts from an empty
+output folder and work directory records (no tar is kept from an earlier run).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 
 from detect import make_frames  # benchmarks/detect.py: the same frames
 
-from mhmd_builder.shard import shard
+from mhmd_builder.runners import LocalRunner, default_workers
+from mhmd_builder.shard import STAGE, shard
 
 
 def timed(action) -> float:
@@ -29,21 +32,24 @@ def timed(action) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=default_workers())
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         work = make_frames(root, args.frames)
         jpegs = sorted(work.root.glob("frames/*/*.jpg"))
         megabytes = sum(p.stat().st_size for p in jpegs) / 1e6
-        print(f"{len(jpegs)} JPEGs, {megabytes:.0f} MB")
+        print(f"{len(jpegs)} JPEGs, {megabytes:.0f} MB; mhmd shard with {args.workers} workers")
+        runner = LocalRunner(args.workers, start_method="fork")
         rows = []
         for _ in range(args.repeats):
             shutil.rmtree(root / "shards", ignore_errors=True)
+            shutil.rmtree(work.stage_dir(STAGE), ignore_errors=True)
             baseline = timed(lambda: subprocess.run(["tar", "cf", str(root / "plain.tar"), "-C", str(work.root),
                                                      "frames"], check=True))
-            ours = timed(lambda: shard(work, root / "shards"))
+            ours = timed(lambda: shard(work, root / "shards", runner=runner))
             rows.append((baseline, ours))
             print(f"tar cf {len(jpegs) / baseline:8.0f} files/s   mhmd shard {len(jpegs) / ours:8.0f} samples/s")
         baseline, ours = (sorted(column)[len(column) // 2] for column in zip(*rows))

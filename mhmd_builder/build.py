@@ -9,7 +9,8 @@ changed, and the shards are rewritten whole (each tar atomically, the index last
 and recipe therefore give byte-identical shards, interrupted or not.
 
 Labels: without a labels file (and without `labels: none`) the build stops after writing the sample
-people should label, and says what to do next; with `labels: none` it shards without labels.
+people should label, and says what to do next; with `labels: none` it shards without labels, the
+frames of films with movie metadata carrying their film's era and nationality.
 """
 from __future__ import annotations
 
@@ -149,5 +150,5 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
             train(workdir, pipeline.labeler, taxonomy)
         results = predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata, LocalRunner(1))
         failures += _failures("label", results)
-    index = shard(workdir, out, pipeline.shard, taxonomy)
+    index = shard(workdir, out, pipeline.shard, taxonomy, movie_metadata=metadata)
     return BuildResult(outcomes, failures, index=index)

@@ -313,14 +313,16 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
               show_default="the paper's 0.0739", help="Share of frames in the test split; whole films.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @taxonomy_option
-def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxonomy) -> None:
-    """Write the kept frames as WebDataset shards, split by film, deterministically."""
+@movies_option
+def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxonomy, movies) -> None:
+    """Write the kept frames as WebDataset shards, split by film, deterministically. Unlabelled
+    frames of films in --movies carry their film's era and nationality."""
     from .shard import ShardSettings, shard
 
     work = WorkDir(workdir)
-    tax, _ = label_context(work, taxonomy, None)
+    tax, metadata = label_context(work, taxonomy, movies)
     try:
-        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax)
+        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, movie_metadata=metadata)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_index(index, output))

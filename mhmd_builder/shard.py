@@ -71,24 +71,29 @@ def label_fields(label: Label | None, source: str | None = None, confidence: flo
             "label_confidence": float(confidence) if label else None}
 
 
-def sample_json(row, taxonomy: Taxonomy) -> dict:
+def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
+    """A sample's json. An unlabelled frame of a film whose era / nationality are known (movie
+    metadata) carries those, with label_source "movie"."""
     label = taxonomy.by_name(row.label) if isinstance(row.label, str) else None
     boxes = row.boxes if isinstance(row.boxes, (list, np.ndarray)) else []
-    return {
+    meta = {
         "frame_id": row.frame_id, "movie": row.movie_id, "timestamp": round(float(row.timestamp), 3),
         "width": int(row.width), "height": int(row.height),
         "boxes": [[round(float(v), 5) for v in box] for box in boxes],
         **label_fields(label, row.label_source, row.label_confidence),
     }
+    if label is None and film and (film.get("era") or film.get("nationality")):
+        meta.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
+    return meta
 
 
 def encode_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def _spec(row, root: Path, taxonomy: Taxonomy) -> dict:
+def _spec(row, root: Path, taxonomy: Taxonomy, film: dict | None) -> dict:
     """What a sample's members are made of: the json written out, the files' paths and sizes."""
-    meta = sample_json(row, taxonomy)
+    meta = sample_json(row, taxonomy, film)
     target = row.parsing if isinstance(row.parsing, str) else row.mask
     files = {"jpg": root / row.jpeg, **({"mask.png": root / target} if isinstance(target, str) else {})}
     return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
@@ -199,8 +204,8 @@ def _sample_bytes(spec: dict) -> int:
     return sum(size + 1024 for size in members)
 
 
-def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettings,
-              taxonomy: Taxonomy) -> list[Partition]:
+def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettings, taxonomy: Taxonomy,
+              movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
     """Consecutive tars per split: a new one when the last holds `maxcount` samples or would pass
     `maxsize` bytes. Each partition's digest covers its samples, their files' sizes and OUT."""
     partitions = []
@@ -210,7 +215,7 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
         tars: list[list[dict]] = []
         size = 0
         for row in part.itertuples():
-            spec = _spec(row, root, taxonomy)
+            spec = _spec(row, root, taxonomy, (movie_metadata or {}).get(row.movie_id))
             if not tars or len(tars[-1]) >= settings.maxcount or size + _sample_bytes(spec) > settings.maxsize:
                 tars.append([])
                 size = 0
@@ -229,10 +234,11 @@ def _up_to_date(partition: Partition, done: dict | None, out: Path) -> bool:
 
 
 def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSettings | None = None,
-          taxonomy: Taxonomy | None = None, runner=None) -> dict:
+          taxonomy: Taxonomy | None = None, runner=None, movie_metadata: dict[str, dict] | None = None) -> dict:
     """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index.
     Tars still up to date from an earlier (or killed) run are kept; the others are written by
-    `runner` (default: one process per core)."""
+    `runner` (default: one process per core). movie_metadata: movie_id -> {"era", "nationality"},
+    given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
     frames = manifest(workdir)
@@ -245,7 +251,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
             frames[column] = None
     frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed))
 
-    partitions = plan_tars(frames, workdir.root, out, settings, taxonomy)
+    partitions = plan_tars(frames, workdir.root, out, settings, taxonomy, movie_metadata)
     planned = {p.id for p in partitions}
     for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
         workdir.drop(STAGE, stale)  # tars of an earlier, larger plan

@@ -97,14 +97,18 @@ def test_build_stops_at_the_sample_then_labels_trains_and_shards(films, tmp_path
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == first
 
 
-def test_labels_none_shards_without_labels(films, tmp_path):
+def test_labels_none_shards_without_labels_with_what_movie_metadata_says(films, tmp_path):
     work, recipe, movies = films
+    (tmp_path / "movies.csv").write_text("movie,era,nationality\nZidane (1944).mp4,during_ww2,usa\n")
     pipeline = load_pipeline(recipe)
-    result = build(pipeline, movies, work, tmp_path / "shards", labels="none")
+    result = build(pipeline, movies, work, tmp_path / "shards", labels="none", movies=str(tmp_path / "movies.csv"))
     assert result.needs_labels is None and not result.failures
     samples = [s for e in result.index["shards"]
                for s in wds.WebDataset(str(tmp_path / "shards" / e["name"]), shardshuffle=False).decode()]
     assert samples and all("cls" not in s and s["json"]["label"] is None for s in samples)
+    known = {s["json"]["movie"].startswith("zidane"): (s["json"]["era"], s["json"]["nationality"],
+                                                         s["json"]["label_source"]) for s in samples}
+    assert known == {True: ("during_ww2", "usa", "movie"), False: (None, None, None)}
     assert not (work.root / "sample").exists()
 
 
