@@ -1,0 +1,206 @@
+"""HistoryNet's input pipeline: shards (DESIGN §5) to batches of OpenCV 8-bit Lab tensors (DESIGN §7).
+
+Each sample becomes, in the DataLoader workers: `gray` (L/255 of the frame resized to 224x224, copied
+to 3 channels), `ab` (ab/255, the colour target), `onehot` and `has_label` (from `cls`), `parsing` and
+`has_parsing` (the L channel of `mask.png`, /255) and `key`; batches are dicts of stacked tensors.
+
+- `train_loader`: resampled shards (each worker and DDP rank draws its own seeded shard stream), a
+  shuffle buffer, and an epoch of a given number of samples.
+- `eval_loader`: every sample exactly once, in shard order; shards are split across DDP ranks and
+  workers (a rank or worker left without a shard yields nothing), optionally with the original frame.
+- `lab_input` and `compose_rgb` / `rgb_from_lab`: the same conversion for a single photo (colorize)
+  and the official protocol to rebuild a full-resolution RGB image from predicted ab (evaluate).
+
+A sample whose jpg (or mask.png) cannot be decoded stops the run with an error naming its shard and
+key: shards are written by `mhmd shard` from JPEGs it encoded itself, so a bad one means a damaged
+file that the user must know about, and skipping it would silently change the test set.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import random
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+INPUT_SIZE = 224
+SAMPLE_TENSORS = ("gray", "ab", "onehot", "has_label", "parsing", "has_parsing")
+
+
+# -- shard lists ----------------------------------------------------------------------------------
+def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:
+    """The shard files of a brace pattern (`train-{000000..000009}.tar`), a glob, a directory (its
+    `{split}-*.tar`), a single file or a list of any of these. Remote URLs (`pipe:`, `s3://`...) are
+    passed on unchecked; local names that match nothing raise FileNotFoundError naming the pattern."""
+    if isinstance(shards, (list, tuple)):
+        if not shards:
+            raise FileNotFoundError("no shards given (an empty list)")
+        return [url for item in shards for url in shard_urls(item, split)]
+    pattern = str(shards)
+    if pattern.startswith("pipe:") or "://" in pattern:
+        return expand_urls(pattern)
+    if Path(pattern).is_dir():
+        pattern = str(Path(pattern) / f"{split}-*.tar")
+    if "{" in pattern:
+        urls = expand_urls(pattern)
+    elif any(c in pattern for c in "*?["):  # glob syntax
+        urls = sorted(glob.glob(pattern))
+    else:
+        urls = [pattern]
+    missing = [url for url in urls if not Path(url).is_file()]
+    if len(missing) == len(urls):
+        raise FileNotFoundError(f"no shards match {pattern}")
+    if missing:
+        raise FileNotFoundError(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    return urls
+
+
+# -- one image ------------------------------------------------------------------------------------
+def _resized(image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
+    """INPUT_SIZE x INPUT_SIZE, aspect ratio not kept (as the official code does); INTER_AREA when
+    shrinking (it averages instead of aliasing), bilinear when a side grows."""
+    if interpolation is None:
+        shrinking = min(image.shape[:2]) >= INPUT_SIZE
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=interpolation)
+
+
+def _lab224(bgr: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(_resized(bgr), cv2.COLOR_BGR2LAB)
+
+
+def _gray_tensor(lightness224: np.ndarray) -> torch.Tensor:
+    """The network input: L/255 copied to 3 channels (the VGG encoder expects 3), float32 3x224x224."""
+    return torch.from_numpy(np.repeat(lightness224[None], 3, axis=0).astype(np.float32) / 255)
+
+
+def lightness(bgr: np.ndarray) -> np.ndarray:
+    """The full-resolution L channel (uint8 HxW) of a BGR uint8 image, OpenCV 8-bit Lab."""
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)[..., 0]
+
+
+def lab_input(bgr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    """A photo as the network sees it (gray, 3x224x224 float32) and its full-resolution L (uint8 HxW),
+    which `rgb_from_lab` joins with the predicted ab."""
+    return _gray_tensor(_lab224(bgr)[..., 0]), lightness(bgr)
+
+
+def rgb_from_lab(lightness_full: np.ndarray, ab224: np.ndarray) -> np.ndarray:
+    """The official reconstruction: predicted ab (2x224x224, ab/255) to uint8, resized bilinearly to
+    the size of `lightness_full`, joined with that full-resolution L, Lab -> RGB uint8 HxWx3.
+    ab is rounded to the nearest level (the official code truncates: a bias of half a level)."""
+    height, width = lightness_full.shape
+    ab = np.clip(np.rint(np.asarray(ab224, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
+    ab = cv2.resize(np.ascontiguousarray(ab.transpose(1, 2, 0)), (width, height), interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(np.dstack([lightness_full, ab]), cv2.COLOR_LAB2RGB)
+
+
+def compose_rgb(original_bgr: np.ndarray, ab224: np.ndarray) -> np.ndarray:
+    """The colorized RGB image at the original frame's size, from its own L and the predicted ab."""
+    return rgb_from_lab(lightness(original_bgr), ab224)
+
+
+# -- samples and batches --------------------------------------------------------------------------
+def _image(sample: dict, member: str) -> np.ndarray:
+    where = f"{sample.get('__url__', '?')}: sample {sample['__key__']}"
+    if member not in sample:
+        raise ValueError(f"{where}: has no {member}")
+    image = cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{where}: its {member} cannot be decoded")
+    return image
+
+
+def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
+    onehot = torch.zeros(num_classes, dtype=torch.float32)
+    if "cls" in sample:
+        label = int(sample["cls"])
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']}: label {label} is "
+                             f"outside 0..{num_classes - 1} ({num_classes} classes)")
+        onehot[label] = 1
+    return onehot
+
+
+def _parsing(sample: dict) -> torch.Tensor:
+    """The L channel of the colour-coded parsing image, /255, 1x224x224 (nearest: codes are not blended)."""
+    if "mask.png" not in sample:
+        return torch.zeros(1, INPUT_SIZE, INPUT_SIZE)
+    target = _resized(lightness(_image(sample, "mask.png")), cv2.INTER_NEAREST)
+    return torch.from_numpy(target[None].astype(np.float32) / 255)
+
+
+def decode_sample(sample: dict, num_classes: int, keep_original: bool = False) -> dict:
+    """One raw shard sample (member name -> bytes) as the tensors HistoryNet trains on."""
+    bgr = _image(sample, "jpg")
+    lab = _lab224(bgr)
+    decoded = {
+        "gray": _gray_tensor(lab[..., 0]),
+        "ab": torch.from_numpy(lab[..., 1:].transpose(2, 0, 1).astype(np.float32) / 255),
+        "onehot": _onehot(sample, num_classes),
+        "has_label": torch.tensor("cls" in sample),
+        "parsing": _parsing(sample),
+        "has_parsing": torch.tensor("mask.png" in sample),
+        "key": sample["__key__"],
+    }
+    if keep_original:
+        decoded["original"] = bgr
+    return decoded
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stacked tensors; `key` (and `original`, frames of any size) as lists."""
+    batch = {name: torch.stack([s[name] for s in samples]) for name in SAMPLE_TENSORS}
+    batch["key"] = [s["key"] for s in samples]
+    if "original" in samples[0]:
+        batch["original"] = [s["original"] for s in samples]
+    return batch
+
+
+def _loader(dataset: wds.DataPipeline, num_workers: int, persistent: bool = False) -> wds.WebLoader:
+    # Batches are made in the workers (wds.batched), so the DataLoader passes them on as they are.
+    # No cv2.setNumThreads in the workers: in a process forked after OpenCV's thread pool started it deadlocks.
+    return wds.WebLoader(dataset, batch_size=None, num_workers=num_workers,
+                         persistent_workers=persistent and num_workers > 0)
+
+
+# -- loaders --------------------------------------------------------------------------------------
+def train_loader(shards, num_classes: int, epoch_samples: int, batch_size: int = 16, num_workers: int = 4,
+                 shuffle_buffer: int = 1000, seed: int = 0, split: str = "train") -> wds.WebLoader:
+    """Endless seeded resampling of the shards, cut into epochs of about `epoch_samples` samples per
+    process (per DDP rank: give each rank its share). Every worker yields whole batches; the epoch is
+    rounded up to a whole number of batches per worker, and len(loader) is its number of batches.
+    Workers persist across epochs: their shard sampler counts epochs and draws a new stream for each
+    (fresh workers would start from the same copy every epoch and replay the first one)."""
+    workers = max(num_workers, 1)
+    batches_per_worker = math.ceil(epoch_samples / (batch_size * workers))
+    dataset = wds.DataPipeline(
+        # deterministic: the shard stream depends on (seed, rank, worker, epoch) alone
+        wds.ResampledShards(shard_urls(shards, split), seed=seed, deterministic=True),
+        wds.tarfile_to_samples(),
+        wds.shuffle(shuffle_buffer, rng=random.Random(seed)),
+        wds.map(partial(decode_sample, num_classes=num_classes)),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    ).with_epoch(nbatches=batches_per_worker)
+    return _loader(dataset, num_workers, persistent=True).with_length(batches_per_worker * workers, silent=True)
+
+
+def eval_loader(shards, num_classes: int, batch_size: int = 16, num_workers: int = 4, keep_original: bool = False,
+                split: str = "test") -> wds.WebLoader:
+    """Every sample once, shards split across DDP ranks then workers (no sample twice), in a fixed
+    order. With `keep_original`, batches also carry `original`: the decoded BGR uint8 frames."""
+    dataset = wds.DataPipeline(
+        wds.SimpleShardList(shard_urls(shards, split)),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(),
+        wds.map(partial(decode_sample, num_classes=num_classes, keep_original=keep_original)),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return _loader(dataset, num_workers)
