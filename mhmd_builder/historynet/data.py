@@ -62,17 +62,17 @@ def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[
 
 
 # -- one image ------------------------------------------------------------------------------------
-def _resized(image: np.ndarray, interpolation: int | None = None) -> np.ndarray:
-    """INPUT_SIZE x INPUT_SIZE, aspect ratio not kept (as the official code does); INTER_AREA when
-    shrinking (it averages instead of aliasing), bilinear when a side grows."""
+def _resized(image: np.ndarray, size: int, interpolation: int | None = None) -> np.ndarray:
+    """size x size, aspect ratio not kept (as the official code does); INTER_AREA when shrinking (it
+    averages instead of aliasing), bilinear when a side grows."""
     if interpolation is None:
-        shrinking = min(image.shape[:2]) >= INPUT_SIZE
+        shrinking = min(image.shape[:2]) >= size
         interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return cv2.resize(image, (INPUT_SIZE, INPUT_SIZE), interpolation=interpolation)
+    return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
-def _lab224(bgr: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(_resized(bgr), cv2.COLOR_BGR2LAB)
+def _lab_resized(bgr: np.ndarray, size: int) -> np.ndarray:
+    return cv2.cvtColor(_resized(bgr, size), cv2.COLOR_BGR2LAB)
 
 
 def _gray_tensor(lightness224: np.ndarray) -> torch.Tensor:
@@ -85,10 +85,10 @@ def lightness(bgr: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2LAB)[..., 0]
 
 
-def lab_input(bgr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+def lab_input(bgr: np.ndarray, image_size: int = INPUT_SIZE) -> tuple[torch.Tensor, np.ndarray]:
     """A photo as the network sees it (gray, 3x224x224 float32) and its full-resolution L (uint8 HxW),
     which `rgb_from_lab` joins with the predicted ab."""
-    return _gray_tensor(_lab224(bgr)[..., 0]), lightness(bgr)
+    return _gray_tensor(_lab_resized(bgr, image_size)[..., 0]), lightness(bgr)
 
 
 def rgb_from_lab(lightness_full: np.ndarray, ab224: np.ndarray) -> np.ndarray:
@@ -128,24 +128,25 @@ def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
     return onehot
 
 
-def _parsing(sample: dict) -> torch.Tensor:
+def _parsing(sample: dict, size: int) -> torch.Tensor:
     """The L channel of the colour-coded parsing image, /255, 1x224x224 (nearest: codes are not blended)."""
     if "mask.png" not in sample:
-        return torch.zeros(1, INPUT_SIZE, INPUT_SIZE)
-    target = _resized(lightness(_image(sample, "mask.png")), cv2.INTER_NEAREST)
+        return torch.zeros(1, size, size)
+    target = _resized(lightness(_image(sample, "mask.png")), size, cv2.INTER_NEAREST)
     return torch.from_numpy(target[None].astype(np.float32) / 255)
 
 
-def decode_sample(sample: dict, num_classes: int, keep_original: bool = False) -> dict:
-    """One raw shard sample (member name -> bytes) as the tensors HistoryNet trains on."""
+def decode_sample(sample: dict, num_classes: int, keep_original: bool = False, image_size: int = INPUT_SIZE) -> dict:
+    """One raw shard sample (member name -> bytes) as the tensors HistoryNet trains on (224 as in the
+    paper; tests use small sizes)."""
     bgr = _image(sample, "jpg")
-    lab = _lab224(bgr)
+    lab = _lab_resized(bgr, image_size)
     decoded = {
         "gray": _gray_tensor(lab[..., 0]),
         "ab": torch.from_numpy(lab[..., 1:].transpose(2, 0, 1).astype(np.float32) / 255),
         "onehot": _onehot(sample, num_classes),
         "has_label": torch.tensor("cls" in sample),
-        "parsing": _parsing(sample),
+        "parsing": _parsing(sample, image_size),
         "has_parsing": torch.tensor("mask.png" in sample),
         "key": sample["__key__"],
     }
@@ -172,7 +173,8 @@ def _loader(dataset: wds.DataPipeline, num_workers: int, persistent: bool = Fals
 
 # -- loaders --------------------------------------------------------------------------------------
 def train_loader(shards, num_classes: int, epoch_samples: int, batch_size: int = 16, num_workers: int = 4,
-                 shuffle_buffer: int = 1000, seed: int = 0, split: str = "train") -> wds.WebLoader:
+                 shuffle_buffer: int = 1000, seed: int = 0, split: str = "train",
+                 image_size: int = INPUT_SIZE) -> wds.WebLoader:
     """Endless seeded resampling of the shards, cut into epochs of about `epoch_samples` samples per
     process (per DDP rank: give each rank its share). Every worker yields whole batches; the epoch is
     rounded up to a whole number of batches per worker, and len(loader) is its number of batches.
@@ -185,14 +187,14 @@ def train_loader(shards, num_classes: int, epoch_samples: int, batch_size: int =
         wds.ResampledShards(shard_urls(shards, split), seed=seed, deterministic=True),
         wds.tarfile_to_samples(),
         wds.shuffle(shuffle_buffer, rng=random.Random(seed)),
-        wds.map(partial(decode_sample, num_classes=num_classes)),
+        wds.map(partial(decode_sample, num_classes=num_classes, image_size=image_size)),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     ).with_epoch(nbatches=batches_per_worker)
     return _loader(dataset, num_workers, persistent=True).with_length(batches_per_worker * workers, silent=True)
 
 
 def eval_loader(shards, num_classes: int, batch_size: int = 16, num_workers: int = 4, keep_original: bool = False,
-                split: str = "test") -> wds.WebLoader:
+                split: str = "test", image_size: int = INPUT_SIZE) -> wds.WebLoader:
     """Every sample once, shards split across DDP ranks then workers (no sample twice), in a fixed
     order. With `keep_original`, batches also carry `original`: the decoded BGR uint8 frames."""
     dataset = wds.DataPipeline(
@@ -200,7 +202,7 @@ def eval_loader(shards, num_classes: int, batch_size: int = 16, num_workers: int
         wds.split_by_node,
         wds.split_by_worker,
         wds.tarfile_to_samples(),
-        wds.map(partial(decode_sample, num_classes=num_classes, keep_original=keep_original)),
+        wds.map(partial(decode_sample, num_classes=num_classes, keep_original=keep_original, image_size=image_size)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
     return _loader(dataset, num_workers)
