@@ -91,14 +91,14 @@ def encode_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
-def _spec(row, root: Path, taxonomy: Taxonomy, film: dict | None) -> dict:
-    """What a sample's members are made of: the json written out, the files' paths and sizes."""
+def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
+    """What a sample's members are made of: the json written out, the files' paths and sizes
+    (plain strings and os.path: this runs once per frame, in one process)."""
     meta = sample_json(row, taxonomy, film)
     target = row.parsing if isinstance(row.parsing, str) else row.mask
-    files = {"jpg": root / row.jpeg, **({"mask.png": root / target} if isinstance(target, str) else {})}
+    files = {"jpg": os.path.join(root, row.jpeg), **({"mask.png": os.path.join(root, target)} if isinstance(target, str) else {})}
     return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
-            "cls": meta["label_id"], "files": {k: str(path) for k, path in files.items()},
-            "sizes": {k: path.stat().st_size for k, path in files.items()}}
+            "cls": meta["label_id"], "files": files, "sizes": {k: os.stat(path).st_size for k, path in files.items()}}
 
 
 def _members(spec: dict) -> dict:
@@ -215,12 +215,13 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
         tars: list[list[dict]] = []
         size = 0
         for row in part.itertuples():
-            spec = _spec(row, root, taxonomy, (movie_metadata or {}).get(row.movie_id))
-            if not tars or len(tars[-1]) >= settings.maxcount or size + _sample_bytes(spec) > settings.maxsize:
+            spec = _spec(row, str(root), taxonomy, (movie_metadata or {}).get(row.movie_id))
+            spec_bytes = _sample_bytes(spec)
+            if not tars or len(tars[-1]) >= settings.maxcount or size + spec_bytes > settings.maxsize:
                 tars.append([])
                 size = 0
             tars[-1].append(spec)
-            size += _sample_bytes(spec)
+            size += spec_bytes
         for i, specs in enumerate(tars):
             digest = hashlib.sha256(json.dumps([str(out), specs]).encode()).hexdigest()[:16]
             partitions.append(Partition(f"{split}-{i:06d}", {"split": split, "samples": specs, "digest": digest}))
