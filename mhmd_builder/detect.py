@@ -12,15 +12,14 @@ import os
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
 import pyarrow as pa
 
+from .batching import prefetched
 from .persons import (Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, pick_device,
                       resolve_weights)
 from .filter import current_decisions
@@ -85,18 +84,6 @@ def load_frame(path: Path) -> np.ndarray | None:
     except OSError:
         return None
     return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-
-
-def prefetched(items: list, load, threads: int, ahead: int) -> Iterator[tuple]:
-    """(item, load(item)) in order, with up to `ahead` loads running in threads ahead of use
-    (cv2.imdecode and resize release the GIL, so threads decode in parallel)."""
-    with ThreadPoolExecutor(threads) as pool:
-        pending = [pool.submit(load, item) for item in items[:ahead]]
-        for i, item in enumerate(items):
-            if i + ahead < len(items):
-                pending.append(pool.submit(load, items[i + ahead]))
-            yield item, pending[i].result()
-            pending[i] = None
 
 
 def inputs_digest(frame_ids: list[str]) -> str:

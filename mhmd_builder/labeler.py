@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from .detect import inputs_digest, load_frame, prefetched
+from .batching import prefetched
+from .detect import inputs_digest, load_frame
 from .labels import LABEL_STAGE, PREDICTION_SCHEMA, labelable_frames, read_human_labels
 from .persons import pick_device, sha256_of, verify_sha256, weights_cache
 from .runners import LocalRunner

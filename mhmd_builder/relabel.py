@@ -18,6 +18,7 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
+from .batching import batched
 from .labeler import Labeler, fit_rgb
 from .persons import sha256_of
 from .shard import AtomicTar, clear_shard_dir, encode_json, label_fields, split_entry
@@ -49,17 +50,6 @@ def _decoded(sample: dict, shard: str, size: int) -> np.ndarray:
     if image is None:
         raise RelabelError(f"{shard}: sample {sample['__key__']}: its jpg cannot be decoded")
     return fit_rgb(image, size)
-
-
-def _batches(samples, size: int):
-    batch = []
-    for sample in samples:
-        batch.append(sample)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 class _Relabeller:
@@ -113,7 +103,7 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
             if not source.is_file():
                 raise RelabelError(f"{source}: listed in index.json but missing")
             with AtomicTar(out / entry["name"]) as tar:
-                for batch in _batches(wds.WebDataset(str(source), shardshuffle=False), settings.batch_size):
+                for batch in batched(wds.WebDataset(str(source), shardshuffle=False), settings.batch_size):
                     for sample in relabeller.relabel(batch, entry["name"]):
                         tar.write(sample)
                         metas[entry["split"]].append(json.loads(sample["json"]))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..batching import batched
 from ..persons import pick_device
 from ..workdir import atomic_write_bytes
 from .checkpoint import load_generator
@@ -118,17 +119,6 @@ def _readable(images: list[Path], targets: list[Path], failures: list[str]) -> I
             yield bgr, target
 
 
-def _batches(items: Iterator, size: int) -> Iterator[list]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _colorize_batch(generator: HistoryNetGenerator, image_size: int, device: str,
                     batch: list[tuple[np.ndarray, Path]]) -> list[Path]:
     prepared = [lab_input(bgr, image_size) for bgr, _ in batch]  # (gray 3xSxS, full-size L)
@@ -149,7 +139,7 @@ def colorize(inputs: str | Path | Iterable[str | Path], checkpoint: str | Path, 
     generator, config = load_colorizer(checkpoint, device)
     result = Colorized()
     with tqdm(total=len(images), desc="colorize", unit="img", disable=None) as bar:
-        for batch in _batches(_readable(images, targets, result.failures), batch_size):
+        for batch in batched(_readable(images, targets, result.failures), batch_size):
             result.written += _colorize_batch(generator, config["image_size"], device, batch)
             bar.update(len(result.written) + len(result.failures) - bar.n)
         bar.update(len(images) - bar.n)  # unreadable files after the last batch
