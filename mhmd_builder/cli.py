@@ -382,6 +382,32 @@ def parsing_attach_command(folder, workdir) -> None:
     click.echo(f"attached {count} parsing maps")
 
 
+@main.command("report")
+@click.argument("shard_dir", required=False, type=click.Path(exists=True, file_okay=False))
+@click.option("-w", "--workdir", type=click.Path(file_okay=False), default=None,
+              help="Work directory: the whole funnel (or give SHARD_DIR, a folder with index.json).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="report.html")
+@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The recipe the dataset was built with, shown with the settings.")
+@taxonomy_option
+def report_command(shard_dir, workdir, output, recipe, taxonomy) -> None:
+    """One HTML page about a dataset that works offline: from WORKDIR the funnel, the labels as the
+    paper's Table 1, the hue histogram, thumbnails, the labeler's metrics and the settings; from
+    SHARD_DIR what its index.json and shards hold."""
+    from .report import write_report
+    from .taxonomy import load_taxonomy
+
+    if (shard_dir is None) == (workdir is None):
+        raise click.UsageError("give either -w WORKDIR or SHARD_DIR")
+    if shard_dir and not (Path(shard_dir) / "index.json").is_file():
+        raise click.ClickException(f"{shard_dir}: no index.json (not a folder written by `mhmd shard`)")
+    try:
+        path = write_report(shard_dir or workdir, output, load_taxonomy(taxonomy), recipe)
+    except (ValueError, OSError) as e:  # ReportError, TaxonomyError and PipelineError are ValueErrors
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {path}")
+
+
 @main.command("status")
 @workdir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -489,6 +515,7 @@ def demo_command(output, workers) -> None:
     report_build(result, WorkDir(Path(output) / "work"), load_pipeline(PIPELINES / "demo.yaml"),
                  str(Path(output) / "shards"))
     click.echo(f"work directory: {Path(output) / 'work'}")
+    click.echo(f"report: {Path(output) / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 from .build import PIPELINES, BuildResult, build, load_pipeline
 from .detect import DetectSettings
 from .persons import DetectorError, resolve_weights
+from .report import write_report
 from .workdir import WorkDir
 
 SIZE, RATE = "640x360", 24
@@ -161,7 +162,8 @@ def label_sample(todo: Path, workdir: WorkDir, labelled: Path) -> Path:
 
 def run_demo(out: Path, workers: int | None = None) -> BuildResult:
     """Make the films in OUT/films and build: work directory OUT/work, shards OUT/shards. The first
-    build stops at the sample to label; the demo labels it (OUT/labels.csv) and builds again."""
+    build stops at the sample to label; the demo labels it (OUT/labels.csv) and builds again; then
+    the dataset report, OUT/report.html."""
     films = make_demo_films(out / "films")
     pipeline = load_pipeline(PIPELINES / "demo.yaml")
     pipeline = replace(pipeline, detect=demo_detector(pipeline.detect))
@@ -170,4 +172,5 @@ def run_demo(out: Path, workers: int | None = None) -> BuildResult:
     if result.needs_labels:
         labels = label_sample(result.needs_labels, workdir, out / "labels.csv")
         result = build(pipeline, films, workdir, out / "shards", workers=workers, labels=str(labels))
+    write_report(workdir.root, out / "report.html", recipe=PIPELINES / "demo.yaml")
     return result

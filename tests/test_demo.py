@@ -57,6 +57,7 @@ def test_demo_labels_its_sample_trains_a_labeler_and_writes_shards(demo_run):
     films = {split: {s["json"]["movie"] for s, e in zip(samples, _splits(index)) if e == split} for split in ("train", "test")}
     assert films["train"] and films["test"] and not films["train"] & films["test"]
     assert len(films["train"] | films["test"]) == len(DEMO_FILMS)
+    assert (out / "report.html").stat().st_size > 10_000 and f"report: {out / 'report.html'}" in output
     # The funnel and where the shards are.
     for line in ("stage       done", "label          3", f"shard {len(index['shards']):>10}", "extract rejected:",
                  f"index: {out / 'shards' / 'index.json'}"):

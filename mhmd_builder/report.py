@@ -1,0 +1,622 @@
+"""`mhmd report`: one self-contained HTML page about a dataset, made from its work directory (the
+whole funnel) or from a shard folder (what its index.json and shards hold).
+
+The page works offline: inline CSS, no script, no font or address from elsewhere; plots (matplotlib,
+Agg) and thumbnails are inline base64 images. Sections: the funnel (sampled -> quality -> persons ->
+labeled -> in shards, per reject reason and per film), the labels laid out like the paper's Table 1
+next to the paper's counts, the hue histogram of kept frames, thumbnails per label and per reject
+reason, the labeler's validation metrics, and the settings. A stage that has not run gets a section
+that says so.
+
+It stays fast on large work directories: hue frames and thumbnails are evenly spread samples,
+decoded at reduced size (JPEG's own downscaling), never every JPEG.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+import platform
+import subprocess
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import hsv_to_rgb
+from matplotlib.figure import Figure
+
+from . import __version__
+from .detect import REASONS as PERSON_REASONS
+from .labeler import config_path, default_checkpoint, metrics_path
+from .labels import passed_detection, read_human_labels
+from .manifest import STAGES, manifest
+from .media import Crop, Sampling, decode_frames
+from .quality import REASONS as QUALITY_REASONS
+from .taxonomy import Taxonomy, load_taxonomy
+from .workdir import WorkDir, atomic_write_bytes, read_json
+
+HUE_FRAMES = 2000  # frames sampled for the hue histogram, at most
+PER_LABEL = 8  # thumbnails per label
+PER_REASON = 4  # example thumbnails per reject reason
+THUMB = 160  # thumbnail's longer side, pixels
+PACKAGES = ("numpy", "pandas", "pyarrow", "opencv-python", "torch", "torchvision", "ultralytics", "webdataset",
+            "matplotlib")
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;padding:0 1em;color:#222;background:#fff}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ccc;padding-bottom:.2em;margin-top:2em}
+nav a{margin-right:1em}table{border-collapse:collapse;margin:.8em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .5em;text-align:right;vertical-align:top}
+th{background:#eee}td:first-child,th:first-child{text-align:left}
+.cls{text-align:left;white-space:nowrap;margin-bottom:.3em}.paper{color:#777;font-size:.9em}
+.note{color:#555;font-style:italic}
+.grid{display:flex;flex-wrap:wrap;gap:6px;margin-bottom:1em}
+figure{margin:0;width:164px;font-size:.7em;word-break:break-all}figure img{display:block;max-width:160px}
+.missing{width:160px;height:90px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
+#labels table{font-size:.8em}pre{background:#f6f6f6;padding:.6em;overflow-x:auto;font-size:.85em}
+"""
+
+
+class ReportError(ValueError):
+    """Nothing to report on; the message is one line and says what to do."""
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str
+    title: str
+    body: str
+
+
+def write_report(source: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
+                 recipe: str | Path | None = None) -> Path:
+    """Write the report on SOURCE, a work directory or a shard folder (one with index.json), to OUT.
+    `recipe`: the pipeline recipe the dataset was built with, shown with the settings."""
+    source, taxonomy = Path(source), taxonomy or load_taxonomy()
+    if (source / "index.json").is_file():
+        title, sections = f"shards {source.resolve()}", shard_dir_sections(source, taxonomy)
+    else:
+        workdir = WorkDir(source)
+        title, sections = f"work directory {workdir.root}", workdir_sections(workdir, taxonomy, recipe)
+    atomic_write_bytes(Path(out), page(title, sections).encode())
+    return Path(out)
+
+
+# -- html -----------------------------------------------------------------------------------------
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def number(n) -> str:
+    return f"{int(n):,}"
+
+
+def data_attrs(data: dict) -> str:
+    """data-* attributes: the numbers a reader (or a test) can take from the page as they are."""
+    return "".join(f' data-{key.replace("_", "-")}="{esc(value)}"' for key, value in data.items())
+
+
+def table(header: list[str], rows: list[tuple[list[str], dict]]) -> str:
+    """Cells are HTML already; each row comes with its data-* attributes."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join(f"<tr{data_attrs(data)}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+                   for cells, data in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def pre_json(obj) -> str:
+    return f"<pre>{esc(json.dumps(obj, indent=1, sort_keys=True, default=str))}</pre>"
+
+
+def page(title: str, sections: list[Section]) -> str:
+    nav = "".join(f'<a href="#{s.id}">{esc(s.title)}</a>' for s in sections)
+    body = "".join(f'<section id="{s.id}"><h2>{esc(s.title)}</h2>{s.body}</section>' for s in sections)
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>mhmd report: {esc(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>mhmd dataset report</h1><p>{esc(title)}</p>"
+            f"<nav>{nav}</nav>{body}</body></html>")
+
+
+# -- images ---------------------------------------------------------------------------------------
+def new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg: no display, no GUI toolkit
+    return figure
+
+
+def plot_img(figure: Figure, alt: str) -> str:
+    buffer = io.BytesIO()
+    # No "Software" text chunk: it would carry matplotlib's web address into the page.
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" alt="{esc(alt)}">'
+
+
+def small_image(data: bytes | None, side: int) -> np.ndarray | None:
+    """A JPEG decoded at thumbnail size: JPEG's own 1/2, 1/4 or 1/8 downscaling while decoding (a
+    fraction of a full decode), then resized so the longer side is at most THUMB."""
+    if not data:
+        return None
+    flag = next((flag for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                                           (2, cv2.IMREAD_REDUCED_COLOR_2)) if side // factor >= THUMB),
+                cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    return None if image is None else fit_thumbnail(image)
+
+
+def fit_thumbnail(image: np.ndarray) -> np.ndarray:
+    scale = THUMB / max(image.shape[:2])
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def thumbnail(image: np.ndarray | None, caption: str) -> str:
+    if image is None:
+        picture = '<div class="missing">not readable</div>'
+    else:
+        data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+        picture = f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" alt="{esc(caption)}">'
+    return f"<figure>{picture}<figcaption>{esc(caption)}</figcaption></figure>"
+
+
+def in_threads(function, items: list) -> list:
+    """cv2's decoding and ffmpeg's processes work outside the GIL: threads run them in parallel."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(function, items))
+
+
+def evenly(frames: pd.DataFrame, n: int) -> pd.DataFrame:
+    """At most n rows spread evenly over the frames (in manifest order: over films, then time)."""
+    if len(frames) <= n:
+        return frames
+    return frames.iloc[np.unique(np.linspace(0, len(frames) - 1, n).round().astype(int))]
+
+
+# -- funnel ---------------------------------------------------------------------------------------
+STEPS = ("sampled", "kept after quality", "kept after persons", "labeled", "in shards")
+
+
+def funnel_masks(frames: pd.DataFrame) -> dict[str, pd.Series]:
+    """Per step, which frames reached it."""
+    after_persons = frames.frame_id.isin(passed_detection(frames).frame_id)
+    return {
+        "sampled": pd.Series(True, index=frames.index),
+        "kept after quality": ~frames.reject_reason.isin(QUALITY_REASONS),
+        "kept after persons": after_persons,
+        "labeled": after_persons & frames.label.notna(),
+        "in shards": frames.split.notna(),
+    }
+
+
+def funnel_section(workdir: WorkDir, frames: pd.DataFrame) -> Section:
+    masks = funnel_masks(frames)
+    counts = {step: int(mask.sum()) for step, mask in masks.items()}
+    ran = {"kept after persons": bool(workdir.done("detect")), "labeled": frames.label.notna().any(),
+           "in shards": bool(workdir.done("shard"))}
+    rows = [([esc(step), number(n), f"{100 * n / len(frames):.1f}%", "" if ran.get(step, True) else "not run yet"],
+             {"step": step, "frames": n}) for step, n in counts.items()]
+    figure = new_figure(7, 2.4)
+    axes = figure.add_subplot()
+    axes.barh(STEPS[::-1], [counts[step] for step in STEPS[::-1]], color="#4a7ab5")
+    for y, step in enumerate(STEPS[::-1]):
+        axes.text(counts[step], y, f" {counts[step]:,}", va="center", fontsize=8)
+    axes.set_xlabel("frames")
+    body = table(["step", "frames", "of sampled", "note"], rows) + plot_img(figure, "the funnel")
+    body += reasons_table(frames) + films_table(workdir, frames, masks) + failures(workdir)
+    return Section("funnel", "Funnel", body)
+
+
+def reason_order(frames: pd.DataFrame) -> list[str]:
+    present = set(frames.reject_reason.dropna())
+    known = [r for r in QUALITY_REASONS + PERSON_REASONS if r in present]
+    return known + sorted(present - set(known))
+
+
+def reason_stage(reason: str) -> str:
+    return "quality" if reason in QUALITY_REASONS else "persons" if reason in PERSON_REASONS else "other"
+
+
+def reasons_table(frames: pd.DataFrame) -> str:
+    counts = frames.reject_reason.value_counts()
+    rows = [([esc(r), esc(reason_stage(r)), number(counts[r]), f"{100 * counts[r] / len(frames):.1f}%"],
+             {"reason": r, "frames": int(counts[r])}) for r in reason_order(frames)]
+    if not rows:
+        return note("No frame was rejected.")
+    return "<h3>Rejected frames per reason</h3>" + table(["reason", "stage", "frames", "of sampled"], rows)
+
+
+def films_table(workdir: WorkDir, frames: pd.DataFrame, masks: dict[str, pd.Series]) -> str:
+    files = {movie: Path(s["path"]).name for movie, s in workdir.done("extract").items()}
+    steps = pd.DataFrame({step: mask for step, mask in masks.items()}).groupby(frames.movie_id).sum()
+    reasons = reason_order(frames)
+    per_reason = pd.crosstab(frames.movie_id, frames.reject_reason).reindex(steps.index, fill_value=0)
+    rows = []
+    for movie, counts in steps.iterrows():
+        cells = [f"{esc(movie)}<br><small>{esc(files.get(movie, ''))}</small>"]
+        cells += [number(counts[s]) for s in STEPS] + [number(per_reason.at[movie, r]) for r in reasons]
+        rows.append((cells, {"movie": movie}))
+    return "<h3>Per film</h3>" + table(["film", *STEPS, *reasons], rows)
+
+
+def failures(workdir: WorkDir) -> str:
+    failed = [(stage, pid, info.get("reason")) for stage in STAGES for pid, info in workdir.failed(stage).items()]
+    if not failed:
+        return ""
+    rows = [([esc(stage), esc(pid), esc(reason)], {"stage": stage}) for stage, pid, reason in failed]
+    return "<h3>Failed partitions</h3>" + table(["stage", "partition", "reason"], rows)
+
+
+# -- labels (the paper's Table 1) -----------------------------------------------------------------
+def imbalance(counts) -> str:
+    """Largest / smallest non-empty class, with the two counts."""
+    present = [n for n in counts if n]
+    if not present:
+        return "no classes"
+    return f"{max(present) / min(present):,.0f} ({max(present):,} / {min(present):,})"
+
+
+def label_table(counts: Counter, taxonomy: Taxonomy) -> str:
+    """Rows era, columns nationality, each cell its garments with this dataset's count and the
+    paper's; an era total column; the imbalance ratio of both."""
+    eras = list(dict.fromkeys(label.era for label in taxonomy.labels))
+    nations = list(dict.fromkeys(label.nationality for label in taxonomy.labels))
+    total = sum(counts[label.name] for label in taxonomy.labels)
+    paper_total = sum(label.paper_count or 0 for label in taxonomy.labels)
+
+    def share(n: int, of: int) -> str:
+        return f" ({100 * n / of:.1f}%)" if of else ""
+
+    def cls(label) -> str:
+        n, paper = counts[label.name], label.paper_count
+        paper_text = f"{paper:,}{share(paper, paper_total)}" if paper is not None else "-"
+        attrs = data_attrs({"label": label.name, "frames": n, "paper": "" if paper is None else paper})
+        return (f'<div class="cls"{attrs}>{esc(label.garment)} <b>{n:,}</b>{share(n, total)}<br>'
+                f'<span class="paper">paper {paper_text}</span></div>')
+
+    rows = []
+    for era in eras:
+        labels = [label for label in taxonomy.labels if label.era == era]
+        cells = [esc(era)]
+        for nation in nations:
+            here = [cls(label) for label in labels if label.nationality == nation]
+            cells.append("".join(here) or "-")
+        era_n, era_paper = sum(counts[label.name] for label in labels), sum(label.paper_count or 0 for label in labels)
+        cells.append(f'<b>{era_n:,}</b><br><span class="paper">paper {era_paper:,}</span>')
+        rows.append((cells, {"era": era, "frames": era_n, "paper": era_paper}))
+    unknown = sum(n for name, n in counts.items() if taxonomy.by_name(name) is None)
+    text = (f"<p>{total:,} labeled frames in {sum(1 for label in taxonomy.labels if counts[label.name])} of "
+            f"{len(taxonomy)} classes; the paper: {paper_total:,} images. Imbalance (largest / smallest "
+            f"non-empty class): this dataset {imbalance(counts[label.name] for label in taxonomy.labels)}, "
+            f"the paper {imbalance(label.paper_count or 0 for label in taxonomy.labels)}.</p>")
+    if unknown:
+        text += note(f"{unknown:,} frames carry labels that are not in {taxonomy.source}.")
+    return table(["era", *nations, "era total"], rows) + text
+
+
+def labels_section(frames: pd.DataFrame, taxonomy: Taxonomy, workdir: WorkDir) -> Section:
+    labeled = passed_detection(frames).dropna(subset=["label"])
+    if labeled.empty:
+        human = read_human_labels(workdir)
+        why = ("no frame is labeled yet: label the sample (`mhmd sample`, `mhmd labels import`) and run the labeler"
+               if human is None else "human labels were imported, but none is on a frame that passed detection")
+        return Section("labels", "Labels", note(why))
+    sources = labeled.label_source.value_counts()
+    text = (f"<p>By people: {sources.get('human', 0):,}; by the labeler: {sources.get('model', 0):,}. "
+            f"Cells: garment, this dataset's frames (share), the paper's images (share); taxonomy "
+            f"{esc(taxonomy.source)}.</p>")
+    return Section("labels", "Labels (the paper's Table 1)", text + label_table(Counter(labeled.label), taxonomy))
+
+
+# -- hue ------------------------------------------------------------------------------------------
+def hue_histogram(images: list[np.ndarray | None]) -> tuple[np.ndarray, int]:
+    """OpenCV's H (0..179, 2 degrees a bin) of every pixel, weighted by its saturation S/255 (grey
+    pixels, whose hue means nothing, count for nothing); normalised to sum 1. Returns (histogram,
+    images used)."""
+    histogram, used = np.zeros(180), 0
+    for image in images:
+        if image is None:
+            continue
+        hsv = cv2.cvtColor(image, cv2.COLOR_BGR2HSV)
+        histogram += np.bincount(hsv[..., 0].ravel(), weights=hsv[..., 1].ravel() / 255.0, minlength=180)[:180]
+        used += 1
+    return (histogram / histogram.sum() if histogram.sum() else histogram), used
+
+
+def hue_section(images: list[np.ndarray | None], what: str) -> Section:
+    histogram, used = hue_histogram(images)
+    if not used:
+        return Section("hue", "Hue", note("no kept frame could be read: nothing to measure"))
+    figure = new_figure(8, 2.6)
+    axes = figure.add_subplot()
+    degrees = np.arange(180) * 2
+    axes.bar(degrees, histogram, width=2, align="edge", color=hsv_to_rgb(np.stack(
+        [np.arange(180) / 180, np.ones(180), np.full(180, 0.9)], axis=1)))
+    axes.set_xlim(0, 360)
+    axes.set_xlabel("hue (degrees)")
+    axes.set_ylabel("share of saturation")
+    text = (f"<p>HSV hue of {used:,} {esc(what)}, computed on {THUMB}-pixel thumbnails; every pixel is weighted "
+            f"by its saturation (S / 255), so grey, black and white pixels count for nothing.</p>"
+            + note("The paper compares this curve with ImageNet's. ImageNet's hue distribution is not shipped "
+                   "and cannot be computed offline, so it is not drawn here."))
+    return Section("hue", "Hue histogram", text + plot_img(figure, "hue histogram"))
+
+
+# -- thumbnails -----------------------------------------------------------------------------------
+def frame_image(workdir: WorkDir, films: dict[str, dict], row) -> np.ndarray | None:
+    """A frame at thumbnail size: from its JPEG, or, for a frame that was never encoded (rejected
+    for quality), decoded again from its film at its timestamp, cropped as extract cropped it."""
+    side = int(max(row.width, row.height))
+    if isinstance(row.jpeg, str):
+        return small_image(read_bytes(workdir.root / row.jpeg), side)
+    film = films.get(row.movie_id)
+    if not film or not Path(film["path"]).is_file():
+        return None
+    scale = THUMB / side
+    size = (max(2, int(row.width * scale / 2) * 2), max(2, int(row.height * scale / 2) * 2))
+    crop = Crop(**film["crop"]) if film.get("crop") else None
+    frames = decode_frames(Path(film["path"]), Sampling("fps", 1.0), size, crop, start=float(row.timestamp),
+                           duration=1.0)
+    first = next(frames, None)
+    frames.close()  # stops ffmpeg
+    return None if first is None else first[1].copy()
+
+
+def caption(row) -> str:
+    if isinstance(row.label_source, str):
+        return f"{row.frame_id} ({row.label_source} {float(row.label_confidence):.2f})"
+    return str(row.frame_id)
+
+
+def grid(workdir: WorkDir, films: dict[str, dict], rows: pd.DataFrame, captions) -> str:
+    images = in_threads(lambda row: frame_image(workdir, films, row), list(rows.itertuples()))
+    return '<div class="grid">' + "".join(thumbnail(image, captions(row))
+                                          for image, row in zip(images, rows.itertuples())) + "</div>"
+
+
+def samples_section(workdir: WorkDir, films: dict[str, dict], frames: pd.DataFrame, taxonomy: Taxonomy) -> Section:
+    kept = passed_detection(frames)
+    if kept.empty:
+        return Section("samples", "Samples per label", note("no frame has passed detection yet"))
+    body, present = "", set(kept.label)
+    for label in [name for name in taxonomy.names if name in present] + [None]:
+        group = kept[kept.label == label] if label else kept[kept.label.isna()]
+        if len(group):
+            title = label or "not labeled"
+            body += f"<h3>{esc(title)} ({len(group):,} frames)</h3>" + grid(workdir, films, evenly(group, PER_LABEL),
+                                                                            caption)
+    return Section("samples", "Samples per label", body)
+
+
+def rejected_section(workdir: WorkDir, films: dict[str, dict], frames: pd.DataFrame) -> Section:
+    body = note("Frames rejected for quality have no JPEG (extract encodes only the frames it keeps): their "
+                "thumbnails are decoded again from the film, when it is still where it was extracted from.")
+    for reason in reason_order(frames):
+        group = frames[frames.reject_reason == reason]
+        body += f"<h3>{esc(reason)} ({len(group):,} frames)</h3>" + grid(
+            workdir, films, evenly(group, PER_REASON), lambda row: f"{row.frame_id} at {row.timestamp:.2f} s")
+    return Section("rejected", "Rejected frames", body)
+
+
+# -- labeler --------------------------------------------------------------------------------------
+def confusion_plot(confusion: np.ndarray, names: list[str]) -> str:
+    """Rows true, columns predicted; only the classes that occur in either."""
+    present = np.flatnonzero(confusion.sum(0) + confusion.sum(1))
+    matrix = confusion[np.ix_(present, present)]
+    side = 2.5 + 0.35 * len(present)
+    figure = new_figure(side + 2.5, side + 2)
+    axes = figure.add_subplot()
+    axes.imshow(matrix, cmap="Blues")
+    labels = [names[i] for i in present]
+    axes.set_xticks(range(len(present)), labels, rotation=90, fontsize=7)
+    axes.set_yticks(range(len(present)), labels, fontsize=7)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    if len(present) <= 20:
+        for (i, j), n in np.ndenumerate(matrix):
+            axes.text(j, i, str(n), ha="center", va="center", fontsize=7,
+                      color="white" if n > matrix.max() / 2 else "black")
+    return plot_img(figure, "confusion matrix")
+
+
+def labeler_section(checkpoint: Path) -> Section:
+    if not config_path(checkpoint).is_file():
+        return Section("labeler", "Labeler", note(f"no labeler checkpoint at {checkpoint}"))
+    config = read_json(config_path(checkpoint))
+    metrics = read_json(metrics_path(checkpoint)) if metrics_path(checkpoint).is_file() else config["metrics"]
+    summary = (f"<p>{esc(checkpoint)}: {esc(config['arch'])}, {config['image_size']} px, initial weights "
+               f"{esc(config['initial_weights'])}; trained on {config['train_frames']:,} human-labeled frames, "
+               f"validated on {metrics['samples']:,} ({esc(metrics['split'])}), best epoch {metrics['epoch']}.</p>"
+               f'<p{data_attrs({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})}>'
+               f"Validation accuracy <b>{metrics['accuracy']:.3f}</b>, macro-F1 <b>{metrics['macro_f1']:.3f}</b> "
+               f"(the paper reports at least 0.98 accuracy).</p>")
+    rows = [([esc(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", number(m["support"])],
+             {"class": name}) for name, m in metrics["per_class"].items()]
+    body = summary + table(["label", "precision", "recall", "F1", "support"], rows)
+    if "confusion" in metrics:
+        body += confusion_plot(np.asarray(metrics["confusion"]), config["label_names"])
+    return Section("labeler", "Labeler", body)
+
+
+# -- settings -------------------------------------------------------------------------------------
+def versions() -> dict:
+    """Of this machine, the one making the report."""
+    found = {"mhmd_builder": __version__, "python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    try:
+        found["ffmpeg"] = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        found["ffmpeg"] = "not found"
+    return found
+
+
+def distinct(summaries: dict[str, dict], key: str) -> list[dict]:
+    """The different values of summaries' `key`, each with how many partitions had it."""
+    values = Counter(json.dumps(s.get(key), sort_keys=True) for s in summaries.values())
+    return [{"partitions": n, key: json.loads(value)} for value, n in values.items()]
+
+
+def settings_section(parts: dict[str, object], recipe: str | Path | None) -> Section:
+    body = ""
+    if recipe:
+        body += f"<h3>Recipe {esc(recipe)}</h3><pre>{esc(Path(recipe).read_text())}</pre>"
+    for name, value in parts.items():
+        body += f"<h3>{esc(name)}</h3>" + (pre_json(value) if value else note("not recorded"))
+    body += "<h3>Versions</h3>" + note("of the machine that made this report: the work directory does not "
+                                       "record the versions it was built with") + pre_json(versions())
+    return Section("settings", "Settings", body)
+
+
+def sample_seed(recipe: str | Path | None):
+    """`mhmd sample --seed` is not recorded in the work directory: only a recipe says it."""
+    if not recipe:
+        return "not recorded (give the recipe)"
+    from .build import load_pipeline  # it imports every stage (and torch, seconds): only for a recipe
+
+    return load_pipeline(recipe).sample.seed
+
+
+def workdir_settings(workdir: WorkDir, taxonomy: Taxonomy, index: dict | None,
+                     recipe: str | Path | None) -> dict[str, object]:
+    checkpoint = default_checkpoint(workdir)
+    labeler = read_json(config_path(checkpoint)) if config_path(checkpoint).is_file() else {}
+    return {
+        "extract": distinct(workdir.done("extract"), "settings"),
+        "detect": {"settings": distinct(workdir.done("detect"), "settings"),
+                   "detector": distinct(workdir.done("detect"), "detector")},
+        "labeler": {key: labeler[key] for key in ("settings", "initial_weights", "labels_digest", "taxonomy_source")
+                    if key in labeler},
+        "shard": index and index["settings"],
+        "seeds": {"sample": sample_seed(recipe), "labeler": labeler.get("seed"),
+                  "shard": index and index["settings"]["seed"]},
+        "taxonomy": {"source": taxonomy.source, "sha256": taxonomy.sha256},
+    }
+
+
+# -- the two kinds of report ----------------------------------------------------------------------
+def shard_index(workdir: WorkDir) -> tuple[Path | None, dict | None]:
+    """The shard folder the work directory's last `mhmd shard` wrote, and its index, when still there."""
+    outputs = {s.get("output") for s in workdir.done("shard").values()} - {None}
+    for folder in sorted(outputs):
+        if (Path(folder) / "index.json").is_file():
+            return Path(folder), read_json(Path(folder) / "index.json")
+    return None, None
+
+
+def shards_section(folder: Path | None, index: dict | None) -> Section:
+    if index is None:
+        return Section("shards", "Shards", note("no shards yet: run `mhmd shard` (or `mhmd build` with labels)"))
+    tars = Counter(entry["split"] for entry in index["shards"])
+    rows = [([esc(split), number(info["samples"]), number(info["movies"]), number(tars[split])],
+             {"split": split, "samples": info["samples"]}) for split, info in index["splits"].items()]
+    text = f"<p>{esc(folder)}: {len(index['shards'])} tars.</p>"
+    return Section("shards", "Shards", text + table(["split", "samples", "films", "tars"], rows))
+
+
+def workdir_sections(workdir: WorkDir, taxonomy: Taxonomy, recipe: str | Path | None) -> list[Section]:
+    frames = manifest(workdir)
+    if frames.empty:
+        raise ReportError(f"{workdir.root}: no extracted frames here: run `mhmd extract` or `mhmd build` first "
+                          "(or give a shard folder, one with index.json)")
+    films = workdir.done("extract")
+    kept = frames[frames.kept.fillna(False).astype(bool) & frames.jpeg.notna()]
+    hue_rows = evenly(kept, HUE_FRAMES)
+    hue_images = in_threads(lambda row: small_image(read_bytes(workdir.root / row.jpeg), max(row.width, row.height)),
+                            list(hue_rows.itertuples()))
+    folder, index = shard_index(workdir)
+    return [
+        funnel_section(workdir, frames),
+        labels_section(frames, taxonomy, workdir),
+        hue_section(hue_images, f"kept frames (evenly spread over the {len(kept):,} kept)"),
+        samples_section(workdir, films, frames, taxonomy),
+        rejected_section(workdir, films, frames),
+        labeler_section(default_checkpoint(workdir)),
+        shards_section(folder, index),
+        settings_section(workdir_settings(workdir, taxonomy, index, recipe), recipe),
+    ]
+
+
+def first_shard(folder: Path, index: dict) -> list[tuple[dict, np.ndarray | None]]:
+    """(json, thumbnail-size image) of up to HUE_FRAMES samples of the index's first tar."""
+    import webdataset as wds  # it imports torch (seconds): only a shard folder's report needs it
+
+    if not index["shards"]:
+        return []
+    samples = []
+    for sample in wds.WebDataset(str(folder / index["shards"][0]["name"]), shardshuffle=False):
+        meta = json.loads(sample["json"])
+        samples.append((meta, small_image(sample.get("jpg"), max(meta["width"], meta["height"]))))
+        if len(samples) == HUE_FRAMES:
+            break
+    return samples
+
+
+def shard_samples_section(samples: list[tuple[dict, np.ndarray | None]], name: str, taxonomy: Taxonomy) -> Section:
+    by_label: dict[str | None, list] = {}
+    for meta, image in samples:
+        by_label.setdefault(meta.get("label"), []).append((meta, image))
+    body = note(f"From the first tar, {name} (shards mix films, so its first samples are a fair draw).")
+    known = [label for label in taxonomy.names if label in by_label]
+    others = sorted(label for label in by_label if label not in known and label is not None)
+    for label in known + others + ([None] if None in by_label else []):
+        group = by_label[label]
+        figures = "".join(thumbnail(image, f"{meta['frame_id']} ({meta.get('label_source')})")
+                          for meta, image in group[:PER_LABEL])
+        body += f"<h3>{esc(label or 'not labeled')} ({len(group)} in this tar)</h3><div class=\"grid\">{figures}</div>"
+    return Section("samples", "Samples per label", body)
+
+
+def split_labels_table(index: dict) -> str:
+    splits = list(index["splits"])
+    labels = sorted({name for info in index["splits"].values() for name in info["labels"]})
+    rows = [([esc(name)] + [number(index["splits"][s]["labels"].get(name, 0)) for s in splits],
+             {"split_label": name, **{s: index["splits"][s]["labels"].get(name, 0) for s in splits}})
+            for name in labels]
+    return "<h3>Per split</h3>" + table(["label", *splits], rows)
+
+
+def shard_dir_sections(folder: Path, taxonomy: Taxonomy) -> list[Section]:
+    index = read_json(folder / "index.json")
+    counts = sum((Counter(info["labels"]) for info in index["splits"].values()), Counter())
+    labels = label_table(counts, taxonomy) + split_labels_table(index) if counts else note("the shards hold no labels")
+    if index.get("taxonomy_sha256") != taxonomy.sha256:
+        labels = note(f"index.json was written with another taxonomy (SHA-256 {index.get('taxonomy_sha256')}) than "
+                      f"{taxonomy.source}: give that one (--taxonomy)") + labels
+    samples = first_shard(folder, index)
+    name = index["shards"][0]["name"] if index["shards"] else "none"
+    relabel = index.get("relabel")
+    parts = {"shard": index["settings"], "taxonomy": {"sha256": index.get("taxonomy_sha256")}, "relabel": relabel}
+    return [
+        Section("funnel", "Funnel", note("The funnel (frames sampled, rejected for quality and for persons, labeled) "
+                                         "needs the work directory: `mhmd report -w WORKDIR -o report.html`. "
+                                         "This page is made from index.json and the shards alone.")),
+        shards_section(folder, index),
+        Section("labels", "Labels (the paper's Table 1)", labels),
+        hue_section([image for _, image in samples], f"frames of the first tar, {name}"),
+        shard_samples_section(samples, name, taxonomy),
+        labeler_section(Path(relabel["checkpoint"])) if relabel else
+        Section("labeler", "Labeler", note("the labeler's metrics are in the work directory (or, for relabelled "
+                                           "shards, beside the checkpoint)")),
+        settings_section(parts, None),
+    ]
