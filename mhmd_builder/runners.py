@@ -24,9 +24,11 @@ def default_workers() -> int:
 
 
 class ProgressDisplay:
-    """An overall bar over partitions and a bar for each partition while it runs."""
+    """An overall bar over partitions and a bar for each partition while it runs; the same progress
+    goes to the work directory (at most once a second per partition) for `mhmd status`."""
 
-    def __init__(self, stage: str, total: int):
+    def __init__(self, stage: str, total: int, workdir=None):
+        self.stage, self.workdir, self.written = stage, workdir, {}
         self.lock = threading.Lock()
         self.overall = tqdm(total=total, desc=f"{stage}", unit="part", position=0, disable=None)
         self.bars: dict[str, tqdm] = {}
@@ -47,6 +49,9 @@ class ProgressDisplay:
                 self.bars[pid] = bar
             bar.n = min(round(done, 1), bar.total)
             bar.refresh()
+            if self.workdir is not None and time.monotonic() - self.written.get(pid, 0.0) >= 1.0:
+                self.written[pid] = time.monotonic()
+                self.workdir.write_progress(self.stage, pid, done, total)
 
     def _new_row(self) -> int:
         self.next_row += 1
@@ -55,6 +60,8 @@ class ProgressDisplay:
     def finish(self, result: PartitionResult) -> None:
         with self.lock:
             self.finished.add(result.id)
+            if self.workdir is not None:
+                self.workdir.clear_progress(self.stage, result.id)
             bar = self.bars.pop(result.id, None)
             if bar is not None:
                 self.free_rows.append(bar.row)
@@ -118,7 +125,7 @@ class LocalRunner:
     def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
         if not partitions:
             return []
-        display = ProgressDisplay(stage.name, len(partitions))
+        display = ProgressDisplay(stage.name, len(partitions), getattr(stage, "workdir", None))
         try:
             if self.workers == 1 or len(partitions) == 1:
                 return self._run_inline(stage, partitions, display)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -126,6 +127,27 @@ class WorkDir:
     def mark_failed(self, stage: str, partition: str, info: dict) -> None:
         atomic_write_json(self._marker(stage, partition, "failed"), info)
         shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
+
+    # -- progress of running partitions (for `mhmd status` while a run goes on) ------------------
+    def _progress_path(self, stage: str, partition: str) -> Path:
+        return self.stage_dir(stage) / "progress" / f"{partition}.json"
+
+    def write_progress(self, stage: str, partition: str, done: float, total: float) -> None:
+        atomic_write_json(self._progress_path(stage, partition), {"done": done, "total": total, "at": time.time()})
+
+    def clear_progress(self, stage: str, partition: str) -> None:
+        self._progress_path(stage, partition).unlink(missing_ok=True)
+
+    def progress(self, stage: str) -> dict[str, dict]:
+        """Partitions reported running: {"done", "total"} in the stage's own units, "at" (epoch
+        seconds). A run killed mid-partition leaves its last report: `at` tells how old it is."""
+        found = {}
+        for path in sorted((self.stage_dir(stage) / "progress").glob("*.json")):
+            try:
+                found[path.stem] = read_json(path)
+            except (OSError, ValueError):  # removed or replaced while being read
+                continue
+        return found
 
     # -- reading ------------------------------------------------------------------------------
     def read_table(self, stage: str) -> pd.DataFrame | None:

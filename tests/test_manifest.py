@@ -1,3 +1,7 @@
+import subprocess
+import sys
+import time
+
 import pandas as pd
 
 from mhmd_builder.manifest import MANIFEST_COLUMNS, export_manifest, format_status, status
@@ -62,3 +66,21 @@ def export_and_read(wd, tmp_path):
     out = tmp_path / "m.parquet"
     export_manifest(wd, str(out))
     return pd.read_parquet(out).sort_values("timestamp", ignore_index=True)
+
+
+def test_status_shows_the_partitions_of_a_run_in_progress(movie_factory, tmp_path):
+    """`mhmd status` read while `mhmd extract` runs (another process) shows the movie with its share done."""
+    movie = movie_factory("long.mp4", seconds=40, size="1280x720")
+    work = WorkDir(tmp_path / "w")
+    run = subprocess.Popen([sys.executable, "-m", "mhmd_builder.cli", "extract", str(movie), "-w", str(work.root),
+                            "--fps", "5"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    while run.poll() is None:
+        running = status(work).get("extract", {}).get("running", {})
+        seen += [r["percent"] for r in running.values()]
+        if running:
+            assert "running extract long-" in format_status(status(work))
+        time.sleep(0.05)
+    assert run.returncode == 0
+    assert any(0 < percent < 100 for percent in seen), seen
+    assert status(work)["extract"]["running"] == {} and status(work)["extract"]["partitions"]["done"] == 1
