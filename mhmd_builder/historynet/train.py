@@ -1,0 +1,529 @@
+"""Train HistoryNet from shards (DESIGN §7): one generator, one critic (D1) and one info-classifier (D2)
+step per batch, each with its own Adam, checkpoints to resume from, TensorBoard and a json log.
+
+    summary = train(TrainSettings(shards="shards/", out="runs/h1"))            # 8 epochs, the paper's
+    summary = train(TrainSettings(shards="shards/", out="runs/h1", steps=20_000, resume=True))
+
+RUNDIR (`out`) holds:
+- `checkpoints/step-00001234.safetensors`: every `save_every` steps and at the end of every epoch (those
+  of epoch ends are all kept, of the others the newest `keep_checkpoints`: a checkpoint with its Adam
+  states is about 2.4 GB at 224);
+- `last.safetensors`: the newest of them (what `resume` continues from);
+- `tensorboard/`: the loss terms every `log_every` steps, and at every checkpoint a grid of validation
+  samples (L | predicted colour | ground truth);
+- `train.log.jsonl`: one line per logged step: step, epoch (0-based), images_per_second and the terms
+  (`generator/l2_ab`, `critic/gradient_penalty`, `info_classifier/loss`...), unweighted.
+
+Steps count batches (one G, one D1 and one D2 update each). An epoch is `epoch_samples` samples (the
+train shards' count in their folder's index.json by default) drawn from the resampled, shuffled shard
+stream (data.train_loader). Resuming restores the networks, the optimisers, the step and the epoch, but
+not the data order: the stream of a resumed run is drawn with a seed made of (seed, epoch, step in the
+epoch) at the restart, so an interrupted epoch is finished with fresh draws, not with the batches the
+interrupted run would have seen; finished epochs are not repeated.
+
+On CUDA the forward passes run under bf16 autocast with channels_last tensors; on the CPU in float32.
+Under `torchrun` (WORLD_SIZE > 1) every process trains on one GPU (LOCAL_RANK) with G, D1 and D2 wrapped
+in DistributedDataParallel, and draws its own share of each epoch; only rank 0 writes. Batches are per
+process and BatchNorm statistics stay per process (no SyncBatchNorm), as with the paper's one GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..labeler import fixed_cpu_threads
+from ..persons import DetectorError, pick_device
+from ..taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+from ..workdir import atomic_write_bytes, read_json
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .data import eval_loader, rgb_from_lab, shard_urls, train_loader
+from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
+from .model import VARIANTS, Networks, build_networks, load_vgg16_backbone
+
+LAST = "last.safetensors"
+LOG = "train.log.jsonl"
+# the three networks as checkpoint.py names them, and their optimisers
+NETWORKS = ("generator", "critic", "info_classifier")
+
+
+class HistoryNetError(ValueError):
+    """Training cannot start; the message is one line and says why."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    shards: str | list[str]  # a brace pattern, a glob, a folder (its train split) or a list of these
+    out: str  # RUNDIR
+    variant: str = "historynet"  # one of model.VARIANTS
+    preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
+    epochs: int = 8  # the paper's
+    steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
+    epoch_samples: int | None = None  # default: the train shards' count in their folder's index.json
+    batch_size: int = 16  # per process
+    lr: float = 2e-5
+    betas: tuple[float, float] = (0.5, 0.999)
+    image_size: int = 224
+    device: str = "auto"
+    workers: int = 4  # DataLoader processes
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    save_every: int = 5000  # steps; a checkpoint is also written at the end of every epoch
+    keep_checkpoints: int | None = 3  # the newest step checkpoints kept besides the epoch ends; None: all
+    log_every: int = 50  # steps
+    vgg_weights: str = "imagenet"  # imagenet (torchvision's download) | none (random) | a local .pth
+    val_shards: str | list[str] | None = None  # for the image grid; default: the test split beside the shards
+    val_images: int = 8
+    taxonomy: str | None = None  # a taxonomy CSV; default: the shipped MHMD labels
+    resume: bool = False  # continue from RUNDIR/last.safetensors
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+# -- the shards ------------------------------------------------------------------------------------
+def train_shards(settings: TrainSettings) -> list[str]:
+    try:
+        return shard_urls(settings.shards, "train")
+    except FileNotFoundError as e:
+        raise HistoryNetError(str(e)) from None
+
+
+def shard_indexes(urls: list[str]) -> dict[Path, dict]:
+    """The index.json of every local shard folder that has one (mhmd shard writes it)."""
+    folders = {Path(url).parent for url in urls if Path(url).is_file()}
+    return {folder / "index.json": read_json(folder / "index.json")
+            for folder in sorted(folders) if (folder / "index.json").is_file()}
+
+
+def indexed_samples(urls: list[str], indexes: dict[Path, dict]) -> int | None:
+    """How many samples the shards hold by their folders' indexes; None when one of them is not listed."""
+    total = 0
+    for url in urls:
+        index = indexes.get(Path(url).parent / "index.json", {})
+        counts = {shard["name"]: shard["count"] for shard in index.get("shards", [])}
+        if Path(url).name not in counts:
+            return None
+        total += counts[Path(url).name]
+    return total
+
+
+def check_shard_taxonomy(indexes: dict[Path, dict], taxonomy: Taxonomy) -> None:
+    for path, index in indexes.items():
+        sha = index.get("taxonomy_sha256")
+        if sha and sha != taxonomy.sha256:
+            raise HistoryNetError(f"{path}: the shards were labelled with another taxonomy (SHA-256 {sha[:12]}...) "
+                                  f"than {taxonomy.source} (SHA-256 {taxonomy.sha256[:12]}...): give --taxonomy "
+                                  "the taxonomy they were made with")
+
+
+def validation_shards(settings: TrainSettings, urls: list[str]) -> list[str]:
+    """The given validation shards, else the test split beside the first train shard, else none."""
+    if settings.val_shards is not None:
+        try:
+            return shard_urls(settings.val_shards, "test")
+        except FileNotFoundError as e:
+            raise HistoryNetError(f"--val-shards: {e}") from None
+    folder = Path(urls[0]).parent
+    return sorted(str(path) for path in folder.glob("test-*.tar")) if Path(urls[0]).is_file() else []
+
+
+# -- processes and devices -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def start_processes(device: str) -> tuple[Process, str]:
+    """(this process, its device). Under torchrun: one process group, one GPU per process (LOCAL_RANK).
+    The tests run two CPU processes over gloo; the NCCL / CUDA path has not run on more than one GPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Process(), device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Process(dist.get_rank(), world_size), device
+
+
+def stop_processes(process: Process) -> None:
+    if process.world_size > 1:
+        dist.destroy_process_group()
+
+
+# -- networks and optimisers -----------------------------------------------------------------------
+@dataclass
+class Models:
+    nets: Networks  # the modules: checkpoints, the validation grid, and D1 / D2 inside the G step
+    generator: nn.Module  # what the training steps call: the modules, or their DDP wrappers
+    critic: nn.Module
+    info_classifier: nn.Module | None
+
+
+def load_backbone(nets: Networks, vgg_weights: str) -> str:
+    """Put the VGG-16 weights into G0; returns where they came from."""
+    if vgg_weights == "none":
+        return "random (--vgg-weights none)"
+    if vgg_weights == "imagenet":
+        try:
+            load_vgg16_backbone(nets.generator.g0)
+        except OSError as e:
+            print(f"notice: cannot download torchvision's ImageNet VGG-16 weights ({type(e).__name__}, offline?): "
+                  "training G0 from random initialisation; give a local copy with --vgg-weights PATH")
+            return "random (ImageNet weights unavailable)"
+        return "imagenet"
+    if not Path(vgg_weights).is_file():
+        raise HistoryNetError(f"--vgg-weights {vgg_weights}: no such file (or use imagenet / none)")
+    try:
+        load_vgg16_backbone(nets.generator.g0, vgg_weights)
+    except Exception as e:  # noqa: BLE001 - whatever the file holds, it is not torchvision's VGG-16 weights
+        raise HistoryNetError(f"--vgg-weights {vgg_weights}: not a torchvision VGG-16 state dict "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return vgg_weights
+
+
+def wrap(nets: Networks, device: str, process: Process) -> Models:
+    """The networks on the device (channels_last on CUDA), in DDP wrappers under torchrun."""
+    cuda = device.startswith("cuda")
+    for net in (nets.generator, nets.critic, nets.info_classifier):
+        if net is not None:
+            net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format).train()
+    if process.world_size == 1:
+        return Models(nets, nets.generator, nets.critic, nets.info_classifier)
+    # broadcasts rank 0's weights to every rank, which is why only rank 0 loads the VGG weights
+    ddp = partial(DistributedDataParallel, device_ids=[torch.device(device).index] if cuda else None)
+    return Models(nets, ddp(nets.generator), ddp(nets.critic),
+                  ddp(nets.info_classifier) if nets.info_classifier is not None else None)
+
+
+def make_optimizers(nets: Networks, settings: TrainSettings) -> dict[str, torch.optim.Adam]:
+    return {name: torch.optim.Adam(getattr(nets, name).parameters(), settings.lr, betas=settings.betas)
+            for name in NETWORKS if getattr(nets, name) is not None}
+
+
+# -- one step --------------------------------------------------------------------------------------
+def batch_tensors(batch: dict, device: str) -> dict[str, torch.Tensor]:
+    """The batch on the device: L in one channel, class indices from the one-hot labels."""
+    memory = torch.channels_last if device.startswith("cuda") else torch.contiguous_format
+    move = partial(torch.Tensor.to, device=device, non_blocking=True)
+    return {"l": move(batch["gray"][:, :1]).contiguous(memory_format=memory),
+            "ab": move(batch["ab"]).contiguous(memory_format=memory),
+            "labels": move(batch["onehot"].argmax(1)), "has_label": move(batch["has_label"]),
+            "parsing": move(batch["parsing"]), "has_parsing": move(batch["has_parsing"])}
+
+
+def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)  # also drops what the G loss left on D1 and D2
+    loss.backward()
+    optimizer.step()
+
+
+def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
+    """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
+    judges = [net for net in (models.nets.critic, models.nets.info_classifier) if net is not None]
+    # In the G step D1 and D2 are plain functions of the colours: their weights need no gradient (less work),
+    # and the bare modules are called (a DDP wrapper would all-reduce gradients that are thrown away).
+    for net in judges:
+        net.requires_grad_(False)
+    with autocast():
+        out = models.generator(x["l"])
+        g_total, g_terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
+                                          has_label=x["has_label"], parsing=x["parsing"],
+                                          has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
+                                          weights=weights)
+    update(optimizers["generator"], g_total)
+    for net in judges:
+        net.requires_grad_(True)
+    # D1 and D2 learn from the colours G made before its update, as in the official code
+    with autocast():
+        d1_total, d1_terms = critic_loss(models.critic, x["l"], x["ab"], out.ab)
+    update(optimizers["critic"], d1_total)
+    terms = {**{f"generator/{k}": v for k, v in g_terms.items()}, **{f"critic/{k}": v for k, v in d1_terms.items()}}
+    if models.info_classifier is not None:
+        with autocast():
+            d2_total = info_classifier_loss(models.info_classifier, out.ab, out.z)
+        update(optimizers["info_classifier"], d2_total)
+        terms["info_classifier/loss"] = d2_total.detach()
+    return terms
+
+
+# -- what rank 0 writes ---------------------------------------------------------------------------
+def validation_batch(urls: list[str], num_classes: int, settings: TrainSettings) -> dict | None:
+    """The first `val_images` validation samples, or None without validation shards."""
+    if not urls or settings.val_images < 1:
+        return None
+    loader = eval_loader(urls, num_classes, batch_size=settings.val_images, num_workers=0, split="test",
+                         image_size=settings.image_size)
+    return next(iter(loader), None)
+
+
+def validation_grid(generator: nn.Module, batch: dict, device: str, autocast) -> torch.Tensor:
+    """(N, 3, S, 3S) uint8: each sample's L, predicted colours and true colours side by side."""
+    generator.eval()  # BatchNorm's running statistics, as at inference
+    with torch.no_grad(), autocast():
+        predicted = generator(batch_tensors(batch, device)["l"]).ab.float().cpu().numpy()
+    generator.train()
+    rows = []
+    for gray, ab, true_ab in zip(batch["gray"][:, 0].numpy(), predicted, batch["ab"].numpy()):
+        lightness = np.rint(gray * 255).astype(np.uint8)
+        panels = [np.repeat(lightness[..., None], 3, axis=2), rgb_from_lab(lightness, ab),
+                  rgb_from_lab(lightness, true_ab)]
+        rows.append(np.concatenate(panels, axis=1))
+    return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the lines of steps after `step` (logged after the checkpoint a resumed run starts from)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step]
+        atomic_write_bytes(path, "".join(lines).encode())
+
+
+class Recorder:
+    """RUNDIR's checkpoints, TensorBoard events and json log (rank 0's; other ranks record nothing)."""
+
+    def __init__(self, settings: TrainSettings, resume_step: int, val_batch: dict | None, device: str, autocast):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.rundir, self.keep = Path(settings.out), settings.keep_checkpoints
+        self.val_batch, self.device, self.autocast = val_batch, device, autocast
+        self.rundir.mkdir(parents=True, exist_ok=True)
+        if settings.resume:
+            trim_log(self.rundir / LOG, resume_step)
+        # purge_step: TensorBoard hides the events of steps after the checkpoint, as trim_log does
+        self.writer = SummaryWriter(str(self.rundir / "tensorboard"),
+                                    purge_step=resume_step + 1 if settings.resume else None)
+        self.log = open(self.rundir / LOG, "a" if settings.resume else "w")
+        self.intermediate: list[Path] = []  # this process's step checkpoints that are not at an epoch end
+
+    def scalars(self, step: int, epoch: int, terms: dict[str, float], images_per_second: float) -> None:
+        for tag, value in {**terms, "images_per_second": images_per_second}.items():
+            self.writer.add_scalar(tag, value, step)
+        line = {"step": step, "epoch": epoch, "images_per_second": images_per_second, **terms}
+        self.log.write(json.dumps(line) + "\n")
+        self.log.flush()
+
+    def checkpoint(self, nets: Networks, config: dict, optimizers: dict, progress: dict) -> Path:
+        """checkpoints/step-N.safetensors, and last.safetensors as a hard link to it (no second write of a
+        file of a gigabyte or more) renamed into place, or a copy where the file system has no hard links.
+        Then the validation grid, and the step checkpoints beyond the newest `keep_checkpoints` go."""
+        step = progress["step"]
+        path = save_checkpoint(self.rundir / "checkpoints" / f"step-{step:08d}.safetensors", nets, config, optimizers,
+                               progress)
+        temp = self.rundir / f".{LAST}.tmp{os.getpid()}"
+        temp.unlink(missing_ok=True)
+        try:
+            os.link(path, temp)
+            os.replace(temp, self.rundir / LAST)
+        except OSError:
+            save_checkpoint(self.rundir / LAST, nets, config, optimizers, progress)
+        if self.val_batch is not None:
+            grid = validation_grid(nets.generator, self.val_batch, self.device, self.autocast)
+            self.writer.add_images("validation/L_predicted_truth", grid, step)
+        if progress["epoch_step"] and self.keep is not None:
+            self.intermediate.append(path)
+            while len(self.intermediate) > self.keep:
+                self.intermediate.pop(0).unlink(missing_ok=True)
+        return path
+
+    def close(self) -> None:
+        self.writer.close()
+        self.log.close()
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def check_settings(settings: TrainSettings) -> None:
+    if settings.variant not in VARIANTS:
+        raise HistoryNetError(f"unknown variant {settings.variant!r} (available: {', '.join(VARIANTS)})")
+    if settings.preset not in LOSS_PRESETS:
+        raise HistoryNetError(f"unknown loss preset {settings.preset!r} (available: {', '.join(LOSS_PRESETS)})")
+    if settings.image_size % 32:
+        raise HistoryNetError(f"image size {settings.image_size} is not a multiple of 32 (the paper's is 224)")
+    counts = {"epochs": settings.epochs, "batch_size": settings.batch_size, "save_every": settings.save_every,
+              "log_every": settings.log_every, "steps": settings.steps, "epoch_samples": settings.epoch_samples}
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise HistoryNetError(f"{name} must be at least 1 (got {value})")
+    if settings.keep_checkpoints is not None and settings.keep_checkpoints < 0:
+        raise HistoryNetError(f"keep_checkpoints must be 0 or more (got {settings.keep_checkpoints})")
+
+
+def resumed(settings: TrainSettings, config: dict) -> Checkpoint | None:
+    """RUNDIR/last.safetensors with `resume` (refused when of another variant, label set or size), else
+    None (refused when RUNDIR holds a run already: a fresh start would overwrite it)."""
+    last = Path(settings.out) / LAST
+    if not settings.resume:
+        if last.is_file():
+            raise HistoryNetError(f"{settings.out} holds a run already ({last}): resume it, "
+                                  "or train into another RUNDIR")
+        return None
+    if not last.is_file():
+        raise HistoryNetError(f"{last}: no checkpoint to resume from")
+    try:
+        checkpoint = load_checkpoint(last)
+    except CheckpointError as e:
+        raise HistoryNetError(str(e)) from None
+    for key in ("variant", "num_classes", "image_size", "taxonomy_sha256"):
+        if checkpoint.config.get(key) != config[key]:
+            raise HistoryNetError(f"{last} has {key} {checkpoint.config.get(key)!r}, these settings {config[key]!r}: "
+                                  "resume with the run's own settings, or train into another RUNDIR")
+    return checkpoint
+
+
+def run_config(settings: TrainSettings, taxonomy: Taxonomy, epoch_samples: int) -> dict:
+    """What a checkpoint records of its run."""
+    return {"variant": settings.variant, "num_classes": len(taxonomy), "image_size": settings.image_size,
+            "label_names": taxonomy.names, "taxonomy_sha256": taxonomy.sha256, "preset": settings.preset,
+            "loss_weights": asdict(LOSS_PRESETS[settings.preset]), "epoch_samples": epoch_samples,
+            "settings": settings.to_dict()}
+
+
+def stream_seed(seed: int, epoch: int, epoch_step: int) -> int:
+    """The data stream's seed for a run that starts at (epoch, epoch_step): a resumed run draws afresh."""
+    return int(np.random.SeedSequence([seed, epoch, epoch_step]).generate_state(1)[0])
+
+
+def train(settings: TrainSettings) -> dict:
+    """Train (or, with `resume`, continue) a run; returns a summary: final step and epoch, checkpoints."""
+    with fixed_cpu_threads():
+        return _train(settings)
+
+
+def _train(settings: TrainSettings) -> dict:
+    check_settings(settings)
+    try:
+        taxonomy = load_taxonomy(settings.taxonomy)
+    except TaxonomyError as e:
+        raise HistoryNetError(str(e)) from None
+    urls = train_shards(settings)
+    indexes = shard_indexes(urls)
+    check_shard_taxonomy(indexes, taxonomy)
+    epoch_samples = settings.epoch_samples or indexed_samples(urls, indexes)
+    if not epoch_samples:
+        raise HistoryNetError(f"{settings.shards}: how many samples make an epoch is unknown (the shards' folder "
+                              "has no index.json listing them): give epoch_samples (--epoch-samples)")
+    config = run_config(settings, taxonomy, epoch_samples)
+    checkpoint = resumed(settings, config)
+    try:
+        device = pick_device(settings.device)
+    except DetectorError as e:
+        raise HistoryNetError(str(e)) from None
+    val_urls = validation_shards(settings, urls)
+    process, device = start_processes(device)
+    try:
+        return _run(settings, process, device, urls, val_urls, config, checkpoint)
+    finally:
+        stop_processes(process)
+
+
+def prepared_networks(settings: TrainSettings, process: Process, config: dict,
+                      checkpoint: Checkpoint | None) -> Networks:
+    """The checkpoint's networks, or new ones with the VGG weights in G0 (on rank 0: DDP copies its weights)."""
+    if checkpoint is not None:
+        config["vgg_weights"] = checkpoint.config.get("vgg_weights")
+        return checkpoint.networks
+    torch.manual_seed(settings.seed)  # before the networks: their random initialisation is part of the run
+    nets = build_networks(settings.variant, config["num_classes"], settings.image_size)
+    if process.main:
+        config["vgg_weights"] = load_backbone(nets, settings.vgg_weights)
+    return nets
+
+
+def prepared_training(settings: TrainSettings, process: Process, device: str, config: dict,
+                      checkpoint: Checkpoint | None) -> tuple[Models, dict[str, torch.optim.Adam]]:
+    """The networks on their device and their optimisers, both as the checkpoint left them when there is one."""
+    nets = prepared_networks(settings, process, config, checkpoint)
+    torch.manual_seed(settings.seed + process.rank)  # each rank its own gradient-penalty mixes
+    models = wrap(nets, device, process)
+    optimizers = make_optimizers(nets, settings)
+    for name, state in (checkpoint.optimizer_states if checkpoint else {}).items():
+        optimizers[name].load_state_dict(state)
+    return models, optimizers
+
+
+def _run(settings: TrainSettings, process: Process, device: str, urls: list[str], val_urls: list[str], config: dict,
+         checkpoint: Checkpoint | None) -> dict:
+    from tqdm import tqdm
+
+    cuda = device.startswith("cuda")
+    torch.backends.cudnn.benchmark = cuda  # fixed input sizes: let cuDNN pick its fastest kernels
+    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
+    weights = LOSS_PRESETS[settings.preset]
+    models, optimizers = prepared_training(settings, process, device, config, checkpoint)
+    nets = models.nets
+    progress = checkpoint.progress if checkpoint else {"step": 0, "epoch": 0, "epoch_step": 0}
+    step, epoch, epoch_step = progress["step"], progress["epoch"], progress["epoch_step"]
+    loader = train_loader(urls, config["num_classes"], -(-config["epoch_samples"] // process.world_size),
+                          batch_size=settings.batch_size, num_workers=settings.workers,
+                          shuffle_buffer=settings.shuffle_buffer, seed=stream_seed(settings.seed, epoch, epoch_step),
+                          image_size=settings.image_size)
+    epoch_steps = len(loader)  # per process
+    total = settings.steps if settings.steps is not None else settings.epochs * epoch_steps
+    images_per_step = settings.batch_size * process.world_size
+    recorder = None
+    if process.main:
+        val_batch = validation_batch(val_urls, config["num_classes"], settings)
+        recorder = Recorder(settings, step, val_batch, device, autocast)
+        print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {epoch_steps} steps of "
+              f"{images_per_step} images, on {device} x{process.world_size}; G0: {config['vgg_weights']}; "
+              f"{f'resuming at step {step}' if step else 'starting'}, until step {total}")
+
+    first_step, checkpoints, logged, started = step, [], {}, time.perf_counter()
+
+    def save() -> None:
+        if recorder is not None:
+            now = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "epoch_steps": epoch_steps}
+            checkpoints.append(recorder.checkpoint(nets, config, optimizers, now))
+
+    window = (step, started)  # images/s over each log interval
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None if process.main else True)
+    while step < total if settings.steps is not None else epoch < settings.epochs:
+        if epoch_step >= epoch_steps:  # resumed with larger batches than the run had: that epoch is over
+            epoch, epoch_step = epoch + 1, 0
+            continue
+        bar.set_description(f"epoch {epoch + 1}")
+        todo = epoch_steps - epoch_step if settings.steps is None else min(epoch_steps - epoch_step, total - step)
+        for batch in islice(iter(loader), todo):
+            terms = train_step(models, optimizers, batch_tensors(batch, device), weights, autocast)
+            step, epoch_step = step + 1, epoch_step + 1
+            bar.update(1)
+            if recorder is not None and step % settings.log_every == 0:
+                images_per_second = (step - window[0]) * images_per_step / (time.perf_counter() - window[1])
+                window = (step, time.perf_counter())
+                logged = dict(zip(terms, torch.stack(list(terms.values())).float().cpu().tolist()))
+                recorder.scalars(step, epoch, logged, images_per_second)
+                bar.set_postfix(loss=f"{logged['generator/total']:.4f}", img_s=f"{images_per_second:.1f}")
+            if epoch_step == epoch_steps:  # the epoch's last step: its checkpoint records the epoch as done
+                epoch, epoch_step = epoch + 1, 0
+            if epoch_step == 0 or step % settings.save_every == 0 or step == total:
+                save()
+    bar.close()
+    if recorder is not None:
+        recorder.close()
+        print(f"HistoryNet {settings.variant}: at step {step}, complete epochs: {epoch}; last checkpoint "
+              f"{recorder.rundir / LAST}")
+    seconds = time.perf_counter() - started
+    last = recorder.rundir / LAST if recorder is not None else None
+    return {"rundir": settings.out, "variant": settings.variant, "step": step, "epoch": epoch, "epoch_step": epoch_step,
+            "epoch_steps": epoch_steps, "epoch_samples": config["epoch_samples"],
+            "checkpoints": [str(path) for path in checkpoints if path.is_file()],  # kept ones
+            "last": str(last) if last is not None and last.is_file() else None,
+            "images_per_second": (step - first_step) * images_per_step / seconds if seconds else 0.0,
+            "terms": logged}

@@ -1,0 +1,225 @@
+"""HistoryNet training on tiny shards, on the CPU (32x32 images, batches of 2).
+
+A checkpoint of the full networks with Adam states is about 500 MB at any image size (the VGG and
+512-channel layers do not shrink): runs here write few of them."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_data import PER_SHARD, make_sample, write_shards
+
+from mhmd_builder.historynet import train as train_module
+from mhmd_builder.historynet.checkpoint import load_checkpoint
+from mhmd_builder.historynet.model import build_networks
+from mhmd_builder.historynet.train import HistoryNetError, TrainSettings, load_backbone, train
+from mhmd_builder.taxonomy import load_taxonomy
+
+SMALL = {"image_size": 32, "batch_size": 2, "device": "cpu", "workers": 0, "vgg_weights": "none"}
+GRID_TAG = "validation/L_predicted_truth"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """Two train shards of four samples and one test shard of two (for the validation grid)."""
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, [make_sample(i) for i in range(8)])
+    write_shards(folder, [make_sample(i) for i in range(8, 10)], split="test")
+    return folder
+
+
+def write_index(folder: Path, taxonomy_sha256: str) -> None:
+    """index.json as `mhmd shard` writes it (the parts training reads)."""
+    shards = [{"name": p.name, "split": p.name.split("-")[0], "count": PER_SHARD} for p in sorted(folder.glob("*.tar"))]
+    (folder / "index.json").write_text(json.dumps({"taxonomy_sha256": taxonomy_sha256, "shards": shards}))
+
+
+def log_lines(rundir: Path) -> list[dict]:
+    return [json.loads(line) for line in (rundir / "train.log.jsonl").read_text().splitlines()]
+
+
+def adam_steps(checkpoint, name: str = "generator") -> int:
+    return int(checkpoint.optimizer_states[name]["state"][0]["step"])
+
+
+# -- a run, and its resumption ---------------------------------------------------------------------
+def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stopped(shards, tmp_path):
+    rundir = tmp_path / "run"
+    # 8 samples an epoch in batches of 2: 4 steps an epoch; a checkpoint every 3 steps and at each epoch end
+    settings = TrainSettings(shards=str(shards), out=str(rundir), steps=4, epoch_samples=8, save_every=3,
+                             log_every=1, **SMALL)
+    summary = train(settings)
+
+    assert (summary["step"], summary["epoch"], summary["epoch_steps"]) == (4, 1, 4)
+    assert sorted(p.name for p in (rundir / "checkpoints").iterdir()) == ["step-00000003.safetensors",
+                                                                          "step-00000004.safetensors"]
+    last = load_checkpoint(rundir / "last.safetensors")
+    assert last.progress == {"step": 4, "epoch": 1, "epoch_step": 0, "epoch_steps": 4}
+    assert last.config["variant"] == "historynet" and last.config["image_size"] == 32
+    assert last.config["num_classes"] == len(load_taxonomy()) == len(last.config["label_names"])
+    assert last.config["preset"] == "paper" and last.config["loss_weights"]["wgan"] == 0.1
+    assert last.config["settings"]["steps"] == 4
+    assert {name: adam_steps(last, name) for name in ("generator", "critic", "info_classifier")} == \
+        {"generator": 4, "critic": 4, "info_classifier": 4}
+
+    lines = log_lines(rundir)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4] and {line["epoch"] for line in lines} == {0}
+    terms = {"generator/l2_ab", "generator/class_kl", "generator/parsing_l2", "generator/wgan", "generator/info_kl",
+             "generator/total", "critic/real", "critic/fake", "critic/gradient_penalty", "critic/total",
+             "info_classifier/loss"}
+    assert terms <= set(lines[0]) and all(line["images_per_second"] > 0 for line in lines)
+    assert all(torch.isfinite(torch.tensor([line[t] for t in terms])).all() for line in lines)
+
+    events = EventAccumulator(str(rundir / "tensorboard"))
+    events.Reload()
+    assert terms | {"images_per_second"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("generator/l2_ab")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Images(GRID_TAG)] == [3, 4]  # a grid at every checkpoint
+
+    with pytest.raises(HistoryNetError, match="holds a run already"):
+        train(settings)  # a fresh start would overwrite it
+    with pytest.raises(HistoryNetError, match="variant 'historynet', these settings 'no_parsing'") as error:
+        train(replace(settings, variant="no_parsing", resume=True))
+    assert "\n" not in str(error.value)
+
+    with open(rundir / "train.log.jsonl", "a") as log:  # as if the run had gone on past its checkpoint
+        log.write(json.dumps({"step": 5, "epoch": 1}) + "\n")
+    resumed = train(replace(settings, steps=8, resume=True))
+    assert (resumed["step"], resumed["epoch"]) == (8, 2)
+    assert [Path(p).name for p in resumed["checkpoints"]] == ["step-00000006.safetensors", "step-00000008.safetensors"]
+    last = load_checkpoint(rundir / "last.safetensors")
+    assert last.progress == {"step": 8, "epoch": 2, "epoch_step": 0, "epoch_steps": 4}
+    assert adam_steps(last) == 8 and adam_steps(last, "critic") == 8  # the optimiser states went on
+    lines = log_lines(rundir)  # steps after the checkpoint resumed from are logged once, by the resumed run
+    assert [(line["step"], line["epoch"]) for line in lines] == [(s, (s - 1) // 4) for s in range(1, 9)]
+    assert all("generator/l2_ab" in line for line in lines)
+    events = EventAccumulator(str(rundir / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("generator/l2_ab")] == list(range(1, 9))
+
+
+# -- learning, reproducibility, variants -----------------------------------------------------------
+def test_the_colour_loss_falls_on_a_fixed_image(tmp_path):
+    """The full loss (WGAN and info terms included) at the paper's learning rate: the L2(ab) term falls."""
+    folder = tmp_path / "shards"
+    write_shards(folder, [{**make_sample(0), "__key__": f"same_{i}"} for i in range(4)])
+    train(TrainSettings(shards=str(folder), out=str(tmp_path / "run"), steps=20, epoch_samples=1000, save_every=1000,
+                        log_every=1, **SMALL))
+    l2 = [line["generator/l2_ab"] for line in log_lines(tmp_path / "run")]
+    assert len(l2) == 20
+    assert sum(l2[-3:]) < 0.6 * sum(l2[:3]), l2
+
+
+def test_a_cpu_run_is_reproducible(shards, tmp_path):
+    for name in ("a", "b"):
+        train(TrainSettings(shards=str(shards), out=str(tmp_path / name), variant="chromagan", steps=2,
+                            epoch_samples=100, log_every=1, **SMALL))
+    logs = [[{k: v for k, v in line.items() if k != "images_per_second"} for line in log_lines(tmp_path / name)]
+            for name in ("a", "b")]
+    assert logs[0] == logs[1]
+    a, b = (load_checkpoint(tmp_path / name / "last.safetensors").networks.generator.state_dict() for name in "ab")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("variant", ["no_parsing", "chromagan"])
+def test_variants_without_parsing_or_d2_train(shards, tmp_path, variant):
+    folder = tmp_path / "shards"
+    write_shards(folder, [make_sample(i) for i in range(8)])
+    write_index(folder, load_taxonomy().sha256)
+    summary = train(TrainSettings(shards=str(folder / "train-*.tar"), out=str(tmp_path / "run"), variant=variant,
+                                  steps=2, log_every=1, save_every=1, keep_checkpoints=1, **SMALL))
+    assert summary["epoch_samples"] == 8 and summary["epoch_steps"] == 4  # the count in index.json
+    # step 1's checkpoint made way for step 2's (neither ends an epoch)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002.safetensors"]
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == [1, 2]
+    assert not any(key.endswith("parsing_l2") for key in lines[0])
+    has_d2 = variant == "no_parsing"
+    assert ("info_classifier/loss" in lines[0]) == ("generator/info_kl" in lines[0]) == has_d2
+    last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert set(last.optimizer_states) == {"generator", "critic"} | ({"info_classifier"} if has_d2 else set())
+    assert last.networks.generator.g3 is None and (last.networks.info_classifier is not None) == has_d2
+
+
+# -- refusals --------------------------------------------------------------------------------------
+def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
+    foreign = tmp_path / "foreign"
+    write_shards(foreign, [make_sample(i) for i in range(4)])
+    write_index(foreign, "0" * 64)
+    cases = [
+        (TrainSettings(shards=str(tmp_path / "none"), out=str(tmp_path / "r1"), **SMALL), "no shards match"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r2"), **SMALL), "give epoch_samples"),
+        (TrainSettings(shards=str(foreign), out=str(tmp_path / "r3"), **SMALL), "another taxonomy"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r4"), epoch_samples=8, resume=True, **SMALL),
+         "no checkpoint to resume from"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r5"), epoch_samples=8, variant="pix2pix", **SMALL),
+         "unknown variant"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r6"), epoch_samples=8, preset="mine", **SMALL),
+         "unknown loss preset"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(HistoryNetError, match=message) as error:
+            train(settings)
+        assert "\n" not in str(error.value)
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 7))
+
+
+def test_vgg_weights_come_from_torchvision_a_file_or_nowhere(tmp_path, monkeypatch, capsys):
+    nets = build_networks("chromagan", 5, 32)
+    asked = []
+
+    def offline(g0, path=None):
+        asked.append(path)
+        if path is None:
+            raise OSError("no network")
+
+    monkeypatch.setattr(train_module, "load_vgg16_backbone", offline)
+    assert load_backbone(nets, "imagenet") == "random (ImageNet weights unavailable)"
+    assert "notice: cannot download torchvision's ImageNet VGG-16 weights" in capsys.readouterr().out
+    (tmp_path / "vgg16.pth").write_bytes(b"")
+    assert load_backbone(nets, str(tmp_path / "vgg16.pth")) == str(tmp_path / "vgg16.pth")
+    assert load_backbone(nets, "none").startswith("random")
+    assert asked == [None, str(tmp_path / "vgg16.pth")]
+    with pytest.raises(HistoryNetError, match="no such file"):
+        load_backbone(nets, str(tmp_path / "missing.pth"))
+    monkeypatch.undo()
+    with pytest.raises(HistoryNetError, match="not a torchvision VGG-16 state dict"):
+        load_backbone(nets, str(tmp_path / "vgg16.pth"))  # empty
+
+
+# -- two processes ---------------------------------------------------------------------------------
+def ddp_rank(rank: int, port: int, settings: TrainSettings, results: Path) -> None:
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})  # one core (and so one torch thread) per process
+    summary = train(settings)
+    (results / f"rank{rank}.json").write_text(json.dumps(summary))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_share_the_epoch_and_only_rank_0_writes(shards, tmp_path):
+    """DistributedDataParallel over gloo on the CPU (the CUDA / NCCL path is not tested here)."""
+    rundir = tmp_path / "run"
+    settings = TrainSettings(shards=str(shards), out=str(rundir), variant="chromagan", epochs=1, epoch_samples=8,
+                             log_every=1, **SMALL)
+    mp.spawn(ddp_rank, args=(free_port(), settings, tmp_path), nprocs=2)
+    summaries = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # each rank draws 4 samples an epoch: 2 steps of 2 images, 4 images a step in all
+    assert [(s["step"], s["epoch"], s["epoch_steps"]) for s in summaries] == [(2, 1, 2), (2, 1, 2)]
+    assert summaries[0]["last"] and summaries[1]["last"] is None and summaries[1]["checkpoints"] == []
+    assert [line["step"] for line in log_lines(rundir)] == [1, 2]
+    assert load_checkpoint(rundir / "last.safetensors").progress["epoch"] == 1
