@@ -408,6 +408,122 @@ def report_command(shard_dir, workdir, output, recipe, taxonomy) -> None:
     click.echo(f"report: {path}")
 
 
+@main.group("historynet")
+def historynet_group() -> None:
+    """HistoryNet, the bundled colorization model: train, evaluate, colorize."""
+
+
+HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing", (False, True): "no_classifier",
+                       (True, True): "chromagan"}  # (--no-parsing, --no-classifier) -> model.VARIANTS
+
+
+@historynet_group.command("train")
+@click.option("--shards", required=True,
+              help="Train shards: a folder (its train-*.tar), a brace pattern or a glob.")
+@click.option("-o", "--output", "rundir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: checkpoints/, last.safetensors, tensorboard/, train.log.jsonl.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs [default: 8, the paper's].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps instead.")
+@click.option("--epoch-samples", type=click.IntRange(min=1), default=None,
+              help="Samples an epoch [default: the shards' count in their index.json].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Per GPU.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-5, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--no-parsing", is_flag=True, help="Ablation: without the parsing branch (G3).")
+@click.option("--no-classifier", is_flag=True, help="Ablation: without the info classifier (D2).")
+@click.option("--preset", type=click.Choice(["paper", "official"]), default="paper", show_default=True,
+              help="Loss weights: the paper's eq. 1 or the official code's.")
+@click.option("--vgg-weights", default="imagenet", show_default=True,
+              help="G0's start: imagenet (torchvision's download), none (random), or a local vgg16 .pth.")
+@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True, help="Data loader processes.")
+@click.option("--save-every", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Steps between checkpoints (one is also written at every epoch end).")
+@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Step checkpoints kept besides those of epoch ends (newest first).")
+@click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--val-shards", default=None,
+              help="Shards for the TensorBoard image grid [default: the test split beside --shards].")
+@taxonomy_option
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in RUNDIR from its last.safetensors.")
+def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
+                             no_classifier, preset, vgg_weights, image_size, workers, save_every, keep_checkpoints,
+                             log_every, val_shards, taxonomy, seed, resume) -> None:
+    """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
+    from .historynet.train import HistoryNetError, TrainSettings, train
+
+    if epochs is not None and steps is not None:
+        raise click.UsageError("give --epochs or --steps, not both")
+    settings = TrainSettings(
+        shards=shards, out=rundir, variant=HISTORYNET_VARIANTS[no_parsing, no_classifier], preset=preset,
+        epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
+        lr=lr, image_size=image_size, device=device, workers=workers, seed=seed, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,
+        taxonomy=taxonomy, resume=resume)
+    try:
+        result = train(settings)
+    except HistoryNetError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
+               f"checkpoint {result['last']}")
+
+
+@historynet_group.command("evaluate")
+@click.option("--shards", required=True,
+              help="Test shards: a brace pattern (test-{000000..000009}.tar), a glob, or SHARDDIR "
+                   "(its {split}-*.tar).")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A HistoryNet checkpoint (.safetensors).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Shard reading processes.")
+@click.option("--lpips-backbone", type=click.Path(exists=True, dir_okay=False),
+              help="A local copy of torchvision's alexnet-owt-7be5be79.pth, for LPIPS offline.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N samples only.")
+@click.option("--split", default="test", show_default=True, help="The split read when --shards is a folder.")
+def historynet_evaluate_command(shards, checkpoint, as_json, device, batch_size, workers, lpips_backbone, limit,
+                                split) -> None:
+    """The paper's protocol: ab predicted at the model's size, resized to each frame and joined with
+    its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label."""
+    from .historynet.checkpoint import CheckpointError
+    from .historynet.evaluate import evaluate, format_evaluation
+    from .persons import DetectorError
+
+    try:
+        result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split)
+    except (CheckpointError, DetectorError, FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=1) if as_json else format_evaluation(result))
+
+
+@historynet_group.command("colorize")
+@click.argument("inputs", metavar="IMAGE_OR_DIR...", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A HistoryNet checkpoint (.safetensors).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="OUTDIR: one <stem>.png per image.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+def historynet_colorize_command(inputs, checkpoint, output, device, batch_size) -> None:
+    """Colorize photos (files, or folders of jpg/jpeg/png/bmp/tif/tiff/webp) at their own size, keeping
+    their L; exit 1 when some could not be read (the others are written)."""
+    from .historynet.checkpoint import CheckpointError
+    from .historynet.colorize import ColorizeError, colorize
+    from .persons import DetectorError
+
+    try:
+        result = colorize(inputs, checkpoint, output, device, batch_size)
+    except (ColorizeError, CheckpointError, DetectorError) as e:
+        raise click.ClickException(str(e)) from None
+    for failure in result.failures:
+        click.echo(f"Error: {failure}", err=True)
+    click.echo(f"wrote {len(result.written)} colorized images to {output}")
+    if result.failures:
+        sys.exit(1)
+
+
 @main.command("status")
 @workdir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
