@@ -28,7 +28,7 @@ from ..batching import batched
 from ..persons import pick_device
 from ..workdir import atomic_write_bytes
 from .checkpoint import load_generator
-from .data import lab_input, rgb_from_lab
+from .data import lab_input, rgb_from_lab, unit_float
 from .model import HistoryNetGenerator
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -55,11 +55,11 @@ def load_colorizer(checkpoint: str | Path, device: str) -> tuple[HistoryNetGener
     return generator, config
 
 
-def predict_ab(generator: HistoryNetGenerator, gray: torch.Tensor, device: str) -> np.ndarray:
-    """ab/255 (B x 2 x S x S float32, on the CPU) for L/255 (B x 1 x S x S); bf16 autocast on CUDA."""
+def predict_ab(generator: HistoryNetGenerator, small_lightness: torch.Tensor, device: str) -> np.ndarray:
+    """ab/255 (B x 2 x S x S float32, on the CPU) for L (B x 1 x S x S uint8); bf16 autocast on CUDA."""
     device_type = torch.device(device).type
     with torch.inference_mode(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-        lightness = gray.to(device, non_blocking=True)
+        lightness = unit_float(small_lightness, device)
         if device_type == "cuda":
             lightness = lightness.contiguous(memory_format=torch.channels_last)
         return generator(lightness).ab.float().cpu().numpy()
@@ -121,8 +121,8 @@ def _readable(images: list[Path], targets: list[Path], failures: list[str]) -> I
 
 def _colorize_batch(generator: HistoryNetGenerator, image_size: int, device: str,
                     batch: list[tuple[np.ndarray, Path]]) -> list[Path]:
-    prepared = [lab_input(bgr, image_size) for bgr, _ in batch]  # (gray 3xSxS, full-size L)
-    ab = predict_ab(generator, torch.stack([gray[:1] for gray, _ in prepared]), device)
+    prepared = [lab_input(bgr, image_size) for bgr, _ in batch]  # (L uint8 1xSxS, full-size L)
+    ab = predict_ab(generator, torch.stack([small for small, _ in prepared]), device)
     for (_, lightness_full), ab_one, (_, target) in zip(prepared, ab, batch):
         rgb = rgb_from_lab(lightness_full, ab_one)
         atomic_write_bytes(target, cv2.imencode(".png", rgb[..., ::-1])[1].tobytes())

@@ -77,7 +77,7 @@ def _labels(batch: dict) -> list[int | None]:
 def _predicted(batches: Iterator[dict], generator, device: str) -> Iterator[tuple]:
     """(key, label, original BGR, predicted ab) per frame."""
     for batch in batches:
-        ab = predict_ab(generator, batch["gray"][:, :1], device)
+        ab = predict_ab(generator, batch["lightness"], device)
         # the DataLoader's default_convert has turned the numpy frames into tensors: back to numpy
         originals = [np.asarray(frame) for frame in batch["original"]]
         yield from zip(batch["key"], _labels(batch), originals, ab)

@@ -48,7 +48,7 @@ from ..persons import DetectorError, pick_device
 from ..taxonomy import Taxonomy, TaxonomyError, load_taxonomy
 from ..workdir import atomic_write_bytes, read_json
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .data import eval_loader, rgb_from_lab, shard_urls, train_loader
+from .data import eval_loader, rgb_from_lab, shard_urls, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, Networks, build_networks, load_vgg16_backbone
 
@@ -220,13 +220,13 @@ def make_optimizers(nets: Networks, settings: TrainSettings) -> dict[str, torch.
 
 # -- one step --------------------------------------------------------------------------------------
 def batch_tensors(batch: dict, device: str) -> dict[str, torch.Tensor]:
-    """The batch on the device: L in one channel, class indices from the one-hot labels."""
+    """The batch on the device, images scaled to 0..1 there; class indices from the one-hot labels."""
     memory = torch.channels_last if device.startswith("cuda") else torch.contiguous_format
     move = partial(torch.Tensor.to, device=device, non_blocking=True)
-    return {"l": move(batch["gray"][:, :1]).contiguous(memory_format=memory),
-            "ab": move(batch["ab"]).contiguous(memory_format=memory),
+    return {"l": unit_float(batch["lightness"], device).contiguous(memory_format=memory),
+            "ab": unit_float(batch["ab"], device).contiguous(memory_format=memory),
             "labels": move(batch["onehot"].argmax(1)), "has_label": move(batch["has_label"]),
-            "parsing": move(batch["parsing"]), "has_parsing": move(batch["has_parsing"])}
+            "parsing": unit_float(batch["parsing"], device), "has_parsing": move(batch["has_parsing"])}
 
 
 def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -281,8 +281,7 @@ def validation_grid(generator: nn.Module, batch: dict, device: str, autocast) ->
         predicted = generator(batch_tensors(batch, device)["l"]).ab.float().cpu().numpy()
     generator.train()
     rows = []
-    for gray, ab, true_ab in zip(batch["gray"][:, 0].numpy(), predicted, batch["ab"].numpy()):
-        lightness = np.rint(gray * 255).astype(np.uint8)
+    for lightness, ab, true_ab in zip(batch["lightness"][:, 0].numpy(), predicted, batch["ab"].numpy() / 255):
         panels = [np.repeat(lightness[..., None], 3, axis=2), rgb_from_lab(lightness, ab),
                   rgb_from_lab(lightness, true_ab)]
         rows.append(np.concatenate(panels, axis=1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from mhmd_builder.historynet.data import (compose_rgb, eval_loader, lab_input, rgb_from_lab, shard_urls,
+from mhmd_builder.historynet.data import (compose_rgb, eval_loader, lab_input, rgb_from_lab, shard_urls, unit_float,
                                           train_loader)
 from mhmd_builder.shard import AtomicTar, encode_json
 
@@ -110,17 +110,16 @@ def test_eval_batches_hold_opencv_lab_labels_and_parsing(shards):
     assert [len(b["key"]) for b in batches] == [5, 5, 2]
     for batch in batches:
         n = len(batch["key"])
-        assert batch["gray"].shape == (n, 3, 224, 224) and batch["gray"].dtype == torch.float32
-        assert batch["ab"].shape == (n, 2, 224, 224) and batch["ab"].dtype == torch.float32
+        assert batch["lightness"].shape == (n, 1, 224, 224) and batch["lightness"].dtype == torch.uint8
+        assert batch["ab"].shape == (n, 2, 224, 224) and batch["ab"].dtype == torch.uint8
         assert batch["onehot"].shape == (n, NUM_CLASSES)
-        assert batch["parsing"].shape == (n, 1, 224, 224)
+        assert batch["parsing"].shape == (n, 1, 224, 224) and batch["parsing"].dtype == torch.uint8
         assert batch["has_label"].dtype == torch.bool and batch["has_parsing"].dtype == torch.bool
         for i, key in enumerate(batch["key"]):
             sample = samples[key]
             lab = direct_lab224(decoded(sample["jpg"]))
-            for channel in range(3):
-                np.testing.assert_array_equal(batch["gray"][i, channel].numpy() * 255, lab[..., 0].astype(np.float32))
-            np.testing.assert_allclose(batch["ab"][i].numpy() * 255, lab[..., 1:].transpose(2, 0, 1), atol=1e-3)
+            np.testing.assert_array_equal(batch["lightness"][i, 0].numpy(), lab[..., 0])
+            np.testing.assert_array_equal(batch["ab"][i].numpy(), lab[..., 1:].transpose(2, 0, 1))
 
             assert bool(batch["has_label"][i]) == ("cls" in sample)
             expected_onehot = np.zeros(NUM_CLASSES, np.float32)
@@ -132,7 +131,7 @@ def test_eval_batches_hold_opencv_lab_labels_and_parsing(shards):
             if "mask.png" in sample:
                 coded = cv2.cvtColor(decoded(sample["mask.png"]), cv2.COLOR_BGR2LAB)[..., 0]
                 target = cv2.resize(coded, (224, 224), interpolation=cv2.INTER_NEAREST)
-                np.testing.assert_allclose(batch["parsing"][i, 0].numpy() * 255, target, atol=1e-3)
+                np.testing.assert_array_equal(batch["parsing"][i, 0].numpy(), target)
                 assert len(np.unique(batch["parsing"][i].numpy())) == 3  # nearest: no blended codes
             else:
                 assert not batch["parsing"][i].any()
@@ -144,8 +143,8 @@ def test_a_known_colour_gives_its_lab_values(tmp_path):
     write_shards(tmp_path, [sample], split="test")
     batch = next(iter(eval_loader(tmp_path, NUM_CLASSES, num_workers=0)))
     lab = cv2.cvtColor(colour, cv2.COLOR_BGR2LAB)[0, 0].astype(np.float32)
-    assert abs(float(batch["gray"][0].mean()) * 255 - lab[0]) < 2
-    np.testing.assert_allclose(batch["ab"][0].mean(dim=(1, 2)).numpy() * 255, lab[1:], atol=2)
+    assert abs(float(batch["lightness"][0].float().mean()) - lab[0]) < 2
+    np.testing.assert_allclose(batch["ab"][0].float().mean(dim=(1, 2)).numpy(), lab[1:], atol=2)
     assert not batch["has_label"][0] and not batch["onehot"].any()
 
 
@@ -182,7 +181,7 @@ def test_training_resamples_an_epoch_of_the_requested_length(shards):
     epochs = []
     for _epoch in range(2):
         batches = all_batches(loader)
-        assert len(batches) == 4 and all(b["gray"].shape == (3, 3, 224, 224) for b in batches)
+        assert len(batches) == 4 and all(b["lightness"].shape == (3, 1, 224, 224) for b in batches)
         epochs.append([key for b in batches for key in b["key"]])
         assert set(epochs[-1]) <= set(samples)
     assert epochs[0] != epochs[1]  # a new draw, not the first epoch replayed
@@ -210,13 +209,18 @@ def test_lab_input_is_what_the_loader_gives_the_network(shards):
     folder, samples = shards
     batch = next(iter(eval_loader(folder, NUM_CLASSES, batch_size=2, num_workers=0, split="train")))
     bgr = decoded(samples[batch["key"][0]]["jpg"])
-    gray, lightness_full = lab_input(bgr)
-    assert torch.equal(gray, batch["gray"][0])
+    small, lightness_full = lab_input(bgr)
+    assert torch.equal(small, batch["lightness"][0])
     assert lightness_full.shape == bgr.shape[:2] and lightness_full.dtype == np.uint8
 
 
 def own_ab224(bgr: np.ndarray) -> np.ndarray:
     return direct_lab224(bgr)[..., 1:].transpose(2, 0, 1).astype(np.float32) / 255
+
+
+def test_unit_float_scales_bytes_to_the_unit_interval():
+    scaled = unit_float(torch.tensor([[0, 51, 255]], dtype=torch.uint8))
+    assert scaled.dtype == torch.float32 and torch.equal(scaled, torch.tensor([[0.0, 0.2, 1.0]]))
 
 
 def test_a_frames_own_ab_composes_back_to_the_frame():
