@@ -25,7 +25,7 @@ from .detect import DetectSettings, detect
 from .extract import ExtractSettings, MovieOutcome, extract
 from .labeler import PredictSettings, TrainSettings, checkpoint_is_current, default_checkpoint, predict, train
 from .labels import import_labels, load_movie_metadata, read_human_labels
-from .runners import LocalRunner, make_runner
+from .runners import make_runner
 from .sample import sample_frames, write_sample
 from .shard import ShardSettings, shard
 from .taxonomy import load_taxonomy
@@ -124,14 +124,19 @@ def _failures(stage: str, results) -> list[str]:
 
 def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str | Path, out: str | Path,
           runner: str = "local", workers: int | None = None, labels: str | None = None,
-          movies: str | None = None) -> BuildResult:
-    """Run the recipe on the movies; `labels` / `movies` given here win over the recipe's."""
+          movies: str | None = None, ray_address: str | None = None) -> BuildResult:
+    """Run the recipe on the movies; `labels` / `movies` given here win over the recipe's.
+    `runner`: "local" (processes here) or "ray" (actors on the Ray cluster at `ray_address`, by
+    default a new local one); `workers`: movies at once (Ray: by default what its cluster holds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     taxonomy = load_taxonomy(pipeline.taxonomy)
-    outcomes = extract(list(inputs), workdir, pipeline.extract, make_runner(runner, workers))
+    outcomes = extract(list(inputs), workdir, pipeline.extract, make_runner(runner, workers, ray_address))
     failures = [f"extract {o.path}: {o.reason}" for o in outcomes if o.status == "failed"]
-    # Every detection worker loads its own model: one at a time unless asked for more.
-    failures += _failures("detect", detect(workdir, pipeline.detect, make_runner(runner, workers or 1)))
+    # Every detection worker loads its own model: here one at a time unless asked for more; Ray
+    # gives each actor the CPUs or GPU it asks for, so it runs as many as its cluster holds.
+    local = runner == "local"
+    failures += _failures("detect", detect(workdir, pipeline.detect,
+                                           make_runner(runner, (workers or 1) if local else workers, ray_address)))
     movies = movies or pipeline.movies
     metadata = load_movie_metadata(movies, workdir, taxonomy) if movies else None
     labels = labels or pipeline.labels
@@ -148,7 +153,10 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
         checkpoint = Path(pipeline.labeler.output) if pipeline.labeler.output else default_checkpoint(workdir)
         if not checkpoint_is_current(workdir, pipeline.labeler, taxonomy):
             train(workdir, pipeline.labeler, taxonomy)
-        results = predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata, LocalRunner(1))
+        results = predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata,
+                          make_runner(runner, 1 if local else workers, ray_address))
         failures += _failures("label", results)
-    index = shard(workdir, out, pipeline.shard, taxonomy, movie_metadata=metadata)
+    # Locally the shard stage's own runner (forked processes); on Ray, its actors.
+    index = shard(workdir, out, pipeline.shard, taxonomy, None if local else make_runner(runner, workers, ray_address),
+                  movie_metadata=metadata)
     return BuildResult(outcomes, failures, index=index)

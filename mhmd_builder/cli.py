@@ -20,6 +20,22 @@ workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(
                               help="Work directory that holds every stage's records.")
 
 
+def _needs_ray(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value and ctx.params.get("runner") != "ray":  # --runner is eager: already parsed
+        raise click.BadParameter("goes with --runner ray", ctx, param)
+    return value
+
+
+def runner_options(func):
+    """--runner and --ray-address, for the commands whose stage runs partitions."""
+    func = click.option("--ray-address", metavar="ADDRESS", default=None, callback=_needs_ray,
+                        help="The Ray cluster to join (ray://HOST:10001, HOST:6379, auto) [default: RAY_ADDRESS, "
+                             "a cluster `ray start`ed here, else a new local Ray instance].")(func)
+    return click.option("--runner", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        is_eager=True, help="local: processes on this machine; ray: actors on a Ray cluster "
+                        "(WORKDIR on storage every node sees).")(func)
+
+
 def quality_options(func):
     """One option per quality threshold (QualityThresholds' fields); an option not given is None."""
     for f in reversed(fields(QualityThresholds)):
@@ -87,12 +103,13 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @click.option("--crop/--no-crop", default=True, show_default=True, help="Detect and crop letterbox bars.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
+              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}; "
+                   "with --runner ray, what the cluster's CPUs hold].")
 @click.option("--redo", is_flag=True, help="Extract again movies already done (e.g. with new thresholds).")
-@click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
+@runner_options
 @quality_options
 def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, scene_max_gap, max_side,
-                    skip_head, skip_tail, crop, jpeg_quality, workers, redo, runner, **thresholds) -> None:
+                    skip_head, skip_tail, crop, jpeg_quality, workers, redo, runner, ray_address, **thresholds) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
     if keyframes and scenes:
         raise click.UsageError("--keyframes and --scenes exclude each other")
@@ -102,7 +119,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
         quality=with_overrides(QualityThresholds(), thresholds))
     try:
-        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers), redo)
+        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
     except (MediaError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_outcomes(outcomes))
@@ -144,10 +161,12 @@ def filter_command(workdir, **given) -> None:
 @click.option("--min-person-area", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="Fraction of the frame the largest person must cover.")
 @click.option("--masks", is_flag=True, help="Write a person mask PNG per kept frame (segmentation model).")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Movies at once (each worker loads its own model).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Movies at once, each worker with its own model [default: 1; with --runner ray, "
+                   "what the cluster's CPUs (or GPUs, on CUDA) hold].")
+@runner_options
 def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf, iou, min_persons, max_persons,
-                   min_person_area, masks, workers) -> None:
+                   min_person_area, masks, workers, runner, ray_address) -> None:
     """Detect persons in the frames that passed quality; keep frames with a few, large enough persons."""
     from .detect import DetectSettings, detect
     from .persons import DetectorError
@@ -159,7 +178,9 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
                               min_person_area=min_person_area, masks=masks)
     wd = WorkDir(workdir)
     try:
-        results = detect(wd, settings, make_runner("local", workers))
+        # Each worker loads its own model: here one unless asked for more; on Ray what the cluster holds.
+        workers = (workers or 1) if runner == "local" else workers
+        results = detect(wd, settings, make_runner(runner, workers, ray_address))
     except (DetectorError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     report_partitions(wd, results, lambda s: f"{s['frames_out']}/{s['frames_in']} frames kept")
@@ -290,7 +311,8 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
 @movies_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size) -> None:
+@runner_options
+def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size, runner, ray_address) -> None:
     """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
     from .labeler import LabelerError, PredictSettings, predict
     from .persons import DetectorError
@@ -298,7 +320,9 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
     try:
-        results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata)
+        # One model here; on Ray an actor per film at once, as many as the cluster's CPUs (or GPUs) hold.
+        results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata,
+                          make_runner(runner, 1 if runner == "local" else None, ray_address))
     except (LabelerError, DetectorError) as e:
         raise click.ClickException(str(e)) from None
     report_partitions(wd, results, lambda s: f"{s['model']} labeled by the model, {s['human']} by people")
@@ -314,7 +338,9 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
 @click.option("--seed", type=int, default=0, show_default=True)
 @taxonomy_option
 @movies_option
-def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxonomy, movies) -> None:
+@runner_options
+def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxonomy, movies, runner,
+                  ray_address) -> None:
     """Write the kept frames as WebDataset shards, split by film, deterministically. Unlabelled
     frames of films in --movies carry their film's era and nationality."""
     from .shard import ShardSettings, shard
@@ -322,7 +348,9 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
     work = WorkDir(workdir)
     tax, metadata = label_context(work, taxonomy, movies)
     try:
-        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, movie_metadata=metadata)
+        tar_runner = None if runner == "local" else make_runner(runner, None, ray_address)  # None: shard's own
+        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, tar_runner,
+                      movie_metadata=metadata)
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_index(index, output))
@@ -597,10 +625,11 @@ def build_errors():
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Human labels (CSV or Label Studio JSON export) [default: the recipe's `labels`].")
 @movies_option
-@click.option("--runner", type=click.Choice(["local"]), default="local", show_default=True)
+@runner_options
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}].")
-def build_command(pipeline, inputs, workdir, output, labels, movies, runner, workers) -> None:
+              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}; "
+                   "with --runner ray, what the cluster holds].")
+def build_command(pipeline, inputs, workdir, output, labels, movies, runner, ray_address, workers) -> None:
     """Run every stage of the recipe PIPELINE (a YAML file, or a shipped one by name: mhmd.yaml,
     demo.yaml) on the movies: extract, detect, label (stops after writing the sample to label when
     there are no labels yet: exit code 3), shard. Resumes where a killed run stopped."""
@@ -609,7 +638,7 @@ def build_command(pipeline, inputs, workdir, output, labels, movies, runner, wor
     work = WorkDir(workdir)
     try:
         recipe = load_pipeline(pipeline)
-        result = build(recipe, list(inputs), work, output, runner, workers, labels, movies)
+        result = build(recipe, list(inputs), work, output, runner, workers, labels, movies, ray_address)
     except build_errors() as e:
         raise click.ClickException(str(e)) from None
     report_build(result, work, recipe, output)

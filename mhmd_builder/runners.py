@@ -1,9 +1,9 @@
 """Runners decide where partitions run; stages decide what happens to them.
 
 `LocalRunner` runs partitions in a pool of worker processes on this machine (or inline with one
-worker). Each worker calls `stage.setup()` once, then `run_partition` for each partition it is
-given; progress reports travel back on a queue and are drawn as one bar per running partition
-plus an overall bar.
+worker); `RayRunner` runs them on a pool of Ray actors, on this machine or a cluster. Either way a
+worker calls `stage.setup()` once, then `run_partition` for each partition it is given; progress
+reports travel back on a queue and are drawn as one bar per running partition plus an overall bar.
 """
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import os
 import queue
 import threading
 import time
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
-from .stages import Partition, PartitionResult, Stage, record_failure, run_partition
+from .stages import Partition, PartitionError, PartitionResult, Stage, record_failure, run_partition
 
 
 def default_workers() -> int:
@@ -89,28 +90,48 @@ class _Throttled:
             self.send((self.pid, done, total))
 
 
-# Worker-process state: the stage is set up once per process, not once per partition.
-_worker_stage: Stage | None = None
-_worker_queue = None
-_worker_ready = False
+class _Worker:
+    """A stage inside one worker process (a pool process or a Ray actor): set up once, on the
+    first partition, then runs partitions and sends their progress with `send`."""
+
+    def __init__(self, stage: Stage, send):
+        self.stage, self.send, self.ready = stage, send, False
+
+    def run(self, partition: Partition) -> PartitionResult:
+        # Set up on the first partition rather than when the worker starts: a setup error (a model
+        # that cannot load) then fails the partition with its reason instead of breaking the pool.
+        if not self.ready:
+            try:
+                self.stage.setup()
+            except Exception as e:  # noqa: BLE001
+                return record_failure(self.stage, partition, e)
+            self.ready = True
+        return run_partition(self.stage, partition, _Throttled(partition.id, self.send))
+
+
+# The worker of this pool process: the stage is set up once per process, not once per partition.
+_worker: _Worker | None = None
 
 
 def _worker_init(stage: Stage, progress_queue) -> None:
-    global _worker_stage, _worker_queue
-    _worker_stage, _worker_queue = stage, progress_queue
+    global _worker
+    _worker = _Worker(stage, progress_queue.put)
 
 
 def _worker_run(partition: Partition) -> PartitionResult:
-    # Set up on the first partition rather than in the pool's initializer: a setup error (a model
-    # that cannot load) then fails the partition with its reason instead of breaking the pool.
-    global _worker_ready
-    if not _worker_ready:
-        try:
-            _worker_stage.setup()
-        except Exception as e:  # noqa: BLE001
-            return record_failure(_worker_stage, partition, e)
-        _worker_ready = True
-    return run_partition(_worker_stage, partition, _Throttled(partition.id, _worker_queue.put))
+    return _worker.run(partition)
+
+
+def _worker_died(stage: Stage, partition: Partition, error: Exception, attempts: int = 1) -> PartitionResult:
+    """Record a partition whose worker process died under it (killed, out of memory, node lost)."""
+    tries = f" ({attempts} attempts)" if attempts > 1 else ""
+    return _mark_lost(stage, partition, f"worker process died{tries}: {type(error).__name__}: {error}".splitlines()[0])
+
+
+def _mark_lost(stage: Stage, partition: Partition, reason: str) -> PartitionResult:
+    """Record a partition that no worker could run to its end."""
+    stage.workdir.mark_failed(stage.name, partition.id, {**partition.info, "reason": reason})
+    return PartitionResult(partition.id, False, reason, {})
 
 
 class LocalRunner:
@@ -168,9 +189,7 @@ class LocalRunner:
         try:
             return future.result()
         except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
-            reason = f"worker process died: {type(e).__name__}: {e}".splitlines()[0]
-            stage.workdir.mark_failed(stage.name, partition.id, {**partition.info, "reason": reason})
-            return PartitionResult(partition.id, False, reason, {})
+            return _worker_died(stage, partition, e)
 
 
 def _drain(progress_queue, display: ProgressDisplay, stop: threading.Event) -> None:
@@ -181,7 +200,136 @@ def _drain(progress_queue, display: ProgressDisplay, stop: threading.Event) -> N
             continue
 
 
-def make_runner(name: str, workers: int | None = None) -> LocalRunner:
+def connect_ray(address: str | None = None, **init_options):
+    """The `ray` module, connected once per process: to the cluster at `address` ("ray://host:10001",
+    "host:6379", "auto"), else as `ray.init()` finds one (RAY_ADDRESS, a cluster `ray start`ed on
+    this machine) or a new local instance; `init_options` go to `ray.init` (e.g. num_cpus=2 for a
+    new local instance). Never shut down here: a local instance ends with this process, and a
+    joined cluster must keep running."""
+    # Workers run this environment's Python. Under `uv run` Ray would otherwise run them with
+    # `uv run` in an uploaded copy of the current folder, which is wherever mhmd was started.
+    # (Ray reads this when it is first imported.)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if not ray.is_initialized():
+        # Workers' output stays in Ray's session logs: it would tear the progress bars, and every
+        # partition's failure is recorded with its reason anyway.
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_options)
+    return ray
+
+
+class RayRunner:
+    """Runs partitions on a pool of Ray actors, on this machine or on a cluster.
+
+    Each actor asks Ray for the stage's resources (`num_cpus`, `num_gpus`: a GPU stage gets a GPU
+    of its own), sets the stage up once (models load once per actor) and runs one partition at a
+    time; the driver hands the next partition to whichever actor is free. A partition whose actor
+    died (killed, out of memory, node lost) goes to a fresh actor, up to `retries` more times, and is
+    then recorded failed. A failure inside the stage (an exception in `process`) is recorded by
+    `run_partition` and not retried: it comes from the input and would fail again. Workers read and
+    write the work directory themselves, so it must be on storage every node sees."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None, retries: int = 2):
+        self.address, self.workers, self.retries = address, workers, retries
+
+    def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
+        if not partitions:
+            return []
+        ray = connect_ray(self.address)
+        from ray.util.queue import Queue
+
+        progress_queue = Queue(actor_options={"num_cpus": 0})
+        display = ProgressDisplay(stage.name, len(partitions), stage.workdir)
+        stop = threading.Event()
+        drainer = threading.Thread(target=_drain, args=(progress_queue, display, stop), daemon=True)
+        drainer.start()
+        actor_class = ray.remote(_Worker).options(num_cpus=stage.resources.cpus, num_gpus=stage.resources.gpus)
+        actors = []
+
+        def new_actor():
+            actors.append(actor_class.remote(stage, progress_queue.put))
+            return actors[-1]
+
+        try:
+            return self._schedule(ray, stage, partitions, new_actor, display)
+        finally:
+            stop.set()
+            drainer.join()
+            for actor in actors:  # free their CPUs and GPUs for the next stage
+                ray.kill(actor)
+            progress_queue.shutdown()
+            display.close()
+
+    def _schedule(self, ray, stage: Stage, partitions: list[Partition], new_actor,
+                  display: ProgressDisplay) -> list[PartitionResult]:
+        from ray.exceptions import RayActorError
+
+        todo = deque(partitions)
+        idle = [new_actor() for _ in range(self._actor_count(ray, stage, len(partitions)))]
+        running = {}  # the result's ObjectRef -> (actor, partition)
+        attempts: Counter[str] = Counter()
+        results: list[PartitionResult] = []
+        cannot_start = None  # why the last actor that failed to start did
+
+        def finish(result: PartitionResult) -> None:
+            results.append(result)
+            display.finish(result)
+
+        while todo or running:
+            if not idle and not running:  # no actor could start: the rest would fail the same way
+                for partition in todo:
+                    finish(_mark_lost(stage, partition, cannot_start))
+                break
+            while todo and idle:
+                actor, partition = idle.pop(), todo.popleft()
+                running[actor.run.remote(partition)] = (actor, partition)
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, partition = running.pop(ref)
+            attempts[partition.id] += 1
+            try:
+                finish(_committed(stage, partition, ray.get(ref)))
+                idle.append(actor)
+            except RayActorError as e:
+                ray.kill(actor)
+                if e.actor_init_failed:  # the stage does not unpickle there (mhmd_builder missing on a
+                    # node, another version): a fresh actor would fail the same way, so the pool shrinks
+                    cannot_start = f"worker could not start: {str(e).strip().splitlines()[-1]}"
+                    finish(_mark_lost(stage, partition, cannot_start))
+                    continue
+                idle.append(new_actor())  # its process died: a fresh actor takes its place
+                if attempts[partition.id] <= self.retries:
+                    todo.append(partition)
+                else:
+                    finish(_worker_died(stage, partition, e, attempts[partition.id]))
+        return results
+
+    def _actor_count(self, ray, stage: Stage, partitions: int) -> int:
+        """As many actors as the cluster's CPUs and GPUs hold now, at most `workers`, at least one.
+        Never more than fit: an actor waiting for resources would hold its partition back until the
+        others are done and release theirs."""
+        have, need = ray.cluster_resources(), stage.resources
+        fits = [have.get(kind, 0) / amount for kind, amount in (("CPU", need.cpus), ("GPU", need.gpus)) if amount]
+        return max(1, int(min(partitions, self.workers or partitions, *fits)))
+
+
+def _committed(stage: Stage, partition: Partition, result: PartitionResult) -> PartitionResult:
+    """The result, or a failure when its done marker is not in this machine's work directory: the
+    worker then wrote to a disk of its own node, not to storage every node sees."""
+    if not result.ok or stage.workdir.is_done(stage.name, result.id):
+        return result
+    error = PartitionError(f"done on its worker, but {stage.workdir.root} here has no record of it: "
+                           "the work directory must be on storage every node sees")
+    return record_failure(stage, partition, error)
+
+
+def make_runner(name: str, workers: int | None = None, address: str | None = None) -> LocalRunner | RayRunner:
+    """A runner by name: "local" (`workers` processes) or "ray" (`workers` actors on the cluster at
+    `address`; by default as many as its resources hold)."""
     if name == "local":
         return LocalRunner(workers)
-    raise ValueError(f"unknown runner {name!r} (available: local)")
+    if name == "ray":
+        return RayRunner(address, workers)
+    raise ValueError(f"unknown runner {name!r} (available: local, ray)")

@@ -81,3 +81,14 @@ def demo_run(tmp_path_factory):
         patch.setenv("MHMD_WEIGHTS_DIR", str(out.parent / "no-weights"))
         result = CliRunner().invoke(main, ["demo", "-o", str(out), "--workers", "2"])
     return out, result.output, result.exit_code
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray instance on 2 CPUs for one test module, shut down after it. Its workers can
+    import the test modules, so stages defined in tests can run there."""
+    from mhmd_builder.runners import connect_ray
+
+    ray = connect_ray("local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
+    yield ray
+    ray.shutdown()

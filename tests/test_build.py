@@ -15,6 +15,7 @@ from mhmd_builder.cli import main
 from mhmd_builder.demo import DEMO_FILMS
 from mhmd_builder.labeler import default_checkpoint
 from mhmd_builder.manifest import manifest
+from mhmd_builder.workdir import WorkDir
 
 from test_sample import copy_films
 
@@ -139,5 +140,28 @@ def test_a_build_killed_at_random_moments_resumes_to_the_same_shards(demo_run, t
     assert kills >= 2  # the kills really interrupted builds
     final = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stdout + final.stderr
+    expected = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == expected
+
+
+def test_a_build_on_ray_gives_the_same_manifest_and_shards_as_the_local_runner(demo_run, ray_cluster, tmp_path,
+                                                                                 monkeypatch):
+    """`mhmd build --runner ray` of the demo's films (a local Ray instance on 2 CPUs: every stage runs
+    in actors) ends with the manifest and byte-identical shards of the demo's local build."""
+    out, output, code = demo_run
+    assert code == 0, output
+    recipe = tmp_path / "demo.yaml"
+    recipe.write_text((PIPELINES / "demo.yaml").read_text().replace("detector: yolo", "detector: opencv"))
+    monkeypatch.setenv("MHMD_WEIGHTS_DIR", str(out.parent / "no-weights"))
+    films = [str(out / "films" / name) for name in DEMO_FILMS]
+    result = CliRunner().invoke(main, ["build", str(recipe), *films, "-w", str(tmp_path / "work"), "-o",
+                                       str(tmp_path / "shards"), "--labels", str(out / "labels.csv"),
+                                       "--workers", "2", "--runner", "ray"])
+    assert result.exit_code == 0, result.output
+    columns = ["frame_id", "kept", "reject_reason", "persons", "label"]
+    local, ray = (manifest(WorkDir(w))[columns].sort_values("frame_id", ignore_index=True)
+                  for w in (out / "work", tmp_path / "work"))
+    pd.testing.assert_frame_equal(ray, local)
+    assert local.label.notna().any()
     expected = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
     assert {p.name: p.read_bytes() for p in (tmp_path / "shards").iterdir()} == expected

@@ -1,7 +1,7 @@
 import os
 from dataclasses import dataclass, field
 
-from mhmd_builder.runners import LocalRunner, make_runner
+from mhmd_builder.runners import LocalRunner, RayRunner, make_runner
 from mhmd_builder.stages import Partition, PartitionError, Resources
 from mhmd_builder.workdir import WorkDir
 
@@ -55,3 +55,88 @@ def test_runner_sets_up_once_per_worker_and_records_failures(tmp_path, workers):
 def test_unknown_runner_is_refused():
     with pytest.raises(ValueError, match="unknown runner 'spark'"):
         make_runner("spark")
+
+
+@dataclass
+class DyingStage:
+    """Its worker process dies (os._exit) on partitions marked "die": on every attempt, or only on
+    the first one (a marker file remembers it). Every attempt leaves a line in `attempts-<id>`."""
+
+    workdir: WorkDir
+    name: str = "dying"
+    resources: Resources = field(default_factory=Resources)
+
+    def setup(self) -> None:
+        pass
+
+    def process(self, partition: Partition, progress) -> dict:
+        with open(self.workdir.root / f"attempts-{partition.id}", "a") as f:
+            f.write(f"{os.getpid()}\n")
+        died_before = self.workdir.root / f"died-{partition.id}"
+        if partition.info.get("die") == "always" or (partition.info.get("die") == "once" and not died_before.exists()):
+            died_before.touch()
+            os._exit(1)
+        self.workdir.begin(self.name, partition.id)
+        self.workdir.commit(self.name, partition.id, __import__("pyarrow").table({"x": [1]}), {"pid": os.getpid()})
+        return {"pid": os.getpid()}
+
+
+def test_ray_runner_sets_up_once_per_actor_and_records_failures(ray_cluster, tmp_path):
+    wd = WorkDir(tmp_path)
+    parts = [Partition(f"p{i}") for i in range(5)] + [Partition("bad", {"bad": True}), Partition("bug", {"bug": True})]
+    results = {r.id: r for r in RayRunner(workers=2).run(CountingStage(wd), parts)}
+    assert {pid for pid, r in results.items() if r.ok} == {f"p{i}" for i in range(5)}
+    assert set(wd.done("count")) == {f"p{i}" for i in range(5)}
+    assert results["bad"].reason == "bad is bad"
+    assert results["bug"].reason == "KeyError: 'missing'"
+    assert set(wd.failed("count")) == {"bad", "bug"} and "Traceback" in wd.failed("count")["bug"]["traceback"]
+    setups = {int(p.name.split("-")[1]) for p in tmp_path.glob("setup-*")}
+    actors = {r.summary["pid"] for r in results.values() if r.ok}
+    assert setups == actors and len(setups) <= 2 and os.getpid() not in actors
+    assert all(p.read_text() == "x" for p in tmp_path.glob("setup-*"))  # each actor set up exactly once
+    assert all(r.summary["pid"] == r.summary["setup_pid"] for r in results.values() if r.ok)
+    assert not list((tmp_path / "count" / "progress").glob("*.json"))  # progress cleared when done
+
+
+def test_ray_runner_retries_a_partition_whose_worker_died(ray_cluster, tmp_path):
+    wd = WorkDir(tmp_path)
+    parts = [Partition("once", {"die": "once"}), Partition("always", {"die": "always"}), Partition("fine")]
+    results = {r.id: r for r in RayRunner(workers=2, retries=1).run(DyingStage(wd), parts)}
+    attempts = {p.id: (tmp_path / f"attempts-{p.id}").read_text().split() for p in parts}
+    assert results["once"].ok and results["fine"].ok
+    assert len(attempts["once"]) == 2 and len(set(attempts["once"])) == 2  # retried in another process
+    assert len(attempts["always"]) == 2 and not results["always"].ok  # one retry, then recorded failed
+    assert results["always"].reason.startswith("worker process died (2 attempts): ")
+    assert set(wd.failed("dying")) == {"always"} and set(wd.done("dying")) == {"once", "fine"}
+    assert wd.failed("dying")["always"]["reason"] == results["always"].reason
+
+
+def _refuse_to_load():
+    raise RuntimeError("cannot load here")
+
+
+class Unloadable:
+    """Pickles fine, but cannot be unpickled: as a stage whose code a node lacks."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
+def test_ray_runner_records_every_partition_when_no_actor_can_start(ray_cluster, tmp_path):
+    stage = CountingStage(WorkDir(tmp_path))
+    stage.unloadable = Unloadable()
+    results = RayRunner(workers=2).run(stage, [Partition(f"p{i}") for i in range(4)])
+    assert sorted(r.id for r in results) == ["p0", "p1", "p2", "p3"]
+    assert {r.reason for r in results} == {"worker could not start: RuntimeError: cannot load here"}
+    assert set(WorkDir(tmp_path).failed("count")) == {"p0", "p1", "p2", "p3"}
+
+
+def test_ray_runner_sizes_its_pool_from_the_cluster(ray_cluster, tmp_path):
+    def actors(runner: RayRunner, partitions: int, **resources) -> int:
+        stage = CountingStage(WorkDir(tmp_path), resources=Resources(**resources))
+        return runner._actor_count(ray_cluster, stage, partitions)
+
+    assert actors(RayRunner(), 10) == 2 and actors(RayRunner(), 10, cpus=0.5) == 4
+    assert actors(RayRunner(), 1) == 1 and actors(RayRunner(workers=1), 3) == 1
+    assert actors(RayRunner(workers=5), 3) == 2  # never more than the 2 CPUs hold
+    assert actors(RayRunner(), 3, gpus=1) == 1  # no GPU yet: one actor waits for one (an autoscaler adds it)
