@@ -374,7 +374,12 @@ def format_index(index: dict, out: str | Path) -> str:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @taxonomy_option
-def relabel_command(shard_dir, checkpoint, output, override_human, device, batch_size, taxonomy) -> None:
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Tars relabelled at once, each worker with its own model [default: 1 here; on Ray, what "
+                   "the cluster holds].")
+@runner_options
+def relabel_command(shard_dir, checkpoint, output, override_human, device, batch_size, taxonomy, workers, runner,
+                    ray_address) -> None:
     """Write SHARD_DIR's shards again with the checkpoint's labels: same images byte for byte, new
     json and cls; print how many labels changed, per label."""
     from .labeler import LabelerError
@@ -384,7 +389,8 @@ def relabel_command(shard_dir, checkpoint, output, override_human, device, batch
 
     try:
         index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
-                        load_taxonomy(taxonomy))
+                        load_taxonomy(taxonomy), make_runner(runner, workers or (1 if runner == "local" else None),
+                                                             ray_address))
     except (RelabelError, LabelerError, DetectorError, TaxonomyError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(format_changes(index["relabel"]["changes"]))

@@ -3,27 +3,32 @@
 Every shard of SHARDDIR is streamed with webdataset and written again to NEWDIR under the same name,
 sample for sample in the same order: the image bytes (and any mask) are copied unchanged, `json` and
 `cls` carry the new labels. Human labels stay unless `override_human`. Each tar is written atomically
-and `index.json` comes last, as `mhmd shard` does.
+and `index.json` comes last, as `mhmd shard` does. Each tar is one partition of the relabel stage, run
+by a runner (local: one process, the model loaded once; ray: GPU actors), with its records in
+NEWDIR/.relabel/ until the index is written.
 """
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import webdataset as wds
-from tqdm import tqdm
 
 from .batching import batched
-from .labeler import Labeler, fit_rgb
-from .persons import sha256_of
+from .labeler import Labeler, fit_rgb, load_checkpoint
+from .persons import pick_device, sha256_of
+from .runners import LocalRunner
 from .shard import AtomicTar, clear_shard_dir, encode_json, label_fields, split_entry
+from .stages import Partition, PartitionError, Resources
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import atomic_write_json, read_json
+from .workdir import WorkDir, atomic_write_json, read_json
 
 
 class RelabelError(ValueError):
@@ -58,7 +63,6 @@ class _Relabeller:
     def __init__(self, labeler: Labeler, taxonomy: Taxonomy, settings: RelabelSettings):
         self.labeler, self.taxonomy, self.settings = labeler, taxonomy, settings
         self.pool = ThreadPoolExecutor(settings.decode_threads)  # imdecode and resize release the GIL
-        self.changes: Counter = Counter()
 
     def relabel(self, batch: list[dict], shard: str) -> list[dict]:
         metas = [json.loads(s["json"]) for s in batch]
@@ -71,8 +75,7 @@ class _Relabeller:
             label = self.taxonomy.labels[row["label_id"]]
             new_metas[i].update(label_fields(label, "model", row["label_confidence"]))
         out = []
-        for sample, old, new in zip(batch, metas, new_metas):
-            self.changes[(old.get("label"), new["label"])] += 1
+        for sample, new in zip(batch, new_metas):
             rewritten = {k: v for k, v in sample.items() if not k.startswith("__") and k not in ("json", "cls")}
             rewritten.update({"__key__": sample["__key__"], "json": encode_json(new)})
             if new["label_id"] is not None:
@@ -81,41 +84,92 @@ class _Relabeller:
         return out
 
 
+STAGE = "relabel"
+RECORDS = ".relabel"  # the stage's work directory inside NEWDIR, removed once the index is written
+CHANGE_SCHEMA = pa.schema([("frame_id", pa.string()), ("movie", pa.string()), ("split", pa.string()),
+                           ("before", pa.string()), ("after", pa.string())])
+
+
+@dataclass
+class RelabelStage:
+    """Relabels one tar per partition; the labeler is loaded once per worker, in setup()."""
+
+    workdir: WorkDir
+    source: Path
+    out: Path
+    checkpoint: str
+    taxonomy: Taxonomy
+    settings: RelabelSettings
+    name: str = STAGE
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+
+    def __post_init__(self) -> None:
+        self.relabeller = None
+        if pick_device(self.settings.device).startswith("cuda"):
+            self.resources = Resources(cpus=1, gpus=1)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "relabeller": None}  # workers load their own model in setup()
+
+    def setup(self) -> None:
+        labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
+        self.relabeller = _Relabeller(labeler, self.taxonomy, self.settings)
+
+    def process(self, partition: Partition, progress) -> dict:
+        name, split, count = partition.id, partition.info["split"], partition.info["count"]
+        self.workdir.begin(STAGE, name)
+        if not (self.source / name).is_file():
+            raise PartitionError(f"{self.source / name}: listed in index.json but missing")
+        rows = []
+        with AtomicTar(self.out / name) as tar:
+            for batch in batched(wds.WebDataset(str(self.source / name), shardshuffle=False), self.settings.batch_size):
+                for before, sample in zip(batch, self.relabeller.relabel(batch, name)):
+                    tar.write(sample)
+                    old, new = json.loads(before["json"]), json.loads(sample["json"])
+                    rows.append({"frame_id": sample["__key__"], "movie": new.get("movie"), "split": split,
+                                 "before": old.get("label"), "after": new["label"]})
+                progress(len(rows), count)
+        summary = {"frames_in": len(rows), "frames_out": len(rows),
+                   "changed": sum(r["before"] != r["after"] for r in rows)}
+        self.workdir.commit(STAGE, name, pa.Table.from_pylist(rows, CHANGE_SCHEMA), summary)
+        return summary
+
+
 def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
-            settings: RelabelSettings | None = None, taxonomy: Taxonomy | None = None) -> dict:
+            settings: RelabelSettings | None = None, taxonomy: Taxonomy | None = None, runner=None) -> dict:
     """Write SHARDDIR's shards again into OUT with the checkpoint's labels; returns OUT's index,
-    whose "relabel" entry holds the counts of (old label, new label) pairs."""
-    shard_dir, out = Path(shard_dir), Path(out)
+    whose "relabel" entry holds the counts of (old label, new label) pairs. `runner`: where the tars
+    are relabelled (default: this process)."""
+    shard_dir, out = Path(shard_dir).resolve(), Path(out).resolve()
     settings, taxonomy = settings or RelabelSettings(), taxonomy or load_taxonomy()
-    if out.resolve() == shard_dir.resolve():
+    if out == shard_dir:
         raise RelabelError(f"{out}: give a new folder for the relabelled shards, not the source folder")
     index = read_index(shard_dir)
     if index.get("taxonomy_sha256") != taxonomy.sha256:
         raise RelabelError(f"{shard_dir}: its labels are ids of another taxonomy than {taxonomy.source}: "
                            "relabel with the taxonomy the shards were written with (--taxonomy)")
-    relabeller = _Relabeller(Labeler(checkpoint, taxonomy, settings.device), taxonomy, settings)
+    load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per tar
     clear_shard_dir(out)
-    metas: dict[str, list[dict]] = {"train": [], "test": []}
-    total = sum(s["count"] for s in index["shards"])
-    with tqdm(total=total, desc="relabel", unit="frame", disable=None) as bar:
-        for entry in index["shards"]:
-            source = shard_dir / entry["name"]
-            if not source.is_file():
-                raise RelabelError(f"{source}: listed in index.json but missing")
-            with AtomicTar(out / entry["name"]) as tar:
-                for batch in batched(wds.WebDataset(str(source), shardshuffle=False), settings.batch_size):
-                    for sample in relabeller.relabel(batch, entry["name"]):
-                        tar.write(sample)
-                        metas[entry["split"]].append(json.loads(sample["json"]))
-                    bar.update(len(batch))
-    new_index = {**index, "splits": {split: split_entry([m["movie"] for m in ms], [m["label"] for m in ms])
-                                     for split, ms in metas.items() if ms or split in index["splits"]},
+    workdir = WorkDir(out / RECORDS)
+    partitions = [Partition(e["name"], {"split": e["split"], "count": e["count"]}) for e in index["shards"]]
+    stage = RelabelStage(workdir, shard_dir, out, str(checkpoint), taxonomy, settings)
+    failures = [r for r in (runner or LocalRunner(1)).run(stage, partitions) if not r.ok]
+    if failures:
+        raise RelabelError(f"{len(failures)} of {len(partitions)} shards could not be relabelled; first: "
+                           f"{failures[0].id}: {failures[0].reason}")
+    rows = workdir.read_table(STAGE)
+    labels = rows[["before", "after"]].astype(object).where(rows[["before", "after"]].notna(), None)  # NaN -> None
+    changes = Counter(zip(labels.before, labels.after))
+    in_split = {split: rows[rows.split == split] for split in index["splits"]}
+    new_index = {**index, "splits": {split: split_entry(part.movie.tolist(), part.after.tolist())
+                                     for split, part in in_split.items()},
                  "relabel": {"source": str(shard_dir), "checkpoint": str(checkpoint),
                              "checkpoint_sha256": sha256_of(Path(checkpoint)),
                              "override_human": settings.override_human,
                              "changes": [{"from": a, "to": b, "count": n}
-                                         for (a, b), n in sorted(relabeller.changes.items(), key=str)]}}
+                                         for (a, b), n in sorted(changes.items(), key=str)]}}
     atomic_write_json(out / "index.json", new_index)
+    shutil.rmtree(out / RECORDS)
     return new_index
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
 from collections import Counter
@@ -159,13 +160,15 @@ def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
     that holds anything else. The index goes first: a folder being rewritten never has one."""
     out.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in out.iterdir()
-                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name == "index.json"))
+                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in ("index.json", ".relabel")))
     if others:
         raise ValueError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
                          "give an empty or new folder")
     (out / "index.json").unlink(missing_ok=True)
     for path in out.iterdir():
-        if path.name not in keep:
+        if path.is_dir():  # the records of a relabel that was stopped
+            shutil.rmtree(path)
+        elif path.name not in keep:
             path.unlink()
 
 

@@ -101,3 +101,23 @@ def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled,
     with pytest.raises(RelabelError, match="another taxonomy"):
         relabel(tmp / "shards", checkpoint, tmp / "x", taxonomy=load_taxonomy(other))
     assert {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()} == before
+
+
+def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster):
+    from mhmd_builder.runners import RayRunner
+
+    work, checkpoint, tmp = labelled
+    settings = RelabelSettings(device="cpu", batch_size=4)
+    local = relabel(tmp / "shards", checkpoint, tmp / "local", settings, TAXONOMY)
+    on_ray = relabel(tmp / "shards", checkpoint, tmp / "ray", settings, TAXONOMY, RayRunner(workers=2))
+    assert on_ray["relabel"]["changes"] == local["relabel"]["changes"]
+    files = sorted(p.name for p in (tmp / "local").iterdir())
+    assert files == sorted(p.name for p in (tmp / "ray").iterdir()) and ".relabel" not in files
+    for name in files:
+        assert (tmp / "ray" / name).read_bytes() == (tmp / "local" / name).read_bytes(), name
+
+    tars = [name for name in files if name.endswith(".tar")]
+    (tmp / "shards" / tars[0]).unlink()  # a tar listed in the index but gone: that tar fails, said so
+    with pytest.raises(RelabelError, match=f"1 of {len(tars)} shards could not be relabelled; first: "
+                                           f"{tars[0]}: .*listed in index.json but missing"):
+        relabel(tmp / "shards", checkpoint, tmp / "again", settings, TAXONOMY, RayRunner(workers=2))
