@@ -100,8 +100,8 @@ class DetectStage:
 
     def __post_init__(self) -> None:
         self.detector = None
-        if self.settings.detector == "yolo" and pick_device(self.settings.device).startswith("cuda"):
-            self.resources = Resources(cpus=1, gpus=1)
+        if self.settings.detector == "yolo":
+            self.resources = Resources.for_model_on(pick_device(self.settings.device))
 
     def setup(self) -> None:
         """Load the model once per worker."""

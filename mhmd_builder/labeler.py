@@ -473,8 +473,7 @@ class LabelStage:
 
     def __post_init__(self) -> None:
         self.labeler = None
-        if pick_device(self.settings.device).startswith("cuda"):
-            self.resources = Resources(cpus=1, gpus=1)
+        self.resources = Resources.for_model_on(pick_device(self.settings.device))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "labeler": None}  # workers load their own model in setup()

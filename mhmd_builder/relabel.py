@@ -105,8 +105,7 @@ class RelabelStage:
 
     def __post_init__(self) -> None:
         self.relabeller = None
-        if pick_device(self.settings.device).startswith("cuda"):
-            self.resources = Resources(cpus=1, gpus=1)
+        self.resources = Resources.for_model_on(pick_device(self.settings.device))
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "relabeller": None}  # workers load their own model in setup()

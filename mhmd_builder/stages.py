@@ -33,6 +33,11 @@ class Resources:
     cpus: float = 1.0
     gpus: float = 0.0
 
+    @classmethod
+    def for_model_on(cls, device: str) -> "Resources":
+        """A CPU, and a GPU when the model runs on CUDA (`device` as resolved by persons.pick_device)."""
+        return cls(cpus=1, gpus=1 if device.startswith("cuda") else 0)
+
 
 @dataclass
 class PartitionResult:
