@@ -140,3 +140,8 @@ def test_ray_runner_sizes_its_pool_from_the_cluster(ray_cluster, tmp_path):
     assert actors(RayRunner(), 1) == 1 and actors(RayRunner(workers=1), 3) == 1
     assert actors(RayRunner(workers=5), 3) == 2  # never more than the 2 CPUs hold
     assert actors(RayRunner(), 3, gpus=1) == 1  # no GPU yet: one actor waits for one (an autoscaler adds it)
+
+
+def test_a_model_stage_asks_for_a_gpu_only_when_its_model_runs_on_cuda():
+    assert Resources.for_model_on("cuda:0") == Resources(cpus=1, gpus=1)
+    assert Resources.for_model_on("cpu") == Resources(cpus=1, gpus=0)
