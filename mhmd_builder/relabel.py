@@ -57,33 +57,6 @@ def _decoded(sample: dict, shard: str, size: int) -> np.ndarray:
     return fit_rgb(image, size)
 
 
-class _Relabeller:
-    """Labels samples in batches and rewrites their json / cls; tallies (old label, new label)."""
-
-    def __init__(self, labeler: Labeler, taxonomy: Taxonomy, settings: RelabelSettings):
-        self.labeler, self.taxonomy, self.settings = labeler, taxonomy, settings
-        self.pool = ThreadPoolExecutor(settings.decode_threads)  # imdecode and resize release the GIL
-
-    def relabel(self, batch: list[dict], shard: str) -> list[dict]:
-        metas = [json.loads(s["json"]) for s in batch]
-        todo = [i for i, m in enumerate(metas) if self.settings.override_human or m.get("label_source") != "human"]
-        images = list(self.pool.map(lambda i: _decoded(batch[i], shard, self.labeler.image_size), todo))
-        frames = [{"frame_id": metas[i].get("frame_id"), "movie_id": metas[i].get("movie")} for i in todo]
-        predicted = self.labeler.predict_batch(list(zip(frames, images)), None) if todo else []
-        new_metas = [dict(m) for m in metas]
-        for i, row in zip(todo, predicted):
-            label = self.taxonomy.labels[row["label_id"]]
-            new_metas[i].update(label_fields(label, "model", row["label_confidence"]))
-        out = []
-        for sample, new in zip(batch, new_metas):
-            rewritten = {k: v for k, v in sample.items() if not k.startswith("__") and k not in ("json", "cls")}
-            rewritten.update({"__key__": sample["__key__"], "json": encode_json(new)})
-            if new["label_id"] is not None:
-                rewritten["cls"] = str(new["label_id"]).encode()
-            out.append(rewritten)
-        return out
-
-
 STAGE = "relabel"
 RECORDS = ".relabel"  # the stage's work directory inside NEWDIR, removed once the index is written
 CHANGE_SCHEMA = pa.schema([("frame_id", pa.string()), ("movie", pa.string()), ("split", pa.string()),
@@ -104,15 +77,15 @@ class RelabelStage:
     resources: Resources = field(default_factory=lambda: Resources(cpus=1))
 
     def __post_init__(self) -> None:
-        self.relabeller = None
+        self.labeler = None
         self.resources = Resources.for_model_on(pick_device(self.settings.device))
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "relabeller": None}  # workers load their own model in setup()
+        return {**self.__dict__, "labeler": None, "pool": None}  # workers load their own model in setup()
 
     def setup(self) -> None:
-        labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
-        self.relabeller = _Relabeller(labeler, self.taxonomy, self.settings)
+        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
+        self.pool = ThreadPoolExecutor(self.settings.decode_threads)  # imdecode and resize release the GIL
 
     def process(self, partition: Partition, progress) -> dict:
         name, split, count = partition.id, partition.info["split"], partition.info["count"]
@@ -122,9 +95,8 @@ class RelabelStage:
         rows = []
         with AtomicTar(self.out / name) as tar:
             for batch in batched(wds.WebDataset(str(self.source / name), shardshuffle=False), self.settings.batch_size):
-                for before, sample in zip(batch, self.relabeller.relabel(batch, name)):
+                for sample, old, new in self._relabelled(batch, name):
                     tar.write(sample)
-                    old, new = json.loads(before["json"]), json.loads(sample["json"])
                     rows.append({"frame_id": sample["__key__"], "movie": new.get("movie"), "split": split,
                                  "before": old.get("label"), "after": new["label"]})
                 progress(len(rows), count)
@@ -132,6 +104,26 @@ class RelabelStage:
                    "changed": sum(r["before"] != r["after"] for r in rows)}
         self.workdir.commit(STAGE, name, pa.Table.from_pylist(rows, CHANGE_SCHEMA), summary)
         return summary
+
+    def _relabelled(self, batch: list[dict], shard: str) -> list[tuple[dict, dict, dict]]:
+        """(sample to write, old json, new json) for each sample of the batch, labelled in one pass."""
+        metas = [json.loads(s["json"]) for s in batch]
+        todo = [i for i, m in enumerate(metas) if self.settings.override_human or m.get("label_source") != "human"]
+        images = list(self.pool.map(lambda i: _decoded(batch[i], shard, self.labeler.image_size), todo))
+        frames = [{"frame_id": metas[i].get("frame_id"), "movie_id": metas[i].get("movie")} for i in todo]
+        predicted = self.labeler.predict_batch(list(zip(frames, images)), None) if todo else []
+        new_metas = [dict(m) for m in metas]
+        for i, row in zip(todo, predicted):
+            label = self.taxonomy.labels[row["label_id"]]
+            new_metas[i].update(label_fields(label, "model", row["label_confidence"]))
+        out = []
+        for sample, old, new in zip(batch, metas, new_metas):
+            rewritten = {k: v for k, v in sample.items() if not k.startswith("__") and k not in ("json", "cls")}
+            rewritten.update({"__key__": sample["__key__"], "json": encode_json(new)})
+            if new["label_id"] is not None:
+                rewritten["cls"] = str(new["label_id"]).encode()
+            out.append((rewritten, old, new))
+        return out
 
 
 def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
