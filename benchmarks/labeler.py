@@ -24,7 +24,7 @@ import torch
 from mhmd_builder.detect import DETECT_SCHEMA
 from mhmd_builder.extract import FRAME_SCHEMA
 from mhmd_builder.labeler import MEAN, STD, PredictSettings, build_model, load_checkpoint, predict, save_checkpoint
-from mhmd_builder.persons import pick_device
+from mhmd_builder.devices import pick_device
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 

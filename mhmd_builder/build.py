@@ -22,6 +22,7 @@ import yaml
 
 from . import shipped
 from .detect import DetectSettings, detect
+from .errors import InputError
 from .extract import ExtractSettings, MovieOutcome, extract
 from .labeler import PredictSettings, TrainSettings, checkpoint_is_current, default_checkpoint, predict, train
 from .labels import import_labels, load_movie_metadata, read_human_labels
@@ -35,7 +36,7 @@ PIPELINES = shipped("pipelines")
 NO_LABELS = "none"  # `labels: none`: shard without labelling
 
 
-class PipelineError(ValueError):
+class PipelineError(InputError):
     """A recipe that cannot be used; the message names the file and the key."""
 
 

@@ -10,8 +10,9 @@ from dataclasses import fields
 import click
 
 from . import __version__
+from .errors import MhmdError
 from .extract import ExtractSettings, MovieOutcome, extract
-from .media import MediaError, Sampling
+from .media import Sampling
 from .quality import QualityThresholds, with_overrides
 from .runners import default_workers, make_runner
 from .workdir import WorkDir
@@ -44,7 +45,18 @@ def quality_options(func):
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class MhmdGroup(click.Group):
+    """Every expected error (an MhmdError) ends the command with its one-line message and exit
+    status 1; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except MhmdError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=MhmdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mhmd")
 def main() -> None:
     """Build MHMD colorization training data from movie files, stage by stage."""
@@ -118,10 +130,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
         sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
         quality=with_overrides(QualityThresholds(), thresholds))
-    try:
-        outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
-    except (MediaError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
     click.echo(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
@@ -136,10 +145,7 @@ def filter_command(workdir, **given) -> None:
     from .filter import format_refilter, recorded_thresholds, refilter
 
     work = WorkDir(workdir)
-    try:
-        summary = refilter(work, with_overrides(recorded_thresholds(work), given))
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    summary = refilter(work, with_overrides(recorded_thresholds(work), given))
     click.echo(format_refilter(summary))
 
 
@@ -169,7 +175,6 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
                    min_person_area, masks, workers, runner, ray_address) -> None:
     """Detect persons in the frames that passed quality; keep frames with a few, large enough persons."""
     from .detect import DetectSettings, detect
-    from .persons import DetectorError
 
     if min_persons > max_persons:
         raise click.UsageError("--min-persons is larger than --max-persons")
@@ -177,12 +182,9 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
                               conf=conf, iou=iou, min_persons=min_persons, max_persons=max_persons,
                               min_person_area=min_person_area, masks=masks)
     wd = WorkDir(workdir)
-    try:
-        # Each worker loads its own model: here one unless asked for more; on Ray what the cluster holds.
-        workers = (workers or 1) if runner == "local" else workers
-        results = detect(wd, settings, make_runner(runner, workers, ray_address))
-    except (DetectorError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    # Each worker loads its own model: here one unless asked for more; on Ray what the cluster holds.
+    workers = (workers or 1) if runner == "local" else workers
+    results = detect(wd, settings, make_runner(runner, workers, ray_address))
     report_partitions(wd, results, lambda s: f"{s['frames_out']}/{s['frames_in']} frames kept")
 
 
@@ -199,14 +201,11 @@ absolute path {root}/frames (do not sync it), import {tasks}, label, and export 
 
 def label_context(work: WorkDir, taxonomy: str | None, movies: str | None):
     """The taxonomy and the movie metadata (or None), their problems as click errors."""
-    from .labels import LabelFileError, load_movie_metadata
-    from .taxonomy import TaxonomyError, load_taxonomy
+    from .labels import load_movie_metadata
+    from .taxonomy import load_taxonomy
 
-    try:
-        labels = load_taxonomy(taxonomy)
-        return labels, load_movie_metadata(movies, work, labels) if movies else None
-    except (TaxonomyError, LabelFileError) as e:
-        raise click.ClickException(str(e)) from None
+    labels = load_taxonomy(taxonomy)
+    return labels, load_movie_metadata(movies, work, labels) if movies else None
 
 
 @main.command("sample")
@@ -227,12 +226,9 @@ def sample_command(workdir, fraction, output, fmt, seed, uncertain, movies, taxo
 
     work = WorkDir(workdir)
     labels, metadata = label_context(work, taxonomy, movies)
-    try:
-        frames = (uncertain_frames(work, uncertain, metadata) if uncertain
-                  else sample_frames(work, fraction, seed, movie_metadata=metadata))
-        written = write_sample(frames, output, fmt, labels)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    frames = (uncertain_frames(work, uncertain, metadata) if uncertain
+              else sample_frames(work, fraction, seed, movie_metadata=metadata))
+    written = write_sample(frames, output, fmt, labels)
     click.echo(f"{len(frames)} frames of {frames.movie_id.nunique()} movies: {', '.join(map(str, written))}")
     if fmt == "label-studio":
         click.echo(LABEL_STUDIO_HOWTO.format(root=work.root, tasks=written[0], config=written[1]))
@@ -251,14 +247,11 @@ def labels_group() -> None:
 def labels_import_command(file, workdir, movies, taxonomy) -> None:
     """Check FILE (CSV, or a Label Studio JSON export) and merge it into the human labels; on any
     problem, list them all and write nothing."""
-    from .labels import LabelFileError, import_labels
+    from .labels import import_labels
 
     work = WorkDir(workdir)
     labels, metadata = label_context(work, taxonomy, movies)
-    try:
-        s = import_labels(work, file, labels, metadata)
-    except LabelFileError as e:
-        raise click.ClickException(str(e)) from None
+    s = import_labels(work, file, labels, metadata)
     click.echo(f"{s['labelled']} labels in {file}: {s['new']} new, {s['changed']} changed, {s['unchanged']} "
                f"unchanged; {s['unlabelled']} not labelled yet; {s['total']} human labels in all")
 
@@ -287,20 +280,16 @@ def labeler_group() -> None:
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
                           image_size, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
-    from .labeler import LabelerError, TrainSettings, train
-    from .labels import LabelFileError, import_labels
-    from .persons import DetectorError
+    from .labeler import TrainSettings, train
+    from .labels import import_labels
 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
     settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
                              image_size=image_size, device=device, seed=seed)
-    try:
-        imported = import_labels(wd, labels_file, tax, metadata)
-        click.echo(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
-        train(wd, settings, tax)
-    except (LabelerError, LabelFileError, DetectorError) as e:
-        raise click.ClickException(str(e)) from None
+    imported = import_labels(wd, labels_file, tax, metadata)
+    click.echo(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
+    train(wd, settings, tax)
 
 
 @labeler_group.command("predict")
@@ -314,17 +303,13 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
 @runner_options
 def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size, runner, ray_address) -> None:
     """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
-    from .labeler import LabelerError, PredictSettings, predict
-    from .persons import DetectorError
+    from .labeler import PredictSettings, predict
 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
-    try:
-        # One model here; on Ray an actor per film at once, as many as the cluster's CPUs (or GPUs) hold.
-        results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata,
-                          make_runner(runner, 1 if runner == "local" else None, ray_address))
-    except (LabelerError, DetectorError) as e:
-        raise click.ClickException(str(e)) from None
+    # One model here; on Ray an actor per film at once, as many as the cluster's CPUs (or GPUs) hold.
+    results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata,
+                      make_runner(runner, 1 if runner == "local" else None, ray_address))
     report_partitions(wd, results, lambda s: f"{s['model']} labeled by the model, {s['human']} by people")
 
 
@@ -347,12 +332,9 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
 
     work = WorkDir(workdir)
     tax, metadata = label_context(work, taxonomy, movies)
-    try:
-        tar_runner = None if runner == "local" else make_runner(runner, None, ray_address)  # None: shard's own
-        index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, tar_runner,
-                      movie_metadata=metadata)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    tar_runner = None if runner == "local" else make_runner(runner, None, ray_address)  # None: shard's own
+    index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, tar_runner,
+                  movie_metadata=metadata)
     click.echo(format_index(index, output))
 
 
@@ -382,17 +364,12 @@ def relabel_command(shard_dir, checkpoint, output, override_human, device, batch
                     ray_address) -> None:
     """Write SHARD_DIR's shards again with the checkpoint's labels: same images byte for byte, new
     json and cls; print how many labels changed, per label."""
-    from .labeler import LabelerError
-    from .persons import DetectorError
-    from .relabel import RelabelError, RelabelSettings, format_changes, relabel
-    from .taxonomy import TaxonomyError, load_taxonomy
+    from .relabel import RelabelSettings, format_changes, relabel
+    from .taxonomy import load_taxonomy
 
-    try:
-        index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
-                        load_taxonomy(taxonomy), make_runner(runner, workers or (1 if runner == "local" else None),
-                                                             ray_address))
-    except (RelabelError, LabelerError, DetectorError, TaxonomyError) as e:
-        raise click.ClickException(str(e)) from None
+    index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
+                    load_taxonomy(taxonomy), make_runner(runner, workers or (1 if runner == "local" else None),
+                                                         ray_address))
     click.echo(format_changes(index["relabel"]["changes"]))
     click.echo(f"index: {Path(output) / 'index.json'}")
 
@@ -407,12 +384,9 @@ def parsing_group() -> None:
 @workdir_option
 def parsing_attach_command(folder, workdir) -> None:
     """Attach FOLDER/<frame_id>.png parsing maps (checked: ids, sizes; all or nothing)."""
-    from .parsing import ParsingError, attach_parsing
+    from .parsing import attach_parsing
 
-    try:
-        count = attach_parsing(WorkDir(workdir), folder)
-    except ParsingError as e:
-        raise click.ClickException(str(e)) from None
+    count = attach_parsing(WorkDir(workdir), folder)
     click.echo(f"attached {count} parsing maps")
 
 
@@ -437,7 +411,7 @@ def report_command(shard_dir, workdir, output, recipe, taxonomy) -> None:
         raise click.ClickException(f"{shard_dir}: no index.json (not a folder written by `mhmd shard`)")
     try:
         path = write_report(shard_dir or workdir, output, load_taxonomy(taxonomy), recipe)
-    except (ValueError, OSError) as e:  # ReportError, TaxonomyError and PipelineError are ValueErrors
+    except OSError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"report: {path}")
 
@@ -485,7 +459,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
                              no_classifier, preset, vgg_weights, image_size, workers, save_every, keep_checkpoints,
                              log_every, val_shards, taxonomy, seed, resume) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
-    from .historynet.train import HistoryNetError, TrainSettings, train
+    from .historynet.train import TrainSettings, train
 
     if epochs is not None and steps is not None:
         raise click.UsageError("give --epochs or --steps, not both")
@@ -495,10 +469,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         lr=lr, image_size=image_size, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,
         taxonomy=taxonomy, resume=resume)
-    try:
-        result = train(settings)
-    except HistoryNetError as e:
-        raise click.ClickException(str(e)) from None
+    result = train(settings)
     click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
                f"checkpoint {result['last']}")
 
@@ -521,14 +492,9 @@ def historynet_evaluate_command(shards, checkpoint, as_json, device, batch_size,
                                 split) -> None:
     """The paper's protocol: ab predicted at the model's size, resized to each frame and joined with
     its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label."""
-    from .historynet.checkpoint import CheckpointError
     from .historynet.evaluate import evaluate, format_evaluation
-    from .persons import DetectorError
 
-    try:
-        result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split)
-    except (CheckpointError, DetectorError, FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+    result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split)
     click.echo(json.dumps(result, indent=1) if as_json else format_evaluation(result))
 
 
@@ -543,14 +509,9 @@ def historynet_evaluate_command(shards, checkpoint, as_json, device, batch_size,
 def historynet_colorize_command(inputs, checkpoint, output, device, batch_size) -> None:
     """Colorize photos (files, or folders of jpg/jpeg/png/bmp/tif/tiff/webp) at their own size, keeping
     their L; exit 1 when some could not be read (the others are written)."""
-    from .historynet.checkpoint import CheckpointError
-    from .historynet.colorize import ColorizeError, colorize
-    from .persons import DetectorError
+    from .historynet.colorize import colorize
 
-    try:
-        result = colorize(inputs, checkpoint, output, device, batch_size)
-    except (ColorizeError, CheckpointError, DetectorError) as e:
-        raise click.ClickException(str(e)) from None
+    result = colorize(inputs, checkpoint, output, device, batch_size)
     for failure in result.failures:
         click.echo(f"Error: {failure}", err=True)
     click.echo(f"wrote {len(result.written)} colorized images to {output}")
@@ -613,16 +574,6 @@ def report_build(result, workdir: WorkDir, pipeline, out: str) -> None:
         sys.exit(3)
 
 
-def build_errors():
-    from .build import PipelineError
-    from .labeler import LabelerError
-    from .labels import LabelFileError
-    from .persons import DetectorError
-    from .taxonomy import TaxonomyError
-
-    return (PipelineError, LabelerError, LabelFileError, DetectorError, TaxonomyError, MediaError, ValueError)
-
-
 @main.command("build")
 @click.argument("pipeline", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
@@ -642,11 +593,8 @@ def build_command(pipeline, inputs, workdir, output, labels, movies, runner, ray
     from .build import build, load_pipeline
 
     work = WorkDir(workdir)
-    try:
-        recipe = load_pipeline(pipeline)
-        result = build(recipe, list(inputs), work, output, runner, workers, labels, movies, ray_address)
-    except build_errors() as e:
-        raise click.ClickException(str(e)) from None
+    recipe = load_pipeline(pipeline)
+    result = build(recipe, list(inputs), work, output, runner, workers, labels, movies, ray_address)
     report_build(result, work, recipe, output)
 
 
@@ -659,10 +607,7 @@ def demo_command(output, workers) -> None:
     from .build import PIPELINES, load_pipeline
     from .demo import run_demo
 
-    try:
-        result = run_demo(Path(output), workers)
-    except build_errors() as e:
-        raise click.ClickException(str(e)) from None
+    result = run_demo(Path(output), workers)
     report_build(result, WorkDir(Path(output) / "work"), load_pipeline(PIPELINES / "demo.yaml"),
                  str(Path(output) / "shards"))
     click.echo(f"work directory: {Path(output) / 'work'}")

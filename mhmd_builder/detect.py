@@ -20,9 +20,10 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import prefetched
-from .persons import (Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, pick_device,
-                      resolve_weights)
+from .devices import pick_device
+from .errors import InputError
 from .filter import current_decisions
+from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, resolve_weights
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources
 from .workdir import WorkDir
@@ -193,7 +194,7 @@ def plan_detection(workdir: WorkDir, settings: DetectSettings) -> list[Partition
     kept = decisions[decisions.kept.astype(bool) & ~decisions.needs_extraction.astype(bool)]
     frames = workdir.read_table("extract")
     if frames is None:
-        raise ValueError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
+        raise InputError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
     kept = kept.merge(frames[["frame_id", "movie_id", "timestamp", "jpeg"]], on="frame_id", suffixes=("_d", ""))
     done = workdir.done(STAGE)
     partitions = []

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import pyarrow as pa
 
+from .errors import InputError
 from .media import (DecodeStats, MediaError, Sampling, decode_frames, detect_letterbox, find_movies, movie_id,
                     output_size, probe, slug)
 from .runners import LocalRunner
@@ -174,7 +175,7 @@ def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> No
     for movie, summary in done.items():
         if summary.get("settings") != wanted:
             changed = sorted(k for k in wanted if summary.get("settings", {}).get(k) != wanted[k])
-            raise ValueError(f"{movie} was extracted with other settings ({', '.join(changed)}): "
+            raise InputError(f"{movie} was extracted with other settings ({', '.join(changed)}): "
                              "use a new work directory, the same settings to resume, or --redo")
 
 

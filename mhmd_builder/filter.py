@@ -13,6 +13,7 @@ from dataclasses import fields
 import pandas as pd
 import pyarrow as pa
 
+from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
 
@@ -25,7 +26,7 @@ def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     scores of `frames` (extract table rows): frame_id, movie_id, kept, reject_reason, flags."""
     missing = [name for name in SCORE_NAMES if name not in frames]
     if missing:
-        raise ValueError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
+        raise InputError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
     rows = []
     for movie, group in frames.sort_values(["movie_id", "timestamp"], kind="stable").groupby("movie_id", sort=False):
         runs = DuplicateRuns(thresholds.max_hash_distance)
@@ -120,7 +121,7 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     frames = workdir.read_table("extract")
     if frames is None:
-        raise ValueError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
+        raise InputError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
     before = current_decisions(workdir).set_index("frame_id")["kept"]
     decisions = decide(frames, thresholds)
     jpeg = frames.set_index("frame_id")["jpeg"]

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,43 +23,25 @@ import pyarrow as pa
 
 from .batching import prefetched
 from .detect import inputs_digest, load_frame
+from .devices import fixed_cpu_threads, pick_device
+from .errors import MhmdError
 from .labels import LABEL_STAGE, PREDICTION_SCHEMA, labelable_frames, read_human_labels
-from .persons import pick_device, sha256_of, verify_sha256, weights_cache
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources
 from .taxonomy import Taxonomy, load_taxonomy
+from .weights import check_pinned, sha256_of, weights_cache
 from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
 ARCHS = ("resnet18", "resnet50")
-# torchvision's ImageNet weights, pinned as in ../shared/samples/SOURCES.md: a changed file is refused.
-PINNED_SHA256 = {
-    "resnet18-f37072fd.pth": "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec",
-    "resnet50-0676ba61.pth": "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
-}
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation (RGB), recorded in the checkpoint
 STD = (0.229, 0.224, 0.225)
 
 
-class LabelerError(Exception):
+class LabelerError(MhmdError):
     """The labeler cannot train or predict; the message is one line and says what to do."""
-
-
-@contextmanager
-def fixed_cpu_threads():
-    """Torch's CPU results depend on its thread count (work is split per thread), and libraries change
-    it (ultralytics sets cores - 1): the labeler trains and predicts with one thread per core of the
-    machine, so the same inputs give the same checkpoint, labels and shards in any process."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # -- model and weights ----------------------------------------------------------------------------
@@ -87,13 +67,7 @@ def imagenet_weights_file(arch: str) -> Path:
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(url, str(target), progress=True)
-    return check_weights_file(target)
-
-
-def check_weights_file(path: Path) -> Path:
-    """A known file name must have its published hash; other files are taken as they are."""
-    pinned = PINNED_SHA256.get(path.name)
-    return verify_sha256(path, pinned, LabelerError) if pinned else path
+    return check_pinned(target)
 
 
 def initial_weights(arch: str, weights: str) -> tuple[dict | None, str]:
@@ -113,7 +87,7 @@ def initial_weights(arch: str, weights: str) -> tuple[dict | None, str]:
         path = Path(weights)
         if not path.is_file():
             raise LabelerError(f"--weights {weights}: no such file (or use imagenet / none)")
-        check_weights_file(path)
+        check_pinned(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     # The ImageNet classifier has 1000 outputs: only the backbone is reused.
     return {k: v for k, v in state.items() if not k.startswith("fc.")}, str(path)

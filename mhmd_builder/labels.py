@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from .errors import InputError
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_table
 
@@ -79,7 +80,7 @@ def passed_detection(frames: "pd.DataFrame") -> "pd.DataFrame":
 
 
 # -- problems, reported all together --------------------------------------------------------------
-class LabelFileError(ValueError):
+class LabelFileError(InputError):
     """A label or movie metadata file with problems; `.problems` lists each as `file:line: problem`."""
 
     def __init__(self, path, problems: list[str], consequence: str = "nothing imported"):

@@ -22,13 +22,15 @@ from typing import Iterator
 import ffmpeg
 import numpy as np
 
+from .errors import MhmdError
+
 VIDEO_EXTENSIONS = {
     ".mp4", ".m4v", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
     ".wmv", ".flv", ".ogv", ".3gp", ".vob", ".mxf",
 }
 
 
-class MediaError(Exception):
+class MediaError(MhmdError):
     """A movie that cannot be used; the message is one line naming the problem."""
 
 

@@ -15,11 +15,12 @@ import cv2
 import pandas as pd
 import pyarrow as pa
 
+from .errors import MhmdError
 from .manifest import manifest
 from .workdir import WorkDir, atomic_write_table
 
 
-class ParsingError(Exception):
+class ParsingError(MhmdError):
     """Some maps are invalid: `problems` lists each as 'file: what is wrong'."""
 
     def __init__(self, problems: list[str]):

@@ -5,33 +5,21 @@ normalised xyxy, confidences, and (segmentation models only) the union mask of a
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .devices import pick_device
+from .errors import MhmdError
+from .weights import PINNED_SHA256, verify_sha256, weights_cache
+
 PERSON = 0  # COCO class id
-
-# Published SHA-256 of the weights ultralytics and torchvision download (see ../shared/samples/SOURCES.md):
-# a download that does not match is refused.
-PINNED_SHA256 = {
-    "yolo11n.pt": "0ebbc80d4a7680d14987a577cd21342b65ecfd94632bd9a8da63ae6417644ee1",
-    "yolo11n-seg.pt": "55ed65c56c91713d23e8402371c6c49a6fd84f257f7dce452e8d70e41dcbe152",
-    "yolo11s.pt": "85a76fe86dd8afe384648546b56a7a78580c7cb7b404fc595f97969322d502d5",
-    "yolov8n.pt": "f59b3d833e2ff32e194b5bb8e08d211dc7c5bdf144b90d2c8412c47ccfc83b36",
-    "yolov8n-seg.pt": "a7cd8f929e1903d78a12a48efecab430209f18dc46cb96c3599a5980c63c423c",
-}
+YOLO_NAMES = tuple(name for name in PINNED_SHA256 if name.endswith(".pt"))  # known to ultralytics' download
 
 
-def weights_cache() -> Path:
-    """Where downloaded weights are kept: $MHMD_WEIGHTS_DIR, else ~/.cache/mhmd_builder/weights."""
-    return Path(os.environ.get("MHMD_WEIGHTS_DIR") or Path.home() / ".cache" / "mhmd_builder" / "weights")
-
-
-class DetectorError(Exception):
+class DetectorError(MhmdError):
     """The detector cannot be set up; the message says what to do instead."""
 
 
@@ -52,31 +40,14 @@ class Detections:
         return float(((self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])).max())
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def verify_sha256(path: Path, expected: str, error: type[Exception]) -> Path:
-    """`path` when its SHA-256 is the published one; else `error` saying it is refused."""
-    digest = sha256_of(path)
-    if digest != expected:
-        raise error(f"{path}: SHA-256 {digest[:16]}... does not match the published {expected[:16]}... "
-                    f"for {path.name}: refusing it (delete the file to download again)")
-    return path
-
-
 def resolve_weights(model: str) -> str:
     """A path for YOLO(): a config (.yaml: random weights), an existing file, or a known name,
     downloaded by ultralytics into the cache and checked against its pinned SHA-256."""
     if model.endswith((".yaml", ".yml")) or Path(model).is_file():
         return model
     name = Path(model).name
-    if name not in PINNED_SHA256:
-        raise DetectorError(f"{model}: no such file, and not a known model name ({', '.join(PINNED_SHA256)})")
+    if name not in YOLO_NAMES:
+        raise DetectorError(f"{model}: no such file, and not a known model name ({', '.join(YOLO_NAMES)})")
     target = weights_cache() / name
     if not target.is_file():
         from ultralytics.utils.downloads import attempt_download_asset
@@ -87,17 +58,7 @@ def resolve_weights(model: str) -> str:
         except Exception as e:  # noqa: BLE001 - any download failure gets the same remedies
             raise DetectorError(f"cannot download {name} ({type(e).__name__}, offline?): give a local copy with "
                                 f"--weights PATH, or use --detector opencv") from None
-    return str(verify_sha256(target, PINNED_SHA256[name], DetectorError))
-
-
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DetectorError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return device
+    return str(verify_sha256(target, PINNED_SHA256[name]))
 
 
 # -- YOLO -----------------------------------------------------------------------------------------

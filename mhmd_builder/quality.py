@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import cv2
 import numpy as np
 
+from .errors import InputError
+
 # Fixed order in which failed checks are reported; the first one is the frame's reject_reason.
 REASONS = ("grayscale", "tinted", "blurry", "dark", "overexposed", "low_resolution", "duplicate")
 
@@ -64,7 +66,7 @@ class QualityThresholds:
         values = values or {}
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown quality thresholds: {', '.join(sorted(unknown))}")
+            raise InputError(f"unknown quality thresholds: {', '.join(sorted(unknown))}")
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -22,16 +22,18 @@ import pyarrow as pa
 import webdataset as wds
 
 from .batching import batched
+from .devices import pick_device
+from .errors import InputError
 from .labeler import Labeler, fit_rgb, load_checkpoint
-from .persons import pick_device, sha256_of
 from .runners import LocalRunner
 from .shard import AtomicTar, clear_shard_dir, encode_json, label_fields, split_entry
 from .stages import Partition, PartitionError, Resources
 from .taxonomy import Taxonomy, load_taxonomy
+from .weights import sha256_of
 from .workdir import WorkDir, atomic_write_json, read_json
 
 
-class RelabelError(ValueError):
+class RelabelError(InputError):
     """Shards that cannot be relabelled; the message names the shard (and sample) and the problem."""
 
 

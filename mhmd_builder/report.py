@@ -35,6 +35,7 @@ from matplotlib.figure import Figure
 
 from . import __version__
 from .detect import REASONS as PERSON_REASONS
+from .errors import InputError
 from .labeler import config_path, default_checkpoint, metrics_path
 from .labels import passed_detection, read_human_labels
 from .manifest import STAGES, manifest
@@ -64,7 +65,7 @@ figure{margin:0;width:164px;font-size:.7em;word-break:break-all}figure img{displ
 """
 
 
-class ReportError(ValueError):
+class ReportError(InputError):
     """Nothing to report on; the message is one line and says what to do."""
 
 

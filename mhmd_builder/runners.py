@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from .errors import InputError
 from .stages import Partition, PartitionError, PartitionResult, Stage, record_failure, run_partition
 
 
@@ -332,4 +333,4 @@ def make_runner(name: str, workers: int | None = None, address: str | None = Non
         return LocalRunner(workers)
     if name == "ray":
         return RayRunner(address, workers)
-    raise ValueError(f"unknown runner {name!r} (available: local, ray)")
+    raise InputError(f"unknown runner {name!r} (available: local, ray)")

@@ -24,6 +24,7 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 import pandas as pd
 
+from .errors import InputError
 from .labels import LABEL_STAGE, PARTS, labelable_frames, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_bytes
@@ -36,7 +37,7 @@ def _candidates(workdir: WorkDir) -> tuple[pd.DataFrame, pd.DataFrame]:
     """All frames that passed detection, and those of them nobody has labelled yet."""
     frames = labelable_frames(workdir)
     if frames.empty:
-        raise ValueError(f"{workdir.root}: no frame has passed detection yet: run `mhmd detect` first")
+        raise InputError(f"{workdir.root}: no frame has passed detection yet: run `mhmd detect` first")
     human = read_human_labels(workdir)
     labelled = set(human.frame_id) if human is not None else set()
     return frames, frames[~frames.frame_id.isin(labelled)]
@@ -48,7 +49,7 @@ def sample_frames(workdir: WorkDir, fraction: float = 0.01, seed: int = 0, minim
     spread evenly over the film's running time, drawn from the frames not labelled yet.
     The same work directory and seed give the same sample."""
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], not {fraction}")
+        raise InputError(f"fraction must be in (0, 1], not {fraction}")
     frames, open_frames = _candidates(workdir)
     picks = []
     for movie, film in open_frames.groupby("movie_id", sort=True):
@@ -71,7 +72,7 @@ def uncertain_frames(workdir: WorkDir, count: int, movie_metadata: dict[str, dic
     """The `count` model-labelled frames with the lowest label confidence (the next labeling round)."""
     predictions = workdir.read_table(LABEL_STAGE)
     if predictions is None:
-        raise ValueError(f"{workdir.root}: no model labels yet: run `mhmd labeler predict` first")
+        raise InputError(f"{workdir.root}: no model labels yet: run `mhmd labeler predict` first")
     _, open_frames = _candidates(workdir)
     model = predictions[predictions.label_source == "model"][["frame_id", "label_confidence"]]
     picked = (open_frames.drop(columns="label_confidence", errors="ignore").merge(model, on="frame_id")
@@ -104,10 +105,10 @@ def write_sample(sample: pd.DataFrame, out: str | Path, format: str, taxonomy: T
         atomic_write_bytes(out, sample[CSV_COLUMNS].to_csv(index=False).encode())
         return [out]
     if format != "label-studio":
-        raise ValueError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+        raise InputError(f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
     config = out.with_suffix(".xml")
     if config == out:
-        raise ValueError(f"{out}: the tasks file must not end in .xml (its config is written to {config})")
+        raise InputError(f"{out}: the tasks file must not end in .xml (its config is written to {config})")
     tasks = [_task(row) for row in sample.itertuples(index=False)]
     atomic_write_bytes(out, json.dumps(tasks, indent=1).encode())
     atomic_write_bytes(config, labeling_config(taxonomy).encode())

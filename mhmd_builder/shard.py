@@ -27,6 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import webdataset as wds
 
+from .errors import InputError
 from .manifest import manifest
 from .runners import LocalRunner
 from .stages import Partition, Resources
@@ -162,7 +163,7 @@ def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
     others = sorted(p.name for p in out.iterdir()
                     if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in ("index.json", ".relabel")))
     if others:
-        raise ValueError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
+        raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
                          "give an empty or new folder")
     (out / "index.json").unlink(missing_ok=True)
     for path in out.iterdir():
@@ -249,7 +250,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     if "jpeg" in frames:
         frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)
     if frames.empty:
-        raise ValueError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
+        raise InputError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames:
             frames[column] = None
@@ -269,7 +270,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     # would spend seconds importing), and nothing here holds a GPU.
     failures = [r for r in (runner or LocalRunner(start_method="fork")).run(TarStage(workdir, out), todo) if not r.ok]
     if failures:
-        raise ValueError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
+        raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")
     index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256,
              "shards": [{"name": f"{p.id}.tar", "split": p.info["split"], "count": len(p.info["samples"])}

@@ -10,13 +10,14 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .errors import MhmdError
 from .workdir import WorkDir
 
 Progress = Callable[[float, float], None]
 """progress(done, total) in the stage's own units (e.g. seconds of film)."""
 
 
-class PartitionError(Exception):
+class PartitionError(MhmdError):
     """An expected failure of one partition (bad input); the message is one line."""
 
 

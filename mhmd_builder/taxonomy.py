@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import shipped
+from .errors import InputError
 
 DEFAULT_TAXONOMY = shipped("data_manifests/mhmd_taxonomy.csv")
 MHMD_TOTAL = 1_353_166  # images in MHMD: the paper's counts must add up to this
 COLUMNS = ("id", "name", "era", "nationality", "garment")
 
 
-class TaxonomyError(ValueError):
+class TaxonomyError(InputError):
     """A taxonomy file that cannot be used; the message names the file and the line."""
 
 

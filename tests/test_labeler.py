@@ -15,6 +15,7 @@ from mhmd_builder.labeler import (LabelerError, PredictSettings, TrainSettings, 
 from mhmd_builder.labels import read_human_labels, write_human_labels
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.weights import WeightsError
 from mhmd_builder.workdir import WorkDir
 
 TAXONOMY = load_taxonomy()
@@ -181,7 +182,7 @@ def test_weights_offline_pinned_and_none(tmp_path, monkeypatch, capsys):
     assert "random initialisation" in capsys.readouterr().out
     fake = tmp_path / "resnet18-f37072fd.pth"
     fake.write_bytes(b"not the published file")
-    with pytest.raises(LabelerError, match="does not match the published"):
+    with pytest.raises(WeightsError, match="does not match the published"):
         initial_weights("resnet18", str(fake))
     local = tmp_path / "my_resnet18.pth"
     torch.save(build_model("resnet18", 5).state_dict(), local)

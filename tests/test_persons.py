@@ -8,8 +8,9 @@ from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 from ultralytics.utils import ASSETS
 
-from mhmd_builder.persons import (PINNED_SHA256, DetectorError, OpenCVPersonDetector, YoloPersonDetector, letterbox,
-                                  pick_device, resolve_weights)
+from mhmd_builder.persons import (YOLO_NAMES, DetectorError, OpenCVPersonDetector, YoloPersonDetector, letterbox,
+                                  resolve_weights)
+from mhmd_builder.weights import WeightsError
 
 
 def photo(name: str, side: int = 640) -> np.ndarray:
@@ -143,9 +144,9 @@ def test_known_weights_offline_give_both_remedies(tmp_path, monkeypatch):
 def test_weights_that_do_not_match_the_pinned_hash_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("MHMD_WEIGHTS_DIR", str(tmp_path))
     (tmp_path / "yolo11n.pt").write_bytes(b"not the published file")
-    with pytest.raises(DetectorError, match="does not match the published"):
+    with pytest.raises(WeightsError, match="does not match the published"):
         resolve_weights("yolo11n.pt")
-    assert set(PINNED_SHA256) >= {"yolo11n.pt", "yolo11n-seg.pt"}
+    assert set(YOLO_NAMES) >= {"yolo11n.pt", "yolo11n-seg.pt"}
 
 
 def test_configs_and_local_files_are_taken_as_they_are(tmp_path):
@@ -155,11 +156,3 @@ def test_configs_and_local_files_are_taken_as_they_are(tmp_path):
     assert resolve_weights(str(local)) == str(local)
     with pytest.raises(DetectorError, match="not a known model name"):
         resolve_weights("mystery.pt")
-
-
-def test_device_selection():
-    assert pick_device("auto") == ("cuda:0" if torch.cuda.is_available() else "cpu")
-    assert pick_device("cpu") == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(DetectorError, match="CUDA is not available"):
-            pick_device("cuda:0")

@@ -16,13 +16,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..errors import InputError
 from ..workdir import atomic_write_bytes
 from .model import HistoryNetGenerator, Networks, build_networks
 
 NETWORKS = ("generator", "critic", "info_classifier")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that cannot be used; the message names the file."""
 
 

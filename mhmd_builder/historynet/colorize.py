@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from ..batching import batched
-from ..persons import pick_device
+from ..devices import pick_device
+from ..errors import InputError
 from ..workdir import atomic_write_bytes
 from .checkpoint import load_generator
 from .data import lab_input, rgb_from_lab, unit_float
@@ -34,7 +35,7 @@ from .model import HistoryNetGenerator
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-class ColorizeError(ValueError):
+class ColorizeError(InputError):
     """The inputs or the output folder cannot be used; the message names the path."""
 
 

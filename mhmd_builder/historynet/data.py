@@ -32,18 +32,24 @@ import torch
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
+from ..errors import InputError, MhmdError
+
 INPUT_SIZE = 224
 SAMPLE_TENSORS = ("lightness", "ab", "onehot", "has_label", "parsing", "has_parsing")
+
+
+class ShardsNotFound(MhmdError, FileNotFoundError):
+    """A shard pattern that names no file, or files that are missing."""
 
 
 # -- shard lists ----------------------------------------------------------------------------------
 def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:
     """The shard files of a brace pattern (`train-{000000..000009}.tar`), a glob, a directory (its
     `{split}-*.tar`), a single file or a list of any of these. Remote URLs (`pipe:`, `s3://`...) are
-    passed on unchecked; local names that match nothing raise FileNotFoundError naming the pattern."""
+    passed on unchecked; local names that match nothing raise ShardsNotFound naming the pattern."""
     if isinstance(shards, (list, tuple)):
         if not shards:
-            raise FileNotFoundError("no shards given (an empty list)")
+            raise ShardsNotFound("no shards given (an empty list)")
         return [url for item in shards for url in shard_urls(item, split)]
     pattern = str(shards)
     if pattern.startswith("pipe:") or "://" in pattern:
@@ -58,9 +64,9 @@ def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[
         urls = [pattern]
     missing = [url for url in urls if not Path(url).is_file()]
     if len(missing) == len(urls):
-        raise FileNotFoundError(f"no shards match {pattern}")
+        raise ShardsNotFound(f"no shards match {pattern}")
     if missing:
-        raise FileNotFoundError(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+        raise ShardsNotFound(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
     return urls
 
 
@@ -119,10 +125,10 @@ def compose_rgb(original_bgr: np.ndarray, ab224: np.ndarray) -> np.ndarray:
 def _image(sample: dict, member: str) -> np.ndarray:
     where = f"{sample.get('__url__', '?')}: sample {sample['__key__']}"
     if member not in sample:
-        raise ValueError(f"{where}: has no {member}")
+        raise InputError(f"{where}: has no {member}")
     image = cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"{where}: its {member} cannot be decoded")
+        raise InputError(f"{where}: its {member} cannot be decoded")
     return image
 
 
@@ -131,7 +137,7 @@ def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
     if "cls" in sample:
         label = int(sample["cls"])
         if not 0 <= label < num_classes:
-            raise ValueError(f"{sample.get('__url__', '?')}: sample {sample['__key__']}: label {label} is "
+            raise InputError(f"{sample.get('__url__', '?')}: sample {sample['__key__']}: label {label} is "
                              f"outside 0..{num_classes - 1} ({num_classes} classes)")
         onehot[label] = 1
     return onehot

@@ -32,7 +32,8 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from ..persons import pick_device
+from ..devices import pick_device
+from ..errors import InputError
 from .colorize import load_colorizer, predict_ab
 from .data import compose_rgb, eval_loader, shard_urls
 from .metrics import (LpipsUnavailable, MetricsAccumulator, colorfulness_rgb, image_metrics, lpips_distance,
@@ -141,7 +142,7 @@ def evaluate(shards, checkpoint: str | Path, device: str = "auto", batch_size: i
         accumulator.add({name: value for name, value in row.items() if name not in ("key", "label")}, row["label"])
     summary = accumulator.summary()
     if summary["images"] == 0:
-        raise ValueError(f"{shards}: no {split} samples to evaluate")
+        raise InputError(f"{shards}: no {split} samples to evaluate")
     result = {
         "checkpoint": str(checkpoint), "variant": config["variant"], "image_size": config["image_size"],
         "shards": urls, "split": split,

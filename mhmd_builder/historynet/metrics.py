@@ -23,8 +23,9 @@ import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ..persons import sha256_of
+from ..errors import MhmdError
 from ..quality import colorfulness
+from ..weights import sha256_of
 
 ALEXNET_FILE = Path(torchvision.models.AlexNet_Weights.IMAGENET1K_V1.url).name  # alexnet-owt-7be5be79.pth
 # The name carries the first hex digits of the file's SHA-256, which torch.hub checks on download.
@@ -45,7 +46,7 @@ def colorfulness_rgb(rgb: np.ndarray) -> float:
 
 
 # -- LPIPS ----------------------------------------------------------------------------------------
-class LpipsUnavailable(RuntimeError):
+class LpipsUnavailable(MhmdError):
     """LPIPS cannot be computed; the message ("LPIPS cannot be computed: ...") says why."""
 
 

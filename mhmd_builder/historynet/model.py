@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 Z_SIZE = 256
 CLASS_HIDDEN = 420  # official: Dense(4096) -> Dense(420) -> Dense(42, softmax)
 VGG_G0_LAYERS = 23  # torchvision vgg16().features[:23]: conv1_1 .. conv4_3 and its ReLU
@@ -92,7 +94,7 @@ def init_keras(module: nn.Module) -> None:
 
 def check_image_size(image_size: int) -> int:
     if image_size % 32:
-        raise ValueError(f"image size {image_size} is not a multiple of 32 (the paper's is 224)")
+        raise InputError(f"image size {image_size} is not a multiple of 32 (the paper's is 224)")
     return image_size
 
 
@@ -122,7 +124,7 @@ def load_vgg16_backbone(g0: nn.Sequential, path: str | Path | None = None) -> No
     if path is None:
         from torchvision.models import VGG16_Weights
 
-        from ..persons import weights_cache
+        from ..weights import weights_cache
 
         state = VGG16_Weights.IMAGENET1K_V1.get_state_dict(model_dir=str(weights_cache()), progress=True,
                                                            check_hash=True)
@@ -276,7 +278,7 @@ class Networks:
 
 def build_networks(variant: str = "historynet", num_classes: int = 42, image_size: int = 224) -> Networks:
     if variant not in VARIANTS:
-        raise ValueError(f"unknown HistoryNet variant {variant!r} (available: {', '.join(VARIANTS)})")
+        raise InputError(f"unknown HistoryNet variant {variant!r} (available: {', '.join(VARIANTS)})")
     flags = VARIANTS[variant]
     return Networks(HistoryNetGenerator(num_classes, flags["parsing"], image_size), PatchDiscriminator(),
                     InfoClassifier(image_size) if flags["classifier"] else None)

@@ -43,9 +43,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..labeler import fixed_cpu_threads
-from ..persons import DetectorError, pick_device
-from ..taxonomy import Taxonomy, TaxonomyError, load_taxonomy
+from ..devices import fixed_cpu_threads, pick_device
+from ..errors import InputError
+from ..taxonomy import Taxonomy, load_taxonomy
 from ..workdir import atomic_write_bytes, read_json
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import eval_loader, rgb_from_lab, shard_urls, train_loader, unit_float
@@ -58,7 +58,7 @@ LOG = "train.log.jsonl"
 NETWORKS = ("generator", "critic", "info_classifier")
 
 
-class HistoryNetError(ValueError):
+class HistoryNetError(InputError):
     """Training cannot start; the message is one line and says why."""
 
 
@@ -407,10 +407,7 @@ def train(settings: TrainSettings) -> dict:
 
 def _train(settings: TrainSettings) -> dict:
     check_settings(settings)
-    try:
-        taxonomy = load_taxonomy(settings.taxonomy)
-    except TaxonomyError as e:
-        raise HistoryNetError(str(e)) from None
+    taxonomy = load_taxonomy(settings.taxonomy)
     urls = train_shards(settings)
     indexes = shard_indexes(urls)
     check_shard_taxonomy(indexes, taxonomy)
@@ -420,10 +417,7 @@ def _train(settings: TrainSettings) -> dict:
                               "has no index.json listing them): give epoch_samples (--epoch-samples)")
     config = run_config(settings, taxonomy, epoch_samples)
     checkpoint = resumed(settings, config)
-    try:
-        device = pick_device(settings.device)
-    except DetectorError as e:
-        raise HistoryNetError(str(e)) from None
+    device = pick_device(settings.device)
     val_urls = validation_shards(settings, urls)
     process, device = start_processes(device)
     try:
