@@ -20,7 +20,8 @@ from pathlib import Path
 
 from detect import make_frames  # benchmarks/detect.py: the same frames
 
-from mhmd_builder.runners import LocalRunner, default_workers
+from mhmd_builder.devices import machine_cores
+from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import STAGE, shard
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=6000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--workers", type=int, default=machine_cores())
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -42,7 +43,7 @@ def main() -> None:
         jpegs = sorted(work.root.glob("frames/*/*.jpg"))
         megabytes = sum(p.stat().st_size for p in jpegs) / 1e6
         print(f"{len(jpegs)} JPEGs, {megabytes:.0f} MB; mhmd shard with {args.workers} workers")
-        runner = LocalRunner(args.workers, start_method="fork")
+        runner = LocalRunner(args.workers)
         rows = []
         for _ in range(args.repeats):
             shutil.rmtree(root / "shards", ignore_errors=True)

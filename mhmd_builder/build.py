@@ -128,16 +128,14 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
           movies: str | None = None, ray_address: str | None = None) -> BuildResult:
     """Run the recipe on the movies; `labels` / `movies` given here win over the recipe's.
     `runner`: "local" (processes here) or "ray" (actors on the Ray cluster at `ray_address`, by
-    default a new local one); `workers`: movies at once (Ray: by default what its cluster holds)."""
+    default a new local one); `workers`: partitions at once in every stage (by default each stage's
+    own count: one per core, or one for a stage that holds a model; on Ray what its cluster holds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     taxonomy = load_taxonomy(pipeline.taxonomy)
-    outcomes = extract(list(inputs), workdir, pipeline.extract, make_runner(runner, workers, ray_address))
+    runner = make_runner(runner, workers, ray_address)
+    outcomes = extract(list(inputs), workdir, pipeline.extract, runner)
     failures = [f"extract {o.path}: {o.reason}" for o in outcomes if o.status == "failed"]
-    # Every detection worker loads its own model: here one at a time unless asked for more; Ray
-    # gives each actor the CPUs or GPU it asks for, so it runs as many as its cluster holds.
-    local = runner == "local"
-    failures += _failures("detect", detect(workdir, pipeline.detect,
-                                           make_runner(runner, (workers or 1) if local else workers, ray_address)))
+    failures += _failures("detect", detect(workdir, pipeline.detect, runner))
     movies = movies or pipeline.movies
     metadata = load_movie_metadata(movies, workdir, taxonomy) if movies else None
     labels = labels or pipeline.labels
@@ -154,10 +152,6 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
         checkpoint = Path(pipeline.labeler.output) if pipeline.labeler.output else default_checkpoint(workdir)
         if not checkpoint_is_current(workdir, pipeline.labeler, taxonomy):
             train(workdir, pipeline.labeler, taxonomy)
-        results = predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata,
-                          make_runner(runner, 1 if local else workers, ray_address))
-        failures += _failures("label", results)
-    # Locally the shard stage's own runner (forked processes); on Ray, its actors.
-    index = shard(workdir, out, pipeline.shard, taxonomy, None if local else make_runner(runner, workers, ray_address),
-                  movie_metadata=metadata)
+        failures += _failures("label", predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata, runner))
+    index = shard(workdir, out, pipeline.shard, taxonomy, runner, movie_metadata=metadata)
     return BuildResult(outcomes, failures, index=index)

@@ -10,11 +10,12 @@ from dataclasses import fields
 import click
 
 from . import __version__
+from .devices import machine_cores
 from .errors import MhmdError
 from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
 from .quality import QualityThresholds, with_overrides
-from .runners import default_workers, make_runner
+from .runners import make_runner
 from .workdir import WorkDir
 
 workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
@@ -115,7 +116,7 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @click.option("--crop/--no-crop", default=True, show_default=True, help="Detect and crop letterbox bars.")
 @click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}; "
+              help=f"Movies decoded at once [default: the machine's cores, {machine_cores()}; "
                    "with --runner ray, what the cluster's CPUs hold].")
 @click.option("--redo", is_flag=True, help="Extract again movies already done (e.g. with new thresholds).")
 @runner_options
@@ -182,8 +183,6 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
                               conf=conf, iou=iou, min_persons=min_persons, max_persons=max_persons,
                               min_person_area=min_person_area, masks=masks)
     wd = WorkDir(workdir)
-    # Each worker loads its own model: here one unless asked for more; on Ray what the cluster holds.
-    workers = (workers or 1) if runner == "local" else workers
     results = detect(wd, settings, make_runner(runner, workers, ray_address))
     report_partitions(wd, results, lambda s: f"{s['frames_out']}/{s['frames_in']} frames kept")
 
@@ -307,9 +306,8 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
-    # One model here; on Ray an actor per film at once, as many as the cluster's CPUs (or GPUs) hold.
     results = predict(wd, checkpoint, PredictSettings(device=device, batch_size=batch_size), tax, metadata,
-                      make_runner(runner, 1 if runner == "local" else None, ray_address))
+                      make_runner(runner, None, ray_address))
     report_partitions(wd, results, lambda s: f"{s['model']} labeled by the model, {s['human']} by people")
 
 
@@ -332,9 +330,8 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
 
     work = WorkDir(workdir)
     tax, metadata = label_context(work, taxonomy, movies)
-    tar_runner = None if runner == "local" else make_runner(runner, None, ray_address)  # None: shard's own
-    index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax, tar_runner,
-                  movie_metadata=metadata)
+    index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax,
+                  make_runner(runner, None, ray_address), movie_metadata=metadata)
     click.echo(format_index(index, output))
 
 
@@ -368,8 +365,7 @@ def relabel_command(shard_dir, checkpoint, output, override_human, device, batch
     from .taxonomy import load_taxonomy
 
     index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
-                    load_taxonomy(taxonomy), make_runner(runner, workers or (1 if runner == "local" else None),
-                                                         ray_address))
+                    load_taxonomy(taxonomy), make_runner(runner, workers, ray_address))
     click.echo(format_changes(index["relabel"]["changes"]))
     click.echo(f"index: {Path(output) / 'index.json'}")
 
@@ -584,7 +580,8 @@ def report_build(result, workdir: WorkDir, pipeline, out: str) -> None:
 @movies_option
 @runner_options
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help=f"Movies decoded at once [default: the machine's cores, {default_workers()}; "
+              help=f"Partitions at once in every stage [default: each stage's own: one per core "
+                   f"({machine_cores()}) for extract and shard, one for the stages that hold a model; "
                    "with --runner ray, what the cluster holds].")
 def build_command(pipeline, inputs, workdir, output, labels, movies, runner, ray_address, workers) -> None:
     """Run every stage of the recipe PIPELINE (a YAML file, or a shipped one by name: mhmd.yaml,

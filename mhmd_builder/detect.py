@@ -97,7 +97,8 @@ class DetectStage:
     workdir: WorkDir
     settings: DetectSettings = field(default_factory=DetectSettings)
     name: str = STAGE
-    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    resources: Resources = field(default_factory=lambda: Resources(local_workers=1))  # one model
+    unit: str = "frames"
 
     def __post_init__(self) -> None:
         self.detector = None
@@ -219,4 +220,4 @@ def detect(workdir: WorkDir | str | Path, settings: DetectSettings | None = None
         # Download and check the weights here, once, not in every worker.
         settings = replace(settings, model=resolve_weights(settings.model))
     partitions = plan_detection(workdir, settings)
-    return (runner or LocalRunner(1)).run(DetectStage(workdir, settings), partitions)
+    return (runner or LocalRunner()).run(DetectStage(workdir, settings), partitions)

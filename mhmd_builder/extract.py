@@ -9,13 +9,14 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import pyarrow as pa
 
 from .errors import InputError
-from .media import (DecodeStats, MediaError, Sampling, decode_frames, detect_letterbox, find_movies, movie_id,
-                    output_size, probe, slug)
+from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, decode_frames, detect_letterbox, find_movies,
+                    movie_id, output_size, probe, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .stages import Partition, PartitionError, Resources
@@ -81,7 +82,8 @@ class ExtractStage:
     workdir: WorkDir
     settings: ExtractSettings = field(default_factory=ExtractSettings)
     name: str = STAGE
-    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    resources: Resources = field(default_factory=Resources)  # a worker per core: decoding is per movie
+    unit: str = "s"
 
     def setup(self) -> None:
         cv2.setNumThreads(1)  # one worker per core already; ffmpeg does its own threading
@@ -94,6 +96,23 @@ class ExtractStage:
         final_frames = self.workdir.frames_dir(movie)
         shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
 
+        geometry = self._geometry(path)
+        stats = DecodeStats()
+        rows = [self._row(v, movie, geometry, staging) for v in self._verdicts(path, movie, geometry, stats, progress)]
+        if not rows:
+            detail = f": {stats.error}" if stats.error else ""
+            raise PartitionError(f"no frames decoded (ffmpeg exit {stats.returncode}){detail}")
+
+        final_frames.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final_frames)
+        summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
+                   **_counts(rows), "warnings": _warnings(stats, geometry), "seconds": round(time.monotonic() - started, 3)}
+        self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
+        progress(geometry.span, geometry.span)
+        return summary
+
+    def _geometry(self, path: Path) -> "MovieGeometry":
+        """Probe the movie once and decide what is decoded: the time window, the letterbox crop, the size."""
         try:
             info = probe(path)
         except MediaError as e:
@@ -101,63 +120,71 @@ class ExtractStage:
         start, end = _time_window(info.duration, self.settings)
         crop = (detect_letterbox(path, info, start, end if end is not None else start)
                 if self.settings.crop_letterbox else None)
-        size = output_size(info, crop, self.settings.max_side)
-        source_size = output_size(info, crop, None)  # effective resolution, before scaling
+        return MovieGeometry(info, start, end, crop, output_size(info, crop, self.settings.max_side),
+                             output_size(info, crop, None))
 
+    def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", stats: DecodeStats,
+                  progress) -> Iterator[FrameVerdict]:
+        """Every sampled frame's quality verdict, in time order, from one decoding pass."""
         quality = QualityFilter(self.settings.quality)
-        rows: list[dict] = []
         seen: set[str] = set()
-        stats = DecodeStats()
-        span = (end - start) if end is not None else 0.0
-
-        def record(verdicts: list[FrameVerdict]) -> None:
-            for v in verdicts:
-                jpeg = None
-                if v.kept:
-                    jpeg = f"frames/{movie}/{v.meta['frame_id']}.jpg"
-                    ok, buf = cv2.imencode(".jpg", v.frame, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
-                    (staging / f"{v.meta['frame_id']}.jpg").write_bytes(buf.tobytes())
-                rows.append(_verdict_row(v, movie, size, jpeg))
-
-        for timestamp, frame in decode_frames(path, self.settings.sampling, size, crop, start,
+        start, end = geometry.start, geometry.end
+        for timestamp, frame in decode_frames(path, self.settings.sampling, geometry.size, geometry.crop, start,
                                               None if end is None else end - start, stats):
             fid = frame_id(movie, timestamp)
             if fid in seen:  # two frames within the same millisecond: keep the first
                 continue
             seen.add(fid)
-            record(quality.push(frame, {"frame_id": fid, "timestamp": timestamp, "source_size": source_size}))
-            progress(timestamp - start, max(span, timestamp - start))
-        record(quality.flush())
+            yield from quality.push(frame, {"frame_id": fid, "timestamp": timestamp,
+                                            "source_size": geometry.source_size})
+            progress(timestamp - start, max(geometry.span, timestamp - start))
+        yield from quality.flush()
 
-        if not rows:
-            detail = f": {stats.error}" if stats.error else ""
-            raise PartitionError(f"no frames decoded (ffmpeg exit {stats.returncode}){detail}")
-        warnings = []
-        if stats.returncode:
-            warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
-        if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * span):
-            warnings.append(f"decoding stopped at {stats.last_time:.1f} s of {end:.1f} s (truncated file?)")
+    def _row(self, verdict: FrameVerdict, movie: str, geometry: "MovieGeometry", staging: Path) -> dict:
+        """The frame's table row; a kept frame's JPEG is written to the staging folder first."""
+        jpeg = None
+        if verdict.kept:
+            name = f"{verdict.meta['frame_id']}.jpg"
+            jpeg = f"frames/{movie}/{name}"
+            _, buffer = cv2.imencode(".jpg", verdict.frame, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
+            (staging / name).write_bytes(buffer.tobytes())
+        return _verdict_row(verdict, movie, geometry.size, jpeg)
 
-        final_frames.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final_frames)
-        reasons = Counter(r["reject_reason"] for r in rows if not r["kept"])
-        summary = {
-            **partition.info,
-            "movie_id": movie,
-            "probe": info.to_dict(),
-            "crop": asdict(crop) if crop else None,
-            "frame_size": list(size),
-            "source_size": list(source_size),
-            "settings": self.settings.to_dict(),
-            "frames_in": len(rows),
-            "frames_out": sum(r["kept"] for r in rows),
-            "rejected": dict(sorted(reasons.items())),
-            "warnings": warnings,
-            "seconds": round(time.monotonic() - started, 3),
-        }
-        self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
-        progress(span, span)
-        return summary
+
+@dataclass(frozen=True)
+class MovieGeometry:
+    """What part of a movie is decoded and at what size."""
+
+    info: MovieInfo
+    start: float
+    end: float | None  # None: the movie's duration is unknown, decode to its end
+    crop: Crop | None
+    size: tuple[int, int]
+    source_size: tuple[int, int]  # the effective resolution, after the crop and before scaling
+
+    @property
+    def span(self) -> float:
+        return (self.end - self.start) if self.end is not None else 0.0
+
+    def summary(self) -> dict:
+        return {"probe": self.info.to_dict(), "crop": asdict(self.crop) if self.crop else None,
+                "frame_size": list(self.size), "source_size": list(self.source_size)}
+
+
+def _counts(rows: list[dict]) -> dict:
+    reasons = Counter(r["reject_reason"] for r in rows if not r["kept"])
+    return {"frames_in": len(rows), "frames_out": sum(r["kept"] for r in rows), "rejected": dict(sorted(reasons.items()))}
+
+
+def _warnings(stats: DecodeStats, geometry: MovieGeometry) -> list[str]:
+    """ffmpeg's own error, and decoding that stopped well before the end (a truncated file)."""
+    warnings = []
+    if stats.returncode:
+        warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
+    end = geometry.end
+    if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * geometry.span):
+        warnings.append(f"decoding stopped at {stats.last_time:.1f} s of {end:.1f} s (truncated file?)")
+    return warnings
 
 
 @dataclass
@@ -195,7 +222,7 @@ def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], l
             unreadable.append(MovieOutcome(mid, str(path), "failed", reason, info))
             continue
         if mid not in partitions:
-            partitions[mid] = Partition(mid, {"path": str(path)})
+            partitions[mid] = Partition(mid, {"path": str(path)}, record={"path": str(path)})
             workdir.plan(STAGE, mid, partitions[mid].info)
     return list(partitions.values()), unreadable
 

@@ -444,6 +444,7 @@ class LabelStage:
     settings: PredictSettings = field(default_factory=PredictSettings)
     name: str = LABEL_STAGE
     resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    unit: str = "frames"
 
     def __post_init__(self) -> None:
         self.labeler = None
@@ -551,4 +552,4 @@ def predict(workdir: WorkDir | str | Path, checkpoint: str | Path, settings: Pre
     load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per film
     partitions = plan_labeling(workdir, Path(checkpoint), taxonomy, movie_metadata)
     stage = LabelStage(workdir, str(checkpoint), taxonomy, settings or PredictSettings())
-    return (runner or LocalRunner(1)).run(stage, partitions)
+    return (runner or LocalRunner()).run(stage, partitions)

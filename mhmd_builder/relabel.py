@@ -77,6 +77,7 @@ class RelabelStage:
     settings: RelabelSettings
     name: str = STAGE
     resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    unit: str = "samples"
 
     def __post_init__(self) -> None:
         self.labeler = None
@@ -144,9 +145,10 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
     load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per tar
     clear_shard_dir(out)
     workdir = WorkDir(out / RECORDS)
-    partitions = [Partition(e["name"], {"split": e["split"], "count": e["count"]}) for e in index["shards"]]
+    partitions = [Partition(e["name"], {"split": e["split"], "count": e["count"]},
+                            record={"split": e["split"], "count": e["count"]}) for e in index["shards"]]
     stage = RelabelStage(workdir, shard_dir, out, str(checkpoint), taxonomy, settings)
-    failures = [r for r in (runner or LocalRunner(1)).run(stage, partitions) if not r.ok]
+    failures = [r for r in (runner or LocalRunner()).run(stage, partitions) if not r.ok]
     if failures:
         raise RelabelError(f"{len(failures)} of {len(partitions)} shards could not be relabelled; first: "
                            f"{failures[0].id}: {failures[0].reason}")

@@ -17,20 +17,17 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from tqdm import tqdm
 
+from .devices import machine_cores
 from .errors import InputError
 from .stages import Partition, PartitionError, PartitionResult, Stage, record_failure, run_partition
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ProgressDisplay:
     """An overall bar over partitions and a bar for each partition while it runs; the same progress
     goes to the work directory (at most once a second per partition) for `mhmd status`."""
 
-    def __init__(self, stage: str, total: int, workdir=None):
-        self.stage, self.workdir, self.written = stage, workdir, {}
+    def __init__(self, stage: str, total: int, workdir=None, unit: str = "s"):
+        self.stage, self.workdir, self.unit, self.written = stage, workdir, unit, {}
         self.lock = threading.Lock()
         self.overall = tqdm(total=total, desc=f"{stage}", unit="part", position=0, disable=None)
         self.bars: dict[str, tqdm] = {}
@@ -45,8 +42,9 @@ class ProgressDisplay:
             bar = self.bars.get(pid)
             if bar is None:
                 row = self.free_rows.pop() if self.free_rows else self._new_row()
-                bar = tqdm(total=round(total, 1), desc=pid[:32], unit="s", position=row, leave=False,
-                           disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
+                bar = tqdm(total=round(total, 1), desc=pid[:32], unit=self.unit, position=row, leave=False,
+                           disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} "
+                                                    "[{elapsed}<{remaining}]")
                 bar.row = row
                 self.bars[pid] = bar
             bar.n = min(round(done, 1), bar.total)
@@ -131,45 +129,49 @@ def _worker_died(stage: Stage, partition: Partition, error: Exception, attempts:
 
 def _mark_lost(stage: Stage, partition: Partition, reason: str) -> PartitionResult:
     """Record a partition that no worker could run to its end."""
-    stage.workdir.mark_failed(stage.name, partition.id, {**partition.info, "reason": reason})
+    stage.workdir.mark_failed(stage.name, partition.id, {**partition.record, "reason": reason})
     return PartitionResult(partition.id, False, reason, {})
 
 
 class LocalRunner:
+    """Worker processes on this machine: `workers` of them, else as many as the stage declares
+    (`Resources.local_workers`: one per core unless it says otherwise), started as it declares.
+    With one worker (or one partition) the stage runs in this process."""
+
     name = "local"
 
-    def __init__(self, workers: int | None = None, start_method: str = "spawn"):
-        self.workers = max(1, workers or default_workers())
-        # spawn by default: the parent has threads (progress), and later stages hold CUDA state.
-        # fork only for stages whose workers do plain file work with what the parent imported.
-        self.start_method = start_method
+    def __init__(self, workers: int | None = None):
+        self.workers = workers
+
+    def worker_count(self, stage: Stage) -> int:
+        return max(1, self.workers or stage.resources.local_workers or machine_cores())
 
     def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
         if not partitions:
             return []
-        display = ProgressDisplay(stage.name, len(partitions), getattr(stage, "workdir", None))
+        display = ProgressDisplay(stage.name, len(partitions), stage.workdir, stage.unit)
         try:
-            if self.workers == 1 or len(partitions) == 1:
+            if self.worker_count(stage) == 1 or len(partitions) == 1:
                 return self._run_inline(stage, partitions, display)
             return self._run_pool(stage, partitions, display)
         finally:
             display.close()
 
-    def _run_inline(self, stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
-        stage.setup()
+    @staticmethod
+    def _run_inline(stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
+        worker = _Worker(stage, lambda msg: display.update(*msg))
         results = []
         for partition in partitions:
-            report = _Throttled(partition.id, lambda msg: display.update(*msg))
-            results.append(run_partition(stage, partition, report))
+            results.append(worker.run(partition))
             display.finish(results[-1])
         return results
 
     def _run_pool(self, stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
-        ctx = mp.get_context(self.start_method)
+        ctx = mp.get_context(stage.resources.start_method)
         progress_queue = ctx.Queue()
         stop = threading.Event()
         results: list[PartitionResult] = []
-        workers = min(self.workers, len(partitions))
+        workers = min(self.worker_count(stage), len(partitions))
         try:
             pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(stage, progress_queue))
             # The progress thread starts after the pool: a forked worker must not copy a running thread.
@@ -243,7 +245,7 @@ class RayRunner:
         from ray.util.queue import Queue
 
         progress_queue = Queue(actor_options={"num_cpus": 0})
-        display = ProgressDisplay(stage.name, len(partitions), stage.workdir)
+        display = ProgressDisplay(stage.name, len(partitions), stage.workdir, stage.unit)
         stop = threading.Event()
         drainer = threading.Thread(target=_drain, args=(progress_queue, display, stop), daemon=True)
         drainer.start()

@@ -180,7 +180,9 @@ class TarStage:
     workdir: WorkDir
     out: Path
     name: str = STAGE
-    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    # forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA
+    resources: Resources = field(default_factory=lambda: Resources(start_method="fork"))
+    unit: str = "samples"
 
     def setup(self) -> None:
         pass
@@ -228,7 +230,8 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
             size += spec_bytes
         for i, specs in enumerate(tars):
             digest = hashlib.sha256(json.dumps([str(out), specs]).encode()).hexdigest()[:16]
-            partitions.append(Partition(f"{split}-{i:06d}", {"split": split, "samples": specs, "digest": digest}))
+            partitions.append(Partition(f"{split}-{i:06d}", {"split": split, "samples": specs, "digest": digest},
+                                        record={"split": split, "samples": len(specs)}))
     return partitions
 
 
@@ -268,7 +271,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
                                    "digest": p.info["digest"]})
     # Fork, not spawn: writing tars needs no more than this process has imported (a spawned worker
     # would spend seconds importing), and nothing here holds a GPU.
-    failures = [r for r in (runner or LocalRunner(start_method="fork")).run(TarStage(workdir, out), todo) if not r.ok]
+    failures = [r for r in (runner or LocalRunner()).run(TarStage(workdir, out), todo) if not r.ok]
     if failures:
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")

@@ -14,7 +14,7 @@ from .errors import MhmdError
 from .workdir import WorkDir
 
 Progress = Callable[[float, float], None]
-"""progress(done, total) in the stage's own units (e.g. seconds of film)."""
+"""progress(done, total) in the stage's own unit (`Stage.unit`: seconds of film, frames, samples)."""
 
 
 class PartitionError(MhmdError):
@@ -23,21 +23,33 @@ class PartitionError(MhmdError):
 
 @dataclass(frozen=True)
 class Partition:
+    """One unit of a stage's work. `info` is the stage's own input for it, read by that stage only;
+    `record` is the little that names it in the work directory (a movie's path, a tar's split),
+    written into its failure record beside the reason."""
+
     id: str
     info: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Resources:
-    """What one running partition needs, for runners that schedule (Ray)."""
+    """How a stage's partitions run: declared by the stage, honoured by both runners."""
 
-    cpus: float = 1.0
+    cpus: float = 1.0  # per worker; Ray places actors by it
     gpus: float = 0.0
+    # The local runner's worker count when the user gives none: None is one per core; a stage whose
+    # worker holds a model that already uses every core says 1.
+    local_workers: int | None = None
+    # How local worker processes start: spawn, since the parent has threads (progress) and later
+    # stages hold CUDA state; fork only for stages that do plain file work with what the parent imported.
+    start_method: str = "spawn"
 
     @classmethod
     def for_model_on(cls, device: str) -> "Resources":
-        """A CPU, and a GPU when the model runs on CUDA (`device` as resolved by persons.pick_device)."""
-        return cls(cpus=1, gpus=1 if device.startswith("cuda") else 0)
+        """One worker with a CPU, and a GPU when the model runs on CUDA (`device` as resolved by
+        devices.pick_device)."""
+        return cls(cpus=1, gpus=1 if device.startswith("cuda") else 0, local_workers=1)
 
 
 @dataclass
@@ -52,6 +64,7 @@ class Stage(Protocol):
     name: str
     workdir: WorkDir
     resources: Resources
+    unit: str  # what progress(done, total) counts: "s" of film, "frames", "samples"
 
     def setup(self) -> None:
         """Load what is expensive (models) once per worker, before any partition."""
@@ -75,7 +88,7 @@ def run_partition(stage: Stage, partition: Partition, progress: Progress) -> Par
 def record_failure(stage: Stage, partition: Partition, error: Exception, seconds: float = 0.0) -> PartitionResult:
     """Mark the partition failed with a one-line reason (and the traceback of unexpected errors)."""
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    info = {**partition.info, "seconds": round(seconds, 3)}
+    info = {**partition.record, "seconds": round(seconds, 3)}
     if not isinstance(error, PartitionError):
         reason = f"{type(error).__name__}: {reason}"
         info["traceback"] = "".join(traceback.format_exception(error))

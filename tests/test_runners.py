@@ -15,6 +15,7 @@ class CountingStage:
     workdir: WorkDir
     name: str = "count"
     resources: Resources = field(default_factory=Resources)
+    unit: str = "steps"
 
     def setup(self) -> None:
         self.setup_pid = os.getpid()
@@ -52,6 +53,55 @@ def test_runner_sets_up_once_per_worker_and_records_failures(tmp_path, workers):
         assert all(r.summary["pid"] != os.getpid() for r in results.values() if r.ok)
 
 
+@dataclass
+class BrokenSetupStage(CountingStage):
+    """Its model cannot load."""
+
+    def setup(self) -> None:
+        raise OSError("no weights here")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_setup_failure_fails_the_partitions_with_its_reason_inline_and_in_the_pool(tmp_path, workers):
+    wd = WorkDir(tmp_path)
+    results = LocalRunner(workers).run(BrokenSetupStage(wd), [Partition("a"), Partition("b")])
+    assert sorted(r.id for r in results if not r.ok) == ["a", "b"]
+    assert {r.reason for r in results} == {"OSError: no weights here"}
+    assert set(wd.failed("count")) == {"a", "b"}
+
+
+def test_the_stage_declares_the_local_worker_count_and_the_user_overrides_it(tmp_path):
+    stage = CountingStage(WorkDir(tmp_path))
+    assert LocalRunner().worker_count(stage) == len(os.sched_getaffinity(0))
+    stage.resources = Resources(local_workers=1)  # a stage whose worker holds a model
+    assert LocalRunner().worker_count(stage) == 1
+    assert LocalRunner(3).worker_count(stage) == 3
+
+
+def test_a_failure_record_names_the_partition_by_its_record_not_its_whole_input(tmp_path):
+    wd = WorkDir(tmp_path)
+    listing = [{"frame": i} for i in range(1000)]
+    LocalRunner(1).run(CountingStage(wd), [Partition("m", {"bad": True, "frames": listing}, record={"path": "m.mp4"})])
+    failure = wd.failed("count")["m"]
+    assert failure["path"] == "m.mp4" and failure["reason"] == "m is bad"
+    assert "frames" not in failure and "bad" not in failure
+
+
+def test_progress_bars_count_in_the_stage_unit(tmp_path, monkeypatch):
+    from mhmd_builder import runners
+
+    units = []
+    real = runners.tqdm
+
+    def spy(*args, **kwargs):
+        units.append(kwargs.get("unit"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runners, "tqdm", spy)
+    LocalRunner(1).run(CountingStage(WorkDir(tmp_path)), [Partition("p")])
+    assert units == ["part", "steps"]
+
+
 def test_unknown_runner_is_refused():
     with pytest.raises(ValueError, match="unknown runner 'spark'"):
         make_runner("spark")
@@ -65,6 +115,7 @@ class DyingStage:
     workdir: WorkDir
     name: str = "dying"
     resources: Resources = field(default_factory=Resources)
+    unit: str = "steps"
 
     def setup(self) -> None:
         pass
@@ -143,5 +194,5 @@ def test_ray_runner_sizes_its_pool_from_the_cluster(ray_cluster, tmp_path):
 
 
 def test_a_model_stage_asks_for_a_gpu_only_when_its_model_runs_on_cuda():
-    assert Resources.for_model_on("cuda:0") == Resources(cpus=1, gpus=1)
-    assert Resources.for_model_on("cpu") == Resources(cpus=1, gpus=0)
+    assert Resources.for_model_on("cuda:0") == Resources(cpus=1, gpus=1, local_workers=1)
+    assert Resources.for_model_on("cpu") == Resources(cpus=1, gpus=0, local_workers=1)
