@@ -1,5 +1,5 @@
-"""Train HistoryNet from shards (DESIGN §7): one generator, one critic (D1) and one info-classifier (D2)
-step per batch, each with its own Adam, checkpoints to resume from, TensorBoard and a json log.
+"""Train HistoryNet from shards as the paper does: one generator, one critic (D1) and one info-classifier
+(D2) step per batch, each with its own Adam, checkpoints to resume from, TensorBoard and a json log.
 
     summary = train(TrainSettings(shards="shards/", out="runs/h1"))            # 8 epochs, the paper's
     summary = train(TrainSettings(shards="shards/", out="runs/h1", steps=20_000, resume=True))
