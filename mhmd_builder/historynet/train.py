@@ -50,7 +50,7 @@ from ..workdir import atomic_write_bytes, read_json
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import eval_loader, rgb_from_lab, shard_urls, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
-from .model import VARIANTS, Networks, build_networks, load_vgg16_backbone
+from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
 LAST = "last.safetensors"
 LOG = "train.log.jsonl"
@@ -235,8 +235,9 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
-    """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
+def generator_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, weights: LossWeights,
+                   autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
+    """G's update against D1 and D2 as they stand; G's output (what D1 and D2 learn from next) and its terms."""
     judges = [net for net in (models.nets.critic, models.nets.info_classifier) if net is not None]
     # In the G step D1 and D2 are plain functions of the colours: their weights need no gradient (less work),
     # and the bare modules are called (a DDP wrapper would all-reduce gradients that are thrown away).
@@ -244,23 +245,42 @@ def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, 
         net.requires_grad_(False)
     with autocast():
         out = models.generator(x["l"])
-        g_total, g_terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
-                                          has_label=x["has_label"], parsing=x["parsing"],
-                                          has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
-                                          weights=weights)
-    update(optimizers["generator"], g_total)
+        total, terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
+                                      has_label=x["has_label"], parsing=x["parsing"],
+                                      has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
+                                      weights=weights)
+    update(optimizer, total)
     for net in judges:
         net.requires_grad_(True)
-    # D1 and D2 learn from the colours G made before its update, as in the official code
+    return out, terms
+
+
+def critic_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, fake_ab: torch.Tensor,
+                autocast) -> dict[str, torch.Tensor]:
+    """D1's update, WGAN-GP on the true colours and `fake_ab`; its terms."""
     with autocast():
-        d1_total, d1_terms = critic_loss(models.critic, x["l"], x["ab"], out.ab)
-    update(optimizers["critic"], d1_total)
+        total, terms = critic_loss(models.critic, x["l"], x["ab"], fake_ab)
+    update(optimizer, total)
+    return terms
+
+
+def info_classifier_step(models: Models, optimizer: torch.optim.Optimizer, out: GeneratorOutput,
+                         autocast) -> torch.Tensor:
+    """D2's update, recovering G's z from G's colours; its loss, detached."""
+    with autocast():
+        loss = info_classifier_loss(models.info_classifier, out.ab, out.z)
+    update(optimizer, loss)
+    return loss.detach()
+
+
+def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
+    """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
+    out, g_terms = generator_step(models, optimizers["generator"], x, weights, autocast)
+    # D1 and D2 learn from the colours G made before its update, as in the official code
+    d1_terms = critic_step(models, optimizers["critic"], x, out.ab, autocast)
     terms = {**{f"generator/{k}": v for k, v in g_terms.items()}, **{f"critic/{k}": v for k, v in d1_terms.items()}}
     if models.info_classifier is not None:
-        with autocast():
-            d2_total = info_classifier_loss(models.info_classifier, out.ab, out.z)
-        update(optimizers["info_classifier"], d2_total)
-        terms["info_classifier/loss"] = d2_total.detach()
+        terms["info_classifier/loss"] = info_classifier_step(models, optimizers["info_classifier"], out, autocast)
     return terms
 
 
