@@ -1,4 +1,5 @@
-"""HistoryNet's input pipeline: shards (DESIGN §5) to batches of OpenCV 8-bit Lab tensors (DESIGN §7).
+"""HistoryNet's input pipeline: the WebDataset shards `mhmd shard` writes (jpg, cls,
+mask.png) to batches of OpenCV 8-bit Lab tensors, the colour space of the official code.
 
 Each sample becomes, in the DataLoader workers: `lightness` (the L of the frame resized to 224x224),
 `ab` (the colour target), `onehot` and `has_label` (from `cls`), `parsing` and `has_parsing` (the L

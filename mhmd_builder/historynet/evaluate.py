@@ -1,4 +1,4 @@
-"""`mhmd historynet evaluate`: HistoryNet's official evaluation protocol (DESIGN §7) over test shards.
+"""`mhmd historynet evaluate`: HistoryNet's official evaluation protocol over test shards.
 
 For every frame: the generator predicts ab at its input size (the checkpoint's image_size) from the
 frame's L; `data.compose_rgb` resizes that ab to the frame's size and joins it with the frame's own

@@ -1,4 +1,4 @@
-"""HistoryNet's losses (paper eq. 1, DESIGN §7), as the official Keras code computes them
+"""HistoryNet's losses (the paper's eq. 1), as the official Keras code computes them
 (BestiVictory/HistoryNet, SOURCE_HistoryNet/HistoryNet.py):
 
     G:  w.l2_ab * L2(ab) + w.class_kl * KL(label || softmax(G2)) + w.parsing_l2 * L2(parsing)

@@ -1,4 +1,4 @@
-"""HistoryNet's evaluation metrics, as the official scripts compute them (DESIGN §7).
+"""HistoryNet's evaluation metrics, as the official scripts compute them.
 
 All take RGB uint8 images of the original frame size (`data.compose_rgb` builds the colorized one):
 - PSNR and SSIM on 0..255 with skimage (SSIM: 11x11 Gaussian window, sigma 1.5, over the 3 channels);

@@ -1,4 +1,5 @@
-"""HistoryNet's networks (DESIGN §7), a PyTorch port of the official Keras code (BestiVictory/HistoryNet,
+"""HistoryNet's networks (the paper's G0 VGG-16, G2 classification, G3 parsing, G1 colour decoder, D1
+critic and D2 info-classifier), a PyTorch port of the official Keras code (BestiVictory/HistoryNet,
 SOURCE_HistoryNet/HistoryNet.py, itself built on ChromaGAN: pvitoria/ChromaGAN).
 
     generator = HistoryNetGenerator(num_classes=42, parsing=True)     # G0 + G2 + Mid + G3 + G1
@@ -199,8 +200,8 @@ def join(x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
 
 
 class HistoryNetGenerator(nn.Module):
-    """G0 + G2 + Mid + G3 + G1 (DESIGN §7). Input L/255 as (B, 1, S, S); G0 sees it copied to 3 channels
-    (official: np.tile, no ImageNet normalisation)."""
+    """G0 + G2 + Mid + G3 + G1, as in the official code. Input L/255 as (B, 1, S, S); G0 sees it copied
+    to 3 channels (official: np.tile, no ImageNet normalisation)."""
 
     def __init__(self, num_classes: int = 42, parsing: bool = True, image_size: int = 224):
         super().__init__()

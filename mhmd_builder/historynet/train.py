@@ -1,5 +1,5 @@
-"""Train HistoryNet from shards (DESIGN §7): one generator, one critic (D1) and one info-classifier (D2)
-step per batch, each with its own Adam, checkpoints to resume from, TensorBoard and a json log.
+"""Train HistoryNet from shards as the paper does: one generator, one critic (D1) and one info-classifier
+(D2) step per batch, each with its own Adam, checkpoints to resume from, TensorBoard and a json log.
 
     summary = train(TrainSettings(shards="shards/", out="runs/h1"))            # 8 epochs, the paper's
     summary = train(TrainSettings(shards="shards/", out="runs/h1", steps=20_000, resume=True))
@@ -31,8 +31,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -50,7 +51,7 @@ from ..workdir import atomic_write_bytes, read_json
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import eval_loader, rgb_from_lab, shard_urls, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
-from .model import VARIANTS, Networks, build_networks, load_vgg16_backbone
+from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
 LAST = "last.safetensors"
 LOG = "train.log.jsonl"
@@ -235,8 +236,9 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     optimizer.step()
 
 
-def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
-    """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
+def generator_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, weights: LossWeights,
+                   autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
+    """G's update against D1 and D2 as they stand; G's output (what D1 and D2 learn from next) and its terms."""
     judges = [net for net in (models.nets.critic, models.nets.info_classifier) if net is not None]
     # In the G step D1 and D2 are plain functions of the colours: their weights need no gradient (less work),
     # and the bare modules are called (a DDP wrapper would all-reduce gradients that are thrown away).
@@ -244,23 +246,42 @@ def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, 
         net.requires_grad_(False)
     with autocast():
         out = models.generator(x["l"])
-        g_total, g_terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
-                                          has_label=x["has_label"], parsing=x["parsing"],
-                                          has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
-                                          weights=weights)
-    update(optimizers["generator"], g_total)
+        total, terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
+                                      has_label=x["has_label"], parsing=x["parsing"],
+                                      has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
+                                      weights=weights)
+    update(optimizer, total)
     for net in judges:
         net.requires_grad_(True)
-    # D1 and D2 learn from the colours G made before its update, as in the official code
+    return out, terms
+
+
+def critic_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, fake_ab: torch.Tensor,
+                autocast) -> dict[str, torch.Tensor]:
+    """D1's update, WGAN-GP on the true colours and `fake_ab`; its terms."""
     with autocast():
-        d1_total, d1_terms = critic_loss(models.critic, x["l"], x["ab"], out.ab)
-    update(optimizers["critic"], d1_total)
+        total, terms = critic_loss(models.critic, x["l"], x["ab"], fake_ab)
+    update(optimizer, total)
+    return terms
+
+
+def info_classifier_step(models: Models, optimizer: torch.optim.Optimizer, out: GeneratorOutput,
+                         autocast) -> torch.Tensor:
+    """D2's update, recovering G's z from G's colours; its loss, detached."""
+    with autocast():
+        loss = info_classifier_loss(models.info_classifier, out.ab, out.z)
+    update(optimizer, loss)
+    return loss.detach()
+
+
+def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
+    """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
+    out, g_terms = generator_step(models, optimizers["generator"], x, weights, autocast)
+    # D1 and D2 learn from the colours G made before its update, as in the official code
+    d1_terms = critic_step(models, optimizers["critic"], x, out.ab, autocast)
     terms = {**{f"generator/{k}": v for k, v in g_terms.items()}, **{f"critic/{k}": v for k, v in d1_terms.items()}}
     if models.info_classifier is not None:
-        with autocast():
-            d2_total = info_classifier_loss(models.info_classifier, out.ab, out.z)
-        update(optimizers["info_classifier"], d2_total)
-        terms["info_classifier/loss"] = d2_total.detach()
+        terms["info_classifier/loss"] = info_classifier_step(models, optimizers["info_classifier"], out, autocast)
     return terms
 
 
@@ -405,17 +426,22 @@ def train(settings: TrainSettings) -> dict:
         return _train(settings)
 
 
+def epoch_sample_count(settings: TrainSettings, urls: list[str], indexes: dict[Path, dict]) -> int:
+    """`epoch_samples`, else the train shards' count in their folders' index.json."""
+    epoch_samples = settings.epoch_samples or indexed_samples(urls, indexes)
+    if not epoch_samples:
+        raise HistoryNetError(f"{settings.shards}: how many samples make an epoch is unknown (the shards' folder "
+                              "has no index.json listing them): give epoch_samples (--epoch-samples)")
+    return epoch_samples
+
+
 def _train(settings: TrainSettings) -> dict:
     check_settings(settings)
     taxonomy = load_taxonomy(settings.taxonomy)
     urls = train_shards(settings)
     indexes = shard_indexes(urls)
     check_shard_taxonomy(indexes, taxonomy)
-    epoch_samples = settings.epoch_samples or indexed_samples(urls, indexes)
-    if not epoch_samples:
-        raise HistoryNetError(f"{settings.shards}: how many samples make an epoch is unknown (the shards' folder "
-                              "has no index.json listing them): give epoch_samples (--epoch-samples)")
-    config = run_config(settings, taxonomy, epoch_samples)
+    config = run_config(settings, taxonomy, epoch_sample_count(settings, urls, indexes))
     checkpoint = resumed(settings, config)
     device = pick_device(settings.device)
     val_urls = validation_shards(settings, urls)
@@ -451,72 +477,178 @@ def prepared_training(settings: TrainSettings, process: Process, device: str, co
     return models, optimizers
 
 
+def device_autocast(device: str) -> Callable[[], AbstractContextManager]:
+    """The autocast the forward passes run under: bf16 on CUDA (with cuDNN's autotuner: the input sizes are
+    fixed, so it picks its fastest kernels once), none (float32) on the CPU."""
+    cuda = device.startswith("cuda")
+    torch.backends.cudnn.benchmark = cuda
+    return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
+
+
+@dataclass
+class Position:
+    """Where a run stands: steps done in all, epochs done, steps done in the current epoch."""
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint | None) -> Position:
+        """Where the checkpoint's run stopped; the start without one."""
+        if checkpoint is None:
+            return cls()
+        return cls(*(checkpoint.progress[key] for key in ("step", "epoch", "epoch_step")))
+
+    def advance(self) -> None:
+        self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+
+
+def epoch_loader(settings: TrainSettings, process: Process, urls: list[str], config: dict,
+                 at: Position) -> Iterable[dict]:
+    """This process's share of every epoch, drawn with a seed made of where the run starts."""
+    return train_loader(urls, config["num_classes"], -(-config["epoch_samples"] // process.world_size),
+                        batch_size=settings.batch_size, num_workers=settings.workers,
+                        shuffle_buffer=settings.shuffle_buffer, image_size=settings.image_size,
+                        seed=stream_seed(settings.seed, at.epoch, at.epoch_step))
+
+
+@dataclass
+class Run:
+    """A run under way: what its steps use, what rank 0 records (other ranks: no recorder), where it stands."""
+    settings: TrainSettings
+    process: Process
+    device: str
+    config: dict
+    autocast: Callable[[], AbstractContextManager]
+    models: Models
+    optimizers: dict[str, torch.optim.Adam]
+    loader: Iterable[dict]
+    at: Position
+    recorder: Recorder | None = None
+    checkpoints: list[Path] = field(default_factory=list)  # those this run wrote
+    logged: dict[str, float] = field(default_factory=dict)  # the terms last logged
+
+    def __post_init__(self):
+        self.weights = LOSS_PRESETS[self.settings.preset]
+        self.epoch_steps = len(self.loader)  # per process
+        steps, epochs = self.settings.steps, self.settings.epochs
+        self.total = steps if steps is not None else epochs * self.epoch_steps  # the step the run stops at
+        self.images_per_step = self.settings.batch_size * self.process.world_size
+
+    def unfinished(self) -> bool:
+        return self.at.step < self.total if self.settings.steps is not None else self.at.epoch < self.settings.epochs
+
+    def steps_left_in_epoch(self) -> int:
+        left = self.epoch_steps - self.at.epoch_step
+        return left if self.settings.steps is None else min(left, self.total - self.at.step)
+
+
+class Meter:
+    """The progress bar, and images a second over each log interval and over the whole run."""
+
+    def __init__(self, run: Run):
+        from tqdm import tqdm
+
+        self.images_per_step, self.first_step, self.started = run.images_per_step, run.at.step, time.perf_counter()
+        self.window = (self.first_step, self.started)
+        self.bar = tqdm(total=run.total, initial=run.at.step, unit="step", dynamic_ncols=True,
+                        disable=None if run.process.main else True)
+
+    def interval_rate(self, step: int) -> float:
+        """Images a second since the previous call (the first: since the start)."""
+        rate = (step - self.window[0]) * self.images_per_step / (time.perf_counter() - self.window[1])
+        self.window = (step, time.perf_counter())
+        return rate
+
+    def run_rate(self, step: int) -> float:
+        seconds = time.perf_counter() - self.started
+        return (step - self.first_step) * self.images_per_step / seconds if seconds else 0.0
+
+
+def open_recorder(run: Run, val_urls: list[str]) -> Recorder:
+    """Rank 0's recorder with its validation batch; says what the run is about to do."""
+    settings, config, step = run.settings, run.config, run.at.step
+    val_batch = validation_batch(val_urls, config["num_classes"], settings)
+    recorder = Recorder(settings, step, val_batch, run.device, run.autocast)
+    print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
+          f"{run.images_per_step} images, on {run.device} x{run.process.world_size}; G0: {config['vgg_weights']}; "
+          f"{f'resuming at step {step}' if step else 'starting'}, until step {run.total}")
+    return recorder
+
+
+def log_step(run: Run, meter: Meter, terms: dict[str, torch.Tensor]) -> None:
+    """Rank 0: the terms (as floats) and images a second to TensorBoard, the json log and the bar."""
+    images_per_second = meter.interval_rate(run.at.step)
+    run.logged = dict(zip(terms, torch.stack(list(terms.values())).float().cpu().tolist()))
+    run.recorder.scalars(run.at.step, run.at.epoch, run.logged, images_per_second)
+    meter.bar.set_postfix(loss=f"{run.logged['generator/total']:.4f}", img_s=f"{images_per_second:.1f}")
+
+
+def save(run: Run) -> None:
+    """Rank 0: a checkpoint of where the run stands (other ranks save nothing)."""
+    if run.recorder is not None:
+        progress = {**asdict(run.at), "epoch_steps": run.epoch_steps}
+        run.checkpoints.append(run.recorder.checkpoint(run.models.nets, run.config, run.optimizers, progress))
+
+
+def after_step(run: Run, meter: Meter, terms: dict[str, torch.Tensor]) -> None:
+    """Log every `log_every` steps; at an epoch's last step move on to the next epoch; save at every epoch
+    end, every `save_every` steps and at the last step."""
+    if run.recorder is not None and run.at.step % run.settings.log_every == 0:
+        log_step(run, meter, terms)
+    if run.at.epoch_step == run.epoch_steps:  # the epoch's last step: its checkpoint records the epoch as done
+        run.at.next_epoch()
+    if run.at.epoch_step == 0 or run.at.step % run.settings.save_every == 0 or run.at.step == run.total:
+        save(run)
+
+
+def train_epochs(run: Run, meter: Meter) -> None:
+    """Epoch after epoch of steps, until `steps` steps (when given) or `epochs` epochs are done."""
+    while run.unfinished():
+        if run.at.epoch_step >= run.epoch_steps:  # resumed with larger batches than the run had: that epoch is over
+            run.at.next_epoch()
+            continue
+        meter.bar.set_description(f"epoch {run.at.epoch + 1}")
+        for batch in islice(iter(run.loader), run.steps_left_in_epoch()):
+            terms = train_step(run.models, run.optimizers, batch_tensors(batch, run.device), run.weights, run.autocast)
+            run.at.advance()
+            meter.bar.update(1)
+            after_step(run, meter, terms)
+
+
+def summary(run: Run, meter: Meter) -> dict:
+    """What `train` returns: where the run stopped, the checkpoints it kept, its speed and last logged terms."""
+    at = run.at
+    last = run.recorder.rundir / LAST if run.recorder is not None else None
+    return {"rundir": run.settings.out, "variant": run.settings.variant, "step": at.step, "epoch": at.epoch,
+            "epoch_step": at.epoch_step, "epoch_steps": run.epoch_steps, "epoch_samples": run.config["epoch_samples"],
+            "checkpoints": [str(path) for path in run.checkpoints if path.is_file()],  # kept ones
+            "last": str(last) if last is not None and last.is_file() else None,
+            "images_per_second": meter.run_rate(at.step), "terms": run.logged}
+
+
+def finish(run: Run, meter: Meter) -> dict:
+    """Close the bar and the recorder; the run's summary."""
+    meter.bar.close()
+    if run.recorder is not None:
+        run.recorder.close()
+        print(f"HistoryNet {run.settings.variant}: at step {run.at.step}, complete epochs: {run.at.epoch}; "
+              f"last checkpoint {run.recorder.rundir / LAST}")
+    return summary(run, meter)
+
+
 def _run(settings: TrainSettings, process: Process, device: str, urls: list[str], val_urls: list[str], config: dict,
          checkpoint: Checkpoint | None) -> dict:
-    from tqdm import tqdm
-
-    cuda = device.startswith("cuda")
-    torch.backends.cudnn.benchmark = cuda  # fixed input sizes: let cuDNN pick its fastest kernels
-    autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
-    weights = LOSS_PRESETS[settings.preset]
+    autocast = device_autocast(device)
     models, optimizers = prepared_training(settings, process, device, config, checkpoint)
-    nets = models.nets
-    progress = checkpoint.progress if checkpoint else {"step": 0, "epoch": 0, "epoch_step": 0}
-    step, epoch, epoch_step = progress["step"], progress["epoch"], progress["epoch_step"]
-    loader = train_loader(urls, config["num_classes"], -(-config["epoch_samples"] // process.world_size),
-                          batch_size=settings.batch_size, num_workers=settings.workers,
-                          shuffle_buffer=settings.shuffle_buffer, seed=stream_seed(settings.seed, epoch, epoch_step),
-                          image_size=settings.image_size)
-    epoch_steps = len(loader)  # per process
-    total = settings.steps if settings.steps is not None else settings.epochs * epoch_steps
-    images_per_step = settings.batch_size * process.world_size
-    recorder = None
+    at = Position.of(checkpoint)
+    loader = epoch_loader(settings, process, urls, config, at)
+    run = Run(settings, process, device, config, autocast, models, optimizers, loader, at)
     if process.main:
-        val_batch = validation_batch(val_urls, config["num_classes"], settings)
-        recorder = Recorder(settings, step, val_batch, device, autocast)
-        print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {epoch_steps} steps of "
-              f"{images_per_step} images, on {device} x{process.world_size}; G0: {config['vgg_weights']}; "
-              f"{f'resuming at step {step}' if step else 'starting'}, until step {total}")
-
-    first_step, checkpoints, logged, started = step, [], {}, time.perf_counter()
-
-    def save() -> None:
-        if recorder is not None:
-            now = {"step": step, "epoch": epoch, "epoch_step": epoch_step, "epoch_steps": epoch_steps}
-            checkpoints.append(recorder.checkpoint(nets, config, optimizers, now))
-
-    window = (step, started)  # images/s over each log interval
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None if process.main else True)
-    while step < total if settings.steps is not None else epoch < settings.epochs:
-        if epoch_step >= epoch_steps:  # resumed with larger batches than the run had: that epoch is over
-            epoch, epoch_step = epoch + 1, 0
-            continue
-        bar.set_description(f"epoch {epoch + 1}")
-        todo = epoch_steps - epoch_step if settings.steps is None else min(epoch_steps - epoch_step, total - step)
-        for batch in islice(iter(loader), todo):
-            terms = train_step(models, optimizers, batch_tensors(batch, device), weights, autocast)
-            step, epoch_step = step + 1, epoch_step + 1
-            bar.update(1)
-            if recorder is not None and step % settings.log_every == 0:
-                images_per_second = (step - window[0]) * images_per_step / (time.perf_counter() - window[1])
-                window = (step, time.perf_counter())
-                logged = dict(zip(terms, torch.stack(list(terms.values())).float().cpu().tolist()))
-                recorder.scalars(step, epoch, logged, images_per_second)
-                bar.set_postfix(loss=f"{logged['generator/total']:.4f}", img_s=f"{images_per_second:.1f}")
-            if epoch_step == epoch_steps:  # the epoch's last step: its checkpoint records the epoch as done
-                epoch, epoch_step = epoch + 1, 0
-            if epoch_step == 0 or step % settings.save_every == 0 or step == total:
-                save()
-    bar.close()
-    if recorder is not None:
-        recorder.close()
-        print(f"HistoryNet {settings.variant}: at step {step}, complete epochs: {epoch}; last checkpoint "
-              f"{recorder.rundir / LAST}")
-    seconds = time.perf_counter() - started
-    last = recorder.rundir / LAST if recorder is not None else None
-    return {"rundir": settings.out, "variant": settings.variant, "step": step, "epoch": epoch, "epoch_step": epoch_step,
-            "epoch_steps": epoch_steps, "epoch_samples": config["epoch_samples"],
-            "checkpoints": [str(path) for path in checkpoints if path.is_file()],  # kept ones
-            "last": str(last) if last is not None and last.is_file() else None,
-            "images_per_second": (step - first_step) * images_per_step / seconds if seconds else 0.0,
-            "terms": logged}
+        run.recorder = open_recorder(run, val_urls)
+    meter = Meter(run)
+    train_epochs(run, meter)
+    return finish(run, meter)

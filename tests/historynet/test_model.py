@@ -1,6 +1,7 @@
-"""HistoryNet's networks: shapes and parameter counts against DESIGN §7's layer list (counted here from
-the spec, not from the modules), G0 = torchvision's VGG-16 up to conv4_3, TensorFlow 'same' padding,
-the ablations, channels_last + autocast, and a small model that overfits one batch."""
+"""HistoryNet's networks: shapes and parameter counts against the official Keras code's layer list,
+written out below layer by layer (counted from that list, not from the modules), G0 = torchvision's
+VGG-16 up to conv4_3, TensorFlow 'same' padding, the ablations, channels_last + autocast, and a small
+model that overfits one batch."""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ from mhmd_builder.historynet.model import (HistoryNetGenerator, InfoClassifier, 
                                            conv_relu_bn, load_vgg16_backbone, vgg16_backbone)
 
 
-# -- parameter counts from the spec --------------------------------------------------------------
+# -- parameter counts from the official code's layer list -------------------------------------------
 def conv(k: int, cin: int, cout: int) -> int:
     return k * k * cin * cout + cout
 
@@ -71,7 +72,7 @@ def full():
     return build_networks("historynet")
 
 
-def test_parameter_counts_match_the_spec(full):
+def test_parameter_counts_match_the_layer_list(full):
     gen = full.generator
     assert count(gen.g0) == G0 == 7_635_264
     assert count(gen.g2) == g2(224)
@@ -83,7 +84,7 @@ def test_parameter_counts_match_the_spec(full):
     assert count(full.info_classifier) == d2(224)
 
 
-def test_every_output_has_the_spec_shape(full):
+def test_every_output_has_the_official_shape(full):
     gen = full.generator.eval()
     l = torch.rand(1, 1, 224, 224)
     with torch.no_grad():
