@@ -280,7 +280,7 @@ def labeler_group() -> None:
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
                           image_size, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
-    from .labeler import TrainSettings, train
+    from .labeler_train import TrainSettings, train
     from .labels import import_labels
 
     wd = WorkDir(workdir)
@@ -303,7 +303,7 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
 @runner_options
 def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size, runner, ray_address) -> None:
     """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
-    from .labeler import PredictSettings, predict
+    from .label import PredictSettings, predict
 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)

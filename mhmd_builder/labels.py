@@ -2,7 +2,7 @@
 
     WORKDIR/labels/human.parquet        every human label imported so far: frame_id, label (taxonomy
                                         name), label_id, source (file), line
-    WORKDIR/label/parts/<movie>.parquet the labeler's output per movie (a stage with partitions):
+    WORKDIR/label/parts/<movie>.parquet the labeler's output per movie (the label stage, label.py):
                                         frame_id, movie_id, label, label_id, label_source
                                         ("human" | "model"), label_confidence, top3, top3_confidence
 """
@@ -26,8 +26,6 @@ from .workdir import WorkDir, atomic_write_table
 
 if TYPE_CHECKING:
     import pandas as pd
-
-LABEL_STAGE = "label"
 
 HUMAN_SCHEMA = pa.schema([
     ("frame_id", pa.string()),
