@@ -269,7 +269,7 @@ def labeler_group() -> None:
 @movies_option
 @click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint (.safetensors) [default: WORKDIR/labeler/labeler.safetensors].")
+              help="Checkpoint (.safetensors) [default: WORKDIR/label/labeler.safetensors].")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's download, SHA-256 checked), none (random), or a local .pth.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)

@@ -17,6 +17,7 @@ import numpy as np
 from .detect import load_frame
 from .devices import fixed_cpu_threads, pick_device
 from .errors import MhmdError
+from .labels import label_dir
 from .taxonomy import Taxonomy
 from .weights import check_pinned, weights_cache
 from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
@@ -89,8 +90,8 @@ def metrics_path(checkpoint: Path) -> Path:
 
 
 def default_checkpoint(workdir: WorkDir) -> Path:
-    """Where `labeler train` writes when not told."""
-    return workdir.root / "labeler" / "labeler.safetensors"
+    """Where `labeler train` writes when not told: the label stage's folder."""
+    return label_dir(workdir) / "labeler.safetensors"
 
 
 def save_checkpoint(model, config: dict, checkpoint: Path) -> None:

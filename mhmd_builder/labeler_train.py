@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class TrainSettings:
     arch: str = "resnet50"
     weights: str = "imagenet"  # imagenet | none | a path to a .pth state dict
-    output: str | None = None  # checkpoint path (.safetensors); default WORKDIR/labeler/labeler.safetensors
+    output: str | None = None  # checkpoint path (.safetensors); default WORKDIR/label/labeler.safetensors
     epochs: int = 10
     batch_size: int = 32
     image_size: int = 224

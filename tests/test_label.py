@@ -1,12 +1,16 @@
 """The label stage: the labeler trained in test_labeler_train labels every kept frame of its films."""
+import os
+
 import numpy as np
 import pytest
 
 from mhmd_builder.label import STAGE, PredictSettings, predict
-from mhmd_builder.labeler import LabelerError
-from mhmd_builder.labels import read_human_labels
+from mhmd_builder.labeler import (LabelerError, build_model, default_checkpoint, load_checkpoint, metrics_path,
+                                  save_checkpoint)
+from mhmd_builder.labels import human_labels_path, label_dir, read_human_labels
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
 from test_labeler_train import (CLASSES, FILMS, PER_CLASS, REJECTED, TAXONOMY, copy_workdir, set_human_labels,
                                 trained_labeler)
 
@@ -54,3 +58,31 @@ def test_predict_fills_kept_frames_keeps_human_labels_and_respects_metadata(trai
     assert [r.id for r in predict(work, checkpoint, settings, TAXONOMY, metadata)] == [held_out]
     assert read_human_labels(work).shape[0] == 2
 
+
+def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, capsys):
+    """Human labels used to be in W/labels/ and the default checkpoint in W/labeler/: the first
+    look for them moves them into the label stage's folder, where they are read from then on."""
+    work = WorkDir(tmp_path / "work")
+    set_human_labels(work, {"film_a-0000": "during_ww2/usa/formal", "film_a-0001": "during_ww2/usa/military"})
+    (work.root / "labels").mkdir()
+    os.replace(work.root / "label" / "human.parquet", work.root / "labels" / "human.parquet")
+    old_checkpoint = work.root / "labeler" / "labeler.safetensors"
+    save_checkpoint(build_model("resnet18", len(TAXONOMY)), {"arch": "resnet18", "image_size": 32,
+                    "taxonomy_sha256": TAXONOMY.sha256, "label_names": TAXONOMY.names}, old_checkpoint)
+    metrics_path(old_checkpoint).write_text("{}")
+    (work.root / "label").rmdir()
+
+    assert read_human_labels(work).label_id.tolist() == [TAXONOMY.by_name("during_ww2/usa/formal").id,
+                                                          TAXONOMY.by_name("during_ww2/usa/military").id]
+    moved = capsys.readouterr().out.splitlines()  # every old label file, the first time any is looked for
+    assert len(moved) == 4 and moved[0] == (f"notice: moved {work.root / 'labels' / 'human.parquet'} to "
+                                            f"{work.root / 'label' / 'human.parquet'} (new layout)")
+    checkpoint = default_checkpoint(work)
+    assert checkpoint == work.root / "label" / "labeler.safetensors" and label_dir(work) == work.stage_dir(STAGE)
+    assert load_checkpoint(checkpoint, TAXONOMY)[1]["image_size"] == 32 and metrics_path(checkpoint).is_file()
+    assert not (work.root / "labels").exists() and not (work.root / "labeler").exists()
+    # Moved once: a file at the old place again is left there, never over the one in use.
+    (work.root / "labels").mkdir()
+    (work.root / "labels" / "human.parquet").write_bytes(b"stale")
+    assert read_human_labels(work).shape[0] == 2 and human_labels_path(work).read_bytes() != b"stale"
+    assert capsys.readouterr().out == ""
