@@ -1,4 +1,4 @@
-"""Labeler prediction throughput: `labeler.predict` (the label stage) against a plain torchvision
+"""Labeler prediction throughput: `label.predict` (the label stage) against a plain torchvision
 loop over the same JPEGs, same model, same device, in one run.
 
     uv run python benchmarks/labeler.py [--frames 512] [--arch resnet18] [--batch 64] [--device cpu|cuda]
@@ -23,7 +23,8 @@ import torch
 
 from mhmd_builder.detect import DETECT_SCHEMA
 from mhmd_builder.extract import FRAME_SCHEMA
-from mhmd_builder.labeler import MEAN, STD, PredictSettings, build_model, load_checkpoint, predict, save_checkpoint
+from mhmd_builder.label import PredictSettings, predict
+from mhmd_builder.labeler import MEAN, STD, build_model, load_checkpoint, save_checkpoint
 from mhmd_builder.devices import pick_device
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"{args.arch}, {n} frames 640x360 -> {args.image_size}, batch {args.batch}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"plain torchvision loop: {n / plain:8.1f} images/s ({plain:.2f} s)")
-    print(f"labeler.predict:        {n / stage:8.1f} images/s ({stage:.2f} s)")
+    print(f"label.predict:          {n / stage:8.1f} images/s ({stage:.2f} s)")
     print(f"ratio: {plain / stage:.2f}x")
 
 

@@ -24,7 +24,8 @@ from . import shipped
 from .detect import DetectSettings, detect
 from .errors import InputError
 from .extract import ExtractSettings, MovieOutcome, extract
-from .labeler import PredictSettings, TrainSettings, checkpoint_is_current, default_checkpoint, predict, train
+from .label import PredictSettings, predict
+from .labeler_train import TrainSettings, checkpoint_is_current, train
 from .labels import import_labels, load_movie_metadata, read_human_labels
 from .runners import make_runner
 from .sample import sample_frames, write_sample
@@ -149,7 +150,7 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
             frames = sample_frames(workdir, pipeline.sample.fraction, pipeline.sample.seed, movie_metadata=metadata)
             write_sample(frames, todo, "csv", taxonomy)
             return BuildResult(outcomes, failures, needs_labels=todo, sample=(len(frames), frames.movie_id.nunique()))
-        checkpoint = Path(pipeline.labeler.output) if pipeline.labeler.output else default_checkpoint(workdir)
+        checkpoint = pipeline.labeler.checkpoint(workdir)
         if not checkpoint_is_current(workdir, pipeline.labeler, taxonomy):
             train(workdir, pipeline.labeler, taxonomy)
         failures += _failures("label", predict(workdir, checkpoint, pipeline.predict, taxonomy, metadata, runner))

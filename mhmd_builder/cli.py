@@ -268,7 +268,7 @@ def labeler_group() -> None:
 @movies_option
 @click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
-              help="Checkpoint (.safetensors) [default: WORKDIR/labeler/labeler.safetensors].")
+              help="Checkpoint (.safetensors) [default: WORKDIR/label/labeler.safetensors].")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's download, SHA-256 checked), none (random), or a local .pth.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
@@ -279,7 +279,7 @@ def labeler_group() -> None:
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
                           image_size, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
-    from .labeler import TrainSettings, train
+    from .labeler_train import TrainSettings, train
     from .labels import import_labels
 
     wd = WorkDir(workdir)
@@ -302,7 +302,7 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
 @runner_options
 def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size, runner, ray_address) -> None:
     """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
-    from .labeler import PredictSettings, predict
+    from .label import PredictSettings, predict
 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)

@@ -1,8 +1,11 @@
 """Human labels in the work directory, and the label stage's prediction tables.
 
-    WORKDIR/labels/human.parquet        every human label imported so far: frame_id, label (taxonomy
+Everything about labels lives in the label stage's folder:
+
+    WORKDIR/label/human.parquet         every human label imported so far: frame_id, label (taxonomy
                                         name), label_id, source (file), line
-    WORKDIR/label/parts/<movie>.parquet the labeler's output per movie (a stage with partitions):
+    WORKDIR/label/labeler.safetensors   the default labeler checkpoint (labeler.py)
+    WORKDIR/label/parts/<movie>.parquet the labeler's output per movie (the label stage, label.py):
                                         frame_id, movie_id, label, label_id, label_source
                                         ("human" | "model"), label_confidence, top3, top3_confidence
 """
@@ -12,7 +15,9 @@ import csv
 import difflib
 import io
 import json
+import os
 import re
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -26,8 +31,6 @@ from .workdir import WorkDir, atomic_write_table
 
 if TYPE_CHECKING:
     import pandas as pd
-
-LABEL_STAGE = "label"
 
 HUMAN_SCHEMA = pa.schema([
     ("frame_id", pa.string()),
@@ -49,8 +52,38 @@ PREDICTION_SCHEMA = pa.schema([
 ])
 
 
-def human_labels_path(workdir: WorkDir):
-    return workdir.root / "labels" / "human.parquet"
+# Earlier work directories kept these files outside the stage's folder: old path -> file name now.
+_OLD_LAYOUT = {Path("labels/human.parquet"): "human.parquet",
+               **{Path("labeler") / name: name for name in ("labeler.safetensors", "labeler.json",
+                                                           "labeler.metrics.json")}}
+
+
+def label_dir(workdir: WorkDir) -> Path:
+    """The label stage's folder (label.STAGE; spelled out here, since label.py imports this module)."""
+    folder = workdir.stage_dir("label")
+    _move_old_layout(workdir, folder)
+    return folder
+
+
+def _move_old_layout(workdir: WorkDir, folder: Path) -> None:
+    """Move an earlier work directory's label files into the stage's folder, once: each file is
+    renamed (atomic), and never over a file that is there already."""
+    for old, name in _OLD_LAYOUT.items():
+        source, target = workdir.root / old, folder / name
+        if not source.is_file() or target.exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:  # another process moved it first
+            continue
+        print(f"notice: moved {source} to {target} (new layout)")
+        with suppress(OSError):  # the old folder goes once empty; rmdir refuses while it holds anything
+            source.parent.rmdir()
+
+
+def human_labels_path(workdir: WorkDir) -> Path:
+    return label_dir(workdir) / "human.parquet"
 
 
 def read_human_labels(workdir: WorkDir) -> "pd.DataFrame | None":
@@ -259,7 +292,7 @@ def _resolve(entry: _Entry, taxonomy: Taxonomy, known: dict) -> tuple[object, li
 def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
                   movie_metadata: dict[str, dict] | None = None) -> dict:
     """Check a label file (CSV, or a Label Studio JSON export when it ends in .json) against the
-    work directory and merge it into WORKDIR/labels/human.parquet. Every problem is reported at
+    work directory and merge it into WORKDIR/label/human.parquet. Every problem is reported at
     once in a LabelFileError, and then nothing is written. Importing the same file again changes
     nothing; a corrected file replaces its own earlier labels, never another file's."""
     import pandas as pd

@@ -9,7 +9,8 @@ import pandas as pd
 import pyarrow as pa
 
 from .filter import current_decisions
-from .labels import LABEL_STAGE, read_human_labels
+from .label import STAGE as LABEL_STAGE
+from .labels import read_human_labels
 from .workdir import WorkDir, atomic_write_table
 
 STAGES = ("extract", "detect", "label", "shard")

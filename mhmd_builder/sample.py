@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .labels import LABEL_STAGE, PARTS, labelable_frames, read_human_labels
+from .label import STAGE as LABEL_STAGE
+from .labels import PARTS, labelable_frames, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_bytes
 

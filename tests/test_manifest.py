@@ -34,7 +34,8 @@ def test_empty_workdir_exports_the_contract_columns(tmp_path):
 def test_manifest_shows_human_labels_then_the_labelers(tmp_path):
     import pyarrow as pa
 
-    from mhmd_builder.labels import LABEL_STAGE, PREDICTION_SCHEMA, write_human_labels
+    from mhmd_builder.label import STAGE as LABEL_STAGE
+    from mhmd_builder.labels import PREDICTION_SCHEMA, write_human_labels
 
     wd = WorkDir(tmp_path)
     wd.begin("extract", "m")

@@ -6,7 +6,8 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.labeler import Labeler, TrainSettings, load_rgb, train
+from mhmd_builder.labeler import Labeler, load_rgb
+from mhmd_builder.labeler_train import TrainSettings, train
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import manifest
 from mhmd_builder.relabel import RelabelError, RelabelSettings, format_changes, relabel

@@ -12,8 +12,9 @@ import pytest
 from mhmd_builder.demo import Segment, make_film
 from mhmd_builder.detect import DetectSettings, detect
 from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.labels import (LABEL_STAGE, PREDICTION_SCHEMA, import_labels, labelable_frames,
-                                 load_movie_metadata, read_human_labels)
+from mhmd_builder.label import STAGE as LABEL_STAGE
+from mhmd_builder.labels import (PREDICTION_SCHEMA, import_labels, labelable_frames, load_movie_metadata,
+                                 read_human_labels)
 from mhmd_builder.media import Sampling
 from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.runners import LocalRunner

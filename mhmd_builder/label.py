@@ -1,0 +1,157 @@
+"""The label stage: the labeler's label, confidence and top 3 for every kept frame, film by film.
+
+    predict(workdir, CKPT, PredictSettings()) -> WORKDIR/label/parts/<movie>.parquet (PREDICTION_SCHEMA)
+
+Human labels are kept as they are (source "human", confidence 1); a film whose era or nationality
+is known gets only labels consistent with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .batching import prefetched
+from .detect import inputs_digest
+from .devices import pick_device
+from .labeler import Labeler, LabelerError, load_checkpoint, load_rgb
+from .labels import PREDICTION_SCHEMA, labelable_frames, read_human_labels
+from .runners import LocalRunner
+from .stages import Partition, PartitionResult, Resources
+from .taxonomy import Taxonomy, load_taxonomy
+from .weights import sha256_of
+from .workdir import WorkDir
+
+STAGE = "label"
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    device: str = "auto"
+    batch_size: int = 64
+    loader_threads: int = 4
+
+
+@dataclass
+class LabelStage:
+    workdir: WorkDir
+    checkpoint: str
+    taxonomy: Taxonomy
+    settings: PredictSettings = field(default_factory=PredictSettings)
+    name: str = STAGE
+    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    unit: str = "frames"
+
+    def __post_init__(self) -> None:
+        self.labeler = None
+        self.resources = Resources.for_model_on(pick_device(self.settings.device))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "labeler": None}  # workers load their own model in setup()
+
+    def setup(self) -> None:
+        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
+
+    def process(self, partition: Partition, progress) -> dict:
+        started = time.monotonic()
+        movie, frames = partition.id, partition.info["frames"]
+        human: dict[str, int] = partition.info["human"]
+        allowed = partition.info["allowed"]
+        self.workdir.begin(STAGE, movie)
+        rows = [self._human_row(f, human[f["frame_id"]]) for f in frames if f["frame_id"] in human]
+        todo = [f for f in frames if f["frame_id"] not in human]
+        batch: list[tuple[dict, np.ndarray]] = []
+
+        def run_batch() -> None:
+            rows.extend(self.labeler.predict_batch(batch, allowed))
+            batch.clear()
+            progress(len(rows), len(frames))
+
+        size = self.labeler.image_size
+        loaded = prefetched(todo, lambda f: load_rgb(self.workdir.root / f["jpeg"], size),
+                            self.settings.loader_threads, 2 * self.settings.batch_size)
+        unreadable = 0
+        for frame, image in loaded:
+            if image is None:
+                unreadable += 1
+                rows.append({"frame_id": frame["frame_id"], "movie_id": movie, "label": None, "label_id": None,
+                             "label_source": None, "label_confidence": None, "top3": None, "top3_confidence": None})
+                continue
+            batch.append((frame, image))
+            if len(batch) >= self.settings.batch_size:
+                run_batch()
+        if batch:
+            run_batch()
+        order = {f["frame_id"]: i for i, f in enumerate(frames)}
+        rows.sort(key=lambda r: order[r["frame_id"]])
+        summary = {
+            "movie_id": movie, "inputs_digest": partition.info["inputs_digest"],
+            "checkpoint_sha256": partition.info["checkpoint_sha256"],
+            "frames_in": len(frames), "frames_out": len(frames) - unreadable,
+            "human": len(frames) - len(todo), "model": len(todo) - unreadable,
+            "rejected": {"unreadable_frame": unreadable} if unreadable else {},
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        self.workdir.commit(STAGE, movie, pa.Table.from_pylist(rows, PREDICTION_SCHEMA), summary)
+        return summary
+
+    def _human_row(self, frame: dict, label_id: int) -> dict:
+        name = self.taxonomy.names[label_id]
+        return {"frame_id": frame["frame_id"], "movie_id": frame["movie_id"], "label": name, "label_id": label_id,
+                "label_source": "human", "label_confidence": 1.0, "top3": [name], "top3_confidence": [1.0]}
+
+
+def allowed_labels(taxonomy: Taxonomy, metadata: dict | None) -> list[int] | None:
+    """Label ids consistent with a film's known era / nationality; None when nothing is known."""
+    era, nationality = (metadata or {}).get("era") or None, (metadata or {}).get("nationality") or None
+    if era is None and nationality is None:
+        return None
+    allowed = taxonomy.consistent_with(era, nationality)
+    if not allowed:
+        raise LabelerError(f"no label of {taxonomy.source} has era {era!r} and nationality {nationality!r}")
+    return allowed
+
+
+def plan_labeling(workdir: WorkDir, checkpoint: Path, taxonomy: Taxonomy,
+                  movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
+    """One partition per film with kept frames. A done film is redone when its frames, its human
+    labels, its metadata or the checkpoint changed since."""
+    frames = labelable_frames(workdir)[["frame_id", "movie_id", "jpeg"]]
+    if frames.empty:
+        raise LabelerError(f"{workdir.root}: no frames kept after detection: run `mhmd detect` first")
+    human = read_human_labels(workdir)
+    human = {} if human is None else dict(zip(human.frame_id, human.label_id.astype(int)))
+    weights = sha256_of(checkpoint)
+    done = workdir.done(STAGE)
+    partitions = []
+    for movie, group in frames.groupby("movie_id", sort=True):
+        listing = group.to_dict("records")
+        labels = {f["frame_id"]: int(human[f["frame_id"]]) for f in listing if f["frame_id"] in human}
+        allowed = allowed_labels(taxonomy, (movie_metadata or {}).get(movie))
+        digest = hashlib.sha256(json.dumps([inputs_digest(group.frame_id.tolist()), sorted(labels.items()), allowed])
+                                .encode()).hexdigest()[:16]
+        workdir.plan(STAGE, movie, {"frames": len(listing), "inputs_digest": digest})
+        summary = done.get(movie)
+        if summary and summary.get("inputs_digest") == digest and summary.get("checkpoint_sha256") == weights:
+            continue
+        partitions.append(Partition(movie, {"frames": listing, "human": labels, "allowed": allowed,
+                                            "inputs_digest": digest, "checkpoint_sha256": weights}))
+    return partitions
+
+
+def predict(workdir: WorkDir | str | Path, checkpoint: str | Path, settings: PredictSettings | None = None,
+            taxonomy: Taxonomy | None = None, movie_metadata: dict[str, dict] | None = None,
+            runner=None) -> list[PartitionResult]:
+    """Label every kept frame, film by film, resumably; human labels are kept as they are.
+    movie_metadata: movie_id -> {"era": ..., "nationality": ...} (either may be missing)."""
+    workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    taxonomy = taxonomy or load_taxonomy()
+    load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per film
+    partitions = plan_labeling(workdir, Path(checkpoint), taxonomy, movie_metadata)
+    stage = LabelStage(workdir, str(checkpoint), taxonomy, settings or PredictSettings())
+    return (runner or LocalRunner()).run(stage, partitions)

@@ -1,0 +1,307 @@
+"""Training the labeler on the human labels (the paper's 1%).
+
+    train(workdir, TrainSettings(...)) -> the checkpoint (labeler.py says what it holds), and its
+                                          config with the validation metrics of the best epoch
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .devices import fixed_cpu_threads, pick_device
+from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
+                      load_rgb, metrics_path, normalise, save_checkpoint)
+from .labels import read_human_labels
+from .taxonomy import Taxonomy, load_taxonomy
+from .workdir import WorkDir, atomic_write_json, read_json
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    arch: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | none | a path to a .pth state dict
+    output: str | None = None  # checkpoint path (.safetensors); default WORKDIR/label/labeler.safetensors
+    epochs: int = 10
+    batch_size: int = 32
+    image_size: int = 224
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 0  # DataLoader processes; seeded from the run's generator, so still reproducible
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def checkpoint(self, workdir: WorkDir) -> Path:
+        """The checkpoint these settings train: `output`, else the work directory's default."""
+        return Path(self.output) if self.output else default_checkpoint(workdir)
+
+
+def labeled_frames(workdir: WorkDir) -> "pd.DataFrame":
+    """Human-labeled frames with their movie and JPEG."""
+    from .manifest import manifest
+
+    human = read_human_labels(workdir)
+    if human is None or human.empty:
+        raise LabelerError(f"{workdir.root}: no human labels yet: import a label file first (--labels FILE)")
+    frames = manifest(workdir)[["frame_id", "movie_id", "jpeg"]].dropna(subset=["jpeg"])
+    labeled = human[["frame_id", "label_id"]].merge(frames, on="frame_id")
+    if labeled.empty:
+        raise LabelerError(f"{workdir.root}: none of the {len(human)} human-labeled frames has a JPEG here")
+    return labeled.sort_values("frame_id", ignore_index=True)
+
+
+def labels_digest(labeled: "pd.DataFrame") -> str:
+    """Identifies the human labels a labeler is trained on."""
+    pairs = "\n".join(f"{f} {i}" for f, i in sorted(zip(labeled.frame_id, labeled.label_id.astype(int))))
+    return hashlib.sha256(pairs.encode()).hexdigest()[:16]
+
+
+def checkpoint_is_current(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> bool:
+    """Whether `train` would make the checkpoint that is there already: same settings, taxonomy and
+    human labels (a build resumed after training need not train again)."""
+    checkpoint = settings.checkpoint(workdir)
+    if not checkpoint.is_file() or not config_path(checkpoint).is_file():
+        return False
+    config = read_json(config_path(checkpoint))
+    return (config.get("settings") == settings.to_dict() and config.get("taxonomy_sha256") == taxonomy.sha256
+            and config.get("labels_digest") == labels_digest(labeled_frames(workdir)))
+
+
+def split_by_film(labeled, val_fraction: float, seed: int) -> tuple[np.ndarray, str]:
+    """A boolean validation mask and how it was made. Whole films go to validation (seeded) until
+    they hold val_fraction of the frames: frames of one film are near-duplicates, and a frame split
+    would measure memory, not labeling. With one film only, a seeded frame split (said so)."""
+    rng = np.random.default_rng(seed)
+    films = labeled.movie_id.unique()
+    if len(films) < 2:
+        print(f"notice: all labeled frames come from one film ({films[0]}): validating on a random frame split, "
+              "which overstates accuracy (neighbouring frames look alike); label frames of more films")
+        mask = np.zeros(len(labeled), bool)
+        mask[rng.permutation(len(labeled))[:max(1, round(val_fraction * len(labeled)))]] = True
+        return mask, "frames of one film"
+    counts = labeled.movie_id.value_counts()
+    chosen, total = [], 0
+    for film in rng.permutation(sorted(films)):
+        if total >= val_fraction * len(labeled) or len(chosen) == len(films) - 1:
+            break
+        chosen.append(film)
+        total += counts[film]
+    return labeled.movie_id.isin(chosen).to_numpy(), f"{len(chosen)} of {len(films)} films held out"
+
+
+def balanced_sampler(targets: np.ndarray, seed: int):
+    """Draw each class equally often (with replacement). The paper's classes differ 829x: a
+    class-weighted loss would scale a rare class's few gradients by hundreds (noisy steps), while
+    sampling shows its frames more often, each time differently augmented."""
+    import torch
+
+    counts = np.bincount(targets)
+    weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, len(targets), replacement=True,
+                                                  generator=torch.Generator().manual_seed(seed))
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+def classification_metrics(y_true, y_pred, names: list[str]) -> dict:
+    """Accuracy, macro-F1 (mean over the classes present in y_true or y_pred, as sklearn's default),
+    per-class precision / recall / F1 / support, and the confusion matrix (rows: true, cols: predicted)."""
+    y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
+    n = len(names)
+    confusion = np.zeros((n, n), int)
+    np.add.at(confusion, (y_true, y_pred), 1)
+    tp, predicted, actual = np.diag(confusion), confusion.sum(0), confusion.sum(1)
+    precision = np.divide(tp, predicted, out=np.zeros(n), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros(n), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(n), where=precision + recall > 0)
+    present = (predicted + actual) > 0
+    return {
+        "samples": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "per_class": {names[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                                 "support": int(actual[i])} for i in np.flatnonzero(present)},
+        "confusion": confusion.tolist(),
+    }
+
+
+def format_metrics(metrics: dict, names: list[str]) -> str:
+    lines = [f"validation: {metrics['samples']} frames ({metrics['split']}), accuracy {metrics['accuracy']:.3f}, "
+             f"macro-F1 {metrics['macro_f1']:.3f}",
+             f"{'label':<40}{'precision':>10}{'recall':>8}{'support':>9}"]
+    lines += [f"{name:<40}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['support']:>9}"
+              for name, m in metrics["per_class"].items()]
+    present = [names.index(name) for name in metrics["per_class"]]
+    lines.append("confusion (rows true, columns predicted; ids): " + " ".join(f"{i:>4}" for i in present))
+    lines += [f"{i:>4}: " + " ".join(f"{metrics['confusion'][i][j]:>4}" for j in present) for i in present]
+    return "\n".join(lines)
+
+
+# -- data -----------------------------------------------------------------------------------------
+class LabeledFrames:
+    """A torch dataset of (uint8 CHW tensor, class) read from the frames' JPEGs, resized once per read."""
+
+    def __init__(self, root: Path, jpegs: list[str], targets: list[int], size: int, transform=None):
+        self.root, self.jpegs, self.targets, self.size, self.transform = root, jpegs, targets, size, transform
+
+    def __len__(self) -> int:
+        return len(self.jpegs)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        image = load_rgb(self.root / self.jpegs[i], self.size)
+        if image is None:
+            raise LabelerError(f"{self.jpegs[i]}: missing or unreadable frame")
+        tensor = torch.from_numpy(image).permute(2, 0, 1)
+        return (self.transform(tensor) if self.transform else tensor), self.targets[i]
+
+
+def train_transform(size: int):
+    """The paper's horizontal flip and Gaussian blur, plus a mild random crop and a small
+    brightness / contrast / saturation jitter; hue stays: the colour of a uniform is the signal."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([
+        v2.RandomResizedCrop(size, scale=(0.7, 1.0), ratio=(0.85, 1.18), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.3),
+        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.05),
+    ])
+
+
+# -- training -------------------------------------------------------------------------------------
+def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
+          taxonomy: Taxonomy | None = None) -> dict:
+    """Train a labeler on the human labels; write the checkpoint; return its config (with metrics)."""
+    with fixed_cpu_threads():
+        return _train(workdir if isinstance(workdir, WorkDir) else WorkDir(workdir), settings or TrainSettings(),
+                      taxonomy or load_taxonomy())
+
+
+def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dict:
+    import torch
+
+    torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
+    model = build_model(settings.arch, len(taxonomy))  # an unknown architecture fails before any work
+    checkpoint = settings.checkpoint(workdir)
+    device = pick_device(settings.device)
+    labeled = labeled_frames(workdir)
+    if labeled.label_id.max() >= len(taxonomy):
+        raise LabelerError(f"human labels use class ids beyond the {len(taxonomy)} labels of {taxonomy.source}")
+    val_mask, split = split_by_film(labeled, settings.val_fraction, settings.seed)
+    weights_from = start_from_initial_weights(model, settings)
+    model.to(device)
+    train_loader, val_loader = data_loaders(workdir, labeled, val_mask, settings, device)
+    best, best_state = fit(model, train_loader, val_loader, settings, device, taxonomy.names)
+    best["split"] = split
+    model.load_state_dict(best_state)
+    config = checkpoint_config(settings, taxonomy, weights_from, labeled, val_mask, best)
+    save_checkpoint(model, config, checkpoint)
+    atomic_write_json(metrics_path(checkpoint), best)
+    print(format_metrics(best, taxonomy.names))
+    print(f"checkpoint: {checkpoint} (epoch {best['epoch']})")
+    return {**config, "checkpoint": str(checkpoint)}
+
+
+def checkpoint_config(settings: TrainSettings, taxonomy: Taxonomy, weights_from: str, labeled: "pd.DataFrame",
+                      val_mask: np.ndarray, best: dict) -> dict:
+    """What the checkpoint's .json records: how to rebuild and feed the model, and how it was trained."""
+    train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
+    return {
+        "arch": settings.arch, "image_size": settings.image_size, "mean": MEAN, "std": STD,
+        "taxonomy_sha256": taxonomy.sha256, "taxonomy_source": taxonomy.source, "label_names": taxonomy.names,
+        "seed": settings.seed, "settings": settings.to_dict(), "initial_weights": weights_from,
+        "labels_digest": labels_digest(labeled),
+        "train_frames": int(len(train_rows)), "val_frames": int(len(val_rows)),
+        "val_movies": sorted(val_rows.movie_id.unique().tolist()),
+        "metrics": {k: v for k, v in best.items() if k != "confusion"},
+    }
+
+
+def start_from_initial_weights(model, settings: TrainSettings) -> str:
+    """Load the backbone `settings.weights` names into `model` (if any); returns where it came from."""
+    state, weights_from = initial_weights(settings.arch, settings.weights)
+    if state is not None:
+        model.load_state_dict(state, strict=False)
+    return weights_from
+
+
+def data_loaders(workdir: WorkDir, labeled: "pd.DataFrame", val_mask: np.ndarray, settings: TrainSettings,
+                 device: str):
+    """(training loader: augmented, class-balanced; validation loader: the frames as they are)."""
+    train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
+    targets = train_rows.label_id.to_numpy(int)
+    train_loader = _loader(workdir, train_rows, settings, device, train_transform(settings.image_size),
+                           balanced_sampler(targets, settings.seed))
+    return train_loader, _loader(workdir, val_rows, settings, device)
+
+
+def _loader(workdir: WorkDir, rows: "pd.DataFrame", settings: TrainSettings, device: str, transform=None,
+            sampler=None):
+    import torch
+
+    data = LabeledFrames(workdir.root, rows.jpeg.tolist(), rows.label_id.tolist(), settings.image_size, transform)
+    return torch.utils.data.DataLoader(data, settings.batch_size, sampler=sampler, num_workers=settings.workers,
+                                       generator=torch.Generator().manual_seed(settings.seed),
+                                       pin_memory=device.startswith("cuda"))
+
+
+def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, names: list[str]) -> tuple[dict, dict]:
+    """Train for `settings.epochs`; (metrics and number of the best epoch, the model's state after it).
+    The best epoch has the best validation macro-F1: accuracy would favour the big classes."""
+    import torch
+
+    optimiser = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr,
+                                                   total_steps=settings.epochs * len(train_loader))
+    best, best_state = None, None
+    for epoch in range(1, settings.epochs + 1):
+        loss = train_one_epoch(model, train_loader, optimiser, schedule, device, f"epoch {epoch}/{settings.epochs}")
+        metrics = classification_metrics(*evaluate(model, val_loader, device), names)
+        print(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
+              f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+        if best is None or metrics["macro_f1"] > best["macro_f1"]:
+            best = {**metrics, "epoch": epoch}
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best, best_state
+
+
+def train_one_epoch(model, loader, optimiser, schedule, device: str, description: str) -> float:
+    """One pass over `loader`; returns the loss of its last batch."""
+    import torch
+    from tqdm import tqdm
+
+    model.train()
+    loss_fn = torch.nn.CrossEntropyLoss()
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)
+    for images, labels in bar:
+        loss = loss_fn(model(normalise(images, device)), labels.to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+def evaluate(model, loader, device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(true classes, predicted classes) of every frame of `loader`."""
+    import torch
+
+    model.eval()
+    truth, predicted = [], []
+    with torch.inference_mode():
+        for images, targets in loader:
+            predicted.append(model(normalise(images, device)).argmax(1).cpu().numpy())
+            truth.append(targets.numpy())
+    return np.concatenate(truth), np.concatenate(predicted)

@@ -1,0 +1,88 @@
+"""The label stage: the labeler trained in test_labeler_train labels every kept frame of its films."""
+import os
+
+import numpy as np
+import pytest
+
+from mhmd_builder.label import STAGE, PredictSettings, predict
+from mhmd_builder.labeler import (LabelerError, build_model, default_checkpoint, load_checkpoint, metrics_path,
+                                  save_checkpoint)
+from mhmd_builder.labels import human_labels_path, label_dir, read_human_labels
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
+from test_labeler_train import (CLASSES, FILMS, PER_CLASS, REJECTED, TAXONOMY, copy_workdir, set_human_labels,
+                                trained_labeler)
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+    return trained_labeler(tmp_path_factory.getbasetemp())
+
+
+def test_checkpoint_of_another_taxonomy_is_refused(trained, tmp_path):
+    work, _, config = trained
+    other = tmp_path / "mine.csv"
+    other.write_text("id,name,era,nationality,garment\n0,a/b/c,a,b,c\n1,a/b/d,a,b,d\n")
+    with pytest.raises(LabelerError, match="another taxonomy"):
+        predict(work, config["checkpoint"], PredictSettings(device="cpu"), load_taxonomy(other))
+
+
+def test_predict_fills_kept_frames_keeps_human_labels_and_respects_metadata(trained, tmp_path):
+    work = copy_workdir(trained[0], tmp_path)
+    truth, checkpoint, (held_out,) = trained[1], trained[2]["checkpoint"], trained[2]["val_movies"]
+    # Two human labels on the held-out film, one of them against its colour: both stay as given.
+    set_human_labels(work, {f"{held_out}-0000": "during_ww2/germany/military", f"{held_out}-0001": truth[f"{held_out}-0001"]})
+    usa_only = next(f for f in FILMS if f != held_out)
+    metadata = {usa_only: {"era": "during_ww2", "nationality": "usa"}}
+    settings = PredictSettings(device="cpu", batch_size=8, loader_threads=2)
+    results = predict(work, checkpoint, settings, TAXONOMY, metadata, LocalRunner(1))
+    assert sorted(r.id for r in results) == list(FILMS) and all(r.ok for r in results)
+    labels = work.read_table(STAGE).set_index("frame_id")
+    kept = {f for f in truth if not f.endswith(REJECTED)}
+    assert set(labels.index) == kept and labels.label.notna().all()
+    assert labels.loc[f"{held_out}-0000"].label == "during_ww2/germany/military"
+    human = labels[labels.label_source == "human"]
+    assert sorted(human.index) == [f"{held_out}-0000", f"{held_out}-0001"] and (human.label_confidence == 1).all()
+    model = labels[(labels.label_source == "model") & (labels.movie_id == held_out)]
+    accuracy = np.mean([label == truth[f] for f, label in model.label.items()])
+    assert accuracy >= 0.9
+    assert all(len(t) == 3 and c[0] >= c[1] >= c[2] for t, c in zip(model.top3, model.top3_confidence))
+    restricted = labels[labels.movie_id == usa_only]
+    usa = {TAXONOMY.names[i] for i in TAXONOMY.consistent_with("during_ww2", "usa")}
+    assert set(restricted.label) <= usa and all(set(t) <= usa for t in restricted.top3)
+    assert work.done(STAGE)[held_out]["frames_out"] == PER_CLASS * len(CLASSES)
+    # Nothing changed: nothing to do. New metadata for one film: only that film is labeled again.
+    assert predict(work, checkpoint, settings, TAXONOMY, metadata) == []
+    metadata[held_out] = {"nationality": "germany"}
+    assert [r.id for r in predict(work, checkpoint, settings, TAXONOMY, metadata)] == [held_out]
+    assert read_human_labels(work).shape[0] == 2
+
+
+def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, capsys):
+    """Human labels used to be in W/labels/ and the default checkpoint in W/labeler/: the first
+    look for them moves them into the label stage's folder, where they are read from then on."""
+    work = WorkDir(tmp_path / "work")
+    set_human_labels(work, {"film_a-0000": "during_ww2/usa/formal", "film_a-0001": "during_ww2/usa/military"})
+    (work.root / "labels").mkdir()
+    os.replace(work.root / "label" / "human.parquet", work.root / "labels" / "human.parquet")
+    old_checkpoint = work.root / "labeler" / "labeler.safetensors"
+    save_checkpoint(build_model("resnet18", len(TAXONOMY)), {"arch": "resnet18", "image_size": 32,
+                    "taxonomy_sha256": TAXONOMY.sha256, "label_names": TAXONOMY.names}, old_checkpoint)
+    metrics_path(old_checkpoint).write_text("{}")
+    (work.root / "label").rmdir()
+
+    assert read_human_labels(work).label_id.tolist() == [TAXONOMY.by_name("during_ww2/usa/formal").id,
+                                                          TAXONOMY.by_name("during_ww2/usa/military").id]
+    moved = capsys.readouterr().out.splitlines()  # every old label file, the first time any is looked for
+    assert len(moved) == 4 and moved[0] == (f"notice: moved {work.root / 'labels' / 'human.parquet'} to "
+                                            f"{work.root / 'label' / 'human.parquet'} (new layout)")
+    checkpoint = default_checkpoint(work)
+    assert checkpoint == work.root / "label" / "labeler.safetensors" and label_dir(work) == work.stage_dir(STAGE)
+    assert load_checkpoint(checkpoint, TAXONOMY)[1]["image_size"] == 32 and metrics_path(checkpoint).is_file()
+    assert not (work.root / "labels").exists() and not (work.root / "labeler").exists()
+    # Moved once: a file at the old place again is left there, never over the one in use.
+    (work.root / "labels").mkdir()
+    (work.root / "labels" / "human.parquet").write_bytes(b"stale")
+    assert read_human_labels(work).shape[0] == 2 and human_labels_path(work).read_bytes() != b"stale"
+    assert capsys.readouterr().out == ""

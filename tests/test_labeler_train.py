@@ -1,0 +1,124 @@
+"""Training the ResNet labeler on generated frames whose label is their dominant colour (learnable in
+seconds); test_label predicts with the labeler trained here."""
+import functools
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mhmd_builder.detect import DETECT_SCHEMA
+from mhmd_builder.extract import FRAME_SCHEMA
+from mhmd_builder.labeler_train import TrainSettings, classification_metrics, train
+from mhmd_builder.labels import write_human_labels
+from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
+
+TAXONOMY = load_taxonomy()
+# Three MHMD labels, each drawn as frames dominated by one colour (RGB) with a grey "person" in front.
+CLASSES = {"during_ww2/usa/military": (170, 60, 50), "during_ww2/usa/formal": (50, 150, 60),
+           "during_ww2/germany/military": (50, 70, 170)}
+FILMS = ("film_a", "film_b", "film_c", "film_d")
+PER_CLASS = 10  # frames per class and film
+REJECTED = f"{PER_CLASS * len(CLASSES):04d}"  # the suffix of each film's frame rejected by detection
+
+
+def frame_image(rng, colour) -> np.ndarray:
+    """A 90x160 BGR frame: the class colour (jittered, noisy) with a random grey rectangle."""
+    base = np.clip(np.array(colour) + rng.integers(-25, 26, 3), 0, 255)
+    image = np.clip(base + rng.normal(0, 12, (90, 160, 3)), 0, 255).astype(np.uint8)
+    x, y = rng.integers(0, 100), rng.integers(0, 40)
+    image[y:y + 50, x:x + 40] = rng.integers(60, 200)
+    return image[:, :, ::-1].copy()
+
+
+def make_workdir(root: Path) -> tuple[WorkDir, dict[str, str]]:
+    """Extract and detect records for FILMS (as the stages write them), and the true label of every
+    frame. The last frame of each film was rejected by detection: it must not be labeled."""
+    work, truth, rng = WorkDir(root), {}, np.random.default_rng(0)
+    names = list(CLASSES)
+    for movie in FILMS:
+        frames, detections = [], []
+        count = PER_CLASS * len(names) + 1
+        for k in range(count):
+            frame_id, name = f"{movie}-{k:04d}", names[k % len(names)]
+            jpeg = f"frames/{movie}/{frame_id}.jpg"
+            (work.root / jpeg).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(work.root / jpeg), frame_image(rng, CLASSES[name]))
+            kept = k < count - 1
+            truth[frame_id] = name
+            frames.append({"frame_id": frame_id, "movie_id": movie, "timestamp": float(k), "width": 160, "height": 90,
+                           "kept": True, "reject_reason": None, "flags": [], "jpeg": jpeg})
+            detections.append({"frame_id": frame_id, "movie_id": movie, "persons": int(kept), "boxes": [],
+                               "confidences": [], "largest_person_area": 0.3, "kept": kept,
+                               "reject_reason": None if kept else "no_person", "mask": None})
+        for stage, rows, schema in (("extract", frames, FRAME_SCHEMA), ("detect", detections, DETECT_SCHEMA)):
+            work.begin(stage, movie)
+            work.commit(stage, movie, pa.Table.from_pylist(rows, schema), {"frames_in": len(rows)})
+    return work, truth
+
+
+def set_human_labels(work: WorkDir, labels: dict[str, str]) -> None:
+    import pandas as pd
+
+    write_human_labels(work, pd.DataFrame({"frame_id": list(labels), "label": list(labels.values()),
+                                           "label_id": [TAXONOMY.by_name(n).id for n in labels.values()],
+                                           "source": "test.csv", "line": range(2, len(labels) + 2)}))
+
+
+SMALL = dict(arch="resnet18", weights="none", image_size=64, batch_size=16, device="cpu", lr=3e-3)
+
+
+@functools.cache
+def trained_labeler(basetemp: Path) -> tuple[WorkDir, dict[str, str], dict]:
+    """Every kept frame of the four films labeled by hand; a small ResNet-18 trained on them. Trained
+    once per session; test_label uses it too."""
+    root = basetemp / "labeler"
+    work, truth = make_workdir(root / "work")
+    set_human_labels(work, {f: n for f, n in truth.items() if not f.endswith(REJECTED)})
+    config = train(work, TrainSettings(**SMALL, epochs=6, val_fraction=0.25, output=str(root / "ckpt" / "l.safetensors")),
+                   TAXONOMY)
+    return work, truth, config
+
+
+@pytest.fixture
+def trained(tmp_path_factory) -> tuple[WorkDir, dict[str, str], dict]:
+    return trained_labeler(tmp_path_factory.getbasetemp())
+
+
+def copy_workdir(work: WorkDir, tmp_path: Path) -> WorkDir:
+    shutil.copytree(work.root, tmp_path / "work")
+    return WorkDir(tmp_path / "work")
+
+
+def test_metrics_match_a_hand_computation():
+    names = ["a", "b", "c", "unused"]
+    m = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], names)
+    # a: P 1/2 R 1/2 F1 1/2; b: P 2/3 R 1 F1 0.8; c: P 0 R 0 F1 0; "unused" is in neither: not averaged.
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0) / 3)
+    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert "unused" not in m["per_class"]
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_trained_labeler_generalises_to_a_held_out_film(trained):
+    work, truth, config = trained
+    assert len(config["val_movies"]) == 1 and config["val_frames"] == PER_CLASS * len(CLASSES)
+    assert config["metrics"]["accuracy"] >= 0.9, config["metrics"]
+    assert config["taxonomy_sha256"] == TAXONOMY.sha256 and config["label_names"] == TAXONOMY.names
+    metrics_file = Path(config["checkpoint"]).with_name("l.metrics.json")
+    assert metrics_file.exists() and Path(config["checkpoint"]).with_suffix(".json").exists()
+
+
+def test_training_is_reproducible_and_one_film_falls_back_to_a_frame_split(trained, tmp_path, capsys):
+    work = copy_workdir(trained[0], tmp_path)
+    one_film = {f: n for f, n in trained[1].items() if f.startswith("film_a-") and not f.endswith(REJECTED)}
+    set_human_labels(work, one_film)
+    runs = [train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=1, output=str(tmp_path / f"{i}.safetensors")),
+                  TAXONOMY) for i in range(2)]
+    assert "random frame split" in capsys.readouterr().out
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+    assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
