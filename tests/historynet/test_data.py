@@ -11,7 +11,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from mhmd_builder.historynet.data import (compose_rgb, eval_loader, lab_input, rgb_from_lab, shard_urls, unit_float,
                                           train_loader)
-from mhmd_builder.shard import AtomicTar, encode_json
+from mhmd_builder.shards import AtomicTar, encode_json
 
 NUM_CLASSES = 5
 PER_SHARD = 4
