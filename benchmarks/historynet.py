@@ -28,9 +28,10 @@ import numpy as np
 import webdataset as wds
 from detect import make_frames  # benchmarks/detect.py: the same frames
 
-from mhmd_builder.historynet.data import shard_urls, train_loader
+from mhmd_builder.historynet.data import train_loader
 from mhmd_builder.historynet.train import TrainSettings, train
 from mhmd_builder.shard import ShardSettings, shard
+from mhmd_builder.shards import shard_urls
 
 
 def plain_loader(urls: list[str], batch: int, workers: int, epoch_samples: int) -> wds.WebLoader:
