@@ -196,10 +196,15 @@ def has_index(folder: str | Path) -> bool:
     return (Path(folder) / INDEX).is_file()
 
 
-def read_index(folder: str | Path) -> dict:
+def require_index(folder: str | Path) -> Path:
+    """FOLDER/index.json; NoShardIndex when there is none."""
     if not has_index(folder):
         raise NoShardIndex(f"{folder}: no {INDEX} (not a folder written by `mhmd shard`)")
-    return read_json(Path(folder) / INDEX)
+    return Path(folder) / INDEX
+
+
+def read_index(folder: str | Path) -> dict:
+    return read_json(require_index(folder))
 
 
 def write_index(folder: Path, index: dict) -> None:
