@@ -38,7 +38,7 @@ from .detect import REASONS as PERSON_REASONS
 from .errors import InputError
 from .labeler import config_path, default_checkpoint, metrics_path
 from .labels import passed_detection, read_human_labels
-from .shards import INDEX, JSON, has_index, open_shard, read_index
+from .shards import INDEX, JPG, JSON, has_index, open_shard, read_index
 from .manifest import STAGES, manifest
 from .media import Crop, Sampling, decode_frames
 from .quality import REASONS as QUALITY_REASONS
@@ -566,7 +566,7 @@ def first_shard(folder: Path, index: dict) -> list[tuple[dict, np.ndarray | None
     samples = []
     for sample in open_shard(folder / index["shards"][0]["name"]):  # imports webdataset, and torch (seconds)
         meta = json.loads(sample[JSON])
-        samples.append((meta, small_image(sample.get("jpg"), max(meta["width"], meta["height"]))))
+        samples.append((meta, small_image(sample.get(JPG), max(meta["width"], meta["height"]))))
         if len(samples) == HUE_FRAMES:
             break
     return samples
