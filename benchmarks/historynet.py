@@ -28,9 +28,10 @@ import numpy as np
 import webdataset as wds
 from detect import make_frames  # benchmarks/detect.py: the same frames
 
-from mhmd_builder.historynet.data import shard_urls, train_loader
+from mhmd_builder.historynet.data import train_loader
 from mhmd_builder.historynet.train import TrainSettings, train
 from mhmd_builder.shard import ShardSettings, shard
+from mhmd_builder.shards import JPG, KEY, shard_urls
 
 
 def plain_loader(urls: list[str], batch: int, workers: int, epoch_samples: int) -> wds.WebLoader:
@@ -39,7 +40,7 @@ def plain_loader(urls: list[str], batch: int, workers: int, epoch_samples: int) 
         return cv2.resize(image, (224, 224), interpolation=cv2.INTER_AREA), key
 
     dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False).decode("rgb8")
-               .to_tuple("jpg", "__key__").map(resized).batched(batch)
+               .to_tuple(JPG, KEY).map(resized).batched(batch)
                .with_epoch(max(1, epoch_samples // (batch * max(workers, 1)))))
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 

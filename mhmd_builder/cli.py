@@ -16,6 +16,7 @@ from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
 from .quality import QualityThresholds, with_overrides
 from .runners import make_runner
+from .shards import INDEX, format_index, require_index
 from .workdir import WorkDir
 
 workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
@@ -335,15 +336,6 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
     click.echo(format_index(index, output))
 
 
-def format_index(index: dict, out: str | Path) -> str:
-    lines = []
-    for split, info in index["splits"].items():
-        tars = [s["name"] for s in index["shards"] if s["split"] == split]
-        where = f"{Path(out) / tars[0]} .. {tars[-1]}" if tars else "no tars"
-        lines.append(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars ({where})")
-    return "\n".join(lines + [f"index: {Path(out) / 'index.json'}"])
-
-
 @main.command("relabel")
 @click.argument("shard_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -367,7 +359,7 @@ def relabel_command(shard_dir, checkpoint, output, override_human, device, batch
     index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
                     load_taxonomy(taxonomy), make_runner(runner, workers, ray_address))
     click.echo(format_changes(index["relabel"]["changes"]))
-    click.echo(f"index: {Path(output) / 'index.json'}")
+    click.echo(f"index: {Path(output) / INDEX}")
 
 
 @main.group("parsing")
@@ -403,8 +395,8 @@ def report_command(shard_dir, workdir, output, recipe, taxonomy) -> None:
 
     if (shard_dir is None) == (workdir is None):
         raise click.UsageError("give either -w WORKDIR or SHARD_DIR")
-    if shard_dir and not (Path(shard_dir) / "index.json").is_file():
-        raise click.ClickException(f"{shard_dir}: no index.json (not a folder written by `mhmd shard`)")
+    if shard_dir:
+        require_index(shard_dir)
     try:
         path = write_report(shard_dir or workdir, output, load_taxonomy(taxonomy), recipe)
     except OSError as e:

@@ -19,18 +19,18 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pyarrow as pa
-import webdataset as wds
 
 from .batching import batched
 from .devices import pick_device
 from .errors import InputError
 from .labeler import Labeler, fit_rgb, load_checkpoint
 from .runners import LocalRunner
-from .shard import AtomicTar, clear_shard_dir, encode_json, label_fields, split_entry
+from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, label_fields, open_shard,
+                     read_index, split_entry, with_json, write_index)
 from .stages import Partition, PartitionError, Resources
 from .taxonomy import Taxonomy, load_taxonomy
 from .weights import sha256_of
-from .workdir import WorkDir, atomic_write_json, read_json
+from .workdir import WorkDir
 
 
 class RelabelError(InputError):
@@ -45,22 +45,14 @@ class RelabelSettings:
     decode_threads: int = 4
 
 
-def read_index(shard_dir: Path) -> dict:
-    path = shard_dir / "index.json"
-    if not path.is_file():
-        raise RelabelError(f"{shard_dir}: no index.json (not a folder written by `mhmd shard`)")
-    return read_json(path)
-
-
 def _decoded(sample: dict, shard: str, size: int) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+    image = cv2.imdecode(np.frombuffer(sample[JPG], np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise RelabelError(f"{shard}: sample {sample['__key__']}: its jpg cannot be decoded")
+        raise RelabelError(f"{shard}: sample {sample[KEY]}: its {JPG} cannot be decoded")
     return fit_rgb(image, size)
 
 
 STAGE = "relabel"
-RECORDS = ".relabel"  # the stage's work directory inside NEWDIR, removed once the index is written
 CHANGE_SCHEMA = pa.schema([("frame_id", pa.string()), ("movie", pa.string()), ("split", pa.string()),
                            ("before", pa.string()), ("after", pa.string())])
 
@@ -94,13 +86,13 @@ class RelabelStage:
         name, split, count = partition.id, partition.info["split"], partition.info["count"]
         self.workdir.begin(STAGE, name)
         if not (self.source / name).is_file():
-            raise PartitionError(f"{self.source / name}: listed in index.json but missing")
+            raise PartitionError(f"{self.source / name}: listed in {INDEX} but missing")
         rows = []
         with AtomicTar(self.out / name) as tar:
-            for batch in batched(wds.WebDataset(str(self.source / name), shardshuffle=False), self.settings.batch_size):
+            for batch in batched(open_shard(self.source / name), self.settings.batch_size):
                 for sample, old, new in self._relabelled(batch, name):
                     tar.write(sample)
-                    rows.append({"frame_id": sample["__key__"], "movie": new.get("movie"), "split": split,
+                    rows.append({"frame_id": sample[KEY], "movie": new.get("movie"), "split": split,
                                  "before": old.get("label"), "after": new["label"]})
                 progress(len(rows), count)
         summary = {"frames_in": len(rows), "frames_out": len(rows),
@@ -110,7 +102,7 @@ class RelabelStage:
 
     def _relabelled(self, batch: list[dict], shard: str) -> list[tuple[dict, dict, dict]]:
         """(sample to write, old json, new json) for each sample of the batch, labelled in one pass."""
-        metas = [json.loads(s["json"]) for s in batch]
+        metas = [json.loads(s[JSON]) for s in batch]
         todo = [i for i, m in enumerate(metas) if self.settings.override_human or m.get("label_source") != "human"]
         images = list(self.pool.map(lambda i: _decoded(batch[i], shard, self.labeler.image_size), todo))
         frames = [{"frame_id": metas[i].get("frame_id"), "movie_id": metas[i].get("movie")} for i in todo]
@@ -119,14 +111,7 @@ class RelabelStage:
         for i, row in zip(todo, predicted):
             label = self.taxonomy.labels[row["label_id"]]
             new_metas[i].update(label_fields(label, "model", row["label_confidence"]))
-        out = []
-        for sample, old, new in zip(batch, metas, new_metas):
-            rewritten = {k: v for k, v in sample.items() if not k.startswith("__") and k not in ("json", "cls")}
-            rewritten.update({"__key__": sample["__key__"], "json": encode_json(new)})
-            if new["label_id"] is not None:
-                rewritten["cls"] = str(new["label_id"]).encode()
-            out.append((rewritten, old, new))
-        return out
+        return [(with_json(sample, new), old, new) for sample, old, new in zip(batch, metas, new_metas)]
 
 
 def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
@@ -144,7 +129,7 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
                            "relabel with the taxonomy the shards were written with (--taxonomy)")
     load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per tar
     clear_shard_dir(out)
-    workdir = WorkDir(out / RECORDS)
+    workdir = WorkDir(out / RELABEL_RECORDS)
     partitions = [Partition(e["name"], {"split": e["split"], "count": e["count"]},
                             record={"split": e["split"], "count": e["count"]}) for e in index["shards"]]
     stage = RelabelStage(workdir, shard_dir, out, str(checkpoint), taxonomy, settings)
@@ -163,8 +148,8 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
                              "override_human": settings.override_human,
                              "changes": [{"from": a, "to": b, "count": n}
                                          for (a, b), n in sorted(changes.items(), key=str)]}}
-    atomic_write_json(out / "index.json", new_index)
-    shutil.rmtree(out / RECORDS)
+    write_index(out, new_index)
+    shutil.rmtree(out / RELABEL_RECORDS)
     return new_index
 
 

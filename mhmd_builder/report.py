@@ -38,6 +38,7 @@ from .detect import REASONS as PERSON_REASONS
 from .errors import InputError
 from .labeler import config_path, default_checkpoint, metrics_path
 from .labels import passed_detection, read_human_labels
+from .shards import INDEX, JPG, JSON, has_index, open_shard, read_index
 from .manifest import STAGES, manifest
 from .media import Crop, Sampling, decode_frames
 from .quality import REASONS as QUALITY_REASONS
@@ -81,7 +82,7 @@ def write_report(source: str | Path, out: str | Path, taxonomy: Taxonomy | None 
     """Write the report on SOURCE, a work directory or a shard folder (one with index.json), to OUT.
     `recipe`: the pipeline recipe the dataset was built with, shown with the settings."""
     source, taxonomy = Path(source), taxonomy or load_taxonomy()
-    if (source / "index.json").is_file():
+    if has_index(source):
         title, sections = f"shards {source.resolve()}", shard_dir_sections(source, taxonomy)
     else:
         workdir = WorkDir(source)
@@ -520,8 +521,8 @@ def shard_index(workdir: WorkDir) -> tuple[Path | None, dict | None]:
     """The shard folder the work directory's last `mhmd shard` wrote, and its index, when still there."""
     outputs = {s.get("output") for s in workdir.done("shard").values()} - {None}
     for folder in sorted(outputs):
-        if (Path(folder) / "index.json").is_file():
-            return Path(folder), read_json(Path(folder) / "index.json")
+        if has_index(folder):
+            return Path(folder), read_index(folder)
     return None, None
 
 
@@ -560,14 +561,12 @@ def workdir_sections(workdir: WorkDir, taxonomy: Taxonomy, recipe: str | Path | 
 
 def first_shard(folder: Path, index: dict) -> list[tuple[dict, np.ndarray | None]]:
     """(json, thumbnail-size image) of up to HUE_FRAMES samples of the index's first tar."""
-    import webdataset as wds  # it imports torch (seconds): only a shard folder's report needs it
-
     if not index["shards"]:
         return []
     samples = []
-    for sample in wds.WebDataset(str(folder / index["shards"][0]["name"]), shardshuffle=False):
-        meta = json.loads(sample["json"])
-        samples.append((meta, small_image(sample.get("jpg"), max(meta["width"], meta["height"]))))
+    for sample in open_shard(folder / index["shards"][0]["name"]):  # imports webdataset, and torch (seconds)
+        meta = json.loads(sample[JSON])
+        samples.append((meta, small_image(sample.get(JPG), max(meta["width"], meta["height"]))))
         if len(samples) == HUE_FRAMES:
             break
     return samples
@@ -598,11 +597,11 @@ def split_labels_table(index: dict) -> str:
 
 
 def shard_dir_sections(folder: Path, taxonomy: Taxonomy) -> list[Section]:
-    index = read_json(folder / "index.json")
+    index = read_index(folder)
     counts = sum((Counter(info["labels"]) for info in index["splits"].values()), Counter())
     labels = label_table(counts, taxonomy) + split_labels_table(index) if counts else note("the shards hold no labels")
     if index.get("taxonomy_sha256") != taxonomy.sha256:
-        labels = note(f"index.json was written with another taxonomy (SHA-256 {index.get('taxonomy_sha256')}) than "
+        labels = note(f"{INDEX} was written with another taxonomy (SHA-256 {index.get('taxonomy_sha256')}) than "
                       f"{taxonomy.source}: give that one (--taxonomy)") + labels
     samples = first_shard(folder, index)
     name = index["shards"][0]["name"] if index["shards"] else "none"
@@ -611,7 +610,7 @@ def shard_dir_sections(folder: Path, taxonomy: Taxonomy) -> list[Section]:
     return [
         Section("funnel", "Funnel", note("The funnel (frames sampled, rejected for quality and for persons, labeled) "
                                          "needs the work directory: `mhmd report -w WORKDIR -o report.html`. "
-                                         "This page is made from index.json and the shards alone.")),
+                                         f"This page is made from {INDEX} and the shards alone.")),
         shards_section(folder, index),
         Section("labels", "Labels (the paper's Table 1)", labels),
         hue_section([image for _, image in samples], f"frames of the first tar, {name}"),

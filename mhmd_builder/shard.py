@@ -1,4 +1,5 @@
-"""Stage 5: the kept frames as WebDataset shards (`train-000000.tar`, `test-000000.tar`).
+"""Stage 5: the kept frames as WebDataset shards (`train-000000.tar`, `test-000000.tar`; the format,
+its tar writer and index.json are in shards.py).
 
 Split by film (no film in both splits), samples shuffled across films within a split, written with
 webdataset's own TarWriter. Output is deterministic (sorted inputs, seeded shuffles, fixed tar
@@ -14,25 +15,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-import tarfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import webdataset as wds
 
 from .errors import InputError
 from .manifest import manifest
 from .runners import LocalRunner
+from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, label_fields, load_webdataset,
+                     make_index, sample_members, split_entry, tar_name, write_index)
 from .stages import Partition, Resources
-from .taxonomy import Label, Taxonomy, load_taxonomy
-from .workdir import WorkDir, atomic_write_json
+from .taxonomy import Taxonomy, load_taxonomy
+from .workdir import WorkDir
 
 STAGE = "shard"
 
@@ -65,14 +63,6 @@ def split_films(frames: pd.DataFrame, test_fraction: float, seed: int) -> dict[s
     return split
 
 
-def label_fields(label: Label | None, source: str | None = None, confidence: float | None = None) -> dict:
-    """The label part of a sample's json: all null for an unlabelled frame."""
-    return {"label_id": label.id if label else None, "label": label.name if label else None,
-            "era": label.era if label else None, "nationality": label.nationality if label else None,
-            "garment": label.garment if label else None, "label_source": source if label else None,
-            "label_confidence": float(confidence) if label else None}
-
-
 def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
     """A sample's json. An unlabelled frame of a film whose era / nationality are known (movie
     metadata) carries those, with label_source "movie"."""
@@ -89,98 +79,31 @@ def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
     return meta
 
 
-def encode_json(meta: dict) -> bytes:
-    return json.dumps(meta, sort_keys=True).encode()
-
-
 def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
     """What a sample's members are made of: the json written out, the files' paths and sizes
     (plain strings and os.path: this runs once per frame, in one process)."""
     meta = sample_json(row, taxonomy, film)
     target = row.parsing if isinstance(row.parsing, str) else row.mask
-    files = {"jpg": os.path.join(root, row.jpeg), **({"mask.png": os.path.join(root, target)} if isinstance(target, str) else {})}
+    files = {JPG: os.path.join(root, row.jpeg), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
     return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
             "cls": meta["label_id"], "files": files, "sizes": {k: os.stat(path).st_size for k, path in files.items()}}
 
 
 def _members(spec: dict) -> dict:
     """The sample as webdataset writes it: `jpg` (and `mask.png`) copied byte for byte, not re-encoded."""
-    sample = {"__key__": spec["key"], "json": spec["json"].encode()}
-    if spec["cls"] is not None:
-        sample["cls"] = str(spec["cls"]).encode()
-    for member, path in spec["files"].items():
-        sample[member] = Path(path).read_bytes()
-    return sample
-
-
-class AtomicTar:
-    """One tar written with webdataset's TarWriter under a hidden temporary name and renamed on a
-    clean exit (removed on an error): no partial tar is ever visible under its final name."""
-
-    def __init__(self, path: Path):
-        self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
-        self.file = open(self.temp, "wb", buffering=1 << 20)
-        # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
-        # on the samples alone.
-        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
-        # GNU headers cost less to build than PAX ones (Python's default; webdataset 1.0 accepts a
-        # `format` but never hands it to tarfile), and members are copied in one piece, not 16 KiB ones.
-        self.writer.tarstream.format = tarfile.GNU_FORMAT
-        self.writer.tarstream.copybufsize = 1 << 20
-
-    def write(self, sample: dict) -> None:
-        self.writer.write(sample)
-
-    def __enter__(self) -> "AtomicTar":
-        return self
-
-    def __exit__(self, error_type, *_) -> None:
-        self.close(keep=error_type is None)
-
-    def close(self, keep: bool = True) -> None:
-        self.writer.close()
-        self.file.close()
-        if keep:
-            os.replace(self.temp, self.path)
-        else:
-            self.temp.unlink(missing_ok=True)
-
-
-def split_entry(movies: list[str], labels: list[str | None]) -> dict:
-    """A split's line in index.json: samples, films, and the label histogram."""
-    return {"samples": len(movies), "movies": len(set(movies)),
-            "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
-
-
-SHARD_NAME = re.compile(r"^(train|test)-\d{6}\.tar$")
-TEMPORARY = re.compile(r"^\.(train|test)-\d{6}\.tar\.tmp$")
-
-
-def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
-    """Remove an earlier shard set from OUT, except the tars named in `keep`; refuse to touch a folder
-    that holds anything else. The index goes first: a folder being rewritten never has one."""
-    out.mkdir(parents=True, exist_ok=True)
-    others = sorted(p.name for p in out.iterdir()
-                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in ("index.json", ".relabel")))
-    if others:
-        raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
-                         "give an empty or new folder")
-    (out / "index.json").unlink(missing_ok=True)
-    for path in out.iterdir():
-        if path.is_dir():  # the records of a relabel that was stopped
-            shutil.rmtree(path)
-        elif path.name not in keep:
-            path.unlink()
+    return sample_members(spec["key"], spec["json"].encode(), spec["cls"],
+                          {member: Path(path).read_bytes() for member, path in spec["files"].items()})
 
 
 @dataclass
-class TarStage:
+class ShardStage:
     """Writes one tar per partition into `out` and records which frames went into it."""
 
     workdir: WorkDir
     out: Path
     name: str = STAGE
-    # forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA
+    # Forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA;
+    # a spawned writer would spend seconds importing.
     resources: Resources = field(default_factory=lambda: Resources(start_method="fork"))
     unit: str = "samples"
 
@@ -190,15 +113,15 @@ class TarStage:
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
         self.workdir.begin(STAGE, partition.id)
-        specs, tar_name = partition.info["samples"], f"{partition.id}.tar"
-        with AtomicTar(self.out / tar_name) as tar:
+        specs, name = partition.info["samples"], partition.info["tar"]
+        with AtomicTar(self.out / name) as tar:
             for i, spec in enumerate(specs):
                 tar.write(_members(spec))
                 progress(i + 1, len(specs))
         table = pa.table({"frame_id": [s["key"] for s in specs], "movie_id": [s["movie_id"] for s in specs],
-                          "split": [partition.info["split"]] * len(specs), "shard": [tar_name] * len(specs)})
+                          "split": [partition.info["split"]] * len(specs), "shard": [name] * len(specs)})
         summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(specs),
-                   "frames_out": len(specs), "bytes": (self.out / tar_name).stat().st_size,
+                   "frames_out": len(specs), "bytes": (self.out / name).stat().st_size,
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, partition.id, table, summary)
         return summary
@@ -215,7 +138,7 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
     """Consecutive tars per split: a new one when the last holds `maxcount` samples or would pass
     `maxsize` bytes. Each partition's digest covers its samples, their files' sizes and OUT."""
     partitions = []
-    for split in ("train", "test"):
+    for split in SPLITS:
         part = frames[frames.split == split]
         part = part.iloc[np.random.default_rng(settings.seed).permutation(len(part))]  # mix films and scenes
         tars: list[list[dict]] = []
@@ -230,13 +153,15 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
             size += spec_bytes
         for i, specs in enumerate(tars):
             digest = hashlib.sha256(json.dumps([str(out), specs]).encode()).hexdigest()[:16]
-            partitions.append(Partition(f"{split}-{i:06d}", {"split": split, "samples": specs, "digest": digest},
+            name = tar_name(split, i)
+            partitions.append(Partition(Path(name).stem, {"split": split, "tar": name, "samples": specs,
+                                                          "digest": digest},
                                         record={"split": split, "samples": len(specs)}))
     return partitions
 
 
 def _up_to_date(partition: Partition, done: dict | None, out: Path) -> bool:
-    tar = out / f"{partition.id}.tar"
+    tar = out / partition.info["tar"]
     return bool(done) and done.get("digest") == partition.info["digest"] and tar.is_file() \
         and tar.stat().st_size == done.get("bytes")
 
@@ -265,20 +190,18 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
         workdir.drop(STAGE, stale)  # tars of an earlier, larger plan
     done = workdir.done(STAGE)
     todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), out)]
-    clear_shard_dir(out, keep={f"{p.id}.tar" for p in partitions if p not in todo})
+    clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
     for p in partitions:
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": len(p.info["samples"]),
                                    "digest": p.info["digest"]})
-    # Fork, not spawn: writing tars needs no more than this process has imported (a spawned worker
-    # would spend seconds importing), and nothing here holds a GPU.
-    failures = [r for r in (runner or LocalRunner()).run(TarStage(workdir, out), todo) if not r.ok]
+    load_webdataset()  # before the writers fork (ShardStage's start method): they then need no import of their own
+    failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
     if failures:
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")
-    index = {"settings": asdict(settings), "taxonomy_sha256": taxonomy.sha256,
-             "shards": [{"name": f"{p.id}.tar", "split": p.info["split"], "count": len(p.info["samples"])}
-                        for p in partitions],
-             "splits": {split: split_entry(part.movie_id.tolist(), part.label.tolist())
-                        for split, part in ((s, frames[frames.split == s]) for s in ("train", "test"))}}
-    atomic_write_json(out / "index.json", index)
+    index = make_index(asdict(settings), taxonomy.sha256,
+                       [(p.info["tar"], p.info["split"], len(p.info["samples"])) for p in partitions],
+                       {split: split_entry(part.movie_id.tolist(), part.label.tolist())
+                        for split, part in ((s, frames[frames.split == s]) for s in SPLITS)})
+    write_index(out, index)
     return index

@@ -12,6 +12,7 @@ from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import manifest
 from mhmd_builder.relabel import RelabelError, RelabelSettings, format_changes, relabel
 from mhmd_builder.shard import ShardSettings, shard
+from mhmd_builder.shards import NoShardIndex
 from mhmd_builder.taxonomy import load_taxonomy
 
 from test_sample import copy_films
@@ -93,7 +94,7 @@ def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled):
 def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled, tmp_path):
     work, checkpoint, tmp = labelled
     before = {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()}
-    with pytest.raises(RelabelError, match="not a folder written by `mhmd shard`"):
+    with pytest.raises(NoShardIndex, match="not a folder written by `mhmd shard`"):
         relabel(tmp / "ckpt", checkpoint, tmp / "x", taxonomy=TAXONOMY)
     with pytest.raises(RelabelError, match="not the source folder"):
         relabel(tmp / "shards", checkpoint, tmp / "shards", taxonomy=TAXONOMY)

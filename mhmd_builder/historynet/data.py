@@ -1,5 +1,5 @@
-"""HistoryNet's input pipeline: the WebDataset shards `mhmd shard` writes (jpg, cls,
-mask.png) to batches of OpenCV 8-bit Lab tensors, the colour space of the official code.
+"""HistoryNet's input pipeline: shards (as `mhmd shard` writes them: shards.py) to batches of OpenCV
+8-bit Lab tensors.
 
 Each sample becomes, in the DataLoader workers: `lightness` (the L of the frame resized to 224x224),
 `ab` (the colour target), `onehot` and `has_label` (from `cls`), `parsing` and `has_parsing` (the L
@@ -21,54 +21,20 @@ file that the user must know about, and skipping it would silently change the te
 """
 from __future__ import annotations
 
-import glob
 import math
 import random
 from functools import partial
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 import webdataset as wds
-from webdataset.shardlists import expand_urls
 
-from ..errors import InputError, MhmdError
+from ..errors import InputError
+from ..shards import CLS, JPG, KEY, MASK, shard_urls
 
 INPUT_SIZE = 224
 SAMPLE_TENSORS = ("lightness", "ab", "onehot", "has_label", "parsing", "has_parsing")
-
-
-class ShardsNotFound(MhmdError, FileNotFoundError):
-    """A shard pattern that names no file, or files that are missing."""
-
-
-# -- shard lists ----------------------------------------------------------------------------------
-def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:
-    """The shard files of a brace pattern (`train-{000000..000009}.tar`), a glob, a directory (its
-    `{split}-*.tar`), a single file or a list of any of these. Remote URLs (`pipe:`, `s3://`...) are
-    passed on unchecked; local names that match nothing raise ShardsNotFound naming the pattern."""
-    if isinstance(shards, (list, tuple)):
-        if not shards:
-            raise ShardsNotFound("no shards given (an empty list)")
-        return [url for item in shards for url in shard_urls(item, split)]
-    pattern = str(shards)
-    if pattern.startswith("pipe:") or "://" in pattern:
-        return expand_urls(pattern)
-    if Path(pattern).is_dir():
-        pattern = str(Path(pattern) / f"{split}-*.tar")
-    if "{" in pattern:
-        urls = expand_urls(pattern)
-    elif any(c in pattern for c in "*?["):  # glob syntax
-        urls = sorted(glob.glob(pattern))
-    else:
-        urls = [pattern]
-    missing = [url for url in urls if not Path(url).is_file()]
-    if len(missing) == len(urls):
-        raise ShardsNotFound(f"no shards match {pattern}")
-    if missing:
-        raise ShardsNotFound(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
-    return urls
 
 
 # -- one image ------------------------------------------------------------------------------------
@@ -124,7 +90,7 @@ def compose_rgb(original_bgr: np.ndarray, ab224: np.ndarray) -> np.ndarray:
 
 # -- samples and batches --------------------------------------------------------------------------
 def _image(sample: dict, member: str) -> np.ndarray:
-    where = f"{sample.get('__url__', '?')}: sample {sample['__key__']}"
+    where = f"{sample.get('__url__', '?')}: sample {sample[KEY]}"
     if member not in sample:
         raise InputError(f"{where}: has no {member}")
     image = cv2.imdecode(np.frombuffer(sample[member], np.uint8), cv2.IMREAD_COLOR)
@@ -135,10 +101,10 @@ def _image(sample: dict, member: str) -> np.ndarray:
 
 def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
     onehot = torch.zeros(num_classes, dtype=torch.float32)
-    if "cls" in sample:
-        label = int(sample["cls"])
+    if CLS in sample:
+        label = int(sample[CLS])
         if not 0 <= label < num_classes:
-            raise InputError(f"{sample.get('__url__', '?')}: sample {sample['__key__']}: label {label} is "
+            raise InputError(f"{sample.get('__url__', '?')}: sample {sample[KEY]}: label {label} is "
                              f"outside 0..{num_classes - 1} ({num_classes} classes)")
         onehot[label] = 1
     return onehot
@@ -146,24 +112,24 @@ def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
 
 def _parsing(sample: dict, size: int) -> torch.Tensor:
     """The L channel of the colour-coded parsing image, uint8 1x224x224 (nearest: codes are not blended)."""
-    if "mask.png" not in sample:
+    if MASK not in sample:
         return torch.zeros(1, size, size, dtype=torch.uint8)
-    return _channels_first(_resized(lightness(_image(sample, "mask.png")), size, cv2.INTER_NEAREST))
+    return _channels_first(_resized(lightness(_image(sample, MASK)), size, cv2.INTER_NEAREST))
 
 
 def decode_sample(sample: dict, num_classes: int, keep_original: bool = False, image_size: int = INPUT_SIZE) -> dict:
     """One raw shard sample (member name -> bytes) as the tensors HistoryNet trains on (224 as in the
     paper; tests use small sizes)."""
-    bgr = _image(sample, "jpg")
+    bgr = _image(sample, JPG)
     lab = _lab_resized(bgr, image_size)
     decoded = {
         "lightness": _channels_first(lab[..., 0]),
         "ab": _channels_first(lab[..., 1:]),
         "onehot": _onehot(sample, num_classes),
-        "has_label": torch.tensor("cls" in sample),
+        "has_label": torch.tensor(CLS in sample),
         "parsing": _parsing(sample, image_size),
-        "has_parsing": torch.tensor("mask.png" in sample),
-        "key": sample["__key__"],
+        "has_parsing": torch.tensor(MASK in sample),
+        "key": sample[KEY],
     }
     if keep_original:
         decoded["original"] = bgr

@@ -34,8 +34,9 @@ from tqdm import tqdm
 
 from ..devices import pick_device
 from ..errors import InputError
+from ..shards import shard_urls
 from .colorize import load_colorizer, predict_ab
-from .data import compose_rgb, eval_loader, shard_urls
+from .data import compose_rgb, eval_loader
 from .metrics import (LpipsUnavailable, MetricsAccumulator, colorfulness_rgb, image_metrics, lpips_distance,
                       lpips_model)
 
@@ -120,7 +121,7 @@ def _named(summary: dict, label_names: list[str]) -> dict:
 def evaluate(shards, checkpoint: str | Path, device: str = "auto", batch_size: int = 16, workers: int = 2,
              lpips_backbone: str | Path | None = None, limit: int | None = None, split: str = "test",
              per_image: bool = False) -> dict:
-    """The official protocol over `shards` (a pattern, folder or list: data.shard_urls), the first
+    """The official protocol over `shards` (a pattern, folder or list: shards.shard_urls), the first
     `limit` samples only when given (in the loader's order: shard order, batches taken from the
     workers in turn). A JSON-ready dict; `per_image` adds each frame's key, label and metrics."""
     device = pick_device(device)

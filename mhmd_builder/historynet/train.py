@@ -46,10 +46,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..devices import fixed_cpu_threads, pick_device
 from ..errors import InputError
+from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
-from ..workdir import atomic_write_bytes, read_json
+from ..workdir import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from .data import eval_loader, rgb_from_lab, shard_urls, train_loader, unit_float
+from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
@@ -101,25 +102,6 @@ def train_shards(settings: TrainSettings) -> list[str]:
         raise HistoryNetError(str(e)) from None
 
 
-def shard_indexes(urls: list[str]) -> dict[Path, dict]:
-    """The index.json of every local shard folder that has one (mhmd shard writes it)."""
-    folders = {Path(url).parent for url in urls if Path(url).is_file()}
-    return {folder / "index.json": read_json(folder / "index.json")
-            for folder in sorted(folders) if (folder / "index.json").is_file()}
-
-
-def indexed_samples(urls: list[str], indexes: dict[Path, dict]) -> int | None:
-    """How many samples the shards hold by their folders' indexes; None when one of them is not listed."""
-    total = 0
-    for url in urls:
-        index = indexes.get(Path(url).parent / "index.json", {})
-        counts = {shard["name"]: shard["count"] for shard in index.get("shards", [])}
-        if Path(url).name not in counts:
-            return None
-        total += counts[Path(url).name]
-    return total
-
-
 def check_shard_taxonomy(indexes: dict[Path, dict], taxonomy: Taxonomy) -> None:
     for path, index in indexes.items():
         sha = index.get("taxonomy_sha256")
@@ -136,8 +118,7 @@ def validation_shards(settings: TrainSettings, urls: list[str]) -> list[str]:
             return shard_urls(settings.val_shards, "test")
         except FileNotFoundError as e:
             raise HistoryNetError(f"--val-shards: {e}") from None
-    folder = Path(urls[0]).parent
-    return sorted(str(path) for path in folder.glob("test-*.tar")) if Path(urls[0]).is_file() else []
+    return split_beside(urls[0], "test")
 
 
 # -- processes and devices -------------------------------------------------------------------------
@@ -439,7 +420,7 @@ def _train(settings: TrainSettings) -> dict:
     check_settings(settings)
     taxonomy = load_taxonomy(settings.taxonomy)
     urls = train_shards(settings)
-    indexes = shard_indexes(urls)
+    indexes = folder_indexes(urls)
     check_shard_taxonomy(indexes, taxonomy)
     config = run_config(settings, taxonomy, epoch_sample_count(settings, urls, indexes))
     checkpoint = resumed(settings, config)

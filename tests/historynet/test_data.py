@@ -9,9 +9,8 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio
 
-from mhmd_builder.historynet.data import (compose_rgb, eval_loader, lab_input, rgb_from_lab, shard_urls, unit_float,
-                                          train_loader)
-from mhmd_builder.shard import AtomicTar, encode_json
+from mhmd_builder.historynet.data import compose_rgb, eval_loader, lab_input, rgb_from_lab, train_loader, unit_float
+from mhmd_builder.shards import AtomicTar, encode_json, sample_members, shard_urls, tar_name
 
 NUM_CLASSES = 5
 PER_SHARD = 4
@@ -38,21 +37,18 @@ def parsing_map(height: int, width: int) -> np.ndarray:
 def make_sample(index: int) -> dict:
     """Even frames are labelled (index % NUM_CLASSES), every third one has a parsing map."""
     height, width = SIZES[index % len(SIZES)]
-    key = f"film{index // PER_SHARD}_{index:06d}"
-    sample = {"__key__": key, "jpg": cv2.imencode(".jpg", gradient_frame(index, height, width))[1].tobytes(),
-              "json": encode_json({"frame_id": key, "label_id": index % NUM_CLASSES if index % 2 == 0 else None})}
-    if index % 2 == 0:
-        sample["cls"] = str(index % NUM_CLASSES).encode()
+    key, label_id = f"film{index // PER_SHARD}_{index:06d}", index % NUM_CLASSES if index % 2 == 0 else None
+    files = {"jpg": cv2.imencode(".jpg", gradient_frame(index, height, width))[1].tobytes()}
     if index % 3 == 0:
-        sample["mask.png"] = cv2.imencode(".png", parsing_map(height, width))[1].tobytes()
-    return sample
+        files["mask.png"] = cv2.imencode(".png", parsing_map(height, width))[1].tobytes()
+    return sample_members(key, encode_json({"frame_id": key, "label_id": label_id}), label_id, files)
 
 
 def write_shards(folder: Path, samples: list[dict], split: str = "train") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for start in range(0, len(samples), PER_SHARD):
-        paths.append(folder / f"{split}-{start // PER_SHARD:06d}.tar")
+        paths.append(folder / tar_name(split, start // PER_SHARD))
         with AtomicTar(paths[-1]) as tar:
             for sample in samples[start:start + PER_SHARD]:
                 tar.write(sample)

@@ -20,6 +20,7 @@ from mhmd_builder.historynet import train as train_module
 from mhmd_builder.historynet.checkpoint import load_checkpoint
 from mhmd_builder.historynet.model import build_networks
 from mhmd_builder.historynet.train import HistoryNetError, TrainSettings, load_backbone, train
+from mhmd_builder.shards import make_index, write_index
 from mhmd_builder.taxonomy import load_taxonomy
 
 SMALL = {"image_size": 32, "batch_size": 2, "device": "cpu", "workers": 0, "vgg_weights": "none"}
@@ -35,10 +36,10 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
-def write_index(folder: Path, taxonomy_sha256: str) -> None:
-    """index.json as `mhmd shard` writes it (the parts training reads)."""
-    shards = [{"name": p.name, "split": p.name.split("-")[0], "count": PER_SHARD} for p in sorted(folder.glob("*.tar"))]
-    (folder / "index.json").write_text(json.dumps({"taxonomy_sha256": taxonomy_sha256, "shards": shards}))
+def write_shard_index(folder: Path, taxonomy_sha256: str) -> None:
+    """index.json as `mhmd shard` writes it (no splits: training reads the tars' counts and the taxonomy)."""
+    tars = [(p.name, p.name.split("-")[0], PER_SHARD) for p in sorted(folder.glob("*.tar"))]
+    write_index(folder, make_index({}, taxonomy_sha256, tars, {}))
 
 
 def log_lines(rundir: Path) -> list[dict]:
@@ -133,7 +134,7 @@ def test_a_cpu_run_is_reproducible(shards, tmp_path):
 def test_variants_without_parsing_or_d2_train(shards, tmp_path, variant):
     folder = tmp_path / "shards"
     write_shards(folder, [make_sample(i) for i in range(8)])
-    write_index(folder, load_taxonomy().sha256)
+    write_shard_index(folder, load_taxonomy().sha256)
     summary = train(TrainSettings(shards=str(folder / "train-*.tar"), out=str(tmp_path / "run"), variant=variant,
                                   steps=2, log_every=1, save_every=1, keep_checkpoints=1, **SMALL))
     assert summary["epoch_samples"] == 8 and summary["epoch_steps"] == 4  # the count in index.json
@@ -153,7 +154,7 @@ def test_variants_without_parsing_or_d2_train(shards, tmp_path, variant):
 def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
     foreign = tmp_path / "foreign"
     write_shards(foreign, [make_sample(i) for i in range(4)])
-    write_index(foreign, "0" * 64)
+    write_shard_index(foreign, "0" * 64)
     cases = [
         (TrainSettings(shards=str(tmp_path / "none"), out=str(tmp_path / "r1"), **SMALL), "no shards match"),
         (TrainSettings(shards=str(shards), out=str(tmp_path / "r2"), **SMALL), "give epoch_samples"),

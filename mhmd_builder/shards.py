@@ -1,0 +1,255 @@
+"""The shard format: what `mhmd shard` writes, `mhmd relabel` rewrites, and HistoryNet and the report read.
+
+A shard folder holds the tars `train-000000.tar`, `test-000000.tar`, ... (`{split}-{n:06d}.tar`) and
+`index.json`, written last. A tar holds samples; a sample's members are `__key__` (the frame id, with
+no dot: webdataset splits a member's name into key and member at the first dot), `jpg` (the frame's
+JPEG), `json` (its metadata and label fields), `cls` (the label id, only for a labelled frame) and
+`mask.png` (a parsing map or person mask, when there is one).
+
+- writing: `AtomicTar` (webdataset's TarWriter with fixed metadata, so the same samples give the same
+  bytes, under a temporary name until complete), `sample_members` / `with_json` (a sample as a tar
+  holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
+- reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list);
+- indexes: `INDEX`, `read_index` / `write_index`, `make_index` and its parts, the lookups that
+  HistoryNet and the CLI make in an index.
+
+webdataset imports torch (seconds): it is imported here only when a tar is opened or written, so
+that reading an index stays fast (`load_webdataset`).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shutil
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+from .errors import InputError, MhmdError
+from .taxonomy import Label
+from .workdir import atomic_write_json, read_json
+
+SPLITS = ("train", "test")
+KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
+TAR = ".tar"
+INDEX = "index.json"
+RELABEL_RECORDS = ".relabel"  # `mhmd relabel`'s records in the new shard folder until its index is written
+SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
+TEMPORARY = re.compile(rf"^\.({'|'.join(SPLITS)})-\d{{6}}\.tar\.tmp$")
+
+
+def tar_name(split: str, number: int) -> str:
+    """`train-000003.tar`: the name of a split's tar number `number` (from 0)."""
+    return f"{split}-{number:06d}{TAR}"
+
+
+def tar_pattern(split: str) -> str:
+    """`train-*.tar`: the glob of a split's tars in a shard folder."""
+    return f"{split}-*{TAR}"
+
+
+def load_webdataset():
+    """The webdataset module, imported on first use (it imports torch)."""
+    import webdataset
+
+    return webdataset
+
+
+# -- samples --------------------------------------------------------------------------------------
+def label_fields(label: Label | None, source: str | None = None, confidence: float | None = None) -> dict:
+    """The label part of a sample's json: all null for an unlabelled frame."""
+    return {"label_id": label.id if label else None, "label": label.name if label else None,
+            "era": label.era if label else None, "nationality": label.nationality if label else None,
+            "garment": label.garment if label else None, "label_source": source if label else None,
+            "label_confidence": float(confidence) if label else None}
+
+
+def encode_json(meta: dict) -> bytes:
+    """A sample's `json` member."""
+    return json.dumps(meta, sort_keys=True).encode()
+
+
+def sample_members(key: str, meta: bytes, label_id: int | None, files: dict[str, bytes]) -> dict:
+    """A sample as a tar holds it: `__key__`, `json` (encoded: encode_json), `cls` (only when there is
+    a label id) and `files` (`jpg`, `mask.png`: bytes, written as they are)."""
+    sample = {KEY: key, JSON: meta, **files}
+    if label_id is not None:
+        sample[CLS] = str(label_id).encode()
+    return sample
+
+
+def with_json(sample: dict, meta: dict) -> dict:
+    """A sample read from a tar, with a new json and the `cls` of its label id; every other member
+    (the images) unchanged."""
+    files = {k: v for k, v in sample.items() if not k.startswith("__") and k not in (JSON, CLS)}
+    return sample_members(sample[KEY], encode_json(meta), meta["label_id"], files)
+
+
+# -- writing --------------------------------------------------------------------------------------
+class AtomicTar:
+    """One tar written with webdataset's TarWriter under a hidden temporary name and renamed on a
+    clean exit (removed on an error): no partial tar is ever visible under its final name."""
+
+    def __init__(self, path: Path):
+        self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
+        self.file = open(self.temp, "wb", buffering=1 << 20)
+        # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
+        # on the samples alone.
+        self.writer = load_webdataset().TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
+        # GNU headers cost less to build than PAX ones (Python's default; webdataset 1.0 accepts a
+        # `format` but never hands it to tarfile), and members are copied in one piece, not 16 KiB ones.
+        self.writer.tarstream.format = tarfile.GNU_FORMAT
+        self.writer.tarstream.copybufsize = 1 << 20
+
+    def write(self, sample: dict) -> None:
+        """Write a sample (sample_members); a key with a dot is refused, since it would be read back
+        as another key and member."""
+        if "." in sample[KEY]:
+            raise InputError(f"{self.path}: sample key {sample[KEY]!r} holds a dot: a key must be a plain "
+                             "frame id")
+        self.writer.write(sample)
+
+    def __enter__(self) -> "AtomicTar":
+        return self
+
+    def __exit__(self, error_type, *_) -> None:
+        self.close(keep=error_type is None)
+
+    def close(self, keep: bool = True) -> None:
+        self.writer.close()
+        self.file.close()
+        if keep:
+            os.replace(self.temp, self.path)
+        else:
+            self.temp.unlink(missing_ok=True)
+
+
+def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
+    """Remove an earlier shard set from OUT, except the tars named in `keep`; refuse to touch a folder
+    that holds anything else. The index goes first: a folder being rewritten never has one."""
+    out.mkdir(parents=True, exist_ok=True)
+    others = sorted(p.name for p in out.iterdir()
+                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in (INDEX, RELABEL_RECORDS)))
+    if others:
+        raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
+                         "give an empty or new folder")
+    (out / INDEX).unlink(missing_ok=True)
+    for path in out.iterdir():
+        if path.is_dir():  # the records of a relabel that was stopped
+            shutil.rmtree(path)
+        elif path.name not in keep:
+            path.unlink()
+
+
+# -- reading --------------------------------------------------------------------------------------
+class ShardsNotFound(MhmdError, FileNotFoundError):
+    """A shard pattern that names no file, or files that are missing."""
+
+
+def open_shard(path: str | Path):
+    """The samples of one tar, in the order they were written (member name -> bytes, `__key__`)."""
+    return load_webdataset().WebDataset(str(path), shardshuffle=False)
+
+
+def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:
+    """The shard files of a brace pattern (`train-{000000..000009}.tar`), a glob, a directory (its
+    `{split}-*.tar`), a single file or a list of any of these. Remote URLs (`pipe:`, `s3://`...) are
+    passed on unchecked; local names that match nothing raise ShardsNotFound naming the pattern."""
+    from webdataset.shardlists import expand_urls  # a brace pattern as webdataset expands it
+
+    if isinstance(shards, (list, tuple)):
+        if not shards:
+            raise ShardsNotFound("no shards given (an empty list)")
+        return [url for item in shards for url in shard_urls(item, split)]
+    pattern = str(shards)
+    if pattern.startswith("pipe:") or "://" in pattern:
+        return expand_urls(pattern)
+    if Path(pattern).is_dir():
+        pattern = str(Path(pattern) / tar_pattern(split))
+    if "{" in pattern:
+        urls = expand_urls(pattern)
+    elif any(c in pattern for c in "*?["):  # glob syntax
+        urls = sorted(glob.glob(pattern))
+    else:
+        urls = [pattern]
+    missing = [url for url in urls if not Path(url).is_file()]
+    if len(missing) == len(urls):
+        raise ShardsNotFound(f"no shards match {pattern}")
+    if missing:
+        raise ShardsNotFound(f"{pattern}: {len(missing)} of {len(urls)} shards do not exist (first: {missing[0]})")
+    return urls
+
+
+def split_beside(url: str, split: str) -> list[str]:
+    """The tars of `split` in the folder of the local tar `url` (none for a remote one)."""
+    return sorted(str(path) for path in Path(url).parent.glob(tar_pattern(split))) if Path(url).is_file() else []
+
+
+# -- indexes --------------------------------------------------------------------------------------
+class NoShardIndex(InputError):
+    """A folder without index.json, given as a shard folder."""
+
+
+def has_index(folder: str | Path) -> bool:
+    return (Path(folder) / INDEX).is_file()
+
+
+def require_index(folder: str | Path) -> Path:
+    """FOLDER/index.json; NoShardIndex when there is none."""
+    if not has_index(folder):
+        raise NoShardIndex(f"{folder}: no {INDEX} (not a folder written by `mhmd shard`)")
+    return Path(folder) / INDEX
+
+
+def read_index(folder: str | Path) -> dict:
+    return read_json(require_index(folder))
+
+
+def write_index(folder: Path, index: dict) -> None:
+    """Written last, atomically: a folder with an index holds every tar it lists."""
+    atomic_write_json(folder / INDEX, index)
+
+
+def split_entry(movies: list[str], labels: list[str | None]) -> dict:
+    """A split's line in index.json: samples, films, and the label histogram."""
+    return {"samples": len(movies), "movies": len(set(movies)),
+            "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
+
+
+def make_index(settings: dict, taxonomy_sha256: str, tars: list[tuple[str, str, int]], splits: dict) -> dict:
+    """index.json: the shard settings, the taxonomy's SHA-256 (labels are its ids), every tar as
+    (name, split, count) in order, and each split's entry (split_entry)."""
+    return {"settings": settings, "taxonomy_sha256": taxonomy_sha256,
+            "shards": [{"name": name, "split": split, "count": count} for name, split, count in tars],
+            "splits": splits}
+
+
+def format_index(index: dict, out: str | Path) -> str:
+    """Per split: samples, films and tars (the first one's path, the last one's name); the index's path."""
+    lines = []
+    for split, info in index["splits"].items():
+        tars = [s["name"] for s in index["shards"] if s["split"] == split]
+        where = f"{Path(out) / tars[0]} .. {tars[-1]}" if tars else "no tars"
+        lines.append(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars ({where})")
+    return "\n".join(lines + [f"index: {Path(out) / INDEX}"])
+
+
+def folder_indexes(urls: list[str]) -> dict[Path, dict]:
+    """The index.json of every local shard folder of `urls` that has one, by its path."""
+    folders = {Path(url).parent for url in urls if Path(url).is_file()}
+    return {folder / INDEX: read_json(folder / INDEX) for folder in sorted(folders) if has_index(folder)}
+
+
+def indexed_samples(urls: list[str], indexes: dict[Path, dict]) -> int | None:
+    """How many samples the tars hold by their folders' indexes (folder_indexes); None when one of
+    them is not listed."""
+    total = 0
+    for url in urls:
+        index = indexes.get(Path(url).parent / INDEX, {})
+        counts = {shard["name"]: shard["count"] for shard in index.get("shards", [])}
+        if Path(url).name not in counts:
+            return None
+        total += counts[Path(url).name]
+    return total

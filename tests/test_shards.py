@@ -1,0 +1,117 @@
+import fnmatch
+import json
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+from mhmd_builder.errors import InputError
+from mhmd_builder.shards import (INDEX, SHARD_NAME, AtomicTar, NoShardIndex, clear_shard_dir, encode_json,
+                                 folder_indexes, format_index, has_index, indexed_samples, label_fields,
+                                 make_index, open_shard, read_index, sample_members, shard_urls, split_entry,
+                                 tar_name, tar_pattern, with_json, write_index)
+from mhmd_builder.taxonomy import load_taxonomy
+
+LABEL = load_taxonomy().by_name("during_ww2/usa/military")
+
+
+def samples(count: int = 3) -> list[dict]:
+    """Samples as `mhmd shard` makes them: every other one labelled, every third with a mask."""
+    out = []
+    for i in range(count):
+        label = LABEL if i % 2 == 0 else None
+        meta = {"frame_id": f"film-0123abcd_{i}", **label_fields(label, "human", 1.0)}
+        files = {"jpg": bytes([i]) * (100 + i), **({"mask.png": b"png" * (i + 1)} if i % 3 == 0 else {})}
+        out.append(sample_members(meta["frame_id"], encode_json(meta), meta["label_id"], files))
+    return out
+
+
+def write_tar(path, items) -> bytes:
+    with AtomicTar(path) as tar:
+        for sample in items:
+            tar.write(sample)
+    return path.read_bytes()
+
+
+def test_tar_names_and_their_pattern():
+    assert tar_name("train", 0) == "train-000000.tar" and tar_name("test", 12) == "test-000012.tar"
+    assert fnmatch.fnmatch(tar_name("train", 3), tar_pattern("train"))
+    assert not fnmatch.fnmatch(tar_name("test", 3), tar_pattern("train"))
+    assert SHARD_NAME.match(tar_name("test", 7)) and not SHARD_NAME.match("val-000000.tar")
+
+
+def test_a_tar_written_twice_is_byte_identical_and_reads_back_member_for_member(tmp_path):
+    first = write_tar(tmp_path / tar_name("train", 0), samples())
+    assert write_tar(tmp_path / "again.tar", samples()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.tar", "train-000000.tar"]  # no temporary left
+    read = list(open_shard(tmp_path / "again.tar"))
+    for got, want in zip(read, samples(), strict=True):
+        assert {k: v for k, v in got.items() if k == "__key__" or not k.startswith("__")} == want
+    assert "cls" in read[0] and "cls" not in read[1] and "mask.png" in read[0] and "mask.png" not in read[1]
+    with tarfile.open(tmp_path / "again.tar") as tar:  # fixed metadata: the bytes depend on the samples alone
+        assert {(m.mtime, m.uname, m.gname) for m in tar.getmembers()} == {(0, "mhmd", "mhmd")}
+        assert tar.getnames()[:3] == ["film-0123abcd_0.cls", "film-0123abcd_0.jpg", "film-0123abcd_0.json"]
+
+
+def test_a_key_with_a_dot_is_refused_and_no_tar_is_left(tmp_path):
+    dotted = {**samples(1)[0], "__key__": "film.mp4_0"}
+    with pytest.raises(InputError, match="'film.mp4_0' holds a dot"):
+        write_tar(tmp_path / "train-000000.tar", [dotted])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_with_json_changes_json_and_cls_only(tmp_path):
+    labelled, unlabelled = samples(2)
+    relabelled = with_json(labelled, {**json.loads(labelled["json"]), **label_fields(None)})
+    assert "cls" not in relabelled and relabelled["jpg"] == labelled["jpg"] and relabelled["mask.png"] == labelled["mask.png"]
+    assert json.loads(relabelled["json"])["label"] is None
+    write_tar(tmp_path / "a.tar", [unlabelled])
+    read = next(iter(open_shard(tmp_path / "a.tar")))
+    now = with_json(read, {**json.loads(read["json"]), **label_fields(LABEL, "model", 0.5)})
+    assert now == {**unlabelled, "json": now["json"], "cls": str(LABEL.id).encode()}
+
+
+def test_index_round_trip_and_a_folder_without_one(tmp_path):
+    index = make_index({"seed": 0}, "abc", [(tar_name("train", 0), "train", 2), (tar_name("test", 0), "test", 1)],
+                       {"train": split_entry(["a", "a"], [LABEL.name, None]), "test": split_entry(["b"], [None])})
+    assert not has_index(tmp_path)
+    with pytest.raises(NoShardIndex, match=f"{tmp_path}: no index.json"):
+        read_index(tmp_path)
+    write_index(tmp_path, index)
+    assert has_index(tmp_path) and read_index(tmp_path) == index and (tmp_path / INDEX).name == "index.json"
+    assert index["splits"]["train"] == {"samples": 2, "movies": 1, "labels": {LABEL.name: 1}}
+    assert format_index(index, tmp_path).splitlines() == [
+        f"train: 2 samples of 1 movies in 1 tars ({tmp_path / 'train-000000.tar'} .. train-000000.tar)",
+        f"test: 1 samples of 1 movies in 1 tars ({tmp_path / 'test-000000.tar'} .. test-000000.tar)",
+        f"index: {tmp_path / 'index.json'}"]
+
+
+def test_shard_urls_and_counts_from_the_folder_index(tmp_path):
+    for name in (tar_name("train", 0), tar_name("train", 1), tar_name("test", 0)):
+        write_tar(tmp_path / name, samples(2))
+    urls = shard_urls(tmp_path)
+    assert urls == [str(tmp_path / "train-000000.tar"), str(tmp_path / "train-000001.tar")]
+    assert indexed_samples(urls, folder_indexes(urls)) is None  # no index yet
+    write_index(tmp_path, make_index({}, "abc", [(tar_name("train", 0), "train", 2), (tar_name("train", 1), "train", 2)], {}))
+    assert indexed_samples(urls, folder_indexes(urls)) == 4
+    assert indexed_samples(shard_urls(tmp_path, "test"), folder_indexes(urls)) is None  # not listed
+
+
+def test_clear_shard_dir_keeps_what_it_is_told_and_refuses_other_files(tmp_path):
+    for name in (tar_name("train", 0), tar_name("train", 1), INDEX, ".train-000002.tar.tmp"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".relabel").mkdir()  # the records of a stopped relabel
+    clear_shard_dir(tmp_path, keep={tar_name("train", 1)})
+    assert [p.name for p in tmp_path.iterdir()] == ["train-000001.tar"]
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="not shards"):
+        clear_shard_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "train-000001.tar"]
+
+
+def test_reading_an_index_does_not_import_webdataset():
+    # webdataset imports torch (seconds): the report and the CLI read indexes without it
+    code = ("import sys; from mhmd_builder import cli, report, shard, shards; "
+            "assert 'webdataset' not in sys.modules and 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
