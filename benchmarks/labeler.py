@@ -21,11 +21,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from mhmd_builder.detect import DETECT_SCHEMA
-from mhmd_builder.extract import FRAME_SCHEMA
 from mhmd_builder.label import PredictSettings, predict
 from mhmd_builder.labeler import MEAN, STD, build_model, load_checkpoint, save_checkpoint
 from mhmd_builder.devices import pick_device
+from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 

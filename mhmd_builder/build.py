@@ -26,10 +26,11 @@ from .errors import InputError
 from .extract import ExtractSettings, MovieOutcome, extract
 from .label import PredictSettings, predict
 from .labeler_train import TrainSettings, checkpoint_is_current, train
-from .labels import import_labels, load_movie_metadata, read_human_labels
+from .labels import import_labels, load_movie_metadata
 from .runners import make_runner
 from .sample import sample_frames, write_sample
 from .shard import ShardSettings, shard
+from .tables import SAMPLE, read_human_labels
 from .taxonomy import load_taxonomy
 from .workdir import WorkDir
 
@@ -144,7 +145,7 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
         import_labels(workdir, labels, taxonomy, metadata)
     if labels != NO_LABELS:
         if read_human_labels(workdir) is None:
-            todo = workdir.root / "sample" / "to_label.csv"
+            todo = workdir.stage_dir(SAMPLE) / "to_label.csv"
             if todo.exists():  # never overwrite a file someone may be labelling
                 return BuildResult(outcomes, failures, needs_labels=todo)
             frames = sample_frames(workdir, pipeline.sample.fraction, pipeline.sample.seed, movie_metadata=metadata)

@@ -7,7 +7,6 @@ the model does not wait on them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import time
@@ -25,23 +24,13 @@ from .errors import InputError
 from .filter import current_decisions
 from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, resolve_weights
 from .runners import LocalRunner
-from .stages import Partition, PartitionResult, Resources
+from .tables import DETECT, DETECT_SCHEMA
+from .stages import Partition, PartitionResult, Resources, inputs_digest
 from .workdir import WorkDir
 
-STAGE = "detect"
+STAGE = DETECT
 REASONS = ("unreadable_frame", "no_person", "too_many_persons", "person_too_small")
 
-DETECT_SCHEMA = pa.schema([
-    ("frame_id", pa.string()),
-    ("movie_id", pa.string()),
-    ("persons", pa.int32()),
-    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
-    ("confidences", pa.list_(pa.float32())),
-    ("largest_person_area", pa.float32()),
-    ("kept", pa.bool_()),
-    ("reject_reason", pa.string()),
-    ("mask", pa.string()),
-])
 
 
 @dataclass(frozen=True)
@@ -85,11 +74,6 @@ def load_frame(path: Path) -> np.ndarray | None:
     except OSError:
         return None
     return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-
-
-def inputs_digest(frame_ids: list[str]) -> str:
-    """Identifies the frames a partition was given: when quality decisions change, it changes."""
-    return hashlib.sha256("\n".join(sorted(frame_ids)).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -19,22 +19,12 @@ from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, decode_f
                     movie_id, output_size, probe, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
+from .tables import EXTRACT, FRAME_SCHEMA
 from .stages import Partition, PartitionError, Resources
 from .workdir import WorkDir
 
-STAGE = "extract"
+STAGE = EXTRACT
 
-FRAME_SCHEMA = pa.schema([
-    ("frame_id", pa.string()),
-    ("movie_id", pa.string()),
-    ("timestamp", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("kept", pa.bool_()),
-    ("reject_reason", pa.string()),
-    ("flags", pa.list_(pa.string())),
-    ("jpeg", pa.string()),
-])
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import pyarrow as pa
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
+from .tables import FILTER, decisions_path
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
 
-STAGE = "filter"
+STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
 
 
@@ -39,10 +40,6 @@ def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags"])
 
 
-def _decisions_path(workdir: WorkDir):
-    return workdir.stage_dir(STAGE) / "decisions.parquet"
-
-
 def _fingerprint(path) -> str:
     """Identifies one version of a movie's extract table: filter decisions made on an older
     version (the movie was extracted again since) no longer apply."""
@@ -57,7 +54,7 @@ def current_decisions(workdir: WorkDir) -> pd.DataFrame:
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
     decisions = frames[["frame_id", "movie_id", "kept", "reject_reason", "flags", "jpeg"]].set_index("frame_id")
-    path = _decisions_path(workdir)
+    path = decisions_path(workdir)
     if path.exists():
         filtered = pd.read_parquet(path)
         fresh = {movie for movie, fp in filtered.groupby("movie_id")["extract_fingerprint"].first().items()
@@ -132,7 +129,7 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
         ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()),
         ("reject_reason", pa.string()), ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()),
         ("extract_fingerprint", pa.string())]))
-    atomic_write_table(_decisions_path(workdir), table)
+    atomic_write_table(decisions_path(workdir), table)
 
     was_kept = before.reindex(decisions["frame_id"]).fillna(False).astype(bool).to_numpy()
     stale = decisions[decisions["needs_extraction"]].groupby("movie_id").size()
@@ -145,7 +142,7 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
         "needs_extraction": {m: int(n) for m, n in stale.items()},
         "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
         "thresholds": thresholds.to_dict(),
-        "output": str(_decisions_path(workdir)),
+        "output": str(decisions_path(workdir)),
     }
     atomic_write_json(workdir.stage_dir(STAGE) / "summary.json", summary)
     return summary

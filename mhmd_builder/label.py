@@ -17,17 +17,17 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import prefetched
-from .detect import inputs_digest
 from .devices import pick_device
 from .labeler import Labeler, LabelerError, load_checkpoint, load_rgb
-from .labels import PREDICTION_SCHEMA, labelable_frames, read_human_labels
+from .labels import labelable_frames
 from .runners import LocalRunner
-from .stages import Partition, PartitionResult, Resources
+from .stages import Partition, PartitionResult, Resources, inputs_digest
 from .taxonomy import Taxonomy, load_taxonomy
+from .tables import LABEL, PREDICTION_SCHEMA, read_human_labels
 from .weights import sha256_of
 from .workdir import WorkDir
 
-STAGE = "label"
+STAGE = LABEL
 
 
 @dataclass(frozen=True)

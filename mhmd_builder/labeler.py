@@ -17,7 +17,7 @@ import numpy as np
 from .detect import load_frame
 from .devices import fixed_cpu_threads, pick_device
 from .errors import MhmdError
-from .labels import label_dir
+from .tables import label_dir
 from .taxonomy import Taxonomy
 from .weights import check_pinned, weights_cache
 from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json

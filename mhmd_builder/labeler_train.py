@@ -15,7 +15,7 @@ import numpy as np
 from .devices import fixed_cpu_threads, pick_device
 from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
                       load_rgb, metrics_path, normalise, save_checkpoint)
-from .labels import read_human_labels
+from .tables import read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json
 

@@ -1,23 +1,13 @@
-"""Human labels in the work directory, and the label stage's prediction tables.
-
-Everything about labels lives in the label stage's folder:
-
-    WORKDIR/label/human.parquet         every human label imported so far: frame_id, label (taxonomy
-                                        name), label_id, source (file), line
-    WORKDIR/label/labeler.safetensors   the default labeler checkpoint (labeler.py)
-    WORKDIR/label/parts/<movie>.parquet the labeler's output per movie (the label stage, label.py):
-                                        frame_id, movie_id, label, label_id, label_source
-                                        ("human" | "model"), label_confidence, top3, top3_confidence
-"""
+"""Human labels: reading a filled CSV or a Label Studio export, checking every line against the
+taxonomy and the frames that passed detection, and merging them into WORKDIR/label/human.parquet
+(tables.HUMAN_SCHEMA: frame_id, label, label_id, source file, line); movie metadata files."""
 from __future__ import annotations
 
 import csv
 import difflib
 import io
 import json
-import os
 import re
-from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -26,72 +16,14 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from .errors import InputError
+from .manifest import manifest
+from .tables import HUMAN_SCHEMA, human_labels_path, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
-HUMAN_SCHEMA = pa.schema([
-    ("frame_id", pa.string()),
-    ("label", pa.string()),
-    ("label_id", pa.int32()),
-    ("source", pa.string()),
-    ("line", pa.int32()),
-])
-
-PREDICTION_SCHEMA = pa.schema([
-    ("frame_id", pa.string()),
-    ("movie_id", pa.string()),
-    ("label", pa.string()),
-    ("label_id", pa.int32()),
-    ("label_source", pa.string()),
-    ("label_confidence", pa.float32()),
-    ("top3", pa.list_(pa.string())),
-    ("top3_confidence", pa.list_(pa.float32())),
-])
-
-
-# Earlier work directories kept these files outside the stage's folder: old path -> file name now.
-_OLD_LAYOUT = {Path("labels/human.parquet"): "human.parquet",
-               **{Path("labeler") / name: name for name in ("labeler.safetensors", "labeler.json",
-                                                           "labeler.metrics.json")}}
-
-
-def label_dir(workdir: WorkDir) -> Path:
-    """The label stage's folder (label.STAGE; spelled out here, since label.py imports this module)."""
-    folder = workdir.stage_dir("label")
-    _move_old_layout(workdir, folder)
-    return folder
-
-
-def _move_old_layout(workdir: WorkDir, folder: Path) -> None:
-    """Move an earlier work directory's label files into the stage's folder, once: each file is
-    renamed (atomic), and never over a file that is there already."""
-    for old, name in _OLD_LAYOUT.items():
-        source, target = workdir.root / old, folder / name
-        if not source.is_file() or target.exists():
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(source, target)
-        except FileNotFoundError:  # another process moved it first
-            continue
-        print(f"notice: moved {source} to {target} (new layout)")
-        with suppress(OSError):  # the old folder goes once empty; rmdir refuses while it holds anything
-            source.parent.rmdir()
-
-
-def human_labels_path(workdir: WorkDir) -> Path:
-    return label_dir(workdir) / "human.parquet"
-
-
-def read_human_labels(workdir: WorkDir) -> "pd.DataFrame | None":
-    """Every human label imported so far, or None when there is none."""
-    import pandas as pd
-
-    path = human_labels_path(workdir)
-    return pd.read_parquet(path) if path.exists() else None
 
 
 def write_human_labels(workdir: WorkDir, labels: "pd.DataFrame") -> None:
@@ -103,8 +35,6 @@ def write_human_labels(workdir: WorkDir, labels: "pd.DataFrame") -> None:
 # -- which frames can be labelled ---------------------------------------------------------------
 def labelable_frames(workdir: WorkDir) -> "pd.DataFrame":
     """The manifest's frames that passed detection: the only frames a human label may name."""
-    from .manifest import manifest  # manifest may one day read labels: import on use, not at load
-
     return passed_detection(manifest(workdir))
 
 
@@ -296,8 +226,6 @@ def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
     once in a LabelFileError, and then nothing is written. Importing the same file again changes
     nothing; a corrected file replaces its own earlier labels, never another file's."""
     import pandas as pd
-
-    from .manifest import manifest
 
     path, problems = Path(path), []
     read = _read_label_studio if path.suffix.lower() == ".json" else _read_label_csv

@@ -1,4 +1,10 @@
-"""The work directory seen whole: per-stage status and the one-row-per-frame manifest."""
+"""The work directory seen whole: per-stage status and the manifest, one row per sampled frame.
+
+The manifest is the one read model of the work directory: every command that needs frames of
+several stages (sample, labels import, the labeler, shard, report, parsing) asks `manifest()`.
+It is built from the tables alone (`tables.py`), never from a stage module, and once per state of
+the work directory: asked again in the same process while no table changed, it is not rebuilt.
+"""
 from __future__ import annotations
 
 import time
@@ -9,29 +15,10 @@ import pandas as pd
 import pyarrow as pa
 
 from .filter import current_decisions
-from .label import STAGE as LABEL_STAGE
-from .labels import read_human_labels
-from .workdir import WorkDir, atomic_write_table
+from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
+                     human_labels_path, parsing_table_path, read_human_labels)
+from .workdir import WorkDir, atomic_write_table, changes
 
-STAGES = ("extract", "detect", "label", "shard")
-
-# DESIGN §4: the contract's columns, in order; columns of stages not run yet are null.
-MANIFEST_COLUMNS = {
-    "frame_id": pa.string(),
-    "movie_id": pa.string(),
-    "timestamp": pa.float64(),
-    "width": pa.int32(),
-    "height": pa.int32(),
-    "kept": pa.bool_(),
-    "reject_reason": pa.string(),
-    "colorfulness": pa.float64(),
-    "sharpness": pa.float64(),
-    "persons": pa.int32(),
-    "label": pa.string(),
-    "label_source": pa.string(),
-    "label_confidence": pa.float64(),
-    "split": pa.string(),
-}
 
 
 def stage_status(workdir: WorkDir, stage: str) -> dict:
@@ -54,12 +41,12 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
 
 def status(workdir: WorkDir) -> dict:
     """Per stage that has started: partitions done / failed / pending, frames in and out."""
-    report = {stage: stage_status(workdir, stage) for stage in STAGES if workdir.stage_dir(stage).exists()}
-    if "extract" in report and workdir.stage_dir("filter").exists():
+    report = {stage: stage_status(workdir, stage) for stage in FUNNEL if workdir.stage_dir(stage).exists()}
+    if EXTRACT in report and workdir.stage_dir(FILTER).exists():
         # `mhmd filter` replaced extract's keep decisions: count what is kept now.
         decisions = current_decisions(workdir)
-        report["extract"]["frames_out"] = int(decisions.kept.sum())
-        report["extract"]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
+        report[EXTRACT]["frames_out"] = int(decisions.kept.sum())
+        report[EXTRACT]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
     return report
 
 
@@ -79,17 +66,46 @@ def format_status(report: dict) -> str:
     return "\n".join(lines)
 
 
+_built: tuple[tuple, pd.DataFrame] | None = None  # (the work directory's state, its manifest)
+
+
 def manifest(workdir: WorkDir) -> pd.DataFrame:
     """One row per sampled frame, with the contract's columns first and every recorded score after.
-    `kept` and `reject_reason` are the frame's fate so far: the first stage that rejected it says why."""
-    frames = workdir.read_table("extract")
+    `kept` and `reject_reason` are the frame's fate so far: the first stage that rejected it says why.
+    Each caller gets its own copy (cheap: pandas copies on write)."""
+    global _built
+    state = _state(workdir)
+    if _built is None or _built[0] != state:
+        _built = (state, _build(workdir))
+    return _built[1].copy(deep=False)
+
+
+def _state(workdir: WorkDir) -> tuple:
+    """Name, size, inode and modification time of every file the manifest is built from (stat only:
+    no file is read), and this process's own count of table writes (file times are only as fine as
+    the kernel's clock tick). Any commit, redo or rewrite of a table changes it."""
+    files = [decisions_path(workdir), human_labels_path(workdir), parsing_table_path(workdir)]
+    for stage in (EXTRACT, DETECT, LABEL, SHARD):
+        files += sorted(workdir.parts_dir(stage).glob("*.done")) + sorted(workdir.parts_dir(stage).glob("*.parquet"))
+    stats = []
+    for path in files:
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        stats.append((str(path), stat.st_size, stat.st_ino, stat.st_mtime_ns))
+    return str(workdir.root), changes(), tuple(stats)
+
+
+def _build(workdir: WorkDir) -> pd.DataFrame:
+    frames = workdir.read_table(EXTRACT)
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS})
     decisions = current_decisions(workdir).set_index("frame_id")
     frames = frames.set_index("frame_id")
     for column in ("kept", "reject_reason", "flags"):
         frames[column] = decisions[column]
-    detections = workdir.read_table("detect")
+    detections = workdir.read_table(DETECT)
     if detections is not None:
         detections = detections.set_index("frame_id")
         detections = detections[detections.index.isin(frames.index[frames.kept.astype(bool)])]
@@ -98,10 +114,10 @@ def manifest(workdir: WorkDir) -> pd.DataFrame:
         frames.loc[rejected, "kept"] = False
         frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
     frames = _with_labels(workdir, frames)
-    shards = workdir.read_table("shard")
+    shards = workdir.read_table(SHARD)
     if shards is not None:
         frames = frames.join(shards.set_index("frame_id")[["split"]])
-    parsing = workdir.stage_dir("parsing") / "attached.parquet"
+    parsing = parsing_table_path(workdir)
     if parsing.exists():
         frames = frames.join(pd.read_parquet(parsing).set_index("frame_id")[["parsing"]])
     frames = frames.reset_index()
@@ -121,7 +137,7 @@ def _with_labels(workdir: WorkDir, frames: pd.DataFrame) -> pd.DataFrame:
         frames = frames.join(human[["label"]])
         frames["label_source"] = frames.label.notna().map({True: "human", False: None})
         frames["label_confidence"] = frames.label.notna().map({True: 1.0, False: None})
-    predicted = workdir.read_table(LABEL_STAGE)
+    predicted = workdir.read_table(LABEL)
     if predicted is not None:
         predicted = predicted.set_index("frame_id")
         predicted = predicted[predicted.index.isin(frames.index)]

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from .errors import MhmdError
 from .manifest import manifest
+from .tables import PARSING, parsing_table_path
 from .workdir import WorkDir, atomic_write_table
 
 
@@ -59,7 +60,7 @@ def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:
     problems = check_maps(folder, frames)
     if problems:
         raise ParsingError(problems)
-    staging = workdir.stage_dir("parsing") / "tmp"
+    staging = workdir.stage_dir(PARSING) / "tmp"
     shutil.rmtree(staging, ignore_errors=True)
     movie_of = frames.set_index("frame_id").movie_id
     rows = []
@@ -70,12 +71,12 @@ def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:
         rows.append({"frame_id": png.stem, "movie_id": movie, "parsing": f"parsing/{movie}/{png.name}"})
     # Merge with maps attached before; a map given again replaces the old one.
     for movie_dir in staging.iterdir():
-        final = workdir.stage_dir("parsing") / movie_dir.name
+        final = workdir.stage_dir(PARSING) / movie_dir.name
         final.mkdir(parents=True, exist_ok=True)
         for png in movie_dir.iterdir():
             os.replace(png, final / png.name)
     shutil.rmtree(staging)
-    index = workdir.stage_dir("parsing") / "attached.parquet"
+    index = parsing_table_path(workdir)
     table = pd.DataFrame(rows)
     if index.exists():
         table = pd.concat([pd.read_parquet(index), table]).drop_duplicates("frame_id", keep="last")

@@ -28,6 +28,7 @@ from .runners import LocalRunner
 from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, label_fields, open_shard,
                      read_index, split_entry, with_json, write_index)
 from .stages import Partition, PartitionError, Resources
+from .tables import CHANGE_SCHEMA, RELABEL
 from .taxonomy import Taxonomy, load_taxonomy
 from .weights import sha256_of
 from .workdir import WorkDir
@@ -52,9 +53,7 @@ def _decoded(sample: dict, shard: str, size: int) -> np.ndarray:
     return fit_rgb(image, size)
 
 
-STAGE = "relabel"
-CHANGE_SCHEMA = pa.schema([("frame_id", pa.string()), ("movie", pa.string()), ("split", pa.string()),
-                           ("before", pa.string()), ("after", pa.string())])
+STAGE = RELABEL
 
 
 @dataclass

@@ -37,11 +37,12 @@ from . import __version__
 from .detect import REASONS as PERSON_REASONS
 from .errors import InputError
 from .labeler import config_path, default_checkpoint, metrics_path
-from .labels import passed_detection, read_human_labels
+from .labels import passed_detection
 from .shards import INDEX, JPG, JSON, has_index, open_shard, read_index
-from .manifest import STAGES, manifest
+from .manifest import manifest
 from .media import Crop, Sampling, decode_frames
 from .quality import REASONS as QUALITY_REASONS
+from .tables import FUNNEL, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_bytes, read_json
 
@@ -259,7 +260,7 @@ def films_table(workdir: WorkDir, frames: pd.DataFrame, masks: dict[str, pd.Seri
 
 
 def failures(workdir: WorkDir) -> str:
-    failed = [(stage, pid, info.get("reason")) for stage in STAGES for pid, info in workdir.failed(stage).items()]
+    failed = [(stage, pid, info.get("reason")) for stage in FUNNEL for pid, info in workdir.failed(stage).items()]
     if not failed:
         return ""
     rows = [([esc(stage), esc(pid), esc(reason)], {"stage": stage}) for stage, pid, reason in failed]

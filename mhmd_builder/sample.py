@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .label import STAGE as LABEL_STAGE
-from .labels import PARTS, labelable_frames, read_human_labels
+from .labels import PARTS, labelable_frames
+from .tables import LABEL, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_bytes
 
@@ -71,7 +71,7 @@ def _spread(film: pd.DataFrame, count: int, rng: np.random.Generator) -> pd.Data
 
 def uncertain_frames(workdir: WorkDir, count: int, movie_metadata: dict[str, dict] | None = None) -> pd.DataFrame:
     """The `count` model-labelled frames with the lowest label confidence (the next labeling round)."""
-    predictions = workdir.read_table(LABEL_STAGE)
+    predictions = workdir.read_table(LABEL)
     if predictions is None:
         raise InputError(f"{workdir.root}: no model labels yet: run `mhmd labeler predict` first")
     _, open_frames = _candidates(workdir)

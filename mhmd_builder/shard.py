@@ -29,10 +29,11 @@ from .runners import LocalRunner
 from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, label_fields, load_webdataset,
                      make_index, sample_members, split_entry, tar_name, write_index)
 from .stages import Partition, Resources
+from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir
 
-STAGE = "shard"
+STAGE = SHARD
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ code never sees the runner: it gets a partition and a progress callback and retu
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class Stage(Protocol):
     def process(self, partition: Partition, progress: Progress) -> dict:
         """Do the work, commit it to the work directory, return the summary written in the
         done marker. Raise PartitionError for bad input."""
+
+
+def inputs_digest(frame_ids: list[str]) -> str:
+    """Identifies the frames a partition was given: when quality decisions change, it changes."""
+    return hashlib.sha256("\n".join(sorted(frame_ids)).encode()).hexdigest()[:16]
 
 
 def run_partition(stage: Stage, partition: Partition, progress: Progress) -> PartitionResult:

@@ -29,6 +29,21 @@ if TYPE_CHECKING:  # pandas costs a second to import: only the stages that read 
     import pandas as pd
 
 
+_changes = 0  # tables this process wrote or partitions it restarted, in any work directory
+
+
+def changes() -> int:
+    """How many tables this process wrote and partitions it restarted: a cache of what the work
+    directory's tables hold (the manifest) is keyed by it as well as by the files' stat, whose
+    times are only as fine as the kernel's clock tick."""
+    return _changes
+
+
+def _changed() -> None:
+    global _changes
+    _changes += 1
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling and rename, so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,6 +60,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
+    _changed()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     pq.write_table(table, tmp)
@@ -104,6 +120,7 @@ class WorkDir:
     def begin(self, stage: str, partition: str) -> Path:
         """Start (or restart) a partition: drop what an earlier attempt left behind. The done
         marker goes first, so a redo that is killed leaves the partition pending, not stale."""
+        _changed()
         self._marker(stage, partition, "done").unlink(missing_ok=True)
         self._marker(stage, partition, "failed").unlink(missing_ok=True)
         self.table_path(stage, partition).unlink(missing_ok=True)

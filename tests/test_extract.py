@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.manifest import MANIFEST_COLUMNS
+from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.workdir import WorkDir

@@ -7,7 +7,7 @@ import pytest
 from mhmd_builder.label import STAGE, PredictSettings, predict
 from mhmd_builder.labeler import (LabelerError, build_model, default_checkpoint, load_checkpoint, metrics_path,
                                   save_checkpoint)
-from mhmd_builder.labels import human_labels_path, label_dir, read_human_labels
+from mhmd_builder.tables import human_labels_path, label_dir, read_human_labels
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir

@@ -9,10 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mhmd_builder.detect import DETECT_SCHEMA
-from mhmd_builder.extract import FRAME_SCHEMA
 from mhmd_builder.labeler_train import TrainSettings, classification_metrics, train
 from mhmd_builder.labels import write_human_labels
+from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 

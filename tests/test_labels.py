@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from mhmd_builder.labels import LabelFileError, human_labels_path, import_labels, labelable_frames, read_human_labels
+from mhmd_builder.labels import LabelFileError, import_labels, labelable_frames
+from mhmd_builder.tables import human_labels_path, read_human_labels
 from mhmd_builder.manifest import manifest
 from test_sample import TAXONOMY, copy_films, movie_ids
 

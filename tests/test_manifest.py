@@ -4,7 +4,8 @@ import time
 
 import pandas as pd
 
-from mhmd_builder.manifest import MANIFEST_COLUMNS, export_manifest, format_status, status
+from mhmd_builder.manifest import export_manifest, format_status, status
+from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.workdir import WorkDir
 
 
@@ -34,8 +35,8 @@ def test_empty_workdir_exports_the_contract_columns(tmp_path):
 def test_manifest_shows_human_labels_then_the_labelers(tmp_path):
     import pyarrow as pa
 
-    from mhmd_builder.label import STAGE as LABEL_STAGE
-    from mhmd_builder.labels import PREDICTION_SCHEMA, write_human_labels
+    from mhmd_builder.labels import write_human_labels
+    from mhmd_builder.tables import LABEL as LABEL_STAGE, PREDICTION_SCHEMA
 
     wd = WorkDir(tmp_path)
     wd.begin("extract", "m")
@@ -85,3 +86,49 @@ def test_status_shows_the_partitions_of_a_run_in_progress(movie_factory, tmp_pat
     assert run.returncode == 0
     assert any(0 < percent < 100 for percent in seen), seen
     assert status(work)["extract"]["running"] == {} and status(work)["extract"]["partitions"]["done"] == 1
+
+
+def test_the_manifest_is_built_once_per_state_of_the_work_directory(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    from mhmd_builder import manifest as read_model
+
+    builds = []
+    real_build = read_model._build
+    monkeypatch.setattr(read_model, "_build", lambda wd: builds.append(1) or real_build(wd))
+    wd = WorkDir(tmp_path)
+    table = {"frame_id": ["m_0"], "movie_id": ["m"], "timestamp": [0.0], "width": pa.array([64], pa.int32()),
+             "height": pa.array([64], pa.int32()), "kept": [True], "reject_reason": pa.array([None], pa.string()),
+             "flags": pa.array([[]], pa.list_(pa.string())), "jpeg": ["a"]}
+    wd.begin("extract", "m")
+    wd.commit("extract", "m", pa.table(table), {})
+    first = read_model.manifest(wd)
+    first["kept"] = False  # a caller changing its copy changes no one else's
+    assert read_model.manifest(wd).kept.tolist() == [True] and len(builds) == 1
+    wd.begin("extract", "m")  # a redo: the same table again, a new commit
+    wd.commit("extract", "m", pa.table({**table, "kept": [False]}), {})
+    assert read_model.manifest(wd).kept.tolist() == [False] and len(builds) == 2
+
+
+
+def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_run, tmp_path, monkeypatch):
+    """A build resumed after it finished: labels import, the labeler's check, the label stage's
+    planning and the shards all read the manifest, and no table changed in between: one build of
+    it serves all four (each reader used to build its own)."""
+    import shutil
+    from dataclasses import replace
+
+    from mhmd_builder import manifest as read_model
+    from mhmd_builder.build import PIPELINES, build, load_pipeline
+
+    out = tmp_path / "demo"
+    shutil.copytree(demo_run[0], out)
+    builds = []
+    real_build = read_model._build
+    monkeypatch.setattr(read_model, "_build", lambda wd: builds.append(1) or real_build(wd))
+    pipeline = load_pipeline(PIPELINES / "demo.yaml")
+    pipeline = replace(pipeline, detect=replace(pipeline.detect, detector="opencv"))  # as the offline demo ran
+    result = build(pipeline, sorted((out / "films").iterdir()), WorkDir(out / "work"), out / "shards",
+                   labels=str(out / "labels.csv"))
+    assert not result.failures and result.index
+    assert len(builds) == 1

@@ -12,13 +12,12 @@ import pytest
 from mhmd_builder.demo import Segment, make_film
 from mhmd_builder.detect import DetectSettings, detect
 from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.label import STAGE as LABEL_STAGE
-from mhmd_builder.labels import (PREDICTION_SCHEMA, import_labels, labelable_frames, load_movie_metadata,
-                                 read_human_labels)
+from mhmd_builder.labels import import_labels, labelable_frames, load_movie_metadata
 from mhmd_builder.media import Sampling
 from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.sample import CSV_COLUMNS, sample_frames, uncertain_frames, write_sample
+from mhmd_builder.tables import LABEL as LABEL_STAGE, PREDICTION_SCHEMA, read_human_labels
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 

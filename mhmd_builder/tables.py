@@ -1,0 +1,144 @@
+"""The work directory's tables: every stage's name, the schema of its partition tables, and where
+the tables that are not partitions live. Stage modules write them; `manifest.py` reads them all,
+so it needs no stage module.
+
+    extract  W/extract/parts/<movie>.parquet   FRAME_SCHEMA plus one float column per quality score
+    filter   W/filter/decisions.parquet        the keep decisions of the last `mhmd filter`
+    detect   W/detect/parts/<movie>.parquet    DETECT_SCHEMA
+    parsing  W/parsing/attached.parquet        frame_id, movie_id, parsing (the PNG's path)
+    label    W/label/human.parquet             HUMAN_SCHEMA: every human label imported
+             W/label/parts/<movie>.parquet     PREDICTION_SCHEMA: the labeler's labels (human ones kept)
+    shard    W/shard/parts/<tar>.parquet       frame_id, split, shard
+    relabel  NEWDIR/.relabel/parts/<tar>.parquet CHANGE_SCHEMA
+"""
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+
+from .workdir import WorkDir
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+EXTRACT, FILTER, DETECT, PARSING, LABEL, SAMPLE, SHARD, RELABEL = (
+    "extract", "filter", "detect", "parsing", "label", "sample", "shard", "relabel")
+FUNNEL = (EXTRACT, DETECT, LABEL, SHARD)  # the partitioned stages of a work directory, in the order frames pass them
+
+FRAME_SCHEMA = pa.schema([
+    ("frame_id", pa.string()),
+    ("movie_id", pa.string()),
+    ("timestamp", pa.float64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("kept", pa.bool_()),
+    ("reject_reason", pa.string()),
+    ("flags", pa.list_(pa.string())),
+    ("jpeg", pa.string()),
+])
+
+DETECT_SCHEMA = pa.schema([
+    ("frame_id", pa.string()),
+    ("movie_id", pa.string()),
+    ("persons", pa.int32()),
+    ("boxes", pa.list_(pa.list_(pa.float32(), 4))),
+    ("confidences", pa.list_(pa.float32())),
+    ("largest_person_area", pa.float32()),
+    ("kept", pa.bool_()),
+    ("reject_reason", pa.string()),
+    ("mask", pa.string()),
+])
+
+HUMAN_SCHEMA = pa.schema([
+    ("frame_id", pa.string()),
+    ("label", pa.string()),
+    ("label_id", pa.int32()),
+    ("source", pa.string()),
+    ("line", pa.int32()),
+])
+
+PREDICTION_SCHEMA = pa.schema([
+    ("frame_id", pa.string()),
+    ("movie_id", pa.string()),
+    ("label", pa.string()),
+    ("label_id", pa.int32()),
+    ("label_source", pa.string()),
+    ("label_confidence", pa.float32()),
+    ("top3", pa.list_(pa.string())),
+    ("top3_confidence", pa.list_(pa.float32())),
+])
+
+CHANGE_SCHEMA = pa.schema([("frame_id", pa.string()), ("movie", pa.string()), ("split", pa.string()),
+                           ("before", pa.string()), ("after", pa.string())])
+
+# The manifest's promised columns (`mhmd manifest export`), in order; columns of stages not run yet are null.
+MANIFEST_COLUMNS = {
+    "frame_id": pa.string(),
+    "movie_id": pa.string(),
+    "timestamp": pa.float64(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "kept": pa.bool_(),
+    "reject_reason": pa.string(),
+    "colorfulness": pa.float64(),
+    "sharpness": pa.float64(),
+    "persons": pa.int32(),
+    "label": pa.string(),
+    "label_source": pa.string(),
+    "label_confidence": pa.float64(),
+    "split": pa.string(),
+}
+
+
+def decisions_path(workdir: WorkDir) -> Path:
+    return workdir.stage_dir(FILTER) / "decisions.parquet"
+
+
+def parsing_table_path(workdir: WorkDir) -> Path:
+    return workdir.stage_dir(PARSING) / "attached.parquet"
+
+
+# Earlier work directories kept these files outside the stage's folder: old path -> file name now.
+_OLD_LAYOUT = {Path("labels/human.parquet"): "human.parquet",
+               **{Path("labeler") / name: name for name in ("labeler.safetensors", "labeler.json",
+                                                           "labeler.metrics.json")}}
+
+
+def label_dir(workdir: WorkDir) -> Path:
+    """The label stage's folder, which also holds the human labels and the default checkpoint."""
+    folder = workdir.stage_dir(LABEL)
+    _move_old_layout(workdir, folder)
+    return folder
+
+
+def _move_old_layout(workdir: WorkDir, folder: Path) -> None:
+    """Move an earlier work directory's label files into the stage's folder, once: each file is
+    renamed (atomic), and never over a file that is there already."""
+    for old, name in _OLD_LAYOUT.items():
+        source, target = workdir.root / old, folder / name
+        if not source.is_file() or target.exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(source, target)
+        except FileNotFoundError:  # another process moved it first
+            continue
+        print(f"notice: moved {source} to {target} (new layout)")
+        with suppress(OSError):  # the old folder goes once empty; rmdir refuses while it holds anything
+            source.parent.rmdir()
+
+
+def human_labels_path(workdir: WorkDir) -> Path:
+    return label_dir(workdir) / "human.parquet"
+
+
+def read_human_labels(workdir: WorkDir) -> "pd.DataFrame | None":
+    """Every human label imported so far, or None when there is none."""
+    import pandas as pd
+
+    path = human_labels_path(workdir)
+    return pd.read_parquet(path) if path.exists() else None
