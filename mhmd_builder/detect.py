@@ -22,6 +22,7 @@ from .batching import prefetched
 from .devices import pick_device
 from .errors import InputError
 from .filter import current_decisions
+from .images import load_frame
 from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPersonDetector, resolve_weights
 from .runners import LocalRunner
 from .tables import DETECT, DETECT_SCHEMA
@@ -65,15 +66,6 @@ def keep_decision(det: Detections, s: DetectSettings) -> str | None:
     if det.count and det.largest_area < s.min_person_area:
         return "person_too_small"
     return None
-
-
-def load_frame(path: Path) -> np.ndarray | None:
-    """The BGR pixels of a JPEG, or None when it is missing or corrupt."""
-    try:
-        data = np.fromfile(path, np.uint8)
-    except OSError:
-        return None
-    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
 
 
 @dataclass

@@ -17,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import prefetched
-from .devices import pick_device
-from .labeler import Labeler, LabelerError, load_checkpoint, load_rgb
+from .labeler import LabelerError, LabelerWorker, load_checkpoint, load_rgb
 from .labels import labelable_frames
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources, inputs_digest
@@ -38,24 +37,14 @@ class PredictSettings:
 
 
 @dataclass
-class LabelStage:
+class LabelStage(LabelerWorker):
     workdir: WorkDir
     checkpoint: str
     taxonomy: Taxonomy
     settings: PredictSettings = field(default_factory=PredictSettings)
     name: str = STAGE
-    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    resources: Resources = field(default_factory=Resources)  # set from the device (LabelerWorker)
     unit: str = "frames"
-
-    def __post_init__(self) -> None:
-        self.labeler = None
-        self.resources = Resources.for_model_on(pick_device(self.settings.device))
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "labeler": None}  # workers load their own model in setup()
-
-    def setup(self) -> None:
-        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
 
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()

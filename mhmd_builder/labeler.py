@@ -14,9 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .detect import load_frame
 from .devices import fixed_cpu_threads, pick_device
 from .errors import MhmdError
+from .images import load_frame
+from .stages import Resources
 from .tables import label_dir
 from .taxonomy import Taxonomy
 from .weights import check_pinned, weights_cache
@@ -174,3 +175,18 @@ class Labeler:
                  "label_id": int(ids[i, 0]), "label_source": "model", "label_confidence": float(confidence[i, 0]),
                  "top3": [names[j] for j in ids[i]], "top3_confidence": confidence[i].tolist()}
                 for i, (frame, _) in enumerate(batch)]
+
+
+class LabelerWorker:
+    """For a stage whose workers each hold the labeler (the label and relabel stages): it asks for a
+    GPU when the labeler runs on CUDA, and each worker loads its own copy once, in setup()."""
+
+    def __post_init__(self) -> None:
+        self.labeler = None
+        self.resources = Resources.for_model_on(pick_device(self.settings.device))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "labeler": None}  # workers load their own model in setup()
+
+    def setup(self) -> None:
+        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)

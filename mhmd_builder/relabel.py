@@ -21,9 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import batched
-from .devices import pick_device
 from .errors import InputError
-from .labeler import Labeler, fit_rgb, load_checkpoint
+from .labeler import LabelerWorker, fit_rgb, load_checkpoint
 from .runners import LocalRunner
 from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, label_fields, open_shard,
                      read_index, split_entry, with_json, write_index)
@@ -57,7 +56,7 @@ STAGE = RELABEL
 
 
 @dataclass
-class RelabelStage:
+class RelabelStage(LabelerWorker):
     """Relabels one tar per partition; the labeler is loaded once per worker, in setup()."""
 
     workdir: WorkDir
@@ -67,18 +66,14 @@ class RelabelStage:
     taxonomy: Taxonomy
     settings: RelabelSettings
     name: str = STAGE
-    resources: Resources = field(default_factory=lambda: Resources(cpus=1))
+    resources: Resources = field(default_factory=Resources)  # set from the device (LabelerWorker)
     unit: str = "samples"
 
-    def __post_init__(self) -> None:
-        self.labeler = None
-        self.resources = Resources.for_model_on(pick_device(self.settings.device))
-
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "labeler": None, "pool": None}  # workers load their own model in setup()
+        return {**super().__getstate__(), "pool": None}
 
     def setup(self) -> None:
-        self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
+        super().setup()
         self.pool = ThreadPoolExecutor(self.settings.decode_threads)  # imdecode and resize release the GIL
 
     def process(self, partition: Partition, progress) -> dict:
