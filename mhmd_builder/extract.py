@@ -120,7 +120,7 @@ class ExtractStage:
         seen: set[str] = set()
         start, end = geometry.start, geometry.end
         for timestamp, frame in decode_frames(path, self.settings.sampling, geometry.size, geometry.crop, start,
-                                              None if end is None else end - start, stats):
+                                              None if end is None else end - start, stats, geometry.info.demuxer):
             fid = frame_id(movie, timestamp)
             if fid in seen:  # two frames within the same millisecond: keep the first
                 continue
@@ -198,15 +198,16 @@ def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> No
 
 def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
     """One partition per distinct movie content; the plan is recorded so `status` can show what
-    is pending. A file that cannot even be read for its id is recorded as failed right away."""
+    is pending. A file that cannot even be read for its id (not a regular file, a broken link) is
+    recorded as failed right away."""
     partitions: dict[str, Partition] = {}
     unreadable: list[MovieOutcome] = []
     for path in paths:
         try:
             mid = movie_id(path)
-        except OSError as e:
+        except (MediaError, OSError) as e:
             mid, info = f"{slug(path.stem) or 'movie'}-unreadable", {"path": str(path)}
-            reason = f"cannot read file: {e.strerror}"
+            reason = str(e) if isinstance(e, MediaError) else f"cannot read file: {e.strerror}"
             workdir.plan(STAGE, mid, info)
             workdir.mark_failed(STAGE, mid, {**info, "reason": reason})
             unreadable.append(MovieOutcome(mid, str(path), "failed", reason, info))

@@ -5,10 +5,13 @@ process per movie; their exact presentation times come from ffmpeg's `showinfo` 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 import queue
 import re
+import stat
 import subprocess
 import threading
 import unicodedata
@@ -30,23 +33,47 @@ VIDEO_EXTENSIONS = {
 }
 
 
+# The demuxers ffmpeg and ffprobe may use (every input also reads local files only): those ffprobe
+# names (first of its `format_name`) for files of every extension in VIDEO_EXTENSIONS. Nothing else
+# is opened: playlists and file lists (hls, concat) read other files, images and devices (image2,
+# lavfi) are not movies.
+CONTAINERS = ("mov", "matroska", "avi", "mpeg", "mpegts", "asf", "flv", "ogg", "mxf")
+_RESTRICTED = {"protocol_whitelist": "file", "format_whitelist": ",".join(CONTAINERS)}  # every ffmpeg input's options
+# What a refused format is, for the failure reason.
+_REFUSED_KINDS = {"hls": "an HLS playlist", "concat": "a concat file list", "dash": "a DASH manifest",
+                  "image2": "an image or image sequence"}
+_SPECIAL_FILES = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+                  stat.S_IFBLK: "block device"}
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 class MediaError(MhmdError):
     """A movie that cannot be used; the message is one line naming the problem."""
 
 
 def find_movies(paths: list[str | Path]) -> list[Path]:
-    """Files given explicitly are always taken (a bad one is then recorded as failed);
-    folders are searched recursively for files with a video extension."""
+    """Files given explicitly are always taken (a bad one, even a broken link, is then recorded as
+    failed); folders are searched recursively for regular files with a video extension."""
     found: list[Path] = []
-    for given in map(Path, paths):
-        if given.is_dir():
-            found += sorted(p for p in given.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
-        elif given.exists():
-            found.append(given)
-        else:
-            raise MediaError(f"{given}: no such file or directory")
-    unique = {p.resolve(): None for p in found}
+    for given in paths:
+        found += _movies_in(given)
+    if not found:
+        raise MediaError(f"{', '.join(map(str, paths))}: no movie files found "
+                         f"(folders are searched for {' '.join(sorted(VIDEO_EXTENSIONS))})")
+    unique = {p.resolve() if p.exists() else p.absolute(): None for p in found}
     return list(unique)
+
+
+def _movies_in(given: str | Path) -> list[Path]:
+    """The movies of one input: a folder's video files, or the file (or link) named."""
+    if _URL.match(str(given)):
+        raise MediaError(f"{given}: a URL, not a file: only movies on this machine are read")
+    path = Path(given)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+    if path.exists() or path.is_symlink():
+        return [path]
+    raise MediaError(f"{given}: no such file or directory")
 
 
 def slug(text: str) -> str:
@@ -58,13 +85,27 @@ def slug(text: str) -> str:
 def content_hash(path: Path, chunk: int = 1 << 20) -> str:
     """Hash of size plus head, middle and tail: identifies a file's content without reading
     a whole multi-gigabyte film."""
-    size = path.stat().st_size
+    size = regular_file_size(path)
     h = hashlib.sha256(str(size).encode())
     with open(path, "rb") as f:
         for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
             f.seek(offset)
             h.update(f.read(chunk))
     return h.hexdigest()[:8]
+
+
+def regular_file_size(path: Path) -> int:
+    """The size of a regular file; MediaError for anything else, which must never be opened: a FIFO
+    blocks for ever, a device never ends."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MediaError(f"broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else "no such file") from None
+    except OSError as e:
+        raise MediaError("symbolic link loop" if e.errno == errno.ELOOP else f"cannot read file: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MediaError(f"not a regular file ({_SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), 'special file')})")
+    return st.st_size
 
 
 def movie_id(path: Path) -> str:
@@ -90,6 +131,7 @@ class MovieInfo:
     bit_rate: int | None
     header_frames: int | None
     variable_frame_rate: bool
+    demuxer: str  # ffmpeg's name of the container's demuxer (one of CONTAINERS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,14 +162,33 @@ def _rotation(stream: dict) -> int:
     return int(stream.get("tags", {}).get("rotate", 0)) % 360
 
 
+def _input(path: Path, demuxer: str | None, **options):
+    """ffmpeg's input, restricted as every call is; `demuxer` (probed) pins the container's demuxer."""
+    return ffmpeg.input(str(path), **_RESTRICTED, **({"f": demuxer} if demuxer else {}), **options)
+
+
+def _refusal(path: Path, stderr: bytes) -> str:
+    """Why ffprobe failed, in one line; a format outside CONTAINERS is named (asking ffprobe, as
+    restricted as before, which demuxer its probe chose)."""
+    if b"Format not on whitelist" not in stderr:
+        return f"not a readable movie: {_one_line(stderr, path)}"
+    restricted = [arg for key, value in _RESTRICTED.items() for arg in (f"-{key}", value)]
+    debug = subprocess.run(["ffprobe", "-v", "debug", *restricted, str(path)], stdin=subprocess.DEVNULL,
+                           capture_output=True).stderr
+    found = re.search(rb"Format (\S+) probed with", debug)
+    name = found.group(1).decode() if found else "unknown"
+    what = f"{_REFUSED_KINDS[name]} ({name})" if name in _REFUSED_KINDS else f"format {name}"
+    return f"refused: {what}, not a movie container ({', '.join(CONTAINERS)})"
+
+
 def probe(path: Path) -> MovieInfo:
     """ffprobe the first video stream; MediaError with ffprobe's own words when it is unusable."""
-    if path.stat().st_size == 0:
+    if regular_file_size(path) == 0:
         raise MediaError("empty file (0 bytes)")
     try:
-        meta = ffmpeg.probe(str(path))
+        meta = ffmpeg.probe(str(path), **_RESTRICTED)
     except ffmpeg.Error as e:
-        raise MediaError(f"not a readable movie: {_one_line(e.stderr, path)}") from None
+        raise MediaError(_refusal(path, e.stderr)) from None
     videos = [s for s in meta.get("streams", []) if s.get("codec_type") == "video"
               and not s.get("disposition", {}).get("attached_pic")]
     if not videos:
@@ -157,6 +218,7 @@ def probe(path: Path) -> MovieInfo:
         bit_rate=int(bit_rate) if bit_rate not in (None, "N/A") else None,
         header_frames=int(nb) if nb not in (None, "N/A") else None,
         variable_frame_rate=bool(avg and real and abs(avg - real) > 0.01 * real),
+        demuxer=meta["format"]["format_name"].split(",")[0],
     )
 
 
@@ -171,12 +233,12 @@ class Crop:
     h: int
 
 
-def _grab_gray(path: Path, at: float, width: int, height: int) -> np.ndarray | None:
+def _grab_gray(path: Path, demuxer: str, at: float, width: int, height: int) -> np.ndarray | None:
     """The key frame at or before `at` seconds, decoded alone. Passthrough timing matters: with the
     default, ffmpeg would decode every frame from that key frame up to `at` and throw them away."""
     try:
         out, _ = (
-            ffmpeg.input(str(path), ss=at, noaccurate_seek=None, skip_frame="nokey", threads=1)
+            _input(path, demuxer, ss=at, noaccurate_seek=None, skip_frame="nokey", threads=1)
             .output("pipe:", vframes=1, format="rawvideo", pix_fmt="gray", an=None, fps_mode="passthrough")
             .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
             .run(capture_stdout=True, capture_stderr=True)
@@ -202,7 +264,7 @@ def detect_letterbox(path: Path, info: MovieInfo, start: float, end: float, samp
     w, h = (info.coded_height, info.coded_width) if info.rotation in (90, 270) else (info.coded_width, info.coded_height)
     times = [start + (end - start) * (i + 0.5) / samples for i in range(samples)] if end > start else [start]
     with ThreadPoolExecutor(3) as pool:  # each grab is mostly process start-up: overlap them
-        frames = [f for f in pool.map(lambda t: _grab_gray(path, t, w, h), times) if f is not None]
+        frames = [f for f in pool.map(lambda t: _grab_gray(path, info.demuxer, t, w, h), times) if f is not None]
     if not frames:
         return None
     rows = np.max([f.mean(axis=1) for f in frames], axis=0)
@@ -267,12 +329,13 @@ class DecodeStats:
 
 
 def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
-                  start: float = 0.0, duration: float | None = None,
-                  stats: DecodeStats | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                  start: float = 0.0, duration: float | None = None, stats: DecodeStats | None = None,
+                  demuxer: str | None = None) -> Iterator[tuple[float, np.ndarray]]:
     """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame.
 
     One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
-    keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line."""
+    keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line; `demuxer` (the
+    probed one) pins the container, which is anyway one of CONTAINERS."""
     stats = stats or DecodeStats()
     width, height = size
     in_args: dict = {}
@@ -282,7 +345,7 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
         in_args["t"] = duration
     if sampling.mode == "keyframes":
         in_args["skip_frame"] = "nokey"
-    stream = ffmpeg.input(str(path), **in_args).video
+    stream = _input(path, demuxer, **in_args).video
     select = sampling.select_filter()
     if select:
         stream = stream.filter("select", select)

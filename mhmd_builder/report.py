@@ -376,7 +376,7 @@ def frame_image(workdir: WorkDir, films: dict[str, dict], row) -> np.ndarray | N
     size = (max(2, int(row.width * scale / 2) * 2), max(2, int(row.height * scale / 2) * 2))
     crop = Crop(**film["crop"]) if film.get("crop") else None
     frames = decode_frames(Path(film["path"]), Sampling("fps", 1.0), size, crop, start=float(row.timestamp),
-                           duration=1.0)
+                           duration=1.0, demuxer=film["probe"].get("demuxer"))
     first = next(frames, None)
     frames.close()  # stops ffmpeg
     return None if first is None else first[1].copy()

@@ -159,7 +159,8 @@ def test_scaling_keeps_aspect_and_crops_are_even():
 def _info(w, h):
     from mhmd_builder.media import MovieInfo
     return MovieInfo(duration=10, fps=24, coded_width=w, coded_height=h, width=w, height=h, rotation=0, sar=1.0,
-                     codec="h264", pix_fmt="yuv420p", bit_rate=None, header_frames=None, variable_frame_rate=False)
+                     codec="h264", pix_fmt="yuv420p", bit_rate=None, header_frames=None, variable_frame_rate=False,
+                     demuxer="mov")
 
 
 def test_dancer_header_count_is_wrong_but_every_decodable_frame_comes_out(shared_samples):
