@@ -1,8 +1,14 @@
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from mhmd_builder.media import (Crop, MediaError, Sampling, decode_frames, detect_letterbox, find_movies, movie_id,
-                                output_size, probe, slug)
+from mhmd_builder.media import (CONTAINERS, VIDEO_EXTENSIONS, Crop, MediaError, Sampling, decode_frames,
+                                detect_letterbox, find_movies, movie_id, output_size, probe, slug)
 
 from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
 
@@ -75,6 +81,101 @@ def test_probe_rejects_audio_only(tmp_path):
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", str(audio))
     with pytest.raises(MediaError, match="no video stream"):
         probe(audio)
+
+
+ENCODERS = {".webm": ["-c:v", "libvpx"], ".ogv": ["-c:v", "libtheora"], ".wmv": ["-c:v", "wmv2"],
+            ".flv": ["-c:v", "flv"], ".3gp": ["-c:v", "h263"], ".mpg": ["-c:v", "mpeg2video"],
+            ".mpeg": ["-c:v", "mpeg2video"], ".vob": ["-c:v", "mpeg2video"], ".mxf": ["-c:v", "mpeg2video"]}
+
+
+@pytest.mark.parametrize("extension", sorted(VIDEO_EXTENSIONS))
+def test_every_video_extension_opens_with_an_allowed_demuxer(tmp_path, extension):
+    movie = make_movie(tmp_path / f"m{extension}", seconds=1, size="176x144", codec=ENCODERS.get(extension))
+    info = probe(movie)
+    assert info.demuxer in CONTAINERS
+    assert len(list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer=info.demuxer))) == 1
+
+
+def ffprobe_says(path) -> str:
+    """What plain ffprobe, unrestricted, reads from a file: its format and its streams' types."""
+    return subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name:stream=codec_type", "-of",
+                           "csv=p=0", str(path)], capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def playlists(tmp_path):
+    """An HLS playlist and a concat list named like movies, each reaching a real movie outside
+    their folder (the concat list through a link to that folder: it refuses absolute paths itself)."""
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "movies"
+    elsewhere.mkdir()
+    folder.mkdir()
+    secret = make_movie(elsewhere / "secret.ts", seconds=2, extra=["-f", "mpegts"])
+    hls = folder / "holiday.mp4"
+    hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    (folder / "outside").symlink_to(elsewhere)
+    concat = folder / "party.mkv"
+    concat.write_text("ffconcat version 1.0\nfile 'outside/secret.ts'\n")
+    for listing, demuxer in [(hls, "hls"), (concat, "concat")]:
+        assert "video" in ffprobe_says(listing) and demuxer in ffprobe_says(listing)  # unrestricted, it reads secret.ts
+    return {"hls": hls, "concat": concat}
+
+
+@pytest.mark.parametrize("kind,reason", [("hls", "an HLS playlist (hls)"), ("concat", "a concat file list (concat)")])
+def test_playlists_reaching_other_files_are_refused(playlists, kind, reason):
+    with pytest.raises(MediaError, match=rf"^refused: {re.escape(reason)}, not a movie container \(mov, ") as err:
+        probe(playlists[kind])
+    assert "\n" not in str(err.value)
+    assert list(decode_frames(playlists[kind], Sampling("fps", 1.0), (64, 48))) == []  # the decode is restricted too
+
+
+def test_decode_keeps_to_the_probed_demuxer(tmp_path):
+    movie = make_movie(tmp_path / "m.mp4", seconds=1)
+    assert len(list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer=probe(movie).demuxer))) == 1
+    assert list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer="mpegts")) == []
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """A FIFO, a socket, a device, a broken link and a link loop, all named like movies."""
+    folder = tmp_path / "special"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.mp4")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket.mp4"))
+    (folder / "device.mp4").symlink_to("/dev/zero")
+    (folder / "broken.mp4").symlink_to(tmp_path / "gone.mp4")
+    (folder / "loop.mp4").symlink_to(folder / "loop.mp4")
+    yield folder
+    server.close()
+
+
+@pytest.mark.timeout(30)  # a FIFO opened for reading would block for ever
+@pytest.mark.parametrize("name,reason", [
+    ("fifo.mp4", r"not a regular file \(fifo\)"), ("socket.mp4", r"not a regular file \(socket\)"),
+    ("device.mp4", r"not a regular file \(character device\)"),
+    ("broken.mp4", r"broken symbolic link \(to /.*/gone\.mp4\)"), ("loop.mp4", "symbolic link loop"),
+])
+def test_special_files_and_bad_links_are_refused_unopened(special_files, name, reason):
+    for read in (movie_id, probe):
+        with pytest.raises(MediaError, match=f"^{reason}$"):
+            read(special_files / name)
+
+
+@pytest.mark.timeout(30)
+def test_find_movies_skips_special_files_in_folders_and_keeps_named_ones(special_files, tmp_path):
+    movie = make_movie(special_files / "real.mp4", seconds=1)
+    assert find_movies([special_files]) == [movie]
+    named = [special_files / n for n in ("fifo.mp4", "socket.mp4", "device.mp4", "broken.mp4", "loop.mp4")]
+    assert find_movies(named) == named[:2] + [Path("/dev/zero")] + named[3:]  # taken, to be recorded failed
+
+
+def test_a_search_that_finds_no_movie_is_an_error(tmp_path):
+    (tmp_path / "x.mp4").mkdir()
+    (tmp_path / "x.mp4" / "notes.txt").write_text("x")
+    with pytest.raises(MediaError, match=r"x\.mp4: no movie files found \(folders are searched for \.3gp "):
+        find_movies([tmp_path / "x.mp4"])
+    with pytest.raises(MediaError, match="^http://example.com/a.mp4: a URL, not a file"):
+        find_movies(["http://example.com/a.mp4"])
 
 
 def test_fps_sampling_takes_first_frame_of_each_slot_with_exact_times(tmp_path):
