@@ -3,6 +3,8 @@ real sample media of ../shared when it is there."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -59,6 +61,45 @@ def movie_factory(tmp_path):
 
     make.folder = folder
     return make
+
+
+def ffprobe_says(path) -> str:
+    """What plain ffprobe, unrestricted, reads from a file: its format and its streams' types."""
+    return subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name:stream=codec_type", "-of",
+                           "csv=p=0", str(path)], capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def playlists(tmp_path):
+    """An HLS playlist and a concat list named like movies, each reaching a real movie outside
+    their folder (the concat list through a link to that folder: it refuses absolute paths itself)."""
+    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "movies"
+    elsewhere.mkdir()
+    folder.mkdir()
+    secret = make_movie(elsewhere / "secret.ts", seconds=2, extra=["-f", "mpegts"])
+    hls = folder / "holiday.mp4"
+    hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{secret}\n#EXT-X-ENDLIST\n")
+    (folder / "outside").symlink_to(elsewhere)
+    concat = folder / "party.mkv"
+    concat.write_text("ffconcat version 1.0\nfile 'outside/secret.ts'\n")
+    for listing, demuxer in [(hls, "hls"), (concat, "concat")]:
+        assert "video" in ffprobe_says(listing) and demuxer in ffprobe_says(listing)  # unrestricted, it reads secret.ts
+    return {"hls": hls, "concat": concat}
+
+
+@pytest.fixture
+def special_files(tmp_path):
+    """A FIFO, a socket, a device, a broken link and a link loop, all named like movies."""
+    folder = tmp_path / "special"
+    folder.mkdir()
+    os.mkfifo(folder / "fifo.mp4")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(folder / "socket.mp4"))
+    (folder / "device.mp4").symlink_to("/dev/zero")
+    (folder / "broken.mp4").symlink_to(tmp_path / "gone.mp4")
+    (folder / "loop.mp4").symlink_to(folder / "loop.mp4")
+    yield folder
+    server.close()
 
 
 @pytest.fixture

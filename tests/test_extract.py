@@ -120,6 +120,32 @@ def test_bad_inputs_are_recorded_as_failed_and_the_rest_finishes(tmp_path, movie
     assert "extract        6       4        0" in status.output
 
 
+@pytest.mark.timeout(300)  # a FIFO opened for reading would block for ever
+def test_hostile_inputs_are_refused_and_the_rest_finishes(tmp_path, playlists, special_files):
+    folder = playlists["hls"].parent  # also holds the concat list and a link to the folder of the movie they reach
+    make_movie(folder / "good.mp4", seconds=2)
+    os.mkfifo(folder / "pipe.mp4")  # in a folder: skipped, never opened
+    named = [special_files / name for name in ("fifo.mp4", "socket.mp4", "broken.mp4", "loop.mp4")]
+    work = tmp_path / "work"
+    result = run_cli("extract", folder, *named, "-w", work, "--workers", 1)
+    assert result.exit_code == 1
+    failed = dict(line.removeprefix("FAILED   ").split(": ", 1) for line in result.output.splitlines()
+                  if line.startswith("FAILED"))
+    assert {Path(path).name: reason.split(",")[0] for path, reason in failed.items()} == {
+        "holiday.mp4": "refused: an HLS playlist (hls)", "party.mkv": "refused: a concat file list (concat)",
+        "fifo.mp4": "not a regular file (fifo)", "socket.mp4": "not a regular file (socket)",
+        "broken.mp4": f"broken symbolic link (to {tmp_path / 'gone.mp4'})", "loop.mp4": "symbolic link loop"}
+    assert "1 movies extracted, 6 failed" in result.output
+    frames = export(work)
+    assert len(frames) == 2 and frames.movie_id.str.startswith("good-").all()  # nothing of the movie elsewhere
+
+
+def test_a_run_that_finds_no_movie_fails(tmp_path):
+    (tmp_path / "x.mp4").mkdir()
+    result = run_cli("extract", tmp_path / "x.mp4", "-w", tmp_path / "w")
+    assert result.exit_code == 1 and f"{tmp_path / 'x.mp4'}: no movie files found" in result.output
+
+
 def test_skip_head_and_tail_and_keyframes_through_the_cli(tmp_path, movie_factory):
     movie_factory("m.mp4", seconds=10, codec=["-c:v", "libx264", "-g", "50", "-sc_threshold", "0", "-pix_fmt", "yuv420p"])
     work = tmp_path / "work"

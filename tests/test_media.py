@@ -1,7 +1,4 @@
-import os
 import re
-import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -96,30 +93,6 @@ def test_every_video_extension_opens_with_an_allowed_demuxer(tmp_path, extension
     assert len(list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer=info.demuxer))) == 1
 
 
-def ffprobe_says(path) -> str:
-    """What plain ffprobe, unrestricted, reads from a file: its format and its streams' types."""
-    return subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name:stream=codec_type", "-of",
-                           "csv=p=0", str(path)], capture_output=True, text=True).stdout
-
-
-@pytest.fixture
-def playlists(tmp_path):
-    """An HLS playlist and a concat list named like movies, each reaching a real movie outside
-    their folder (the concat list through a link to that folder: it refuses absolute paths itself)."""
-    elsewhere, folder = tmp_path / "elsewhere", tmp_path / "movies"
-    elsewhere.mkdir()
-    folder.mkdir()
-    secret = make_movie(elsewhere / "secret.ts", seconds=2, extra=["-f", "mpegts"])
-    hls = folder / "holiday.mp4"
-    hls.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\n{secret}\n#EXT-X-ENDLIST\n")
-    (folder / "outside").symlink_to(elsewhere)
-    concat = folder / "party.mkv"
-    concat.write_text("ffconcat version 1.0\nfile 'outside/secret.ts'\n")
-    for listing, demuxer in [(hls, "hls"), (concat, "concat")]:
-        assert "video" in ffprobe_says(listing) and demuxer in ffprobe_says(listing)  # unrestricted, it reads secret.ts
-    return {"hls": hls, "concat": concat}
-
-
 @pytest.mark.parametrize("kind,reason", [("hls", "an HLS playlist (hls)"), ("concat", "a concat file list (concat)")])
 def test_playlists_reaching_other_files_are_refused(playlists, kind, reason):
     with pytest.raises(MediaError, match=rf"^refused: {re.escape(reason)}, not a movie container \(mov, ") as err:
@@ -132,21 +105,6 @@ def test_decode_keeps_to_the_probed_demuxer(tmp_path):
     movie = make_movie(tmp_path / "m.mp4", seconds=1)
     assert len(list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer=probe(movie).demuxer))) == 1
     assert list(decode_frames(movie, Sampling("fps", 1.0), (64, 48), demuxer="mpegts")) == []
-
-
-@pytest.fixture
-def special_files(tmp_path):
-    """A FIFO, a socket, a device, a broken link and a link loop, all named like movies."""
-    folder = tmp_path / "special"
-    folder.mkdir()
-    os.mkfifo(folder / "fifo.mp4")
-    server = socket.socket(socket.AF_UNIX)
-    server.bind(str(folder / "socket.mp4"))
-    (folder / "device.mp4").symlink_to("/dev/zero")
-    (folder / "broken.mp4").symlink_to(tmp_path / "gone.mp4")
-    (folder / "loop.mp4").symlink_to(folder / "loop.mp4")
-    yield folder
-    server.close()
 
 
 @pytest.mark.timeout(30)  # a FIFO opened for reading would block for ever
