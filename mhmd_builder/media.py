@@ -67,9 +67,10 @@ def content_hash(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:8]
 
 
-def movie_id(path: Path) -> str:
-    """`<name>-<hash>`: readable, stable for the same content, never containing dots."""
-    return f"{slug(path.stem) or 'movie'}-{content_hash(path)}"
+def movie_id(path: Path, digest: str | None = None) -> str:
+    """`<name>-<hash>`: readable, stable for the same content, never containing dots. `digest`:
+    the file's content_hash when it is known already."""
+    return f"{slug(path.stem) or 'movie'}-{digest or content_hash(path)}"
 
 
 @dataclass
