@@ -219,13 +219,13 @@ def split_entry(movies: list[str], labels: list[str | None]) -> dict:
 
 
 def make_index(settings: dict, taxonomy_sha256: str, tars: list[tuple[str, str, int]], splits: dict,
-               near_duplicates: list[list[str]]) -> dict:
+               near_duplicates: list[list[str]] = ()) -> dict:
     """index.json: the shard settings, the taxonomy's SHA-256 (labels are its ids), every tar as
     (name, split, count) in order, each split's entry (split_entry) and the groups of near-duplicate
     films (each group in one split)."""
     return {"settings": settings, "taxonomy_sha256": taxonomy_sha256,
             "shards": [{"name": name, "split": split, "count": count} for name, split, count in tars],
-            "splits": splits, "near_duplicates": near_duplicates}
+            "splits": splits, "near_duplicates": [list(group) for group in near_duplicates]}
 
 
 def format_index(index: dict, out: str | Path) -> str:
