@@ -27,7 +27,7 @@ def fingerprints(frames: pd.DataFrame) -> dict[str, np.ndarray]:
     """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags)."""
     if "phash_hi" not in frames:
         return {}
-    passed = frames[frames["flags"].map(lambda flags: flags is None or len(flags) == 0)]
+    passed = frames[frames["flags"].map(lambda flags: isinstance(flags, (list, np.ndarray)) and len(flags) == 0)]
     hashes = (passed.phash_hi.astype(np.uint64) << np.uint64(32)) | passed.phash_lo.astype(np.uint64)
     return {movie: np.unique(h.to_numpy()) for movie, h in hashes.groupby(passed.movie_id)}
 

@@ -148,8 +148,8 @@ def test_missing_input_is_a_usage_error(tmp_path):
 
 
 def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
-    for i in range(4):
-        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25)
+    for i in range(4):  # four films, not four copies of one (a copy would be one movie)
+        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
     args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "1"]
     mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
     reference = tmp_path / "reference"
