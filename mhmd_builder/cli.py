@@ -86,14 +86,17 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
         s = o.summary
         if o.status == "failed":
             lines.append(f"FAILED   {o.path}: {o.reason}")
+        elif o.status == "copy":
+            lines.append(f"same     {o.path}: {o.reason} (not extracted again)")
         else:
             when = "" if o.status == "done" else " (done earlier)"
             lines.append(f"ok       {o.movie_id}: {s.get('frames_out', 0)}/{s.get('frames_in', 0)} frames kept{when}")
             lines += [f"         warning: {w}" for w in s.get("warnings", [])]
-    failed = sum(o.status == "failed" for o in outcomes)
+    failed, copies = (sum(o.status == status for o in outcomes) for status in ("failed", "copy"))
     frames_in = sum(o.summary.get("frames_in", 0) for o in outcomes if o.status != "failed")
     frames_out = sum(o.summary.get("frames_out", 0) for o in outcomes if o.status != "failed")
-    lines.append(f"{len(outcomes) - failed} movies extracted, {failed} failed; "
+    same = f", {copies} with the same footage as another file" if copies else ""
+    lines.append(f"{len(outcomes) - failed - copies} movies extracted, {failed} failed{same}; "
                  f"{frames_out} of {frames_in} sampled frames kept")
     return "\n".join(lines)
 

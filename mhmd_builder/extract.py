@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -15,8 +16,8 @@ import cv2
 import pyarrow as pa
 
 from .errors import InputError
-from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, decode_frames, detect_letterbox, find_movies,
-                    movie_id, output_size, probe, slug)
+from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, decode_frames, detect_letterbox,
+                    find_movies, movie_id, output_size, probe, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .tables import EXTRACT, FRAME_SCHEMA
@@ -181,7 +182,7 @@ def _warnings(stats: DecodeStats, geometry: MovieGeometry) -> list[str]:
 class MovieOutcome:
     movie_id: str
     path: str
-    status: str  # done | failed | skipped (done in an earlier run)
+    status: str  # done | failed | skipped (done in an earlier run) | copy (same content as movie_id's file)
     reason: str | None
     summary: dict
 
@@ -196,26 +197,56 @@ def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> No
                              "use a new work directory, the same settings to resume, or --redo")
 
 
-def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
-    """One partition per distinct movie content; the plan is recorded so `status` can show what
-    is pending. A file that cannot even be read for its id (not a regular file, a broken link) is
+_HASH = re.compile(r"[0-9a-f]{8}")
+
+
+def known_movies(workdir: WorkDir) -> dict[str, str]:
+    """content hash -> movie id, for every movie the work directory was asked to extract. Plans
+    written before the hash was recorded give it as the id's suffix; when an earlier run made two
+    ids of one content, the first in sorted order stands for it."""
+    known: dict[str, str] = {}
+    for mid, info in workdir.planned(STAGE).items():
+        digest = info.get("content_hash") or mid.rsplit("-", 1)[-1]
+        if _HASH.fullmatch(digest):
+            known.setdefault(digest, mid)
+    return known
+
+
+def _unreadable(workdir: WorkDir, path: Path, error: MediaError | OSError) -> MovieOutcome:
+    """A file that cannot even be read for its content hash (not a regular file, a broken link),
     recorded as failed right away."""
+    mid, info = f"{slug(path.stem) or 'movie'}-unreadable", {"path": str(path)}
+    reason = str(error) if isinstance(error, MediaError) else f"cannot read file: {error.strerror}"
+    workdir.plan(STAGE, mid, info)
+    workdir.mark_failed(STAGE, mid, {**info, "reason": reason})
+    return MovieOutcome(mid, str(path), "failed", reason, info)
+
+
+def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], list[MovieOutcome]]:
+    """One partition per distinct movie content, whatever the file is called: content the work
+    directory knows keeps its movie id (a renamed or copied file is not extracted again), and of
+    two files with the same content the first in sorted order is extracted, the other reported as
+    a copy (also in the plan, under "copies"). The plan is recorded so `status` can show what is
+    pending. Returns the partitions and the outcomes known already (unreadable files, copies)."""
+    known = known_movies(workdir)
     partitions: dict[str, Partition] = {}
-    unreadable: list[MovieOutcome] = []
-    for path in paths:
+    copies: dict[str, list[str]] = {}
+    outcomes: list[MovieOutcome] = []
+    for path in sorted(paths):
         try:
-            mid = movie_id(path)
+            digest = content_hash(path)
         except (MediaError, OSError) as e:
-            mid, info = f"{slug(path.stem) or 'movie'}-unreadable", {"path": str(path)}
-            reason = str(e) if isinstance(e, MediaError) else f"cannot read file: {e.strerror}"
-            workdir.plan(STAGE, mid, info)
-            workdir.mark_failed(STAGE, mid, {**info, "reason": reason})
-            unreadable.append(MovieOutcome(mid, str(path), "failed", reason, info))
+            outcomes.append(_unreadable(workdir, path, e))
             continue
-        if mid not in partitions:
-            partitions[mid] = Partition(mid, {"path": str(path)}, record={"path": str(path)})
-            workdir.plan(STAGE, mid, partitions[mid].info)
-    return list(partitions.values()), unreadable
+        mid = known.setdefault(digest, movie_id(path, digest))
+        if mid in partitions:
+            copies.setdefault(mid, []).append(str(path))
+            outcomes.append(MovieOutcome(mid, str(path), "copy", f"same footage as {mid}", {}))
+        else:
+            partitions[mid] = Partition(mid, {"path": str(path), "content_hash": digest}, record={"path": str(path)})
+    for p in partitions.values():
+        workdir.plan(STAGE, p.id, {**p.info, **({"copies": copies[p.id]} if p.id in copies else {})})
+    return list(partitions.values()), outcomes
 
 
 def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,

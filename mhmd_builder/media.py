@@ -108,9 +108,11 @@ def regular_file_size(path: Path) -> int:
     return st.st_size
 
 
-def movie_id(path: Path) -> str:
-    """`<name>-<hash>`: readable, stable for the same content, never containing dots."""
-    return f"{slug(path.stem) or 'movie'}-{content_hash(path)}"
+
+def movie_id(path: Path, digest: str | None = None) -> str:
+    """`<name>-<hash>`: readable, stable for the same content, never containing dots. `digest`:
+    the file's content_hash when it is known already."""
+    return f"{slug(path.stem) or 'movie'}-{digest or content_hash(path)}"
 
 
 @dataclass

@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 
 from .errors import InputError
+from .footage import near_duplicates
 from .manifest import manifest
 from .runners import LocalRunner
 from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, label_fields, load_webdataset,
@@ -45,22 +46,31 @@ class ShardSettings:
     seed: int = 0
 
 
-def split_films(frames: pd.DataFrame, test_fraction: float, seed: int) -> dict[str, str]:
+def split_films(frames: pd.DataFrame, test_fraction: float, seed: int,
+                groups: list[list[str]] = ()) -> dict[str, str]:
     """movie_id -> "train" | "test". Films are drawn in a seeded order; each goes to test while the
     test split stays within test_fraction of the frames (the first drawn always does, so a test split
-    exists whenever there are two films or more; the last film is never taken: train stays non-empty)."""
+    exists whenever there are two films or more; the last film is never taken: train stays non-empty).
+    A group of near-duplicate films (`groups`) is one film: drawn with its first member drawn, all
+    of it in the same split; without groups the split is what it was before groups existed."""
     counts = frames.groupby("movie_id").size().sort_index()
     split = {movie: "train" for movie in counts.index}
-    if len(counts) < 2 or test_fraction <= 0:
+    unit_of = {movie: group[0] for group in groups for movie in group if movie in split}
+    units = counts.groupby(lambda movie: unit_of.get(movie, movie)).sum()
+    if len(units) < 2 or test_fraction <= 0:
         return split
-    in_test, tested = 0, 0
+    in_test, tested, drawn = 0, 0, set()
     for i in np.random.default_rng(seed).permutation(len(counts)):
-        if tested == len(counts) - 1:
-            break
-        if in_test and in_test + counts.iloc[i] > test_fraction * counts.sum():
+        unit = unit_of.get(counts.index[i], counts.index[i])
+        if unit in drawn:
             continue
-        split[counts.index[i]] = "test"
-        in_test, tested = in_test + counts.iloc[i], tested + 1
+        drawn.add(unit)
+        if tested == len(units) - 1:
+            break
+        if in_test and in_test + units[unit] > test_fraction * counts.sum():
+            continue
+        split.update({movie: "test" for movie in counts.index if unit_of.get(movie, movie) == unit})
+        in_test, tested = in_test + units[unit], tested + 1
     return split
 
 
@@ -171,11 +181,13 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
           taxonomy: Taxonomy | None = None, runner=None, movie_metadata: dict[str, dict] | None = None) -> dict:
     """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index.
     Tars still up to date from an earlier (or killed) run are kept; the others are written by
-    `runner` (default: one process per core). movie_metadata: movie_id -> {"era", "nationality"},
+    `runner` (default: one process per core). Near-duplicate films (footage.py) go to one split and
+    are listed in the index. movie_metadata: movie_id -> {"era", "nationality"},
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
-    frames = manifest(workdir)
+    sampled = manifest(workdir)
+    frames = sampled
     if "jpeg" in frames:
         frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)
     if frames.empty:
@@ -183,7 +195,8 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames:
             frames[column] = None
-    frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed))
+    groups = near_duplicates(sampled[sampled.movie_id.isin(set(frames.movie_id))])
+    frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed, groups))
 
     partitions = plan_tars(frames, workdir.root, out, settings, taxonomy, movie_metadata)
     planned = {p.id for p in partitions}
@@ -203,6 +216,6 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     index = make_index(asdict(settings), taxonomy.sha256,
                        [(p.info["tar"], p.info["split"], len(p.info["samples"])) for p in partitions],
                        {split: split_entry(part.movie_id.tolist(), part.label.tolist())
-                        for split, part in ((s, frames[frames.split == s]) for s in SPLITS)})
+                        for split, part in ((s, frames[frames.split == s]) for s in SPLITS)}, groups)
     write_index(out, index)
     return index

@@ -218,12 +218,14 @@ def split_entry(movies: list[str], labels: list[str | None]) -> dict:
             "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
 
 
-def make_index(settings: dict, taxonomy_sha256: str, tars: list[tuple[str, str, int]], splits: dict) -> dict:
+def make_index(settings: dict, taxonomy_sha256: str, tars: list[tuple[str, str, int]], splits: dict,
+               near_duplicates: list[list[str]] = ()) -> dict:
     """index.json: the shard settings, the taxonomy's SHA-256 (labels are its ids), every tar as
-    (name, split, count) in order, and each split's entry (split_entry)."""
+    (name, split, count) in order, each split's entry (split_entry) and the groups of near-duplicate
+    films (each group in one split)."""
     return {"settings": settings, "taxonomy_sha256": taxonomy_sha256,
             "shards": [{"name": name, "split": split, "count": count} for name, split, count in tars],
-            "splits": splits}
+            "splits": splits, "near_duplicates": [list(group) for group in near_duplicates]}
 
 
 def format_index(index: dict, out: str | Path) -> str:
@@ -233,6 +235,8 @@ def format_index(index: dict, out: str | Path) -> str:
         tars = [s["name"] for s in index["shards"] if s["split"] == split]
         where = f"{Path(out) / tars[0]} .. {tars[-1]}" if tars else "no tars"
         lines.append(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars ({where})")
+    lines += [f"near-duplicate films, kept in one split: {', '.join(group)}"
+              for group in index.get("near_duplicates", [])]
     return "\n".join(lines + [f"index: {Path(out) / INDEX}"])
 
 

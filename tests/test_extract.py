@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -173,8 +174,8 @@ def test_missing_input_is_a_usage_error(tmp_path):
 
 
 def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
-    for i in range(4):
-        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25)
+    for i in range(4):  # four films, not four copies of one (a copy would be one movie)
+        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
     args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "1"]
     mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
     reference = tmp_path / "reference"
@@ -225,3 +226,40 @@ def test_shared_sample_videos_keyframes_are_the_streams_key_frames(tmp_path, sha
     keys = [float(t) for t in out.split()]
     assert len(keys) > 100
     assert work.read_table("extract").timestamp.tolist() == pytest.approx(keys)
+
+
+def test_two_copies_in_one_run_are_one_movie(tmp_path, movie_factory):
+    original = movie_factory("a.mp4", seconds=2)
+    shutil.copy(original, movie_factory.folder / "b copy.mkv")
+    work = tmp_path / "work"
+    result = run_cli("extract", movie_factory.folder, "-w", work)
+    assert result.exit_code == 0, result.output
+    (movie,) = WorkDir(work).done("extract")
+    assert f"same     {movie_factory.folder / 'b copy.mkv'}: same footage as {movie} (not extracted again)" \
+        in result.output
+    assert "1 movies extracted, 0 failed, 1 with the same footage as another file" in result.output
+    assert WorkDir(work).planned("extract") == {movie: {"path": str(original), "content_hash": movie.split("-")[-1],
+                                                        "copies": [str(movie_factory.folder / "b copy.mkv")]}}
+    assert list((work / "frames").iterdir()) == [work / "frames" / movie]
+
+
+def test_a_renamed_or_copied_film_keeps_its_movie_id_and_is_not_extracted_again(tmp_path, movie_factory):
+    original = movie_factory("a.mp4", seconds=2)
+    work = WorkDir(tmp_path / "work")
+    (first,) = extract([movie_factory.folder], work, runner=LocalRunner(1))
+    frames = work.read_table("extract").frame_id.tolist()
+    marker = work.parts_dir("extract") / f"{first.movie_id}.done"
+    stamp = marker.stat().st_mtime_ns
+    # A work directory of an earlier version recorded no content hash: the id's suffix is the hash.
+    plan = work.stage_dir("extract") / "plan" / f"{first.movie_id}.json"
+    plan.write_text(json.dumps({"path": str(original)}))
+
+    renamed = tmp_path / "elsewhere" / "Another title (1950).mkv"
+    renamed.parent.mkdir()
+    original.rename(renamed)
+    shutil.copy(renamed, renamed.parent / "z copy.mp4")
+    outcomes = extract([renamed.parent], work, runner=LocalRunner(1))
+    assert sorted((o.movie_id, o.status) for o in outcomes) == [(first.movie_id, "copy"), (first.movie_id, "skipped")]
+    assert marker.stat().st_mtime_ns == stamp and list(work.done("extract")) == [first.movie_id]
+    assert work.read_table("extract").frame_id.tolist() == frames
+    assert work.planned("extract")[first.movie_id]["path"] == str(renamed)

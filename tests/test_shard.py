@@ -35,6 +35,20 @@ def test_films_are_split_whole_and_the_test_split_stays_near_its_fraction():
     assert set(split_films(frames.iloc[:10], 0.5, 0).values()) == {"train"}  # one film: train only
 
 
+def test_near_duplicate_films_are_one_unit_and_the_others_split_as_before():
+    frames = pd.DataFrame({"movie_id": [f"m{i:02d}" for i in range(20) for _ in range(10 + i)]})
+    test = sorted(m for m, s in split_films(frames, 0.2, seed=0).items() if s == "test")
+    assert test == ["m02", "m04", "m06", "m19"]  # the split before near-duplicates were grouped
+    group = ["m01", "m07", "m13"]
+    in_test = set()
+    for seed in range(10):
+        split = split_films(frames, 0.2, seed, [group])
+        assert len({split[m] for m in group}) == 1
+        in_test.add(split["m01"])
+        assert split_films(frames, 0.2, seed, []) == split_films(frames, 0.2, seed)
+    assert in_test == {"train", "test"}
+
+
 def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
     taxonomy = load_taxonomy()
     kept = manifest(films).query("kept")

@@ -1,0 +1,57 @@
+"""Near-duplicate films: one film under two files that are not byte for byte the same (a
+re-encode, another scale, a cut), found from what extract recorded, without decoding again.
+
+A movie's fingerprint is the set of perceptual hashes (`quality.phash`, the extract table's
+`phash_hi` / `phash_lo`) of its sampled frames that passed quality: black fades, title cards and
+other frames every film has would otherwise look shared. Two movies are near-duplicates when, both
+ways, at least MIN_SHARE of one's hashes lie within MAX_DISTANCE bits of one of the other's; groups
+are the connected movies. Measured both ways, a film that merely shares some shots with another
+(a reused scene, the same photo) is not grouped, while a re-encode (share ~1) or a cut of a few
+minutes (the share of the film that was left) is.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+# The same picture re-encoded or scaled stays within a few bits of 64; a frame sampled a fraction of
+# a second off (a cut does not keep the sampling instants) moves a few more; unrelated frames differ
+# in about 32.
+MAX_DISTANCE = 10
+MIN_SHARE = 0.75
+QUERY_HASHES = 256  # hashes of one movie looked up in the other: bounds the cost of a pair
+CHUNK = 8192  # hashes of the other movie compared at once: bounds the memory
+
+
+def fingerprints(frames: pd.DataFrame) -> dict[str, np.ndarray]:
+    """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags)."""
+    if "phash_hi" not in frames:
+        return {}
+    passed = frames[frames["flags"].map(lambda flags: isinstance(flags, (list, np.ndarray)) and len(flags) == 0)]
+    hashes = (passed.phash_hi.astype(np.uint64) << np.uint64(32)) | passed.phash_lo.astype(np.uint64)
+    return {movie: np.unique(h.to_numpy()) for movie, h in hashes.groupby(passed.movie_id)}
+
+
+def share(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of a's hashes (QUERY_HASHES of them at most, evenly spread) within MAX_DISTANCE
+    bits of one of b's."""
+    query = a[np.linspace(0, len(a) - 1, min(len(a), QUERY_HASHES)).astype(int)]
+    nearest = np.full(len(query), 64)
+    for start in range(0, len(b), CHUNK):
+        distances = np.bitwise_count(query[:, None] ^ b[None, start:start + CHUNK])
+        nearest = np.minimum(nearest, distances.min(axis=1))
+    return float(np.mean(nearest <= MAX_DISTANCE))
+
+
+def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
+    """Groups of near-duplicate movies (each sorted, the groups in order of their first id)."""
+    prints = fingerprints(frames)
+    movies = sorted(prints)
+    group = {movie: {movie} for movie in movies}
+    for i, a in enumerate(movies):
+        for b in movies[i + 1:]:
+            if group[a] is not group[b] and share(prints[a], prints[b]) >= MIN_SHARE \
+                    and share(prints[b], prints[a]) >= MIN_SHARE:
+                merged = group[a] | group[b]
+                group.update({movie: merged for movie in merged})
+    return [list(g) for g in sorted({tuple(sorted(g)) for g in group.values() if len(g) > 1})]

@@ -1,0 +1,49 @@
+import json
+
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.extract import extract
+from mhmd_builder.footage import near_duplicates
+from mhmd_builder.manifest import manifest
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.shard import ShardSettings, shard
+from mhmd_builder.workdir import WorkDir
+
+from conftest import ffmpeg
+
+
+def test_a_re_encode_and_a_cut_are_near_duplicates_kept_in_the_split_of_their_original(tmp_path, movie_factory):
+    original = movie_factory("b-original.mp4", seconds=10, size="320x240")
+    folder = movie_factory.folder
+    ffmpeg("-i", str(original), "-c:v", "libx264", "-crf", "30", "-vf", "scale=480:360", str(folder / "d-re-encoded.mp4"))
+    ffmpeg("-ss", "2", "-i", str(original), "-c:v", "libx264", "-crf", "23", str(folder / "a-cut.mkv"))  # 8 s of 10
+    ffmpeg("-f", "lavfi", "-i", "mandelbrot=size=320x240:rate=25", "-t", "10", "-pix_fmt", "yuv420p",
+           str(folder / "c-mandelbrot.mp4"))
+    movie_factory("e-pattern.mp4", seconds=10, size="320x240", source="testsrc")
+    work = WorkDir(tmp_path / "work")
+    ids = {o.path.split("/")[-1]: o.movie_id for o in extract([folder], work, runner=LocalRunner(1))}
+    assert len(set(ids.values())) == 5
+
+    group = sorted(ids[name] for name in ("b-original.mp4", "d-re-encoded.mp4", "a-cut.mkv"))
+    assert near_duplicates(manifest(work)) == [group]  # the two other films are not grouped
+    splits = set()
+    for seed in range(8):
+        index = shard(work, tmp_path / f"s{seed}", ShardSettings(test_fraction=0.9, seed=seed))
+        assert index["near_duplicates"] == [group]
+        in_split = {split: {s["movie_id"] for s in _samples(work, split)} for split in ("train", "test")}
+        (split,) = [split for split, movies in in_split.items() if movies & set(group)]
+        assert set(group) <= in_split[split]
+        splits.add(split)
+    assert splits == {"train", "test"}  # the group went to either split, always whole
+
+    result = CliRunner().invoke(main, ["shard", "-w", str(work.root), "-o", str(tmp_path / "cli")])
+    assert result.exit_code == 0, result.output
+    assert f"near-duplicate films, kept in one split: {', '.join(group)}" in result.output
+    assert json.loads((tmp_path / "cli" / "index.json").read_text())["near_duplicates"] == [group]
+
+
+def _samples(work: WorkDir, split: str) -> list[dict]:
+    """The shard stage's records of the last shard run: which frame of which movie went to `split`."""
+    table = work.read_table("shard")
+    return table[table.split == split].to_dict("records")
