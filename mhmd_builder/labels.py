@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from .errors import InputError
+from .errors import InputError, listing
 from .manifest import manifest
 from .tables import HUMAN_SCHEMA, human_labels_path, read_human_labels
 from .taxonomy import Taxonomy
@@ -51,7 +51,7 @@ class LabelFileError(InputError):
         self.path = str(path)
         self.problems = sorted(problems, key=lambda p: int(re.match(r"\d*", p[len(self.path) + 1:])[0] or 0))
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{path}: {count}, {consequence}\n" + "\n".join(problems))
+        super().__init__(f"{path}: {count}, {consequence}\n" + listing(self.problems))
 
 
 def _read_csv(path: Path, problems: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
