@@ -15,6 +15,7 @@ frames of films with movie metadata carrying their film's era and nationality.
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from .errors import InputError
 from .extract import ExtractSettings, MovieOutcome, extract
 from .label import PredictSettings, predict
 from .labeler_train import TrainSettings, checkpoint_is_current, train
-from .labels import import_labels, load_movie_metadata
+from .labels import check_label_file, check_movie_metadata, import_labels, load_movie_metadata
+from .ranges import RANGES, Range
 from .runners import make_runner
 from .sample import sample_frames, write_sample
 from .shard import ShardSettings, shard
@@ -38,8 +40,42 @@ PIPELINES = shipped("pipelines")
 NO_LABELS = "none"  # `labels: none`: shard without labelling
 
 
+MAX_RECIPE_BYTES = 1 << 20
+MAX_ALIASES = 8  # a few `*name` reuses; nested ones multiply (the "billion laughs"), so no more
+
+
 class PipelineError(InputError):
     """A recipe that cannot be used; the message names the file and the key."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml's safe loader that refuses a recipe with more than MAX_ALIASES aliases."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.MarkedYAMLError(problem=f"more than {MAX_ALIASES} aliases (*name)",
+                                           problem_mark=self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: Path):
+    try:
+        with open(path, "rb") as file:
+            text = file.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read ({e.strerror})") from None
+    if len(text) > MAX_RECIPE_BYTES:
+        raise PipelineError(f"{path}: larger than {MAX_RECIPE_BYTES:,} bytes, too large for a recipe")
+    try:
+        return yaml.load(text, _RecipeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)
@@ -62,33 +98,37 @@ class Pipeline:
     taxonomy: str | None = None
 
 
-def _settings(cls, values, where: str):
-    """An instance of the settings dataclass `cls` from a YAML map; unknown keys are errors."""
+def _settings(cls, values, where: str, key: str = ""):
+    """An instance of the settings dataclass `cls` from a YAML map (at the recipe key `key`);
+    unknown keys and numbers outside their ranges.RANGES (or not finite) are errors."""
     if not isinstance(values, dict):
-        raise PipelineError(f"{where}: expected a map of settings, not {values!r}")
+        raise PipelineError(f"{where}: expected a map of settings, not {reprlib.repr(values)}")
     known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(str(key) for key in values if key not in known)
     if unknown:
-        raise PipelineError(f"{where}: unknown setting {unknown[0]!r} (known: {', '.join(known)})")
+        raise PipelineError(f"{where}: unknown setting {reprlib.repr(unknown[0])} (known: {', '.join(known)})")
     defaults = cls()
     given = {}
     for name, value in values.items():
-        default, where_key = getattr(defaults, name), f"{where}.{name}"
+        default, where_key, name_key = getattr(defaults, name), f"{where}.{name}", f"{key}.{name}".lstrip(".")
         if value is None and "None" not in str(known[name].type):
             raise PipelineError(f"{where_key}: needs a value")
         if value is None or default is None:
             pass
         elif dataclasses.is_dataclass(default):
-            value = _settings(type(default), value or {}, where_key)
+            value = _settings(type(default), value or {}, where_key, name_key)
         elif isinstance(default, bool) and not isinstance(value, bool):
-            raise PipelineError(f"{where_key}: expected true or false, not {value!r}")
+            raise PipelineError(f"{where_key}: expected true or false, not {reprlib.repr(value)}")
         elif isinstance(default, (int, float)) and not isinstance(default, bool):
             if not isinstance(value, (int, float)) or isinstance(value, bool) or (
                     isinstance(default, int) and not float(value).is_integer()):
-                raise PipelineError(f"{where_key}: expected {type(default).__name__}, not {value!r}")
+                raise PipelineError(f"{where_key}: expected {type(default).__name__}, not {reprlib.repr(value)}")
             value = type(default)(value)
+            problem = RANGES.get(name_key, Range()).problem(value)
+            if problem:
+                raise PipelineError(f"{where_key}: {problem}")
         elif isinstance(default, str) and not isinstance(value, str):
-            raise PipelineError(f"{where_key}: expected text, not {value!r}")
+            raise PipelineError(f"{where_key}: expected text, not {reprlib.repr(value)}")
         given[name] = value
     return replace(defaults, **given)
 
@@ -98,12 +138,9 @@ def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path)
     if not path.is_file() and (PIPELINES / path.name).is_file() and path.parent == Path("."):
         path = PIPELINES / path.name  # `mhmd build demo.yaml`: a shipped recipe by name
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise PipelineError(f"{path}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    values = _read_yaml(path) or {}
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path}: a recipe is a map of sections (extract:, detect:, ...), not a {type(values).__name__}")
     values = dict(values)
     for key in ("labels", "movies", "taxonomy"):
         value = values.get(key)
@@ -134,13 +171,16 @@ def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str |
     own count: one per core, or one for a stage that holds a model; on Ray what its cluster holds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     taxonomy = load_taxonomy(pipeline.taxonomy)
+    movies, labels = movies or pipeline.movies, labels or pipeline.labels
+    if movies:  # the input files' own problems are found before any stage runs
+        check_movie_metadata(movies, taxonomy)
+    if labels and labels != NO_LABELS:
+        check_label_file(labels)
     runner = make_runner(runner, workers, ray_address)
     outcomes = extract(list(inputs), workdir, pipeline.extract, runner)
     failures = [f"extract {o.path}: {o.reason}" for o in outcomes if o.status == "failed"]
     failures += _failures("detect", detect(workdir, pipeline.detect, runner))
-    movies = movies or pipeline.movies
     metadata = load_movie_metadata(movies, workdir, taxonomy) if movies else None
-    labels = labels or pipeline.labels
     if labels and labels != NO_LABELS:
         import_labels(workdir, labels, taxonomy, metadata)
     if labels != NO_LABELS:

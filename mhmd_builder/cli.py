@@ -15,6 +15,7 @@ from .errors import MhmdError
 from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
 from .quality import QualityThresholds, with_overrides
+from .ranges import option_type
 from .runners import make_runner
 from .shards import INDEX, format_index, require_index
 from .workdir import WorkDir
@@ -104,21 +105,21 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @main.command("extract")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @workdir_option
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+@click.option("--fps", type=option_type("extract.sampling.fps"), default=1.0, show_default=True,
               help="Frames per second, uniform in time.")
 @click.option("--keyframes", is_flag=True, help="Only key frames (the decoder skips the others: fast).")
 @click.option("--scenes", is_flag=True, help="A few frames per shot (ffmpeg's scene score).")
-@click.option("--scene-threshold", type=float, default=0.3, show_default=True)
-@click.option("--scene-max-gap", type=float, default=10.0, show_default=True,
+@click.option("--scene-threshold", type=option_type("extract.sampling.scene_threshold"), default=0.3, show_default=True)
+@click.option("--scene-max-gap", type=option_type("extract.sampling.scene_max_gap"), default=10.0, show_default=True,
               help="With --scenes, also one frame every this many seconds inside long shots.")
-@click.option("--max-side", type=click.IntRange(min=0), default=640, show_default=True,
+@click.option("--max-side", type=option_type("extract.max_side", int), default=640, show_default=True,
               help="Scale frames (inside ffmpeg) so that the longer side is at most this; 0 keeps the size.")
-@click.option("--skip-head", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--skip-head", type=option_type("extract.skip_head"), default=0.0, show_default=True,
               help="Seconds left out at the start (opening credits).")
-@click.option("--skip-tail", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--skip-tail", type=option_type("extract.skip_tail"), default=0.0, show_default=True,
               help="Seconds left out at the end (closing credits).")
 @click.option("--crop/--no-crop", default=True, show_default=True, help="Detect and crop letterbox bars.")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=95, show_default=True)
+@click.option("--jpeg-quality", type=option_type("extract.jpeg_quality", int), default=95, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Movies decoded at once [default: the machine's cores, {machine_cores()}; "
                    "with --runner ray, what the cluster's CPUs hold].")
@@ -163,13 +164,13 @@ def filter_command(workdir, **given) -> None:
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local weights file (offline use); overrides --model.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--imgsz", type=click.IntRange(min=32), default=640, show_default=True)
-@click.option("--conf", type=click.FloatRange(0, 1), default=0.25, show_default=True)
-@click.option("--iou", type=click.FloatRange(0, 1), default=0.7, show_default=True)
-@click.option("--min-persons", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--max-persons", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--min-person-area", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+@click.option("--batch", type=option_type("detect.batch", int), default=32, show_default=True)
+@click.option("--imgsz", type=option_type("detect.imgsz", int), default=640, show_default=True)
+@click.option("--conf", type=option_type("detect.conf"), default=0.25, show_default=True)
+@click.option("--iou", type=option_type("detect.iou"), default=0.7, show_default=True)
+@click.option("--min-persons", type=option_type("detect.min_persons", int), default=1, show_default=True)
+@click.option("--max-persons", type=option_type("detect.max_persons", int), default=5, show_default=True)
+@click.option("--min-person-area", type=option_type("detect.min_person_area"), default=0.02, show_default=True,
               help="Fraction of the frame the largest person must cover.")
 @click.option("--masks", is_flag=True, help="Write a person mask PNG per kept frame (segmentation model).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -213,7 +214,7 @@ def label_context(work: WorkDir, taxonomy: str | None, movies: str | None):
 
 @main.command("sample")
 @workdir_option
-@click.option("--fraction", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
+@click.option("--fraction", type=option_type("sample.fraction"), default=0.01, show_default=True,
               help="Share of each film's frames that passed detection (at least one per film).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="TODO file: a CSV, or the tasks JSON for label-studio (its labeling config goes beside it, .xml).")
@@ -275,9 +276,9 @@ def labeler_group() -> None:
               help="Checkpoint (.safetensors) [default: WORKDIR/label/labeler.safetensors].")
 @click.option("--weights", default="imagenet", show_default=True,
               help="imagenet (torchvision's download, SHA-256 checked), none (random), or a local .pth.")
-@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True)
+@click.option("--epochs", type=option_type("labeler.epochs", int), default=10, show_default=True)
+@click.option("--batch-size", type=option_type("labeler.batch_size", int), default=32, show_default=True)
+@click.option("--image-size", type=option_type("labeler.image_size", int), default=224, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
@@ -302,7 +303,7 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
 @taxonomy_option
 @movies_option
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=option_type("predict.batch_size", int), default=64, show_default=True)
 @runner_options
 def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch_size, runner, ray_address) -> None:
     """Label every kept frame (label, confidence, top 3); human labels stay as they are."""
@@ -318,9 +319,9 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
 @main.command("shard")
 @workdir_option
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SHARDDIR (rewritten whole).")
-@click.option("--maxcount", type=click.IntRange(min=1), default=1000, show_default=True, help="Samples per tar.")
-@click.option("--maxsize", type=click.IntRange(min=1), default=1 << 30, show_default=True, help="Bytes per tar.")
-@click.option("--test-fraction", type=click.FloatRange(0, 1, max_open=True), default=100_001 / 1_353_166,
+@click.option("--maxcount", type=option_type("shard.maxcount", int), default=1000, show_default=True, help="Samples per tar.")
+@click.option("--maxsize", type=option_type("shard.maxsize", int), default=1 << 30, show_default=True, help="Bytes per tar.")
+@click.option("--test-fraction", type=option_type("shard.test_fraction"), default=100_001 / 1_353_166,
               show_default="the paper's 0.0739", help="Share of frames in the test split; whole films.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @taxonomy_option

@@ -12,3 +12,14 @@ class MhmdError(Exception):
 class InputError(MhmdError, ValueError):
     """Input or settings that cannot be used: a stage not run yet, a value out of range, a file of
     the wrong kind."""
+
+
+MAX_LISTED = 20  # problems shown in one message; a file with thousands would bury the first ones
+
+
+def listing(problems: list[str]) -> str:
+    """The first MAX_LISTED problems, one a line, and how many more there are."""
+    lines = problems[:MAX_LISTED]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"... and {len(problems) - MAX_LISTED} more")
+    return "\n".join(lines)

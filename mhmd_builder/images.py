@@ -1,10 +1,49 @@
-"""Frames on disk: the extracted JPEGs read back as pixels, by every stage that looks at them."""
+"""Images on disk: the extracted JPEGs read back as pixels (`load_frame`), and images that come from
+outside (parsing maps, photos to colorize) checked before they are decoded (`open_image`).
+
+An outside image is read only when it is a regular file (a FIFO or a device is refused without
+reading from it) of at most MAX_IMAGE_BYTES, and decoded only when its header says it has at most
+MAX_IMAGE_PIXELS pixels: a small file that claims 30000x30000 pixels is refused from its header,
+never decoded.
+"""
 from __future__ import annotations
 
+import io
+import os
+import stat
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+# 8192 x 8192: far above any film frame, parsing map or photo to colorize.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_BYTES = 512 << 20
+
+
+class ImageError(InputError):
+    """An outside image that is refused or cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """An outside image's bytes and the size its header gives, not decoded yet."""
+
+    path: Path
+    data: np.ndarray  # the file's bytes (uint8)
+    width: int
+    height: int
+
+    def decode(self, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+        image = cv2.imdecode(self.data, flags)
+        if image is None:
+            raise ImageError(f"{self.path}: cannot be read as an image (corrupt image data)")
+        return image
 
 
 def load_frame(path: Path) -> np.ndarray | None:
@@ -14,3 +53,37 @@ def load_frame(path: Path) -> np.ndarray | None:
     except OSError:
         return None
     return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+
+
+def open_image(path: str | Path) -> ImageFile:
+    """Read an outside image's bytes and its header's size; ImageError when it is not a regular
+    file, is larger than MAX_IMAGE_BYTES, has no image header, or has more than MAX_IMAGE_PIXELS."""
+    path = Path(path)
+    data = _read_regular_file(path)
+    try:
+        with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning), \
+                Image.open(io.BytesIO(data)) as header:  # reads the header only
+            width, height = header.size
+    except Image.DecompressionBombError:  # Pillow's own limit, twice its warning's, is above ours
+        raise ImageError(f"{path}: more pixels than the {MAX_IMAGE_PIXELS:,} an image may have") from None
+    except Exception:  # Pillow's header parsers raise many kinds on hostile bytes
+        raise ImageError(f"{path}: cannot be read as an image") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{path}: {width}x{height}, more pixels than the {MAX_IMAGE_PIXELS:,} an image may have")
+    return ImageFile(path, np.frombuffer(data, np.uint8), width, height)
+
+
+def _read_regular_file(path: Path) -> bytes:
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # checked before opening: opening a FIFO blocks
+            raise ImageError(f"{path}: not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if it became a FIFO since
+        with os.fdopen(fd, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"{path}: not a regular file")
+            if info.st_size > MAX_IMAGE_BYTES:
+                raise ImageError(f"{path}: {info.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image may have")
+            return file.read(MAX_IMAGE_BYTES)
+    except OSError as e:
+        raise ImageError(f"{path}: cannot read ({e.strerror})") from None

@@ -8,6 +8,7 @@ import difflib
 import io
 import json
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from .errors import InputError
+from .errors import InputError, listing
 from .manifest import manifest
 from .tables import HUMAN_SCHEMA, human_labels_path, read_human_labels
 from .taxonomy import Taxonomy
@@ -51,7 +52,7 @@ class LabelFileError(InputError):
         self.path = str(path)
         self.problems = sorted(problems, key=lambda p: int(re.match(r"\d*", p[len(self.path) + 1:])[0] or 0))
         count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{path}: {count}, {consequence}\n" + "\n".join(problems))
+        super().__init__(f"{path}: {count}, {consequence}\n" + listing(self.problems))
 
 
 def _read_csv(path: Path, problems: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -63,6 +64,9 @@ def _read_csv(path: Path, problems: list[str]) -> tuple[list[str], list[tuple[in
         raise LabelFileError(path, [f"{path}: cannot read ({e})"]) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header = [name.strip() for name in next(reader, [])]
+    for name, separator in (("semicolon", ";"), ("tab", "\t")):
+        if len(header) == 1 and separator in header[0]:
+            raise LabelFileError(path, [f"{path}:1: looks {name}-separated: save it comma-separated"])
     rows = []
     for fields in reader:
         if not any(f.strip() for f in fields):
@@ -75,22 +79,44 @@ def _read_csv(path: Path, problems: list[str]) -> tuple[list[str], list[tuple[in
 
 
 # -- movie metadata -------------------------------------------------------------------------------
-def load_movie_metadata(path: str | Path, workdir: WorkDir, taxonomy: Taxonomy) -> dict[str, dict]:
-    """movie_id -> {"era": ..., "nationality": ...} (None where not known) from a CSV with columns
-    movie (file name or movie id of an extracted movie), era, nationality."""
-    path, problems = Path(path), []
+def _movie_rows(path: Path, taxonomy: Taxonomy, problems: list[str]) -> list[tuple[int, dict]]:
+    """The (line, row) pairs of a movie metadata CSV; unknown eras and nationalities are problems."""
     header, rows = _read_csv(path, problems)
     missing = [c for c in ("movie", "era", "nationality") if c not in header]
     if missing:
         raise LabelFileError(path, [f"{path}:1: missing column(s) {', '.join(missing)}"], "no metadata read")
+    eras, nations = {l.era for l in taxonomy.labels}, {l.nationality for l in taxonomy.labels}
+    for line, row in rows:
+        era, nation = row["era"], row["nationality"]
+        bad = [f"unknown era {era!r}"] * (bool(era) and era not in eras) + \
+              [f"unknown nationality {nation!r}"] * (bool(nation) and nation not in nations)
+        if not bad and not taxonomy.consistent_with(era or None, nation or None):
+            bad = [f"no label of the taxonomy is {era}/{nation}"]
+        problems += [f"{path}:{line}: {b}" for b in bad]
+    return rows
+
+
+def check_movie_metadata(path: str | Path, taxonomy: Taxonomy) -> None:
+    """The problems a movie metadata file has on its own (columns, eras, nationalities), found
+    before any movie is extracted; `load_movie_metadata` checks its movies afterwards."""
+    path, problems = Path(path), []
+    _movie_rows(path, taxonomy, problems)
+    if problems:
+        raise LabelFileError(path, problems, "no metadata read")
+
+
+def load_movie_metadata(path: str | Path, workdir: WorkDir, taxonomy: Taxonomy) -> dict[str, dict]:
+    """movie_id -> {"era": ..., "nationality": ...} (None where not known) from a CSV with columns
+    movie (file name or movie id of an extracted movie), era, nationality."""
+    path, problems = Path(path), []
+    rows = _movie_rows(path, taxonomy, problems)
     extracted = workdir.done("extract")
     by_file: dict[str, list[str]] = {}
     for movie_id, summary in extracted.items():
         by_file.setdefault(Path(summary["path"]).name, []).append(movie_id)
-    eras, nations = {l.era for l in taxonomy.labels}, {l.nationality for l in taxonomy.labels}
     metadata, seen = {}, {}
     for line, row in rows:
-        where, name, era, nation = f"{path}:{line}", row["movie"], row["era"], row["nationality"]
+        where, name = f"{path}:{line}", row["movie"]
         ids = [name] if name in extracted else by_file.get(name, [])
         if not ids:
             problems.append(f"{where}: unknown movie {name!r} (neither the file name nor the id of an extracted movie)")
@@ -100,13 +126,7 @@ def load_movie_metadata(path: str | Path, workdir: WorkDir, taxonomy: Taxonomy) 
             problems.append(f"{where}: movie {ids[0]} also on line {seen[ids[0]]}")
         else:
             seen[ids[0]] = line
-        bad = [f"unknown era {era!r}"] * (bool(era) and era not in eras) + \
-              [f"unknown nationality {nation!r}"] * (bool(nation) and nation not in nations)
-        if not bad and not taxonomy.consistent_with(era or None, nation or None):
-            bad = [f"no label of the taxonomy is {era}/{nation}"]
-        problems += [f"{where}: {b}" for b in bad]
-        if len(ids) == 1:
-            metadata[ids[0]] = {"era": era or None, "nationality": nation or None}
+            metadata[ids[0]] = {"era": row["era"] or None, "nationality": row["nationality"] or None}
     if problems:
         raise LabelFileError(path, problems, "no metadata read")
     return metadata
@@ -180,17 +200,38 @@ def _read_label_studio(path: Path, problems: list[str]) -> tuple[list[_Entry], i
             unlabelled += 1
             continue
         latest = max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-        entry = _Entry(line, frame)
-        for result in latest.get("result") or []:
-            if result.get("type") != "choices" or result.get("from_name") not in PARTS:
-                continue
-            choices = (result.get("value") or {}).get("choices") or []
-            if len(choices) != 1:
-                problems.append(f"{path}:{line}: task {task.get('id')}: {len(choices)} {result['from_name']} choices, need one")
-                continue
-            setattr(entry, result["from_name"], str(choices[0]).strip())
+        entry, where = _Entry(line, frame), f"{path}:{line}: task {task.get('id')}"
+        results = latest.get("result") or []
+        if not isinstance(results, list):
+            problems.append(f"{where}: its annotation's result is not a list")
+            continue
+        for result in results:
+            if not isinstance(result, dict):
+                problems.append(f"{where}: a result that is not an object ({reprlib.repr(result)})")
+            elif result.get("type") == "choices" and result.get("from_name") in PARTS:
+                value = result.get("value")
+                choices = value.get("choices") if isinstance(value, dict) else None
+                if not isinstance(choices, list) or len(choices) != 1:
+                    count = len(choices) if isinstance(choices, list) else "no"
+                    problems.append(f"{where}: {count} {result['from_name']} choices, need one")
+                else:
+                    setattr(entry, result["from_name"], str(choices[0]).strip())
         entries.append(entry)
     return entries, unlabelled
+
+
+def _read_label_file(path: Path, problems: list[str]) -> tuple[list[_Entry], int]:
+    """A CSV, or a Label Studio JSON export when the name ends in .json."""
+    return (_read_label_studio if path.suffix.lower() == ".json" else _read_label_csv)(path, problems)
+
+
+def check_label_file(path: str | Path) -> None:
+    """The problems a label file has on its own (format, columns, task structure), found before any
+    stage runs; `import_labels` checks its frames and labels against the work directory."""
+    path, problems = Path(path), []
+    _read_label_file(path, problems)
+    if problems:
+        raise LabelFileError(path, problems)
 
 
 def _resolve(entry: _Entry, taxonomy: Taxonomy, known: dict) -> tuple[object, list[str]]:
@@ -228,8 +269,7 @@ def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
     import pandas as pd
 
     path, problems = Path(path), []
-    read = _read_label_studio if path.suffix.lower() == ".json" else _read_label_csv
-    entries, unlabelled = read(path, problems)
+    entries, unlabelled = _read_label_file(path, problems)
     everything = manifest(workdir)
     frames, everything = passed_detection(everything).set_index("frame_id"), everything.set_index("frame_id")
     existing = read_human_labels(workdir)

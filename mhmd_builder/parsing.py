@@ -15,7 +15,8 @@ import cv2
 import pandas as pd
 import pyarrow as pa
 
-from .errors import MhmdError
+from .errors import MhmdError, listing
+from .images import ImageError, open_image
 from .manifest import manifest
 from .tables import PARSING, parsing_table_path
 from .workdir import WorkDir, atomic_write_table
@@ -25,7 +26,7 @@ class ParsingError(MhmdError):
     """Some maps are invalid: `problems` lists each as 'file: what is wrong'."""
 
     def __init__(self, problems: list[str]):
-        super().__init__(f"{len(problems)} invalid parsing maps, nothing attached:\n" + "\n".join(problems))
+        super().__init__(f"{len(problems)} invalid parsing maps, nothing attached:\n" + listing(problems))
         self.problems = problems
 
 
@@ -44,13 +45,22 @@ def check_maps(folder: Path, frames: pd.DataFrame) -> list[str]:
         if not frame.kept:
             problems.append(f"{png.name}: frame {png.stem} was rejected ({frame.reject_reason})")
             continue
-        image = cv2.imread(str(png), cv2.IMREAD_UNCHANGED)
-        if image is None:
-            problems.append(f"{png.name}: not a readable PNG")
-        elif image.shape[:2] != (frame.height, frame.width):
-            problems.append(f"{png.name}: {image.shape[1]}x{image.shape[0]}, but the frame is "
-                            f"{frame.width}x{frame.height}")
+        problem = _map_problem(png, frame.width, frame.height)
+        if problem:
+            problems.append(problem)
     return problems
+
+
+def _map_problem(png: Path, width: int, height: int) -> str | None:
+    """What is wrong with one map: its size is read from its header and compared before decoding."""
+    try:
+        image = open_image(png)
+        if (image.width, image.height) != (width, height):
+            return f"{png.name}: {image.width}x{image.height}, but the frame is {width}x{height}"
+        image.decode(cv2.IMREAD_UNCHANGED)
+    except ImageError as e:
+        return str(e)
+    return None
 
 
 def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from mhmd_builder.build import PIPELINES, PipelineError, build, load_pipeline
 from mhmd_builder.cli import main
 from mhmd_builder.demo import DEMO_FILMS
+from mhmd_builder.errors import InputError
 from mhmd_builder.labeler import default_checkpoint
 from mhmd_builder.manifest import manifest
 from mhmd_builder.workdir import WorkDir
@@ -61,6 +62,60 @@ def test_shipped_recipes_load_and_bad_ones_are_refused_with_file_and_key(tmp_pat
     bad.write_text("labels: ../l.csv\nmovies: m.csv")
     assert load_pipeline(bad).labels == str((tmp_path.parent / "l.csv").resolve())
     assert load_pipeline(bad).movies == str(tmp_path / "m.csv")
+
+
+LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
+
+def test_hostile_recipes_are_refused_in_one_short_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    for text, message in [(LAUGHS, r"bad.yaml:2: not valid YAML \(more than 8 aliases \(\*name\)\)$"),
+                          ("extract: " + "x" * (1 << 20), r"bad.yaml: larger than 1,048,576 bytes"),
+                          ("- extract\n- detect\n", r"bad.yaml: a recipe is a map of sections .*, not a list$"),
+                          ("extract: [" + ", ".join(["1"] * 10000) + "]", r"bad.yaml.extract: expected a map .{,80}$"),
+                          ("a: &x 1\nb: *x\nc: *x\ndetect: {batch: *x}\n", "unknown setting 'a'")]:
+        bad.write_text(text)
+        with pytest.raises(PipelineError, match=message) as error:
+            load_pipeline(bad)
+        assert len(str(error.value).splitlines()) == 1 and len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("setting, value, option", [
+    ("extract: {sampling: {fps: -2}}", "-2.0 is not in the range 0 < x", ["extract", "--fps", "-2"]),
+    ("extract: {sampling: {fps: .nan}}", "nan is not a finite number", ["extract", "--fps", "nan"]),
+    ("extract: {sampling: {fps: .inf}}", "inf is not a finite number", ["extract", "--fps", "inf"]),
+    ("shard: {maxcount: 0}", "0 is not in the range 1 <= x", ["shard", "--maxcount", "0"]),
+    ("shard: {test_fraction: 7}", "7.0 is not in the range 0 <= x < 1", ["shard", "--test-fraction", "7"]),
+    ("detect: {batch: 0}", "0 is not in the range 1 <= x", ["detect", "--batch", "0"]),
+    ("extract: {quality: {min_colorfulness: .nan}}", "nan is not a finite number", None),
+])
+def test_recipe_values_are_checked_with_the_ranges_of_the_cli(tmp_path, setting, value, option):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(setting)
+    with pytest.raises(PipelineError, match=rf"^{bad}\.[a-z_.]+: {value}"):
+        load_pipeline(bad)
+    if option:
+        result = CliRunner().invoke(main, option)
+        assert result.exit_code == 2 and f"Invalid value for '{option[1]}'" in result.output
+
+
+@pytest.mark.parametrize("key, text, message", [
+    ("labels", None, r"labels.csv: cannot read"),
+    ("movies", None, r"movies.csv: cannot read"),
+    ("taxonomy", None, r"taxonomy.csv: cannot read"),
+    ("labels", "frame_id;label\n", r"labels.csv:1: looks semicolon-separated"),
+    ("movies", "movie,era,nationality\nx.mp4,bronze_age,usa\n", r"movies.csv:2: unknown era 'bronze_age'"),
+])
+def test_input_files_a_recipe_names_are_checked_before_any_stage_runs(tmp_path, key, text, message):
+    if text is not None:
+        (tmp_path / f"{key}.csv").write_text(text)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{key}: {key}.csv\n")
+    work = tmp_path / "work"
+    with pytest.raises(InputError, match=message):
+        build(load_pipeline(recipe), [tmp_path / "no-movie.mp4"], work, tmp_path / "shards")
+    assert not work.exists()
 
 
 def test_build_stops_at_the_sample_then_labels_trains_and_shards(films, tmp_path):

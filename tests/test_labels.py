@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mhmd_builder.labels import LabelFileError, import_labels, labelable_frames
+from mhmd_builder.labels import LabelFileError, check_label_file, import_labels, labelable_frames
 from mhmd_builder.tables import human_labels_path, read_human_labels
 from mhmd_builder.manifest import manifest
 from test_sample import TAXONOMY, copy_films, movie_ids
@@ -141,3 +141,38 @@ def test_a_label_file_needs_frame_ids_and_labels(films, tmp_path):
         import_labels(films, write(tmp_path / "no_ids.csv", "image,label\nx.jpg,a/b/c\n"), TAXONOMY)
     with pytest.raises(LabelFileError, match=r"missing.csv: cannot read"):
         import_labels(films, tmp_path / "missing.csv", TAXONOMY)
+
+
+def test_a_file_with_many_problems_lists_the_first_twenty_and_how_many_more(tmp_path):
+    path = write(tmp_path / "big.csv", "frame_id,label\n" + "a,b,c\n" * 100_000)
+    with pytest.raises(LabelFileError) as error:
+        check_label_file(path)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"{path}: 100000 problems, nothing imported"
+    assert lines[1:] == [f"{path}:{n}: 3 fields, the header has 2" for n in range(2, 22)] + ["... and 99980 more"]
+    assert len(error.value.problems) == 100_000
+
+
+def test_semicolon_and_tab_separated_files_are_named_as_such(tmp_path):
+    for name, separator in [("semicolon", ";"), ("tab", "\t")]:
+        path = write(tmp_path / f"{name}.csv", f"frame_id{separator}label\nx_0{separator}a/b/c\n")
+        with pytest.raises(LabelFileError, match=rf"^{path}: 1 problem, nothing imported\n{path}:1: looks "
+                                                 rf"{name}-separated: save it comma-separated$"):
+            check_label_file(path)
+
+
+def test_label_studio_results_of_the_wrong_shape_are_problems_with_their_lines(tmp_path):
+    def task(n, result):
+        return {"id": n, "data": {"frame_id": f"x_{n}"}, "annotations": [{"id": n, "result": result}]}
+
+    era = {"from_name": "era", "type": "choices"}
+    tasks = [task(1, ["era: during_ww2"]), task(2, {"era": "during_ww2"}), task(3, [era]),
+             task(4, [{**era, "value": "during_ww2"}]), task(5, [{**era, "value": {"choices": "during_ww2"}}])]
+    path = write(tmp_path / "export.json", "[\n" + ",\n".join(json.dumps(t) for t in tasks) + "\n]")
+    with pytest.raises(LabelFileError) as error:
+        check_label_file(path)
+    assert error.value.problems == [f"{path}:2: task 1: a result that is not an object ('era: during_ww2')",
+                                    f"{path}:3: task 2: its annotation's result is not a list",
+                                    f"{path}:4: task 3: no era choices, need one",
+                                    f"{path}:5: task 4: no era choices, need one",
+                                    f"{path}:6: task 5: no era choices, need one"]

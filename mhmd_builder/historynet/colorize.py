@@ -8,7 +8,8 @@ trip (rounding, and the clipping of predicted colours that fall outside the RGB 
 
 Inputs are checked before any work: a missing path, a folder without images, two inputs that would
 write the same name or an output that would overwrite its input raise ColorizeError. A file that cannot
-be decoded does not stop the others: nothing is written for it and `Colorized.failures` has a line
+be decoded, or is refused before decoding (not a regular file, more pixels than images.MAX_IMAGE_PIXELS
+by its header), does not stop the others: nothing is written for it and `Colorized.failures` has a line
 naming it (the CLI prints them and exits 1).
 
 `load_colorizer` and `predict_ab` are the inference path that `evaluate` uses too.
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from ..batching import batched
 from ..devices import pick_device
 from ..errors import InputError
+from ..images import ImageError, open_image
 from ..workdir import atomic_write_bytes
 from .checkpoint import load_generator
 from .data import lab_input, rgb_from_lab, unit_float
@@ -80,6 +82,8 @@ def input_images(inputs: str | Path | Iterable[str | Path]) -> list[Path]:
             images += found
         elif given.is_file():
             images.append(given)
+        elif given.exists():
+            raise ColorizeError(f"{given}: not a regular file or folder")
         else:
             raise ColorizeError(f"{given}: no such file or folder")
     if not images:
@@ -101,23 +105,16 @@ def output_paths(images: list[Path], out: Path) -> list[Path]:
     return list(first_for)
 
 
-def read_bgr(path: Path) -> np.ndarray | None:
-    """BGR uint8 (grey files as 3 equal channels, 16-bit ones scaled to 8), or None when unreadable."""
-    try:
-        return cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_COLOR)
-    except (OSError, cv2.error):  # cv2.error: an empty file
-        return None
-
-
 # -- colorize -------------------------------------------------------------------------------------
 def _readable(images: list[Path], targets: list[Path], failures: list[str]) -> Iterator[tuple[np.ndarray, Path]]:
     """(BGR, target) of each readable image; a line in `failures` for the others."""
     for image, target in zip(images, targets):
-        bgr = read_bgr(image)
-        if bgr is None:
-            failures.append(f"{image}: cannot be read as an image")
-        else:
-            yield bgr, target
+        try:
+            bgr = open_image(image).decode(cv2.IMREAD_COLOR)
+        except ImageError as e:
+            failures.append(str(e))
+            continue
+        yield bgr, target
 
 
 def _colorize_batch(generator: HistoryNetGenerator, image_size: int, device: str,

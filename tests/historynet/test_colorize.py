@@ -1,6 +1,7 @@
 """`colorize` on real black-and-white photos, colour and broken inputs, with a random-weight checkpoint."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from test_data import NUM_CLASSES, gradient_frame
+from test_images import huge_png, peak_rss_growth
 
 from mhmd_builder.historynet import colorize as colorize_module
 from mhmd_builder.historynet.checkpoint import save_checkpoint
@@ -93,16 +95,21 @@ def test_a_colour_photo_keeps_its_lightness_and_gets_the_models_colours(checkpoi
     assert np.abs(lab(result.written[0])[..., 1:] - lab(source)[..., 1:]).mean() > 5  # not the input's ab
 
 
-def test_an_unreadable_image_is_named_and_the_others_are_written(checkpoint, tmp_path):
-    folder = tmp_path / "in"
+@pytest.mark.timeout(120)
+def test_unreadable_huge_and_fifo_images_are_named_undecoded_and_the_others_are_written(checkpoint, tmp_path):
+    folder, result = tmp_path / "in", []
     folder.mkdir()
     (folder / "broken.jpg").write_bytes(b"not a jpeg")
     (folder / "empty.png").write_bytes(b"")
+    huge_png(folder / "huge.png", 9000, 9000)
     cv2.imwrite(str(folder / "good.jpg"), gradient_frame(0, 40, 60))
-    result = colorize([folder], checkpoint, tmp_path / "out", device="cpu")
-    assert result.failures == [f"{folder / 'broken.jpg'}: cannot be read as an image",
-                               f"{folder / 'empty.png'}: cannot be read as an image"]
-    assert result.written == [tmp_path / "out" / "good.png"]
+    os.mkfifo(folder / "fifo.png")  # not a photo: skipped, never opened
+    growth = peak_rss_growth(lambda: result.append(colorize([folder], checkpoint, tmp_path / "out", device="cpu")))
+    assert growth < 100 << 20
+    assert result[0].failures == [f"{folder / 'broken.jpg'}: cannot be read as an image",
+                                  f"{folder / 'empty.png'}: cannot be read as an image",
+                                  f"{folder / 'huge.png'}: 9000x9000, more pixels than the 67,108,864 an image may have"]
+    assert result[0].written == [tmp_path / "out" / "good.png"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
 
 
@@ -119,12 +126,14 @@ def test_inputs_that_cannot_work_are_refused_before_any_work(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(b"")
     (tmp_path / "b" / "x.png").write_bytes(b"")
+    os.mkfifo(tmp_path / "fifo.png")
     never = tmp_path / "no-checkpoint.safetensors"  # never opened: the inputs are checked first
     cases = [([tmp_path / "a", tmp_path / "b"], tmp_path / "out", r"a/x\.jpg and .*b/x\.png would both be written to "
                                                                    r".*out/x\.png: rename one$"),
              ([tmp_path / "b"], tmp_path / "b", r"b/x\.png: its output would overwrite it"),
              ([tmp_path / "empty"], tmp_path / "out", r"empty: no images in this folder"),
-             ([tmp_path / "nope.jpg"], tmp_path / "out", r"nope\.jpg: no such file or folder$")]
+             ([tmp_path / "nope.jpg"], tmp_path / "out", r"nope\.jpg: no such file or folder$"),
+             ([tmp_path / "fifo.png"], tmp_path / "out", r"fifo\.png: not a regular file or folder$")]
     for inputs, out, message in cases:
         with pytest.raises(ColorizeError, match=message) as error:
             colorize(inputs, never, out, device="cpu")
