@@ -11,7 +11,7 @@ import click
 
 from . import __version__
 from .devices import machine_cores
-from .errors import MhmdError
+from .errors import MhmdError, storage_error
 from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
 from .quality import QualityThresholds, with_overrides
@@ -49,14 +49,19 @@ def quality_options(func):
 
 
 class MhmdGroup(click.Group):
-    """Every expected error (an MhmdError) ends the command with its one-line message and exit
-    status 1; anything else is a bug and keeps its traceback."""
+    """Every expected error (an MhmdError, or a full, read-only or forbidden file system) ends the
+    command with its one-line message and exit status 1; anything else is a bug and keeps its
+    traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except MhmdError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            if (error := storage_error(e)) is None:
+                raise
+            raise click.ClickException(str(error)) from None
 
 
 @click.group(cls=MhmdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,6 +3,14 @@
 Such an error's message is one line that names the file or option and says what to do; the CLI
 catches `MhmdError` once and prints it. Anything else is a bug and keeps its traceback.
 """
+from __future__ import annotations
+
+import errno
+import os
+
+# OS errors a user can fix where they are (free space, another folder, permissions): told in one
+# line naming the path, not as a traceback.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 class MhmdError(Exception):
@@ -12,6 +20,18 @@ class MhmdError(Exception):
 class InputError(MhmdError, ValueError):
     """Input or settings that cannot be used: a stage not run yet, a value out of range, a file of
     the wrong kind."""
+
+
+class StorageError(MhmdError):
+    """The file system refused a read or write: full, read-only, or not permitted."""
+
+
+def storage_error(error: BaseException, where: object = None) -> StorageError | None:
+    """The one-line StorageError for an OS error the user can fix (no space, read-only, permission),
+    naming the path (the error's own, else `where`); None for any other error."""
+    if not isinstance(error, OSError) or error.errno not in STORAGE_ERRNOS:
+        return None
+    return StorageError(f"{error.filename or where or 'a file'}: {os.strerror(error.errno)}")
 
 
 MAX_LISTED = 20  # problems shown in one message; a file with thousands would bury the first ones

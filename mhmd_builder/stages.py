@@ -11,7 +11,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .errors import MhmdError
+from .errors import MhmdError, StorageError, storage_error
 from .workdir import WorkDir
 
 Progress = Callable[[float, float], None]
@@ -93,9 +93,10 @@ def run_partition(stage: Stage, partition: Partition, progress: Progress) -> Par
 
 def record_failure(stage: Stage, partition: Partition, error: Exception, seconds: float = 0.0) -> PartitionResult:
     """Mark the partition failed with a one-line reason (and the traceback of unexpected errors)."""
+    error = storage_error(error, stage.workdir.root) or error
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     info = {**partition.record, "seconds": round(seconds, 3)}
-    if not isinstance(error, PartitionError):
+    if not isinstance(error, (PartitionError, StorageError)):
         reason = f"{type(error).__name__}: {reason}"
         info["traceback"] = "".join(traceback.format_exception(error))
     info["reason"] = reason

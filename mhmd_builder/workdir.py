@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,15 +45,28 @@ def _changed() -> None:
     _changes += 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling and rename, so readers never see a partial file."""
+@contextmanager
+def _temporary_sibling(path: Path) -> Iterator[Path]:
+    """A hidden temporary name beside `path`, renamed to it when the block succeeds and removed when
+    it fails (a full disk, Ctrl-C): readers never see a partial file, and nothing is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.filename in (None, str(tmp)):  # name the file the user knows
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, flushed to the disk, and rename."""
+    with _temporary_sibling(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -61,10 +75,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     _changed()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with _temporary_sibling(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def read_json(path: Path) -> Any:
@@ -142,8 +154,9 @@ class WorkDir:
         shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
 
     def mark_failed(self, stage: str, partition: str, info: dict) -> None:
-        atomic_write_json(self._marker(stage, partition, "failed"), info)
+        # The staging folder goes first: on a full disk, that frees the room the record needs.
         shutil.rmtree(self.tmp_dir(stage, partition), ignore_errors=True)
+        atomic_write_json(self._marker(stage, partition, "failed"), info)
 
     # -- progress of running partitions (for `mhmd status` while a run goes on) ------------------
     def _progress_path(self, stage: str, partition: str) -> Path:

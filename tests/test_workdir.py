@@ -1,6 +1,10 @@
-import pyarrow as pa
+import errno
 
-from mhmd_builder.workdir import WorkDir, atomic_write_bytes
+import pyarrow as pa
+import pytest
+
+from mhmd_builder import workdir
+from mhmd_builder.workdir import WorkDir, atomic_write_bytes, atomic_write_table
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
@@ -39,3 +43,35 @@ def test_read_table_unifies_partitions_with_different_columns(tmp_path):
         wd.commit("s", pid, table, {})
     frame = wd.read_table("s")
     assert frame.x.tolist() == [1, 2] and frame.y.isna().tolist() == [True, False]
+
+
+def no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", str(args[-1]) if args else None)
+
+
+@pytest.mark.parametrize("failure", ["disk full", "Ctrl-C"])
+def test_a_write_that_fails_leaves_neither_a_partial_file_nor_its_temporary(tmp_path, monkeypatch, failure):
+    target = tmp_path / "a" / "b.bin"
+    atomic_write_bytes(target, b"one")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workdir.os, "fsync", no_space if failure == "disk full" else interrupted)
+    with pytest.raises(OSError if failure == "disk full" else KeyboardInterrupt):
+        atomic_write_bytes(target, b"two")
+    monkeypatch.setattr(workdir.pq, "write_table", no_space)
+    with pytest.raises(OSError):
+        atomic_write_table(tmp_path / "a" / "t.parquet", pa.table({"x": [1]}))
+    assert target.read_bytes() == b"one" and [p.name for p in target.parent.iterdir()] == ["b.bin"]
+
+
+def test_a_failed_partition_frees_its_staging_before_writing_its_record(tmp_path, monkeypatch):
+    wd = WorkDir(tmp_path)
+    staging = wd.begin("extract", "m1")
+    (staging / "big.jpg").write_bytes(b"x" * 1000)
+    seen = []
+    real = workdir.atomic_write_json
+    monkeypatch.setattr(workdir, "atomic_write_json", lambda path, obj: seen.append(staging.exists()) or real(path, obj))
+    wd.mark_failed("extract", "m1", {"reason": "disk full"})
+    assert seen == [False] and wd.failed("extract")["m1"]["reason"] == "disk full"

@@ -1,0 +1,74 @@
+import errno
+import os
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+
+from mhmd_builder import workdir
+from mhmd_builder.cli import main
+from mhmd_builder.errors import MAX_LISTED, StorageError, listing, storage_error
+
+
+def test_os_errors_the_user_can_fix_become_one_line_naming_the_path():
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        error = storage_error(OSError(code, "Reason", "/data/w/extract/parts/m.parquet"))
+        assert isinstance(error, StorageError)
+        assert str(error) == f"/data/w/extract/parts/m.parquet: {os.strerror(code)}"  # the OS's words, not a library's
+    assert str(storage_error(OSError(errno.ENOSPC, "Error writing bytes"), "/data/w")) == "/data/w: No space left on device"
+    assert storage_error(OSError(errno.EIO, "I/O error", "/x")) is None  # not the user's to fix: a bug or a broken disk
+    assert storage_error(ValueError("x")) is None
+
+
+def test_problem_listings_are_capped():
+    assert listing([f"line {i}" for i in range(MAX_LISTED)]).count("\n") == MAX_LISTED - 1
+    capped = listing([f"line {i}" for i in range(MAX_LISTED + 5)]).splitlines()
+    assert len(capped) == MAX_LISTED + 1 and capped[-1] == "... and 5 more"
+
+
+def test_a_full_disk_ends_a_command_with_one_line_and_no_temporary_file(tmp_path, monkeypatch):
+    def no_space(table, where):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr(workdir.pq, "write_table", no_space)
+    out = tmp_path / "out" / "manifest.parquet"
+    result = CliRunner().invoke(main, ["manifest", "export", "-w", str(tmp_path / "w"), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert result.output == f"Error: {out}: No space left on device\n"
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_partition_that_meets_a_full_disk_fails_in_one_line_without_a_traceback(tmp_path):
+    from mhmd_builder.stages import Partition, record_failure
+
+    class Stage:
+        name, workdir = "extract", workdir.WorkDir(tmp_path)
+
+    result = record_failure(Stage(), Partition("m", record={"path": "m.mp4"}),
+                            OSError(errno.ENOSPC, "No space left on device", "/w/frames/m/m_0.jpg"))
+    failure = Stage.workdir.failed("extract")["m"]
+    assert result.reason == failure["reason"] == "/w/frames/m/m_0.jpg: No space left on device"
+    assert "traceback" not in failure and failure["path"] == "m.mp4"
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 256 KiB file system (tmpfs), where root may mount one; skipped elsewhere."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_extract_on_a_full_disk_records_the_movie_failed_in_one_line_and_leaves_no_temporary(full_disk, movie_factory):
+    movie = movie_factory("big.mp4", seconds=4, size="640x480")
+    work = full_disk / "w"
+    result = CliRunner().invoke(main, ["extract", str(movie), "-w", str(work), "--fps", "5", "--workers", "1"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    failures = workdir.WorkDir(work).failed("extract")
+    assert [f["reason"] for f in failures.values()] == [f"{work}: No space left on device"]
+    assert not list(work.rglob(".*.tmp*")) and not any((work / "extract" / "tmp").glob("*/*"))
