@@ -52,15 +52,29 @@ def test_a_partition_that_meets_a_full_disk_fails_in_one_line_without_a_tracebac
     assert "traceback" not in failure and failure["path"] == "m.mp4"
 
 
+def small_file_system(folder, options: str):
+    """Mount a real tmpfs at `folder` with `options`, where root may; skip the test elsewhere."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    return folder
+
+
 @pytest.fixture
 def full_disk(tmp_path):
-    """A real 256 KiB file system (tmpfs), where root may mount one; skipped elsewhere."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    """A real 256 KiB file system."""
+    yield small_file_system(tmp_path / "small", "size=256k")
+    subprocess.run(["umount", "-l", str(tmp_path / "small")], check=True)
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A real read-only file system holding an empty work directory."""
+    folder = small_file_system(tmp_path / "ro", "size=1m")
+    (folder / "w").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def test_extract_on_a_full_disk_records_the_movie_failed_in_one_line_and_leaves_no_temporary(full_disk, movie_factory):
@@ -72,3 +86,11 @@ def test_extract_on_a_full_disk_records_the_movie_failed_in_one_line_and_leaves_
     failures = workdir.WorkDir(work).failed("extract")
     assert [f["reason"] for f in failures.values()] == [f"{work}: No space left on device"]
     assert not list(work.rglob(".*.tmp*")) and not any((work / "extract" / "tmp").glob("*/*"))
+
+
+def test_extract_into_a_read_only_work_directory_is_one_line(read_only, movie_factory):
+    movie = movie_factory("film.mp4", seconds=1)
+    result = CliRunner().invoke(main, ["extract", str(movie), "-w", str(read_only / "w"), "--workers", "1"])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.endswith(": Read-only file system\n"), result.output
+    assert str(read_only / "w") in result.output
