@@ -28,7 +28,7 @@ from .extract import ExtractSettings, MovieOutcome, extract
 from .label import PredictSettings, predict
 from .labeler_train import TrainSettings, checkpoint_is_current, train
 from .labels import check_label_file, check_movie_metadata, import_labels, load_movie_metadata
-from .ranges import RANGES, Range
+from .ranges import RANGES, Range, choice_problem
 from .runners import make_runner
 from .sample import sample_frames, write_sample
 from .shard import ShardSettings, shard
@@ -129,8 +129,13 @@ def _settings(cls, values, where: str, key: str = ""):
                 raise PipelineError(f"{where_key}: {problem}")
         elif isinstance(default, str) and not isinstance(value, str):
             raise PipelineError(f"{where_key}: expected text, not {reprlib.repr(value)}")
+        elif isinstance(default, str) and (problem := choice_problem(name_key, value)):
+            raise PipelineError(f"{where_key}: {problem}")
         given[name] = value
-    return replace(defaults, **given)
+    try:
+        return replace(defaults, **given)
+    except InputError as e:  # a rule between settings (e.g. min_persons <= max_persons)
+        raise PipelineError(f"{where}: {e}") from None
 
 
 def load_pipeline(path: str | Path) -> Pipeline:

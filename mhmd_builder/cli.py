@@ -15,7 +15,7 @@ from .errors import MhmdError, storage_error
 from .extract import ExtractSettings, MovieOutcome, extract
 from .media import Sampling
 from .quality import QualityThresholds, with_overrides
-from .ranges import option_type
+from .ranges import choice_type, option_type
 from .runners import make_runner
 from .shards import INDEX, format_index, require_index
 from .workdir import WorkDir
@@ -162,7 +162,7 @@ def filter_command(workdir, **given) -> None:
 
 @main.command("detect")
 @workdir_option
-@click.option("--detector", type=click.Choice(["yolo", "opencv"]), default="yolo", show_default=True,
+@click.option("--detector", type=choice_type("detect.detector"), default="yolo", show_default=True,
               help="opencv: OpenCV 4's own HOG and Haar detectors, for machines without YOLO weights.")
 @click.option("--model", default="yolo11n.pt", show_default=True,
               help="A YOLO model name (downloaded, SHA-256 checked), a .yaml config, or a path.")
@@ -187,8 +187,6 @@ def detect_command(workdir, detector, model, weights, device, batch, imgsz, conf
     """Detect persons in the frames that passed quality; keep frames with a few, large enough persons."""
     from .detect import DetectSettings, detect
 
-    if min_persons > max_persons:
-        raise click.UsageError("--min-persons is larger than --max-persons")
     settings = DetectSettings(detector=detector, model=weights or model, device=device, batch=batch, imgsz=imgsz,
                               conf=conf, iou=iou, min_persons=min_persons, max_persons=max_persons,
                               min_person_area=min_person_area, masks=masks)
@@ -276,7 +274,7 @@ def labeler_group() -> None:
               help="Human labels (CSV or Label Studio JSON export), imported before training.")
 @taxonomy_option
 @movies_option
-@click.option("--arch", type=click.Choice(["resnet50", "resnet18"]), default="resnet50", show_default=True)
+@click.option("--arch", type=choice_type("labeler.arch"), default="resnet50", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint (.safetensors) [default: WORKDIR/label/labeler.safetensors].")
 @click.option("--weights", default="imagenet", show_default=True,

@@ -53,6 +53,10 @@ class DetectSettings:
     masks: bool = False
     loader_threads: int = 4
 
+    def __post_init__(self) -> None:
+        if self.min_persons > self.max_persons:  # no frame could be kept
+            raise InputError(f"min_persons ({self.min_persons}) is larger than max_persons ({self.max_persons})")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -17,13 +17,14 @@ import numpy as np
 from .devices import fixed_cpu_threads, pick_device
 from .errors import MhmdError
 from .images import load_frame
+from .ranges import CHOICES
 from .stages import Resources
 from .tables import label_dir
 from .taxonomy import Taxonomy
 from .weights import check_pinned, weights_cache
 from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
 
-ARCHS = ("resnet18", "resnet50")
+ARCHS = CHOICES["labeler.arch"]
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation (RGB), recorded in the checkpoint
 STD = (0.229, 0.224, 0.225)
 

@@ -1,6 +1,7 @@
 """The allowed range of every numeric setting that has one, declared once by its recipe key
 (`section.field`, as in pipelines/*.yaml): the recipe loader (build.py) checks recipe values with
 it and the CLI's options (cli.py) take their click types from it. NaN and infinity are never allowed.
+Text settings with a fixed set of values (CHOICES) are declared here the same way.
 
 Kept apart from the stage modules so that the CLI can read it without importing them.
 """
@@ -80,6 +81,25 @@ RANGES: dict[str, Range] = {
     "shard.maxsize": AT_LEAST_1,
     "shard.test_fraction": Range(0, 1, max_open=True),
 }
+
+
+# The allowed values of every text setting with a fixed set of them, by recipe key.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "extract.sampling.mode": ("fps", "keyframes", "scenes"),
+    "detect.detector": ("yolo", "opencv"),
+    "labeler.arch": ("resnet50", "resnet18"),
+}
+
+
+def choice_problem(key: str, value: str) -> str | None:
+    """Why the text `value` is not allowed at the recipe key `key`, or None."""
+    allowed = CHOICES.get(key)
+    return f"{value!r} is not one of {', '.join(allowed)}" if allowed and value not in allowed else None
+
+
+def choice_type(key: str) -> click.Choice:
+    """The click type of the option for the recipe key `key`."""
+    return click.Choice(CHOICES[key])
 
 
 def option_type(key: str, kind: type = float) -> click.ParamType:

@@ -100,6 +100,30 @@ def test_recipe_values_are_checked_with_the_ranges_of_the_cli(tmp_path, setting,
         assert result.exit_code == 2 and f"Invalid value for '{option[1]}'" in result.output
 
 
+@pytest.mark.parametrize("setting, problem, option", [
+    ("detect: {detector: yolov5}", "detect.detector: 'yolov5' is not one of yolo, opencv", ["detect", "--detector"]),
+    ("labeler: {arch: vit}", "labeler.arch: 'vit' is not one of resnet50, resnet18", ["labeler", "train", "--arch"]),
+    ("extract: {sampling: {mode: every_frame}}", "extract.sampling.mode: 'every_frame' is not one of fps, "
+     "keyframes, scenes", None),
+    ("detect: {min_persons: 3, max_persons: 2}", "detect: min_persons (3) is larger than max_persons (2)", None),
+])
+def test_recipe_choices_and_rules_are_the_clis(tmp_path, setting, problem, option):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(setting)
+    with pytest.raises(PipelineError) as error:
+        load_pipeline(bad)
+    assert str(error.value) == f"{bad}.{problem}"
+    if option:  # the option offers exactly the recipe's choices
+        result = CliRunner().invoke(main, [*option[:-1], "--help"])
+        choices = problem.split("is not one of ")[1].replace(", ", "|")
+        assert f"[{choices}]" in result.output.replace("\n", "").replace(" ", ""), result.output
+
+
+def test_the_person_count_rule_holds_on_the_command_line_too(tmp_path):
+    result = CliRunner().invoke(main, ["detect", "-w", str(tmp_path), "--min-persons", "3", "--max-persons", "2"])
+    assert result.exit_code == 1 and result.output == "Error: min_persons (3) is larger than max_persons (2)\n"
+
+
 @pytest.mark.parametrize("key, text, message", [
     ("labels", None, r"labels.csv: cannot read"),
     ("movies", None, r"movies.csv: cannot read"),
