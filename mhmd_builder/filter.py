@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
-from .tables import FILTER, decisions_path
+from .tables import EXTRACT, FILTER, decisions_path, movie_paths
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
 
 STAGE = FILTER
@@ -102,10 +102,10 @@ def _extract_args(settings: dict) -> list[str]:
 def reextract_commands(workdir: WorkDir, movies: list[str], thresholds: QualityThresholds) -> list[str]:
     """The `mhmd extract --redo` commands (one per set of recorded extract settings) that extract
     these movies again with these thresholds."""
-    done = workdir.done("extract")
+    done, paths = workdir.done(EXTRACT), movie_paths(workdir)
     groups: dict[tuple, list[str]] = {}
     for movie in movies:
-        groups.setdefault(tuple(_extract_args(done[movie]["settings"])), []).append(done[movie]["path"])
+        groups.setdefault(tuple(_extract_args(done[movie]["settings"])), []).append(str(paths[movie]))
     return [shlex.join(["mhmd", "extract", *paths, "-w", str(workdir.root), "--redo", *args,
                         *threshold_args(thresholds)]) for args, paths in groups.items()]
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from .errors import InputError, listing
 from .manifest import manifest
-from .tables import HUMAN_SCHEMA, human_labels_path, read_human_labels
+from .tables import EXTRACT, HUMAN_SCHEMA, human_labels_path, movie_paths, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_table
 
@@ -110,10 +110,11 @@ def load_movie_metadata(path: str | Path, workdir: WorkDir, taxonomy: Taxonomy) 
     movie (file name or movie id of an extracted movie), era, nationality."""
     path, problems = Path(path), []
     rows = _movie_rows(path, taxonomy, problems)
-    extracted = workdir.done("extract")
+    extracted = workdir.done(EXTRACT)
     by_file: dict[str, list[str]] = {}
-    for movie_id, summary in extracted.items():
-        by_file.setdefault(Path(summary["path"]).name, []).append(movie_id)
+    for movie_id, movie_path in movie_paths(workdir).items():
+        if movie_id in extracted:
+            by_file.setdefault(movie_path.name, []).append(movie_id)
     metadata, seen = {}, {}
     for line, row in rows:
         where, name = f"{path}:{line}", row["movie"]

@@ -42,7 +42,7 @@ from .shards import INDEX, JPG, JSON, has_index, open_shard, read_index
 from .manifest import manifest
 from .media import Crop, Sampling, decode_frames
 from .quality import REASONS as QUALITY_REASONS
-from .tables import FUNNEL, read_human_labels
+from .tables import EXTRACT, FUNNEL, movie_paths, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_bytes, read_json
 
@@ -247,7 +247,7 @@ def reasons_table(frames: pd.DataFrame) -> str:
 
 
 def films_table(workdir: WorkDir, frames: pd.DataFrame, masks: dict[str, pd.Series]) -> str:
-    files = {movie: Path(s["path"]).name for movie, s in workdir.done("extract").items()}
+    files = {movie: path.name for movie, path in movie_paths(workdir).items()}
     steps = pd.DataFrame({step: mask for step, mask in masks.items()}).groupby(frames.movie_id).sum()
     reasons = reason_order(frames)
     per_reason = pd.crosstab(frames.movie_id, frames.reject_reason).reindex(steps.index, fill_value=0)
@@ -542,7 +542,8 @@ def workdir_sections(workdir: WorkDir, taxonomy: Taxonomy, recipe: str | Path | 
     if frames.empty:
         raise ReportError(f"{workdir.root}: no extracted frames here: run `mhmd extract` or `mhmd build` first "
                           "(or give a shard folder, one with index.json)")
-    films = workdir.done("extract")
+    paths = movie_paths(workdir)  # where each film is now
+    films = {movie: {**summary, "path": str(paths[movie])} for movie, summary in workdir.done(EXTRACT).items()}
     kept = frames[frames.kept.fillna(False).astype(bool) & frames.jpeg.notna()]
     hue_rows = evenly(kept, HUE_FRAMES)
     hue_images = in_threads(lambda row: small_image(read_bytes(workdir.root / row.jpeg), max(row.width, row.height)),

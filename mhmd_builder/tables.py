@@ -94,6 +94,14 @@ MANIFEST_COLUMNS = {
 }
 
 
+def movie_paths(workdir: WorkDir) -> dict[str, Path]:
+    """Where each movie is now: the file the last extract run was given for it (a film renamed or
+    moved since it was extracted is found under its new name), else the one it was extracted from."""
+    paths = {movie: Path(summary["path"]) for movie, summary in workdir.done(EXTRACT).items()}
+    paths.update({movie: Path(plan["path"]) for movie, plan in workdir.planned(EXTRACT).items() if "path" in plan})
+    return paths
+
+
 def decisions_path(workdir: WorkDir) -> Path:
     return workdir.stage_dir(FILTER) / "decisions.parquet"
 
