@@ -206,8 +206,8 @@ def test_bad_movie_metadata_is_reported_with_line_numbers(films, tmp_path):
         f"{path}:3: unknown movie 'Casablanca (1942).mp4' (neither the file name nor the id of an extracted movie)",
         f"{path}:4: movie {ids['Zidane']} also on line 2",
         f"{path}:5: unknown era '1960s'",
+        f"{path}:6: no label of the taxonomy is after_ww2/japan",  # in file order; a line's own problems first
         f"{path}:6: movie {ids['Bus']} also on line 5",
-        f"{path}:6: no label of the taxonomy is after_ww2/japan",
         f"{path}:7: 2 fields, the header has 3",
     ]
 
