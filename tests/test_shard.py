@@ -11,7 +11,7 @@ from PIL import Image
 
 from mhmd_builder.cli import main
 from mhmd_builder.detect import DetectSettings, detect
-from mhmd_builder.errors import DamagedFileError
+from mhmd_builder.errors import DamagedFileError, InputError
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import format_status, manifest, status
 from mhmd_builder.runners import LocalRunner
@@ -194,3 +194,14 @@ def test_a_damaged_detect_table_or_marker_is_named_then_redone_by_detect(films, 
         assert pd.read_parquet(films.table_path("detect", movie)).equals(rows)
     assert films.damaged("detect") == [] and shard(films, tmp_path / "s")["shards"]
 
+
+def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
+    jpeg = films.root / manifest(films).query("kept").jpeg.iloc[0]
+    jpeg.unlink()
+    with pytest.raises(InputError) as error:
+        shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(f"{jpeg}: missing: re-extract its film (`mhmd extract --redo`)")
+    assert "1 tars could not be written" in message
+    left = [p.name for p in (tmp_path / "s").iterdir()]
+    assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
