@@ -22,6 +22,11 @@ class InputError(MhmdError, ValueError):
     the wrong kind."""
 
 
+class DamagedFileError(MhmdError):
+    """A file of the work directory that cannot be read (truncated, overwritten): the message names
+    it and the command that writes it again."""
+
+
 class StorageError(MhmdError):
     """The file system refused a read or write: full, read-only, or not permitted."""
 

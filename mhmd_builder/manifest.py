@@ -33,6 +33,7 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
         "frames_out": sum(s.get("frames_out", 0) for s in done.values()),
         "rejected": dict(sum((Counter(s.get("rejected", {})) for s in done.values()), Counter()).most_common()),
         "failures": {pid: info.get("reason") for pid, info in failed.items()},
+        "damaged": workdir.damaged(stage),
         "running": {pid: {"percent": round(100 * p["done"] / p["total"], 1) if p["total"] else 0.0,
                           "seconds_ago": round(time.time() - p["at"], 1)}
                     for pid, p in workdir.progress(stage).items() if pid not in done and pid not in failed},
@@ -61,6 +62,7 @@ def format_status(report: dict) -> str:
         if s["rejected"]:
             lines.append(f"{stage} rejected: " + ", ".join(f"{reason} {n}" for reason, n in s["rejected"].items()))
         lines += [f"failed {stage} {pid}: {reason}" for pid, reason in s["failures"].items()]
+        lines += s["damaged"]
         lines += [f"running {stage} {pid}: {r['percent']:.0f}% (reported {r['seconds_ago']:.0f} s ago)"
                   for pid, r in s["running"].items()]
     return "\n".join(lines)

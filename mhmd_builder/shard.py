@@ -29,7 +29,7 @@ from .manifest import manifest
 from .runners import LocalRunner
 from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, label_fields, load_webdataset,
                      make_index, sample_members, split_entry, tar_name, write_index)
-from .stages import Partition, Resources
+from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir
@@ -97,13 +97,35 @@ def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
     target = row.parsing if isinstance(row.parsing, str) else row.mask
     files = {JPG: os.path.join(root, row.jpeg), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
     return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
-            "cls": meta["label_id"], "files": files, "sizes": {k: os.stat(path).st_size for k, path in files.items()}}
+            "cls": meta["label_id"], "files": files, "sizes": {k: _size(path) for k, path in files.items()}}
+
+
+def _size(path: str) -> int | None:
+    """A member file's size; None when it cannot be stat'ed (its tar then fails, naming it)."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+# What writes a member's file again when it is missing or unreadable.
+_REMEDY = {JPG: "re-extract its film (`mhmd extract --redo`)",
+           MASK: "write it again (`mhmd detect --masks` or `mhmd parsing attach`)"}
+
+
+def _read_member(member: str, path: str) -> bytes:
+    """A member file's bytes; PartitionError naming the file when it is missing or unreadable."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        reason = "missing" if isinstance(error, FileNotFoundError) else f"unreadable ({error.strerror or error})"
+        raise PartitionError(f"{path}: {reason}: {_REMEDY[member]}") from None
 
 
 def _members(spec: dict) -> dict:
     """The sample as webdataset writes it: `jpg` (and `mask.png`) copied byte for byte, not re-encoded."""
     return sample_members(spec["key"], spec["json"].encode(), spec["cls"],
-                          {member: Path(path).read_bytes() for member, path in spec["files"].items()})
+                          {member: _read_member(member, path) for member, path in spec["files"].items()})
 
 
 @dataclass
@@ -140,7 +162,8 @@ class ShardStage:
 
 def _sample_bytes(spec: dict) -> int:
     """A sample's share of a tar: its members plus a 512-byte header (and padding) for each."""
-    members = [len(spec["json"]), *spec["sizes"].values()] + ([8] if spec["cls"] is not None else [])
+    sizes = [size or 0 for size in spec["sizes"].values()]  # None: a missing file, whose tar fails anyway
+    members = [len(spec["json"]), *sizes] + ([8] if spec["cls"] is not None else [])
     return sum(size + 1024 for size in members)
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import DamagedFileError
+
 if TYPE_CHECKING:  # pandas costs a second to import: only the stages that read tables need it
     import pandas as pd
 
@@ -83,6 +85,48 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def _record(path: Path) -> dict | None:
+    """A marker's or plan's json object; None when it is not one (garbage, cut short) or is gone."""
+    try:
+        record = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _damage(error: Exception) -> str:
+    """What a failed read of a partition table says about the file."""
+    if isinstance(error, FileNotFoundError):
+        return "missing"
+    if isinstance(error, OSError):
+        return f"unreadable ({error.strerror or error})"
+    return "damaged (cut short or not a Parquet file)"
+
+
+def _table_problem(path: Path) -> str | None:
+    """Why a partition table cannot be read, or None when it can. Reads only the footer: cheap
+    enough to ask of every done partition."""
+    try:
+        pq.read_metadata(path)
+    except (pa.ArrowException, OSError) as error:
+        return _damage(error)
+    return None
+
+
+# The command that runs a stage, where it is not `mhmd <stage>`.
+_COMMANDS = {"label": "labeler predict"}
+
+
+def _read_part(stage: str, path: Path) -> pa.Table:
+    """One partition's table; DamagedFileError naming it and the command that redoes it when it
+    cannot be read."""
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        problem = _damage(error)
+    raise DamagedFileError(f"{path}: {problem}: run `mhmd {_COMMANDS.get(stage, stage)}` again to redo it")
+
+
 class WorkDir:
     """Where every stage keeps its records. Cheap to construct and picklable (just a path)."""
 
@@ -115,19 +159,45 @@ class WorkDir:
     def plan(self, stage: str, partition: str, info: dict) -> None:
         atomic_write_json(self.stage_dir(stage) / "plan" / f"{partition}.json", info)
 
+    def _plans(self, stage: str) -> dict[str, dict | None]:
+        return {p.stem: _record(p) for p in sorted((self.stage_dir(stage) / "plan").glob("*.json"))}
+
     def planned(self, stage: str) -> dict[str, dict]:
-        plan_dir = self.stage_dir(stage) / "plan"
-        return {p.stem: read_json(p) for p in sorted(plan_dir.glob("*.json"))}
+        """The plans that read; a damaged one is written again when the stage plans next."""
+        return {pid: plan for pid, plan in self._plans(stage).items() if plan is not None}
 
     # -- partition state ----------------------------------------------------------------------
     def is_done(self, stage: str, partition: str) -> bool:
         return self._marker(stage, partition, "done").exists()
 
+    def _markers(self, stage: str, kind: str) -> dict[str, dict | None]:
+        """Every `kind` marker of a stage: its json object, or None when it is damaged."""
+        return {p.name[: -len(kind) - 1]: _record(p) for p in sorted(self.parts_dir(stage).glob(f"*.{kind}"))}
+
+    def _committed(self, stage: str) -> dict[str, dict]:
+        """Partitions whose done marker reads, whatever the state of their table."""
+        return {pid: record for pid, record in self._markers(stage, "done").items() if record is not None}
+
     def done(self, stage: str) -> dict[str, dict]:
-        return {p.name[: -len(".done")]: read_json(p) for p in sorted(self.parts_dir(stage).glob("*.done"))}
+        """Done partitions: a done marker that reads and a table whose footer reads. Anything less
+        counts as not done, so the stage's next run redoes it (`damaged` names it)."""
+        return {pid: record for pid, record in self._committed(stage).items()
+                if _table_problem(self.table_path(stage, pid)) is None}
 
     def failed(self, stage: str) -> dict[str, dict]:
-        return {p.name[: -len(".failed")]: read_json(p) for p in sorted(self.parts_dir(stage).glob("*.failed"))}
+        """Failed partitions whose record reads; a damaged record leaves its partition pending."""
+        return {pid: record for pid, record in self._markers(stage, "failed").items() if record is not None}
+
+    def damaged(self, stage: str) -> list[str]:
+        """One line per record or table of the stage that cannot be read; the stage's next run
+        redoes the partition (or plans it again)."""
+        records = [self._marker(stage, pid, kind) for kind in ("done", "failed")
+                   for pid, record in self._markers(stage, kind).items() if record is None]
+        records += [self.stage_dir(stage) / "plan" / f"{pid}.json"
+                    for pid, plan in self._plans(stage).items() if plan is None]
+        tables = [self.table_path(stage, pid) for pid in self._committed(stage)]
+        return [f"damaged record {path}: redone on the next run" for path in records] + [
+            f"{path}: {problem}: redone on the next run" for path in tables if (problem := _table_problem(path))]
 
     def begin(self, stage: str, partition: str) -> Path:
         """Start (or restart) a partition: drop what an earlier attempt left behind. The done
@@ -182,7 +252,7 @@ class WorkDir:
     # -- reading ------------------------------------------------------------------------------
     def read_table(self, stage: str) -> pd.DataFrame | None:
         """All done partitions of a stage as one frame, or None when the stage has none."""
-        paths = [self.table_path(stage, p) for p in self.done(stage)]
+        paths = [self.table_path(stage, p) for p in self._committed(stage)]
         if not paths:
             return None
-        return pa.concat_tables([pq.read_table(p) for p in paths], promote_options="default").to_pandas()
+        return pa.concat_tables([_read_part(stage, p) for p in paths], promote_options="default").to_pandas()

@@ -132,3 +132,18 @@ def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_r
                    labels=str(out / "labels.csv"))
     assert not result.failures and result.index
     assert len(builds) == 1
+
+
+def test_status_names_damaged_records_and_tables_as_pending(tmp_path):
+    wd = WorkDir(tmp_path)
+    for pid in ("a", "b", "c"):
+        wd.plan("extract", pid, {"path": pid})
+        wd.begin("extract", pid)
+        wd.commit("extract", pid, __import__("pyarrow").table({"x": [1]}), {"frames_in": 10})
+    (wd.parts_dir("extract") / "a.done").write_text("not json")
+    wd.table_path("extract", "b").write_bytes(b"PAR1 cut")
+    report = status(wd)["extract"]
+    assert report["partitions"] == {"done": 1, "failed": 0, "pending": 2} and report["frames_in"] == 10
+    text = format_status(status(wd))
+    assert f"damaged record {wd.parts_dir('extract') / 'a.done'}: redone on the next run" in text
+    assert f"{wd.table_path('extract', 'b')}: damaged (cut short or not a Parquet file): redone on the next run" in text

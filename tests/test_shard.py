@@ -11,8 +11,9 @@ from PIL import Image
 
 from mhmd_builder.cli import main
 from mhmd_builder.detect import DetectSettings, detect
+from mhmd_builder.errors import DamagedFileError, InputError
 from mhmd_builder.labels import write_human_labels
-from mhmd_builder.manifest import manifest
+from mhmd_builder.manifest import format_status, manifest, status
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, shard, split_films
 from mhmd_builder.taxonomy import load_taxonomy
@@ -172,3 +173,35 @@ def test_a_rerun_rewrites_only_the_tars_that_changed(films, tmp_path):
         "test-000000", "train-000000"}
     frames = manifest(films)
     assert frames.frame_id.is_unique and frames[frames.kept.astype(bool)].split.notna().all()
+
+
+def test_a_damaged_detect_table_or_marker_is_named_then_redone_by_detect(films, tmp_path):
+    one, other = sorted(films.done("detect"))
+    table, marker = films.table_path("detect", one), films.parts_dir("detect") / f"{other}.done"
+    before = {movie: pd.read_parquet(films.table_path("detect", movie)) for movie in (one, other)}
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    marker.write_text('{"frames_in": 1')
+    assert films.done("detect") == {}
+    text = format_status(status(films))
+    assert f"{table}: damaged (cut short or not a Parquet file): redone on the next run" in text
+    assert f"damaged record {marker}: redone on the next run" in text
+    with pytest.raises(DamagedFileError) as error:
+        shard(films, tmp_path / "s")
+    assert str(error.value) == f"{table}: damaged (cut short or not a Parquet file): run `mhmd detect` again to redo it"
+    results = detect(films, DetectSettings(detector="opencv"), LocalRunner(1))
+    assert sorted(r.id for r in results) == [one, other] and all(r.ok for r in results)
+    for movie, rows in before.items():
+        assert pd.read_parquet(films.table_path("detect", movie)).equals(rows)
+    assert films.damaged("detect") == [] and shard(films, tmp_path / "s")["shards"]
+
+
+def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
+    jpeg = films.root / manifest(films).query("kept").jpeg.iloc[0]
+    jpeg.unlink()
+    with pytest.raises(InputError) as error:
+        shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
+    message = str(error.value)
+    assert "\n" not in message and message.endswith(f"{jpeg}: missing: re-extract its film (`mhmd extract --redo`)")
+    assert "1 tars could not be written" in message
+    left = [p.name for p in (tmp_path / "s").iterdir()]
+    assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index

@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 
 from mhmd_builder import workdir
+from mhmd_builder.errors import DamagedFileError
 from mhmd_builder.workdir import WorkDir, atomic_write_bytes, atomic_write_table
 
 
@@ -75,3 +76,40 @@ def test_a_failed_partition_frees_its_staging_before_writing_its_record(tmp_path
     monkeypatch.setattr(workdir, "atomic_write_json", lambda path, obj: seen.append(staging.exists()) or real(path, obj))
     wd.mark_failed("extract", "m1", {"reason": "disk full"})
     assert seen == [False] and wd.failed("extract")["m1"]["reason"] == "disk full"
+
+
+def test_a_damaged_marker_or_plan_counts_as_not_done_and_is_named(tmp_path):
+    wd = WorkDir(tmp_path)
+    for pid in ("a", "b", "c"):
+        wd.plan("s", pid, {})
+        wd.begin("s", pid)
+        wd.commit("s", pid, pa.table({"x": [1]}), {})
+    (wd.parts_dir("s") / "a.done").write_text("{garbage")
+    (wd.parts_dir("s") / "b.done").write_text("[1, 2]")  # json, but not an object
+    wd.mark_failed("s", "z", {"reason": "boom"})
+    (wd.parts_dir("s") / "z.failed").write_bytes(b"\xff\x00")
+    (wd.stage_dir("s") / "plan" / "c.json").write_text("")
+    assert list(wd.done("s")) == ["c"] and wd.failed("s") == {} and list(wd.planned("s")) == ["a", "b"]
+    assert wd.damaged("s") == [f"damaged record {wd.parts_dir('s') / name}: redone on the next run"
+                               for name in ("a.done", "b.done", "z.failed")] + [
+        f"damaged record {wd.stage_dir('s') / 'plan' / 'c.json'}: redone on the next run"]
+    assert wd.read_table("s").x.tolist() == [1]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_damaged_table_is_named_by_its_reader_and_not_done_for_its_stage(tmp_path, damage):
+    wd = WorkDir(tmp_path)
+    for pid in ("a", "m"):
+        wd.begin("label", pid)
+        wd.commit("label", pid, pa.table({"x": list(range(1000))}), {"frames_in": 1000})
+    table = wd.table_path("label", "m")
+    if damage == "truncated":
+        table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    else:
+        table.unlink()
+    problem = "damaged (cut short or not a Parquet file)" if damage == "truncated" else "missing"
+    assert list(wd.done("label")) == ["a"]
+    assert wd.damaged("label") == [f"{table}: {problem}: redone on the next run"]
+    with pytest.raises(DamagedFileError) as error:
+        wd.read_table("label")
+    assert str(error.value) == f"{table}: {problem}: run `mhmd labeler predict` again to redo it"
