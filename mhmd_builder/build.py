@@ -34,7 +34,7 @@ from .sample import sample_frames, write_sample
 from .shard import ShardSettings, shard
 from .tables import SAMPLE, read_human_labels
 from .taxonomy import load_taxonomy
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 PIPELINES = shipped("pipelines")
 NO_LABELS = "none"  # `labels: none`: shard without labelling
@@ -167,6 +167,7 @@ def _failures(stage: str, results) -> list[str]:
     return [f"{stage} {r.id}: {r.reason}" for r in results if not r.ok]
 
 
+@writes("workdir", "out")
 def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str | Path, out: str | Path,
           runner: str = "local", workers: int | None = None, labels: str | None = None,
           movies: str | None = None, ray_address: str | None = None) -> BuildResult:

@@ -50,12 +50,15 @@ def quality_options(func):
 
 class MhmdGroup(click.Group):
     """Every expected error (an MhmdError, or a full, read-only or forbidden file system) ends the
-    command with its one-line message and exit status 1; anything else is a bug and keeps its
-    traceback."""
+    command with its one-line message and exit status 1; Ctrl-C with one line and 130 (what was
+    committed stays, so the same command resumes); anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume", err=True)
+            ctx.exit(130)
         except MhmdError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:

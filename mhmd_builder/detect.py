@@ -27,7 +27,7 @@ from .persons import Detections, DetectorError, OpenCVPersonDetector, YoloPerson
 from .runners import LocalRunner
 from .tables import DETECT, DETECT_SCHEMA
 from .stages import Partition, PartitionResult, Resources, inputs_digest
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 STAGE = DETECT
 REASONS = ("unreadable_frame", "no_person", "too_many_persons", "person_too_small")
@@ -190,6 +190,7 @@ def plan_detection(workdir: WorkDir, settings: DetectSettings) -> list[Partition
     return partitions
 
 
+@writes("workdir")
 def detect(workdir: WorkDir | str | Path, settings: DetectSettings | None = None, runner=None) -> list[PartitionResult]:
     """Detect persons in every frame that passed quality, movie by movie, resumably."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)

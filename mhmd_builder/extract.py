@@ -22,7 +22,7 @@ from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .tables import EXTRACT, FRAME_SCHEMA
 from .stages import Partition, PartitionError, Resources
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 STAGE = EXTRACT
 
@@ -249,6 +249,7 @@ def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], l
     return list(partitions.values()), outcomes
 
 
+@writes("workdir")
 def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,
             runner=None, redo: bool = False) -> list[MovieOutcome]:
     """Extract frames from every movie in `inputs` (files or folders) into the work directory.

@@ -16,7 +16,7 @@ import pyarrow as pa
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
 from .tables import EXTRACT, FILTER, decisions_path, movie_paths
-from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json
+from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json, writes
 
 STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
@@ -110,6 +110,7 @@ def reextract_commands(workdir: WorkDir, movies: list[str], thresholds: QualityT
                         *threshold_args(thresholds)]) for args, paths in groups.items()]
 
 
+@writes("workdir")
 def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     """Re-decide every extracted frame with new thresholds, from the recorded scores (no decoding),
     and record the decisions as the filter stage's own table. Returns a summary: counts, frames

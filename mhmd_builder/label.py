@@ -24,7 +24,7 @@ from .stages import Partition, PartitionResult, Resources, inputs_digest
 from .taxonomy import Taxonomy, load_taxonomy
 from .tables import LABEL, PREDICTION_SCHEMA, read_human_labels
 from .weights import sha256_of
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 STAGE = LABEL
 
@@ -133,6 +133,7 @@ def plan_labeling(workdir: WorkDir, checkpoint: Path, taxonomy: Taxonomy,
     return partitions
 
 
+@writes("workdir")
 def predict(workdir: WorkDir | str | Path, checkpoint: str | Path, settings: PredictSettings | None = None,
             taxonomy: Taxonomy | None = None, movie_metadata: dict[str, dict] | None = None,
             runner=None) -> list[PartitionResult]:

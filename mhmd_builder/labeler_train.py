@@ -17,7 +17,7 @@ from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default
                       load_rgb, metrics_path, normalise, save_checkpoint)
 from .tables import read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import WorkDir, atomic_write_json, read_json
+from .workdir import WorkDir, atomic_write_json, read_json, writes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -180,6 +180,7 @@ def train_transform(size: int):
 
 
 # -- training -------------------------------------------------------------------------------------
+@writes("workdir")
 def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
           taxonomy: Taxonomy | None = None) -> dict:
     """Train a labeler on the human labels; write the checkpoint; return its config (with metrics)."""

@@ -20,7 +20,7 @@ from .errors import InputError, listing
 from .manifest import manifest
 from .tables import EXTRACT, HUMAN_SCHEMA, human_labels_path, movie_paths, read_human_labels
 from .taxonomy import Taxonomy
-from .workdir import WorkDir, atomic_write_table
+from .workdir import WorkDir, atomic_write_table, writes
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,6 +261,7 @@ def _resolve(entry: _Entry, taxonomy: Taxonomy, known: dict) -> tuple[object, li
     return (None if conflicts else label), conflicts
 
 
+@writes("workdir")
 def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
                   movie_metadata: dict[str, dict] | None = None) -> dict:
     """Check a label file (CSV, or a Label Studio JSON export when it ends in .json) against the

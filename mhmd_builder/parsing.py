@@ -19,7 +19,7 @@ from .errors import MhmdError, listing
 from .images import ImageError, open_image
 from .manifest import manifest
 from .tables import PARSING, parsing_table_path
-from .workdir import WorkDir, atomic_write_table
+from .workdir import WorkDir, atomic_write_table, writes
 
 
 class ParsingError(MhmdError):
@@ -63,6 +63,7 @@ def _map_problem(png: Path, width: int, height: int) -> str | None:
     return None
 
 
+@writes("workdir")
 def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:
     """Check every map in `folder`, then copy them all into the work directory; returns how many."""
     folder = Path(folder)

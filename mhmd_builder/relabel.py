@@ -30,7 +30,7 @@ from .stages import Partition, PartitionError, Resources
 from .tables import CHANGE_SCHEMA, RELABEL
 from .taxonomy import Taxonomy, load_taxonomy
 from .weights import sha256_of
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 
 class RelabelError(InputError):
@@ -108,6 +108,7 @@ class RelabelStage(LabelerWorker):
         return [(with_json(sample, new), old, new) for sample, old, new in zip(batch, metas, new_metas)]
 
 
+@writes("out")
 def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
             settings: RelabelSettings | None = None, taxonomy: Taxonomy | None = None, runner=None) -> dict:
     """Write SHARDDIR's shards again into OUT with the checkpoint's labels; returns OUT's index,

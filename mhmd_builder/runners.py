@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import threading
 import time
 from collections import Counter, deque
@@ -115,10 +116,32 @@ _worker: _Worker | None = None
 def _worker_init(stage: Stage, progress_queue) -> None:
     global _worker
     _worker = _Worker(stage, progress_queue.put)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    signal.signal(signal.SIGTERM, _stopped)
+
+
+def _stopped(signum: int, frame) -> None:
+    # Unwinds the running partition, so its atomic writes remove their temporaries; once: the pool
+    # terminates the other workers again when one ends, which must not break off their clean-up.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def _worker_run(partition: Partition) -> PartitionResult:
-    return _worker.run(partition)
+    try:
+        return _worker.run(partition)
+    except SystemExit as stop:
+        os._exit(stop.code)  # the pool would hand this process another partition
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the partitions not started and end the workers without waiting for the running ones."""
+    processes = list(pool._processes.values())  # the executor has no public way to end them
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 def _worker_died(stage: Stage, partition: Partition, error: Exception, attempts: int = 1) -> PartitionResult:
@@ -178,10 +201,14 @@ class LocalRunner:
             drainer = threading.Thread(target=_drain, args=(progress_queue, display, stop), daemon=True)
             drainer.start()
             with pool:
-                futures = {pool.submit(_worker_run, p): p for p in partitions}
-                for future in as_completed(futures):
-                    results.append(self._result_of(stage, futures[future], future))
-                    display.finish(results[-1])
+                try:
+                    futures = {pool.submit(_worker_run, p): p for p in partitions}
+                    for future in as_completed(futures):
+                        results.append(self._result_of(stage, futures[future], future))
+                        display.finish(results[-1])
+                except KeyboardInterrupt:
+                    _stop_pool(pool)
+                    raise
         finally:
             stop.set()
             drainer.join()

@@ -32,7 +32,7 @@ from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json,
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import WorkDir
+from .workdir import WorkDir, writes
 
 STAGE = SHARD
 
@@ -200,6 +200,7 @@ def _up_to_date(partition: Partition, done: dict | None, out: Path) -> bool:
         and tar.stat().st_size == done.get("bytes")
 
 
+@writes("workdir", "out")
 def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSettings | None = None,
           taxonomy: Taxonomy | None = None, runner=None, movie_metadata: dict[str, dict] | None = None) -> dict:
     """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index.

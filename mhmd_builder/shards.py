@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .errors import InputError, MhmdError
 from .taxonomy import Label
-from .workdir import atomic_write_json, read_json
+from .workdir import LOCK, atomic_write_json, read_json
 
 SPLITS = ("train", "test")
 KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
@@ -131,7 +131,7 @@ def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
     that holds anything else. The index goes first: a folder being rewritten never has one."""
     out.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in out.iterdir()
-                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in (INDEX, RELABEL_RECORDS)))
+                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in (INDEX, RELABEL_RECORDS, LOCK)))
     if others:
         raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
                          "give an empty or new folder")
@@ -139,7 +139,7 @@ def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
     for path in out.iterdir():
         if path.is_dir():  # the records of a relabel that was stopped
             shutil.rmtree(path)
-        elif path.name not in keep:
+        elif path.name not in keep | {LOCK}:  # the lock of the command writing OUT now
             path.unlink()
 
 

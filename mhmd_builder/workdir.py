@@ -15,18 +15,23 @@ looks finished.
 """
 from __future__ import annotations
 
+import fcntl
+import functools
+import inspect
 import json
 import os
 import shutil
+import socket
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DamagedFileError
+from .errors import DamagedFileError, MhmdError
 
 if TYPE_CHECKING:  # pandas costs a second to import: only the stages that read tables need it
     import pandas as pd
@@ -125,6 +130,74 @@ def _read_part(stage: str, path: Path) -> pa.Table:
     except (pa.ArrowException, OSError) as error:
         problem = _damage(error)
     raise DamagedFileError(f"{path}: {problem}: run `mhmd {_COMMANDS.get(stage, stage)}` again to redo it")
+
+
+LOCK = ".lock"  # in a work directory or a shard folder: who writes it now (json), flock-ed while they do
+_held: dict[Path, int] = {}  # folders this process holds the lock of -> how many callers hold it
+
+
+class FolderBusy(MhmdError):
+    """Another process writes the folder now."""
+
+
+def _holder_text(lock: Path) -> str:
+    try:
+        h = read_json(lock)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h["since"]))
+        return f"pid {h['pid']} on {h['host']} since {since} ({h['command']})"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder is writing it this instant
+        return "another process"
+
+
+@contextmanager
+def locked(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold FOLDER/.lock for the block, or raise FolderBusy at once naming its holder. The flock
+    goes with the process however it ends (a kill -9 leaves no stale lock); the same process may take
+    it again (build calls extract). Workers of a runner never take it, so their parent's lock never
+    blocks them; a forked worker shares its parent's open file, which only keeps the lock held while
+    that worker still writes."""
+    folder = Path(folder).resolve()
+    if folder in _held:
+        _held[folder] += 1
+        try:
+            yield
+        finally:
+            _held[folder] -= 1
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(f"{folder}: in use by {_holder_text(folder / LOCK)}: wait for it to end") from None
+        f.truncate(0)
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                   "since": time.time()}, f)
+        f.flush()
+        _held[folder] = 1
+        try:
+            yield
+        finally:
+            del _held[folder]
+
+
+def writes(*params: str) -> Callable:
+    """Decorator of the plain functions that write a work directory or a shard folder: the folders
+    given as the parameters `params` (a WorkDir, str or path) are locked while the function runs.
+    Taken here, not in the CLI, so that Python callers are kept from interleaving too."""
+    def decorate(func: Callable) -> Callable:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments
+            with ExitStack() as stack:
+                for name in params:
+                    value = bound[name]
+                    stack.enter_context(locked(value.root if isinstance(value, WorkDir) else value))
+                return func(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class WorkDir:

@@ -263,3 +263,29 @@ def test_a_renamed_or_copied_film_keeps_its_movie_id_and_is_not_extracted_again(
     assert marker.stat().st_mtime_ns == stamp and list(work.done("extract")) == [first.movie_id]
     assert work.read_table("extract").frame_id.tolist() == frames
     assert work.planned("extract")[first.movie_id]["path"] == str(renamed)
+
+
+def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory):
+    for i in range(4):
+        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
+    args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "2"]
+    mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
+    reference = tmp_path / "reference"
+    subprocess.run([*mhmd, *args, "-w", str(reference)], check=True, capture_output=True)
+
+    work = tmp_path / "work"
+    proc = subprocess.Popen([*mhmd, *args, "-w", str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(work.glob("extract/progress/*.json")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert out == "" and err.strip() == "interrupted: rerun the same command to resume"
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name]
+
+    subprocess.run([*mhmd, *args, "-w", str(work)], check=True, capture_output=True)
+    pd.testing.assert_frame_equal(export(work)[["frame_id", "kept"]], export(reference)[["frame_id", "kept"]])
+    assert (sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
+            == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg")))
