@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.extract import ExtractSettings, extract, frame_id
 from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
@@ -263,3 +263,9 @@ def test_a_renamed_or_copied_film_keeps_its_movie_id_and_is_not_extracted_again(
     assert marker.stat().st_mtime_ns == stamp and list(work.done("extract")) == [first.movie_id]
     assert work.read_table("extract").frame_id.tolist() == frames
     assert work.planned("extract")[first.movie_id]["path"] == str(renamed)
+
+
+@pytest.mark.parametrize("seconds,frame", [(0.0, "m_0"), (1.0004, "m_1000"), (1.0006, "m_1001"), (1.0015, "m_1002"),
+                                           (2.9995, "m_3000"), (59.9996, "m_60000"), (3600.0004, "m_3600000")])
+def test_frame_ids_are_the_timestamp_rounded_to_the_millisecond(seconds, frame):
+    assert frame_id("m", seconds) == frame
