@@ -150,3 +150,24 @@ def test_parsing_maps_are_checked_and_attached_all_or_nothing(persons_workdir, t
     attached = manifest(work).set_index("frame_id").parsing.dropna()
     assert sorted(attached.index) == sorted(kept.frame_id)
     assert all((work.root / p).is_file() for p in attached)
+
+
+def persons(*areas: float) -> Detections:
+    """Full-height boxes whose widths are the given areas (1/2^k: exact in float32)."""
+    return Detections(np.array([[0, 0, a, 1] for a in areas], np.float32), np.ones(len(areas), np.float32))
+
+
+def test_the_keep_rule_at_its_edges():
+    default = DetectSettings()
+    assert (default.min_persons, default.max_persons, default.min_person_area) == (1, 5, 0.02)  # the paper's rule
+    assert keep_decision(persons(*[0.5] * 5), default) is None  # exactly max_persons
+    assert keep_decision(persons(*[0.5] * 6), default) == "too_many_persons"
+    assert keep_decision(persons(0.5), default) is None  # exactly min_persons
+    assert keep_decision(persons(0.021), default) is None
+    assert keep_decision(persons(0.019, 0.015), default) == "person_too_small"
+    two = DetectSettings(min_persons=2, max_persons=2, min_person_area=0.25)
+    assert keep_decision(persons(0.5, 0.25), two) is None
+    assert keep_decision(persons(0.5), two) == "no_person"
+    assert keep_decision(persons(0.5, 0.5, 0.5), two) == "too_many_persons"
+    assert keep_decision(persons(0.25, 0.125), two) is None  # largest area exactly min_person_area
+    assert keep_decision(persons(0.125, 0.125), two) == "person_too_small"

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.extract import ExtractSettings, extract, frame_id
 from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
@@ -289,3 +289,9 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
     pd.testing.assert_frame_equal(export(work)[["frame_id", "kept"]], export(reference)[["frame_id", "kept"]])
     assert (sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
             == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg")))
+
+
+@pytest.mark.parametrize("seconds,frame", [(0.0, "m_0"), (1.0004, "m_1000"), (1.0006, "m_1001"), (1.0015, "m_1002"),
+                                           (2.9995, "m_3000"), (59.9996, "m_60000"), (3600.0004, "m_3600000")])
+def test_frame_ids_are_the_timestamp_rounded_to_the_millisecond(seconds, frame):
+    assert frame_id("m", seconds) == frame

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from mhmd_builder.demo import person_scene
-from mhmd_builder.quality import REASONS, SCORE_NAMES, QualityFilter, QualityThresholds, judge, score_frame
+from mhmd_builder.quality import (REASONS, SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityFilter, QualityThresholds,
+                                  judge, score_frame)
 
 DEFAULT = QualityThresholds()
 NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
@@ -189,3 +190,59 @@ def test_real_colour_frames_of_persons_are_kept(shared_samples, name):
     frames = video_frames(shared_samples / "videos" / name, every_s=2)
     kept = [flags(f) == [] for f in frames]
     assert len(frames) >= 30 and np.mean(kept) >= 0.95
+
+
+# -- each default threshold at its edge -----------------------------------------------------------
+# Scores that pass every check by a wide margin; each case moves one score to a threshold's edge.
+GOOD = {"colorfulness": 30.0, "chroma_spread": 10.0, "blur_sigma": 1.0, "sharpness": 50.0, "mean_luma": 120.0,
+        "black_fraction": 0.1, "white_fraction": 0.1, "short_side": 480.0}
+EPS = 1e-3
+
+
+# (score, the default written out, the side a frame fails on, the reason): the defaults are the
+# calibrated values of benchmarks/RESULTS.md, written out so that a changed default fails here.
+EDGES = [("colorfulness", 10.0, -1, "grayscale"), ("chroma_spread", 3.0, -1, "tinted"),
+         ("blur_sigma", 2.0, +1, "blurry"), ("sharpness", 1.0, -1, "blurry"),
+         ("mean_luma", 25.0, -1, "dark"), ("black_fraction", 0.8, +1, "dark"),
+         ("mean_luma", 220.0, +1, "overexposed"), ("white_fraction", 0.5, +1, "overexposed"),
+         ("short_side", 224.0, -1, "low_resolution")]
+
+
+@pytest.mark.parametrize("score,default,side,reason", EDGES, ids=[f"{e[0]}-{e[3]}" for e in EDGES])
+def test_each_default_threshold_keeps_a_frame_at_it_and_rejects_one_just_past_it(score, default, side, reason):
+    assert judge({**GOOD, score: default}, DEFAULT) == []  # the threshold itself still passes
+    assert judge({**GOOD, score: default - side * EPS}, DEFAULT) == []
+    assert judge({**GOOD, score: default + side * EPS}, DEFAULT) == [reason]
+
+
+def test_a_colourless_frame_is_grayscale_not_tinted():
+    assert judge({**GOOD, "colorfulness": 5.0, "chroma_spread": 0.5}, DEFAULT) == ["grayscale"]
+
+
+def test_the_default_duplicate_distance_is_4():
+    assert DEFAULT.max_hash_distance == 4
+
+
+def verdict(frame_id: str, sharpness: float, hash_: int = 0, flags=()) -> FrameVerdict:
+    scores = {"sharpness": sharpness, "phash_hi": float(hash_ >> 32), "phash_lo": float(hash_ & 0xFFFFFFFF)}
+    return FrameVerdict({"frame_id": frame_id}, scores, list(flags), np.zeros(1))
+
+
+def run_through(runs: DuplicateRuns, verdicts: list[FrameVerdict]) -> list[FrameVerdict]:
+    out = [v for pushed in verdicts for v in runs.push(pushed)] + runs.flush()
+    assert [v.meta["frame_id"] for v in out] == [v.meta["frame_id"] for v in verdicts]  # frame order kept
+    return out
+
+
+def test_a_duplicate_run_keeps_its_sharpest_frame_not_its_first_or_last():
+    out = run_through(DuplicateRuns(4), [verdict("a", 5.0), verdict("b", 9.0), verdict("c", 3.0), verdict("d", 7.0)])
+    assert [v.flags for v in out] == [["duplicate"], [], ["duplicate"], ["duplicate"]]
+    assert [v.frame is not None for v in out] == [False, True, False, False]
+
+
+def test_a_run_holds_frames_within_the_distance_of_its_first_frame():
+    four_bits, five_bits = 0b1111, 0b11111
+    out = run_through(DuplicateRuns(4), [verdict("a", 1.0), verdict("b", 2.0, four_bits)])
+    assert [v.kept for v in out] == [False, True]  # distance 4: the same run
+    out = run_through(DuplicateRuns(4), [verdict("a", 1.0), verdict("b", 2.0, five_bits)])
+    assert [v.kept for v in out] == [True, True]  # distance 5: a new run

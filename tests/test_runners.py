@@ -1,5 +1,8 @@
+import inspect
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mhmd_builder.runners import LocalRunner, RayRunner, make_runner
 from mhmd_builder.stages import Partition, PartitionError, Resources
@@ -196,3 +199,10 @@ def test_ray_runner_sizes_its_pool_from_the_cluster(ray_cluster, tmp_path):
 def test_a_model_stage_asks_for_a_gpu_only_when_its_model_runs_on_cuda():
     assert Resources.for_model_on("cuda:0") == Resources(cpus=1, gpus=1, local_workers=1)
     assert Resources.for_model_on("cpu") == Resources(cpus=1, gpus=0, local_workers=1)
+
+
+def test_ray_retries_as_many_times_as_the_readme_says():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    retries = re.search(r"runs again on a\s+fresh actor, up to (\d+) more times", readme)
+    assert retries, "README no longer states the Ray retry count"
+    assert inspect.signature(RayRunner).parameters["retries"].default == int(retries.group(1))

@@ -15,7 +15,7 @@ from mhmd_builder.errors import DamagedFileError, InputError
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import format_status, manifest, status
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import ShardSettings, shard, split_films
+from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
 from mhmd_builder.taxonomy import load_taxonomy
 
 from test_sample import copy_films  # two films, extracted and detected once per session
@@ -205,3 +205,35 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert "1 tars could not be written" in message
     left = [p.name for p in (tmp_path / "s").iterdir()]
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
+
+
+def test_a_film_that_does_not_fit_the_test_split_does_not_stop_its_filling():
+    sizes = [5, 30, 8, 40, 3, 12, 25, 7, 50, 6]
+    frames = pd.DataFrame({"movie_id": [f"m{i}" for i, n in enumerate(sizes) for _ in range(n)]})
+    room = 0.3 * sum(sizes)
+    for seed in range(20):
+        split = split_films(frames, 0.3, seed)
+        test = [sizes[int(m[1:])] for m, s in split.items() if s == "test"]
+        train = [sizes[int(m[1:])] for m, s in split.items() if s == "train"]
+        assert train  # the last film drawn is never taken
+        if len(train) > 1:  # no film left in train would still have fitted
+            assert all(sum(test) + n > room for n in train), (seed, test, train)
+
+
+def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
+    frames = pd.DataFrame({"movie_id": [m for m in ("a", "b") for _ in range(10)]})
+    frames["frame_id"] = [f"{m}_{i}" for m, i in zip(frames.movie_id, range(20))]
+    frames["jpeg"] = frames.frame_id + ".jpg"
+    for name in frames.jpeg:
+        (tmp_path / name).write_bytes(b"jpeg")
+    frames = frames.assign(timestamp=0.0, width=64, height=48, boxes=None, mask=None, parsing=None, label=None,
+                           label_source=None, label_confidence=None, split="train")
+
+    def order(seed: int) -> list[str]:
+        [tar] = plan_tars(frames, tmp_path, tmp_path / "out", ShardSettings(seed=seed), load_taxonomy())
+        return [spec["movie_id"] for spec in tar.info["samples"]]
+
+    films = order(0)
+    assert sorted(films) == sorted(frames.movie_id)
+    assert films not in (sorted(films), sorted(films, reverse=True))  # not film after film
+    assert order(0) == films and order(1) != films

@@ -113,3 +113,23 @@ def test_a_damaged_table_is_named_by_its_reader_and_not_done_for_its_stage(tmp_p
     with pytest.raises(DamagedFileError) as error:
         wd.read_table("label")
     assert str(error.value) == f"{table}: {problem}: run `mhmd labeler predict` again to redo it"
+
+
+@pytest.mark.parametrize("failing", ["atomic_write_table", "atomic_write_json"])
+def test_a_failure_before_the_done_marker_leaves_the_partition_to_redo(tmp_path, monkeypatch, failing):
+    """The table first, the done marker last: whichever of the two writes fails, the partition is not done."""
+    wd = WorkDir(tmp_path)
+    wd.begin("extract", "m1")
+    table = pa.table({"frame_id": ["m1_0"]})
+
+    def crash(*args):
+        raise OSError(errno.EIO, "write failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(workdir, failing, crash)
+        with pytest.raises(OSError):
+            wd.commit("extract", "m1", table, {"frames_in": 1})
+    assert not wd.is_done("extract", "m1") and wd.done("extract") == {}
+    wd.begin("extract", "m1")
+    wd.commit("extract", "m1", table, {"frames_in": 1})
+    assert wd.is_done("extract", "m1") and wd.read_table("extract").frame_id.tolist() == ["m1_0"]

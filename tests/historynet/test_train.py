@@ -9,6 +9,7 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -224,3 +225,13 @@ def test_two_processes_share_the_epoch_and_only_rank_0_writes(shards, tmp_path):
     assert summaries[0]["last"] and summaries[1]["last"] is None and summaries[1]["checkpoints"] == []
     assert [line["step"] for line in log_lines(rundir)] == [1, 2]
     assert load_checkpoint(rundir / "last.safetensors").progress["epoch"] == 1
+
+
+def test_the_defaults_are_the_papers_hyper_parameters():
+    s = TrainSettings(shards="s", out="o")
+    assert (s.lr, s.betas, s.batch_size, s.epochs, s.preset) == (2e-5, (0.5, 0.999), 16, 8, "paper")
+    nets = SimpleNamespace(generator=torch.nn.Linear(1, 1), critic=torch.nn.Linear(1, 1), info_classifier=None)
+    optimizers = train_module.make_optimizers(nets, s)
+    assert set(optimizers) == {"generator", "critic"}  # none for a network the variant does not have
+    for optimizer in optimizers.values():
+        assert {k: optimizer.defaults[k] for k in ("lr", "betas")} == {"lr": 2e-5, "betas": (0.5, 0.999)}
