@@ -133,3 +133,13 @@ def test_a_failure_before_the_done_marker_leaves_the_partition_to_redo(tmp_path,
     wd.begin("extract", "m1")
     wd.commit("extract", "m1", table, {"frames_in": 1})
     assert wd.is_done("extract", "m1") and wd.read_table("extract").frame_id.tolist() == ["m1_0"]
+
+
+def test_a_restarted_partition_is_pending_until_its_new_commit(tmp_path):
+    """A redo killed right after it began must not look done: begin removes the done marker first."""
+    wd = WorkDir(tmp_path)
+    wd.begin("detect", "m1")
+    wd.commit("detect", "m1", pa.table({"frame_id": ["m1_0"]}), {"frames_in": 1})
+    wd.begin("detect", "m1")  # the redo starts ... and is killed here
+    assert not wd.is_done("detect", "m1") and wd.done("detect") == {}
+    assert not (wd.parts_dir("detect") / "m1.done").exists()
