@@ -167,7 +167,7 @@ def _failures(stage: str, results) -> list[str]:
     return [f"{stage} {r.id}: {r.reason}" for r in results if not r.ok]
 
 
-@writes("workdir", "out")
+@writes("workdir")  # SHARDDIR is locked by shard(), when it is written: a build that stops for labels makes none
 def build(pipeline: Pipeline, inputs: list[str | Path], workdir: WorkDir | str | Path, out: str | Path,
           runner: str = "local", workers: int | None = None, labels: str | None = None,
           movies: str | None = None, ray_address: str | None = None) -> BuildResult:

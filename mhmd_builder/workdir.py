@@ -165,11 +165,7 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
             _held[folder] -= 1
         return
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusy(f"{folder}: in use by {_holder_text(folder / LOCK)}: wait for it to end") from None
+    with _lock_file(folder) as f:
         f.truncate(0)
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                    "since": time.time()}, f)
@@ -179,6 +175,32 @@ def locked(folder: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             del _held[folder]
+            # Removed while still held, so the folder is left as it was (shard folders stay byte for
+            # byte the same); the next writer then creates and locks a new file.
+            (folder / LOCK).unlink(missing_ok=True)
+
+
+@contextmanager
+def _lock_file(folder: Path) -> Iterator:
+    """FOLDER/.lock opened and flock-ed. The holder removes it when done: a lock taken on a file
+    that was removed meanwhile is no lock (a third writer would create a new file), so it is
+    taken again on the file that is there now."""
+    path = folder / LOCK
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise FolderBusy(f"{folder}: in use by {_holder_text(path)}: wait for it to end") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # its holder removed it between our open and our lock: try the new one
+    with f:
+        yield f
 
 
 def writes(*params: str) -> Callable:

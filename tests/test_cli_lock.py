@@ -59,3 +59,13 @@ def test_a_shard_folder_keeps_its_lock_when_cleared(tmp_path):
         (out / "train-000000.tar").write_bytes(b"")
         clear_shard_dir(out)
         assert [p.name for p in out.iterdir()] == [LOCK]
+
+
+def test_a_released_lock_leaves_the_folder_as_it_was(tmp_path):
+    """Shard folders compare byte for byte between runs: the lock file goes with its holder."""
+    out = tmp_path / "shards"
+    with locked(out):
+        assert [p.name for p in out.iterdir()] == [LOCK]
+    assert list(out.iterdir()) == []
+    with locked(out):  # and the next writer takes it again
+        pass
