@@ -173,16 +173,36 @@ def test_missing_input_is_a_usage_error(tmp_path):
     assert result.exit_code == 1 and "nope.mp4: no such file or directory" in result.output
 
 
-def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
-    for i in range(4):  # four films, not four copies of one (a copy would be one movie)
-        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
-    args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "1"]
-    mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
-    reference = tmp_path / "reference"
-    subprocess.run([*mhmd, *args, "-w", str(reference)], check=True, capture_output=True)
+MHMD = [sys.executable, "-m", "mhmd_builder.cli"]
 
+
+def four_films_extracted_once(tmp_path, movie_factory, workers: int) -> tuple[list[str], Path]:
+    """The extract arguments for four films (not four copies of one: a copy would be one movie),
+    and a work directory where they were extracted without interruption."""
+    for i in range(4):
+        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
+    args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", str(workers)]
+    reference = tmp_path / "reference"
+    subprocess.run([*MHMD, *args, "-w", str(reference)], check=True, capture_output=True)
+    return args, reference
+
+
+def assert_resumed_as_never_interrupted(work: Path, reference: Path, args: list[str]) -> None:
+    """The same command run again completes the work directory to what an uninterrupted run made."""
+    subprocess.run([*MHMD, *args, "-w", str(work)], check=True, capture_output=True)
+    ours, theirs = export(work), export(reference)
+    assert ours.frame_id.is_unique
+    columns = ["frame_id", "timestamp", "kept", "reject_reason"]
+    pd.testing.assert_frame_equal(ours[columns], theirs[columns])
+    jpegs = sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
+    assert jpegs == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg"))
+    assert len(jpegs) == int(ours.kept.sum())
+
+
+def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
+    args, reference = four_films_extracted_once(tmp_path, movie_factory, workers=1)
     work = tmp_path / "work"
-    proc = subprocess.Popen([*mhmd, *args, "-w", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen([*MHMD, *args, "-w", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 60
     while not list((work / "extract" / "tmp").glob("*/frames/*.jpg")) or not list(work.glob("extract/parts/*.done")):
@@ -192,15 +212,8 @@ def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_fac
     proc.wait()
     done_at_kill = len(list(work.glob("extract/parts/*.done")))
     assert 1 <= done_at_kill < 4
-
-    subprocess.run([*mhmd, *args, "-w", str(work)], check=True, capture_output=True)
-    ours, theirs = export(work), export(reference)
-    assert ours.frame_id.is_unique
-    columns = ["frame_id", "timestamp", "kept", "reject_reason"]
-    pd.testing.assert_frame_equal(ours[columns], theirs[columns])
-    jpegs = sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
-    assert jpegs == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg"))
-    assert len(jpegs) == int(ours.kept.sum()) and not list((work / "extract" / "tmp").glob("*"))
+    assert_resumed_as_never_interrupted(work, reference, args)
+    assert not list((work / "extract" / "tmp").glob("*"))
 
 
 def test_shared_sample_videos_extract_at_the_right_times(tmp_path, shared_samples):
@@ -266,15 +279,9 @@ def test_a_renamed_or_copied_film_keeps_its_movie_id_and_is_not_extracted_again(
 
 
 def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory):
-    for i in range(4):
-        movie_factory(f"m{i}.mp4", seconds=8, size="320x240", rate=25, vf=f"hue=h={90 * i}")
-    args = ["extract", str(movie_factory.folder), "--fps", "25", "--workers", "2"]
-    mhmd = [sys.executable, "-m", "mhmd_builder.cli"]
-    reference = tmp_path / "reference"
-    subprocess.run([*mhmd, *args, "-w", str(reference)], check=True, capture_output=True)
-
+    args, reference = four_films_extracted_once(tmp_path, movie_factory, workers=2)
     work = tmp_path / "work"
-    proc = subprocess.Popen([*mhmd, *args, "-w", str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*MHMD, *args, "-w", str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(work.glob("extract/progress/*.json")):
         assert time.monotonic() < deadline and proc.poll() is None
@@ -284,11 +291,7 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
     assert proc.returncode == 130
     assert out == "" and err.strip() == "interrupted: rerun the same command to resume"
     assert not [p for p in work.rglob("*") if ".tmp" in p.name]
-
-    subprocess.run([*mhmd, *args, "-w", str(work)], check=True, capture_output=True)
-    pd.testing.assert_frame_equal(export(work)[["frame_id", "kept"]], export(reference)[["frame_id", "kept"]])
-    assert (sorted(p.relative_to(work) for p in work.glob("frames/*/*.jpg"))
-            == sorted(p.relative_to(reference) for p in reference.glob("frames/*/*.jpg")))
+    assert_resumed_as_never_interrupted(work, reference, args)
 
 
 @pytest.mark.parametrize("seconds,frame", [(0.0, "m_0"), (1.0004, "m_1000"), (1.0006, "m_1001"), (1.0015, "m_1002"),
