@@ -100,13 +100,14 @@ def regular_file_size(path: Path) -> int:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise MediaError(f"broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else "no such file") from None
+        reason = f"broken symbolic link (to {os.readlink(path)})" if path.is_symlink() else "no such file"
+        raise MediaError(reason) from None
     except OSError as e:
-        raise MediaError("symbolic link loop" if e.errno == errno.ELOOP else f"cannot read file: {e.strerror}") from None
+        reason = "symbolic link loop" if e.errno == errno.ELOOP else f"cannot read file: {e.strerror}"
+        raise MediaError(reason) from None
     if not stat.S_ISREG(st.st_mode):
         raise MediaError(f"not a regular file ({_SPECIAL_FILES.get(stat.S_IFMT(st.st_mode), 'special file')})")
     return st.st_size
-
 
 
 def movie_id(path: Path, digest: str | None = None) -> str:

@@ -336,13 +336,8 @@ class WorkDir:
     def progress(self, stage: str) -> dict[str, dict]:
         """Partitions reported running: {"done", "total"} in the stage's own units, "at" (epoch
         seconds). A run killed mid-partition leaves its last report: `at` tells how old it is."""
-        found = {}
-        for path in sorted((self.stage_dir(stage) / "progress").glob("*.json")):
-            try:
-                found[path.stem] = read_json(path)
-            except (OSError, ValueError):  # removed or replaced while being read
-                continue
-        return found
+        reports = {path.stem: _record(path) for path in sorted((self.stage_dir(stage) / "progress").glob("*.json"))}
+        return {pid: report for pid, report in reports.items() if report is not None}  # None: removed while read
 
     # -- reading ------------------------------------------------------------------------------
     def read_table(self, stage: str) -> pd.DataFrame | None:
