@@ -285,10 +285,15 @@ def labeler_group() -> None:
 @click.option("--epochs", type=option_type("labeler.epochs", int), default=10, show_default=True)
 @click.option("--batch-size", type=option_type("labeler.batch_size", int), default=32, show_default=True)
 @click.option("--image-size", type=option_type("labeler.image_size", int), default=224, show_default=True)
+@click.option("--split", type=choice_type("labeler.split"), default="films", show_default=True,
+              help="Validation frames: films held out whole (a class in one film only: its latest frames), "
+                   "or random frames (the paper's way; near-duplicates flatter it).")
+@click.option("--val-fraction", type=option_type("labeler.val_fraction", float), default=0.2, show_default=True,
+              help="Share of the human labels that validates.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
-                          image_size, device, seed) -> None:
+                          image_size, split, val_fraction, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
     from .labeler_train import TrainSettings, train
     from .labels import import_labels
@@ -296,7 +301,7 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
     settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
-                             image_size=image_size, device=device, seed=seed)
+                             image_size=image_size, split=split, val_fraction=val_fraction, device=device, seed=seed)
     imported = import_labels(wd, labels_file, tax, metadata)
     click.echo(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
     train(wd, settings, tax)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import prefetched
-from .labeler import LabelerError, LabelerWorker, load_checkpoint, load_rgb
+from .labeler import LabelerError, LabelerWorker, check_checkpoint, load_rgb
 from .labels import labelable_frames
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources, inputs_digest
@@ -141,7 +141,7 @@ def predict(workdir: WorkDir | str | Path, checkpoint: str | Path, settings: Pre
     movie_metadata: movie_id -> {"era": ..., "nationality": ...} (either may be missing)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     taxonomy = taxonomy or load_taxonomy()
-    load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per film
+    check_checkpoint(checkpoint, taxonomy)
     partitions = plan_labeling(workdir, Path(checkpoint), taxonomy, movie_metadata)
     stage = LabelStage(workdir, str(checkpoint), taxonomy, settings or PredictSettings())
     return (runner or LocalRunner()).run(stage, partitions)

@@ -121,6 +121,17 @@ def load_checkpoint(checkpoint: str | Path, taxonomy: Taxonomy):
     return model.eval(), config
 
 
+def check_checkpoint(checkpoint: str | Path, taxonomy: Taxonomy) -> dict:
+    """Before a command labels anything: refuse a checkpoint of another taxonomy (here, not once per
+    film), and say which labels it never gives. Returns its config."""
+    config = load_checkpoint(checkpoint, taxonomy)[1]
+    trained = trained_labels(config)
+    if trained is not None and len(trained) < len(taxonomy):
+        print(f"notice: {checkpoint} was trained on {len(trained)} of the {len(taxonomy)} labels and gives only "
+              "those; label frames of the others and train again to have them")
+    return config
+
+
 # -- images ---------------------------------------------------------------------------------------
 def fit_rgb(bgr: np.ndarray, size: int) -> np.ndarray:
     """The whole frame, RGB, squeezed to size x size: a centre crop would cut off persons at the sides."""
@@ -151,6 +162,7 @@ class Labeler:
 
         model, self.config = load_checkpoint(checkpoint, taxonomy)
         self.names, self.image_size = taxonomy.names, self.config["image_size"]
+        self.trained = trained_labels(self.config)
         self.device = pick_device(device)
         self.half = self.device.startswith("cuda")  # fp16 on the GPU: twice the throughput, same argmax
         model = model.to(self.device, memory_format=torch.channels_last)
@@ -158,14 +170,16 @@ class Labeler:
 
     def predict_batch(self, batch: list[tuple[dict, np.ndarray]], allowed: list[int] | None) -> list[dict]:
         """Rows of PREDICTION_SCHEMA for (frame with frame_id and movie_id, RGB image of the
-        checkpoint's size) pairs; `allowed` restricts the labels (None: all)."""
+        checkpoint's size) pairs; `allowed` restricts the labels (None: all), and only labels the
+        labeler was trained on are given: an untrained class's output is noise."""
         import torch
 
+        allowed = restricted_to_trained(allowed, self.trained, self.names)
         images = torch.from_numpy(np.stack([image for _, image in batch])).permute(0, 3, 1, 2)
         with torch.inference_mode(), fixed_cpu_threads():
             x = normalise(images, self.device).contiguous(memory_format=torch.channels_last)
             logits = self.model(x.half() if self.half else x).float()
-            if allowed is not None:  # the film's era / nation are known: only consistent labels
+            if allowed is not None:
                 mask = torch.full_like(logits, float("-inf"))
                 mask[:, allowed] = 0
                 logits = logits + mask
@@ -176,6 +190,23 @@ class Labeler:
                  "label_id": int(ids[i, 0]), "label_source": "model", "label_confidence": float(confidence[i, 0]),
                  "top3": [names[j] for j in ids[i]], "top3_confidence": confidence[i].tolist()}
                 for i, (frame, _) in enumerate(batch)]
+
+
+def trained_labels(config: dict) -> list[int] | None:
+    """The label ids a checkpoint's training saw (None for checkpoints that did not record them)."""
+    return config.get("trained_labels")
+
+
+def restricted_to_trained(allowed: list[int] | None, trained: list[int] | None, names: list[str]) -> list[int] | None:
+    """The labels allowed (a film's era / nationality may restrict them) that training saw."""
+    if trained is None:
+        return allowed
+    kept = trained if allowed is None else [i for i in allowed if i in set(trained)]
+    if not kept:
+        raise LabelerError(f"none of the labels this film may have ({', '.join(names[i] for i in allowed[:5])}"
+                           f"{', ...' if len(allowed) > 5 else ''}) was among the labeler's training labels: "
+                           "label some of its frames and train again")
+    return kept
 
 
 class LabelerWorker:

@@ -1,7 +1,7 @@
 """Training the labeler on the human labels (the paper's 1%).
 
     train(workdir, TrainSettings(...)) -> the checkpoint (labeler.py says what it holds), and its
-                                          config with the validation metrics of the best epoch
+                                          config with the validation metrics of the epoch it keeps
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from .devices import fixed_cpu_threads, pick_device
 from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
                       load_rgb, metrics_path, normalise, save_checkpoint)
+from .labeler_split import Split, split_for_validation
 from .tables import read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
@@ -34,6 +35,7 @@ class TrainSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    split: str = "films"  # films | frames: how validation frames are chosen (labeler_split.py)
     device: str = "auto"
     seed: int = 0
     workers: int = 0  # DataLoader processes; seeded from the run's generator, so still reproducible
@@ -53,7 +55,7 @@ def labeled_frames(workdir: WorkDir) -> "pd.DataFrame":
     human = read_human_labels(workdir)
     if human is None or human.empty:
         raise LabelerError(f"{workdir.root}: no human labels yet: import a label file first (--labels FILE)")
-    frames = manifest(workdir)[["frame_id", "movie_id", "jpeg"]].dropna(subset=["jpeg"])
+    frames = manifest(workdir)[["frame_id", "movie_id", "timestamp", "jpeg"]].dropna(subset=["jpeg"])
     labeled = human[["frame_id", "label_id"]].merge(frames, on="frame_id")
     if labeled.empty:
         raise LabelerError(f"{workdir.root}: none of the {len(human)} human-labeled frames has a JPEG here")
@@ -75,28 +77,6 @@ def checkpoint_is_current(workdir: WorkDir, settings: TrainSettings, taxonomy: T
     config = read_json(config_path(checkpoint))
     return (config.get("settings") == settings.to_dict() and config.get("taxonomy_sha256") == taxonomy.sha256
             and config.get("labels_digest") == labels_digest(labeled_frames(workdir)))
-
-
-def split_by_film(labeled, val_fraction: float, seed: int) -> tuple[np.ndarray, str]:
-    """A boolean validation mask and how it was made. Whole films go to validation (seeded) until
-    they hold val_fraction of the frames: frames of one film are near-duplicates, and a frame split
-    would measure memory, not labeling. With one film only, a seeded frame split (said so)."""
-    rng = np.random.default_rng(seed)
-    films = labeled.movie_id.unique()
-    if len(films) < 2:
-        print(f"notice: all labeled frames come from one film ({films[0]}): validating on a random frame split, "
-              "which overstates accuracy (neighbouring frames look alike); label frames of more films")
-        mask = np.zeros(len(labeled), bool)
-        mask[rng.permutation(len(labeled))[:max(1, round(val_fraction * len(labeled)))]] = True
-        return mask, "frames of one film"
-    counts = labeled.movie_id.value_counts()
-    chosen, total = [], 0
-    for film in rng.permutation(sorted(films)):
-        if total >= val_fraction * len(labeled) or len(chosen) == len(films) - 1:
-            break
-        chosen.append(film)
-        total += counts[film]
-    return labeled.movie_id.isin(chosen).to_numpy(), f"{len(chosen)} of {len(films)} films held out"
 
 
 def balanced_sampler(targets: np.ndarray, seed: int):
@@ -135,8 +115,10 @@ def classification_metrics(y_true, y_pred, names: list[str]) -> dict:
 
 
 def format_metrics(metrics: dict, names: list[str]) -> str:
+    majority = metrics["majority"]
     lines = [f"validation: {metrics['samples']} frames ({metrics['split']}), accuracy {metrics['accuracy']:.3f}, "
-             f"macro-F1 {metrics['macro_f1']:.3f}",
+             f"macro-F1 {metrics['macro_f1']:.3f}; labelling every frame {majority['label']}: accuracy "
+             f"{majority['accuracy']:.3f}, macro-F1 {majority['macro_f1']:.3f}",
              f"{'label':<40}{'precision':>10}{'recall':>8}{'support':>9}"]
     lines += [f"{name:<40}{m['precision']:>10.3f}{m['recall']:>8.3f}{m['support']:>9}"
               for name, m in metrics["per_class"].items()]
@@ -199,32 +181,69 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     labeled = labeled_frames(workdir)
     if labeled.label_id.max() >= len(taxonomy):
         raise LabelerError(f"human labels use class ids beyond the {len(taxonomy)} labels of {taxonomy.source}")
-    val_mask, split = split_by_film(labeled, settings.val_fraction, settings.seed)
+    split = split_for_validation(labeled, taxonomy.names, settings.val_fraction, settings.seed, settings.split)
+    print(f"validation split: {split.how}\n{split.table()}")
+    trained = sorted(labeled.label_id[~split.val].astype(int).unique().tolist())
     weights_from = start_from_initial_weights(model, settings)
     model.to(device)
-    train_loader, val_loader = data_loaders(workdir, labeled, val_mask, settings, device)
-    best, best_state = fit(model, train_loader, val_loader, settings, device, taxonomy.names)
-    best["split"] = split
-    model.load_state_dict(best_state)
-    config = checkpoint_config(settings, taxonomy, weights_from, labeled, val_mask, best)
+    train_loader, val_loader = data_loaders(workdir, labeled, split.val, settings, device)
+    selection = selection_rule(split, trained, taxonomy.names)
+    best, best_state = fit(model, train_loader, val_loader, settings, device, taxonomy.names, selection is None)
+    best.update(split=split.how, selected=selection or "the best validation macro-F1 (ties: the later epoch)",
+                majority=majority_baseline(labeled, split.val, taxonomy.names))
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    config = checkpoint_config(settings, taxonomy, weights_from, labeled, split, trained, best)
     save_checkpoint(model, config, checkpoint)
     atomic_write_json(metrics_path(checkpoint), best)
     print(format_metrics(best, taxonomy.names))
-    print(f"checkpoint: {checkpoint} (epoch {best['epoch']})")
+    warn_if_no_better_than_majority(best)
+    print(f"checkpoint: {checkpoint} (epoch {best['epoch']}: {best['selected']}); it predicts only the "
+          f"{len(trained)} of {len(taxonomy)} labels it was trained on")
     return {**config, "checkpoint": str(checkpoint)}
 
 
+def selection_rule(split: Split, trained: list[int], names: list[str]) -> str | None:
+    """None when validation scores every class training saw, so that its best epoch means something;
+    else why the last epoch is kept (the one-cycle schedule ends with the smallest steps)."""
+    validated = {r["label_id"] for r in split.per_class if r["val_frames"]}
+    unscored = [names[c] for c in trained if c not in validated]
+    if not unscored:
+        return None
+    reason = (f"the last epoch: validation has no frame of {len(unscored)} of the {len(trained)} trained labels "
+              f"({', '.join(unscored[:5])}{', ...' if len(unscored) > 5 else ''}), so it cannot pick an epoch")
+    print(f"notice: keeping {reason}")
+    return reason
+
+
+def majority_baseline(labeled: "pd.DataFrame", val: np.ndarray, names: list[str]) -> dict:
+    """The trivial labeler: the most frequent training label for every validation frame."""
+    majority = int(labeled.label_id[~val].astype(int).value_counts().sort_index().idxmax())
+    truth = labeled.label_id[val].astype(int).to_numpy()
+    metrics = classification_metrics(truth, np.full(len(truth), majority), names)
+    return {"label": names[majority], "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def warn_if_no_better_than_majority(metrics: dict) -> None:
+    majority = metrics["majority"]
+    if metrics["samples"] and metrics["macro_f1"] <= majority["macro_f1"]:
+        print(f"WARNING: on its validation frames the labeler does no better (macro-F1 {metrics['macro_f1']:.3f}) "
+              f"than labelling every frame {majority['label']} (macro-F1 {majority['macro_f1']:.3f}): its labels "
+              "would be no better than that; label more frames of more films or train longer")
+
+
 def checkpoint_config(settings: TrainSettings, taxonomy: Taxonomy, weights_from: str, labeled: "pd.DataFrame",
-                      val_mask: np.ndarray, best: dict) -> dict:
+                      split: Split, trained: list[int], best: dict) -> dict:
     """What the checkpoint's .json records: how to rebuild and feed the model, and how it was trained."""
-    train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
+    train_rows, val_rows = labeled[~split.val], labeled[split.val]
     return {
         "arch": settings.arch, "image_size": settings.image_size, "mean": MEAN, "std": STD,
         "taxonomy_sha256": taxonomy.sha256, "taxonomy_source": taxonomy.source, "label_names": taxonomy.names,
         "seed": settings.seed, "settings": settings.to_dict(), "initial_weights": weights_from,
-        "labels_digest": labels_digest(labeled),
+        "labels_digest": labels_digest(labeled), "trained_labels": trained,
         "train_frames": int(len(train_rows)), "val_frames": int(len(val_rows)),
-        "val_movies": sorted(val_rows.movie_id.unique().tolist()),
+        "val_movies": sorted(set(val_rows.movie_id) - set(train_rows.movie_id)),
+        "split": split.per_class,
         "metrics": {k: v for k, v in best.items() if k != "confusion"},
     }
 
@@ -257,9 +276,11 @@ def _loader(workdir: WorkDir, rows: "pd.DataFrame", settings: TrainSettings, dev
                                        pin_memory=device.startswith("cuda"))
 
 
-def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, names: list[str]) -> tuple[dict, dict]:
-    """Train for `settings.epochs`; (metrics and number of the best epoch, the model's state after it).
-    The best epoch has the best validation macro-F1: accuracy would favour the big classes."""
+def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, names: list[str],
+        select_best: bool) -> tuple[dict, dict | None]:
+    """Train for `settings.epochs`; (validation metrics and number of the kept epoch, the model's
+    state after it, or None when that is the last). With select_best the kept epoch has the best
+    validation macro-F1 (accuracy would favour the big classes), else it is the last one."""
     import torch
 
     optimiser = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=settings.weight_decay)
@@ -268,13 +289,14 @@ def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, n
     best, best_state = None, None
     for epoch in range(1, settings.epochs + 1):
         loss = train_one_epoch(model, train_loader, optimiser, schedule, device, f"epoch {epoch}/{settings.epochs}")
-        metrics = classification_metrics(*evaluate(model, val_loader, device), names)
+        metrics = {**classification_metrics(*evaluate(model, val_loader, device), names), "epoch": epoch}
         print(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
               f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
-        if best is None or metrics["macro_f1"] > best["macro_f1"]:
-            best = {**metrics, "epoch": epoch}
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return best, best_state
+        if not select_best:
+            best = metrics
+        elif best is None or metrics["macro_f1"] >= best["macro_f1"]:
+            best, best_state = metrics, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return best, best_state if select_best else None
 
 
 def train_one_epoch(model, loader, optimiser, schedule, device: str, description: str) -> float:
@@ -300,7 +322,7 @@ def evaluate(model, loader, device: str) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     model.eval()
-    truth, predicted = [], []
+    truth, predicted = [np.zeros(0, int)], [np.zeros(0, int)]  # a labeler may have no validation frame
     with torch.inference_mode():
         for images, targets in loader:
             predicted.append(model(normalise(images, device)).argmax(1).cpu().numpy())

@@ -88,6 +88,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "extract.sampling.mode": ("fps", "keyframes", "scenes"),
     "detect.detector": ("yolo", "opencv"),
     "labeler.arch": ("resnet50", "resnet18"),
+    "labeler.split": ("films", "frames"),
 }
 
 

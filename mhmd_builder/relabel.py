@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .batching import batched
 from .errors import InputError
-from .labeler import LabelerWorker, fit_rgb, load_checkpoint
+from .labeler import LabelerWorker, check_checkpoint, fit_rgb
 from .runners import LocalRunner
 from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, label_fields, open_shard,
                      read_index, split_entry, with_json, write_index)
@@ -122,7 +122,7 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
     if index.get("taxonomy_sha256") != taxonomy.sha256:
         raise RelabelError(f"{shard_dir}: its labels are ids of another taxonomy than {taxonomy.source}: "
                            "relabel with the taxonomy the shards were written with (--taxonomy)")
-    load_checkpoint(checkpoint, taxonomy)  # refuse a wrong checkpoint here, not once per tar
+    check_checkpoint(checkpoint, taxonomy)
     clear_shard_dir(out)
     workdir = WorkDir(out / RELABEL_RECORDS)
     partitions = [Partition(e["name"], {"split": e["split"], "count": e["count"]},

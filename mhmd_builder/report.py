@@ -446,16 +446,26 @@ def labeler_section(checkpoint: Path) -> Section:
     metrics = read_json(metrics_path(checkpoint)) if metrics_path(checkpoint).is_file() else config["metrics"]
     summary = (f"<p>{esc(checkpoint)}: {esc(config['arch'])}, {config['image_size']} px, initial weights "
                f"{esc(config['initial_weights'])}; trained on {config['train_frames']:,} human-labeled frames, "
-               f"validated on {metrics['samples']:,} ({esc(metrics['split'])}), best epoch {metrics['epoch']}.</p>"
+               f"validated on {metrics['samples']:,} ({esc(metrics['split'])}), epoch {metrics['epoch']} kept"
+               f"{' (' + esc(metrics['selected']) + ')' if 'selected' in metrics else ''}.</p>"
                f'<p{data_attrs({"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})}>'
                f"Validation accuracy <b>{metrics['accuracy']:.3f}</b>, macro-F1 <b>{metrics['macro_f1']:.3f}</b> "
-               f"(the paper reports at least 0.98 accuracy).</p>")
+               f"(the paper reports at least 0.98 accuracy, on random frames).{majority_note(metrics)}</p>")
     rows = [([esc(name), f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", number(m["support"])],
              {"class": name}) for name, m in metrics["per_class"].items()]
     body = summary + table(["label", "precision", "recall", "F1", "support"], rows)
     if "confusion" in metrics:
         body += confusion_plot(np.asarray(metrics["confusion"]), config["label_names"])
     return Section("labeler", "Labeler", body)
+
+
+def majority_note(metrics: dict) -> str:
+    """The trivial labeler's scores beside the labeler's (checkpoints of earlier versions lack them)."""
+    majority = metrics.get("majority")
+    if majority is None:
+        return ""
+    return (f" Labelling every frame {esc(majority['label'])} scores accuracy {majority['accuracy']:.3f}, "
+            f"macro-F1 {majority['macro_f1']:.3f}.")
 
 
 # -- settings -------------------------------------------------------------------------------------

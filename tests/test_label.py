@@ -11,8 +11,9 @@ from mhmd_builder.tables import human_labels_path, label_dir, read_human_labels
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
-from test_labeler_train import (CLASSES, FILMS, PER_CLASS, REJECTED, TAXONOMY, copy_workdir, set_human_labels,
-                                trained_labeler)
+from mhmd_builder.labeler_train import TrainSettings, train
+from test_labeler_train import (CLASSES, FILMS, PER_CLASS, REJECTED, SMALL, TAXONOMY, copy_workdir, make_workdir,
+                                set_human_labels, trained_labeler)
 
 
 @pytest.fixture
@@ -86,3 +87,33 @@ def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, 
     (work.root / "labels" / "human.parquet").write_bytes(b"stale")
     assert read_human_labels(work).shape[0] == 2 and human_labels_path(work).read_bytes() != b"stale"
     assert capsys.readouterr().out == ""
+
+
+def test_films_of_one_class_each_get_their_own_label_and_none_the_labeler_never_saw(tmp_path, capsys):
+    """Each class in one film only, 30% of the frames labelled by hand: holding out a whole film
+    would leave its class untrained (every frame once got a label nobody gave). Each class is
+    validated on its latest frames instead, and every other frame gets its film's label."""
+    names = list(CLASSES)
+    films = {f"only_{i}": [name] * 31 for i, name in enumerate(names)}
+    work, truth = make_workdir(tmp_path / "work", films)
+    kept = [f for f in truth if not f.endswith("-0030")]
+    set_human_labels(work, {f: truth[f] for f in kept[::3]})
+    config = train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=8,
+                                       output=str(tmp_path / "l.safetensors")), TAXONOMY)
+    assert config["val_movies"] == [] and [r["val_frames"] for r in config["split"]] == [2, 2, 2]
+    assert config["metrics"]["selected"].startswith("the best")
+    predict(work, config["checkpoint"], PredictSettings(device="cpu"), TAXONOMY)
+    assert "was trained on 3 of the 42 labels and gives only those" in capsys.readouterr().out
+    model = work.read_table(STAGE).query("label_source == 'model'")
+    assert len(model) == len(kept) - len(kept[::3]) and set(model.label) <= set(names)
+    assert np.mean([label == truth[f] for f, label in zip(model.frame_id, model.label)]) >= 0.9
+
+
+def test_a_film_whose_known_labels_the_labeler_never_saw_fails_alone(trained, tmp_path):
+    work = copy_workdir(trained[0], tmp_path)
+    set_human_labels(work, {f: n for f, n in trained[1].items() if not f.startswith(FILMS[0])})
+    japan = {FILMS[0]: {"era": "during_ww2", "nationality": "japan"}}  # no japan label was trained
+    results = {r.id: r for r in predict(work, trained[2]["checkpoint"], PredictSettings(device="cpu"), TAXONOMY,
+                                        japan)}
+    assert [m for m, r in results.items() if not r.ok] == [FILMS[0]]
+    assert "was among the labeler's training labels: label some of its frames" in results[FILMS[0]].reason

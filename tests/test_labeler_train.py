@@ -33,20 +33,21 @@ def frame_image(rng, colour) -> np.ndarray:
     return image[:, :, ::-1].copy()
 
 
-def make_workdir(root: Path) -> tuple[WorkDir, dict[str, str]]:
-    """Extract and detect records for FILMS (as the stages write them), and the true label of every
-    frame. The last frame of each film was rejected by detection: it must not be labeled."""
+def make_workdir(root: Path, films: dict[str, list[str]] | None = None) -> tuple[WorkDir, dict[str, str]]:
+    """Extract and detect records for `films` (movie -> the label of each frame; default: FILMS, each
+    PER_CLASS frames of every class, interleaved), as the stages write them, and the true label of
+    every frame. The last frame of each film was rejected by detection: it must not be labeled."""
     work, truth, rng = WorkDir(root), {}, np.random.default_rng(0)
     names = list(CLASSES)
-    for movie in FILMS:
+    films = films or {movie: [names[k % len(names)] for k in range(PER_CLASS * len(names) + 1)] for movie in FILMS}
+    for movie, labels in films.items():
         frames, detections = [], []
-        count = PER_CLASS * len(names) + 1
-        for k in range(count):
-            frame_id, name = f"{movie}-{k:04d}", names[k % len(names)]
+        for k, name in enumerate(labels):
+            frame_id = f"{movie}-{k:04d}"
             jpeg = f"frames/{movie}/{frame_id}.jpg"
             (work.root / jpeg).parent.mkdir(parents=True, exist_ok=True)
             cv2.imwrite(str(work.root / jpeg), frame_image(rng, CLASSES[name]))
-            kept = k < count - 1
+            kept = k < len(labels) - 1
             truth[frame_id] = name
             frames.append({"frame_id": frame_id, "movie_id": movie, "timestamp": float(k), "width": 160, "height": 90,
                            "kept": True, "reject_reason": None, "flags": [], "jpeg": jpeg})
@@ -112,12 +113,17 @@ def test_trained_labeler_generalises_to_a_held_out_film(trained):
     assert metrics_file.exists() and Path(config["checkpoint"]).with_suffix(".json").exists()
 
 
-def test_training_is_reproducible_and_one_film_falls_back_to_a_frame_split(trained, tmp_path, capsys):
+def test_training_is_reproducible_and_keeps_the_last_epoch_when_validation_cannot_score_a_class(trained, tmp_path,
+                                                                                                 capsys):
     work = copy_workdir(trained[0], tmp_path)
     one_film = {f: n for f, n in trained[1].items() if f.startswith("film_a-") and not f.endswith(REJECTED)}
+    one_film["film_a-0000"] = "during_ww2/britain_france/military"  # one frame: it trains, nothing validates it
     set_human_labels(work, one_film)
-    runs = [train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=1, output=str(tmp_path / f"{i}.safetensors")),
+    runs = [train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=2, output=str(tmp_path / f"{i}.safetensors")),
                   TAXONOMY) for i in range(2)]
-    assert "random frame split" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0 of 1 films held out, 3 classes split by time within a film" in out
+    assert runs[0]["metrics"]["epoch"] == 2 and runs[0]["metrics"]["selected"].startswith("the last epoch")
+    assert len(runs[0]["trained_labels"]) == 4 and runs[0]["val_movies"] == []
     assert runs[0]["metrics"] == runs[1]["metrics"]
     assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()

@@ -85,6 +85,7 @@ def test_report_sections_say_what_they_show(demo_report):
     assert "weighted by its saturation" in text and "ImageNet" in text and "not drawn" in text
     metrics = json.loads(metrics_path(default_checkpoint(WorkDir(out / "work"))).read_text())
     assert f'data-accuracy="{metrics["accuracy"]}"' in text and "confusion matrix" in text
+    assert f"Labelling every frame {metrics['majority']['label']} scores accuracy" in text
     assert "Recipe " in text and "fraction: 0.5" in text and '"sample": 0' in text.replace("&quot;", '"')
     # Every inline image decodes: plots (PNG) and thumbnails (JPEG), also of frames never encoded.
     images = re.findall(r'src="data:image/(png|jpeg);base64,([^"]+)"', text)
