@@ -9,7 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mhmd_builder.labeler_train import TrainSettings, classification_metrics, train
+from mhmd_builder.labeler_train import (TrainSettings, classification_metrics, majority_baseline, train,
+                                        warn_if_no_better_than_majority)
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -102,6 +103,20 @@ def test_metrics_match_a_hand_computation():
     assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
     assert "unused" not in m["per_class"]
     assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(capsys):
+    import pandas as pd
+
+    labeled = pd.DataFrame({"label_id": [1, 1, 0, 2, 1, 0, 0]})
+    validating = np.array([False, False, False, False, True, True, True])
+    majority = majority_baseline(labeled, validating, ["a", "b", "c"])  # b, the most frequent in training
+    # Validation truth b, a, a all called b: accuracy 1/3; F1 of b 1/2 (P 1/3, R 1), of a 0.
+    assert majority == pytest.approx({"label": "b", "accuracy": 1 / 3, "macro_f1": 0.25})
+    warn_if_no_better_than_majority({"samples": 3, "macro_f1": 0.25, "majority": majority})
+    assert capsys.readouterr().out.startswith("WARNING: on its validation frames the labeler does no better")
+    warn_if_no_better_than_majority({"samples": 3, "macro_f1": 0.26, "majority": majority})
+    assert capsys.readouterr().out == ""
 
 
 def test_trained_labeler_generalises_to_a_held_out_film(trained):
