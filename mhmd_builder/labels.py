@@ -295,7 +295,7 @@ def _read_label_studio_rows(path: Path, rows: list[tuple[int, dict]],
         if not isinstance(row, dict) or "annotation_id" not in row:
             problems.append(f"{path}:{line}: not a Label Studio JSON-MIN row (no annotation_id)")
         else:
-            tasks.setdefault((str(row.get("id")), _frame(row)), []).append((line, row))
+            tasks.setdefault((str(row.get("id")), _frame(row)), []).append((line, row))  # str: any id hashes
     entries, unlabelled = [], 0
     for (task, frame), task_rows in tasks.items():
         annotated = [(line, row) for line, row in task_rows if row["annotation_id"] not in (None, "")]

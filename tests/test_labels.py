@@ -419,3 +419,18 @@ def test_label_files_too_large_or_not_regular_are_refused_unread(tmp_path):
     os.mkfifo(fifo)  # opening it for reading would wait for a writer for ever
     with pytest.raises(LabelFileError, match=rf"^{fifo}: not a regular file \(nothing imported\)$"):
         check_label_file(fifo)
+
+
+def test_json_min_rows_of_the_wrong_shape_are_problems_with_their_lines(tmp_path):
+    rows = [{"frame_id": "x_1", "id": [1], "annotation_id": 5, "era": 3, "nationality": ["usa", {"choices": "x"}],
+             "garment": {"choices": ["formal", "military"]}},
+            ["not", "a", "row"],
+            {"frame_id": "x_2", "id": 2, "era": "during_ww2"}]
+    path = write(tmp_path / "export.json", "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]")
+    with pytest.raises(LabelFileError) as error:
+        check_label_file(path)
+    assert error.value.problems == [f"{path}:2: task [1]: no era choices, need one",
+                                    f"{path}:2: task [1]: no nationality choices, need one",
+                                    f"{path}:2: task [1]: 2 garment choices, need one",
+                                    f"{path}:3: not a Label Studio JSON-MIN row (no annotation_id)",
+                                    f"{path}:4: not a Label Studio JSON-MIN row (no annotation_id)"]
