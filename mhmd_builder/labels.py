@@ -247,12 +247,13 @@ def _read_label_studio_tasks(path: Path, tasks, problems: list[str]) -> tuple[li
             unlabelled += 1
             continue
         chosen = _chosen(done, "id", path, task.get("id"), problems)
-        results, where = (chosen[1].get("result") or []) if chosen else [], f"{path}:{line}: task {task.get('id')}"
+        if chosen is None:
+            continue
+        results, where = chosen[1].get("result") or [], f"{path}:{line}: task {task.get('id')}"
         if not isinstance(results, list):
             problems.append(f"{where}: its annotation's result is not a list")
-        elif chosen:
-            given = _result_choices(results, where, problems)
-            entries.append(_entry(line, _frame(task["data"]), given, where, problems))
+            continue
+        entries.append(_entry(line, _frame(task["data"]), _result_choices(results, where, problems), where, problems))
     return entries, unlabelled
 
 
