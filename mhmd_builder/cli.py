@@ -206,7 +206,8 @@ movies_option = click.option("--movies", type=click.Path(exists=True, dir_okay=F
 LABEL_STUDIO_HOWTO = """Label Studio: start it with
   LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT={root}
 create a project with the labeling config {config}, add a "Local files" source storage with the
-absolute path {root}/frames (do not sync it), import {tasks}, label, and export JSON for `mhmd labels import`."""
+absolute path {root}/frames (do not sync it), import {tasks}, label, and export JSON (or JSON-MIN, CSV)
+for `mhmd labels import`."""
 
 
 def label_context(work: WorkDir, taxonomy: str | None, movies: str | None):
@@ -255,8 +256,8 @@ def labels_group() -> None:
 @movies_option
 @taxonomy_option
 def labels_import_command(file, workdir, movies, taxonomy) -> None:
-    """Check FILE (CSV, or a Label Studio JSON export) and merge it into the human labels; on any
-    problem, list them all and write nothing."""
+    """Check FILE (a CSV, or a Label Studio JSON, JSON-MIN or CSV export) and merge it into the human
+    labels; on any problem, list them all and write nothing."""
     from .labels import import_labels
 
     work = WorkDir(workdir)
@@ -274,7 +275,7 @@ def labeler_group() -> None:
 @labeler_group.command("train")
 @workdir_option
 @click.option("--labels", "labels_file", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Human labels (CSV or Label Studio JSON export), imported before training.")
+              help="Human labels (CSV, or a Label Studio JSON, JSON-MIN or CSV export), imported before training.")
 @taxonomy_option
 @movies_option
 @click.option("--arch", type=choice_type("labeler.arch"), default="resnet50", show_default=True)

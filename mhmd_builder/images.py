@@ -1,5 +1,6 @@
 """Images on disk: the extracted JPEGs read back as pixels (`load_frame`), and images that come from
-outside (parsing maps, photos to colorize) checked before they are decoded (`open_image`).
+outside (parsing maps, photos to colorize) checked before they are decoded (`open_image`), read
+with `read_regular_file`, which reads other outside files (label files) the same way.
 
 An outside image is read only when it is a regular file (a FIFO or a device is refused without
 reading from it) of at most MAX_IMAGE_BYTES, and decoded only when its header says it has at most
@@ -14,6 +15,7 @@ import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -59,7 +61,7 @@ def open_image(path: str | Path) -> ImageFile:
     """Read an outside image's bytes and its header's size; ImageError when it is not a regular
     file, is larger than MAX_IMAGE_BYTES, has no image header, or has more than MAX_IMAGE_PIXELS."""
     path = Path(path)
-    data = _read_regular_file(path)
+    data = read_regular_file(path, MAX_IMAGE_BYTES)
     try:
         with warnings.catch_warnings(action="ignore", category=Image.DecompressionBombWarning), \
                 Image.open(io.BytesIO(data)) as header:  # reads the header only
@@ -73,17 +75,20 @@ def open_image(path: str | Path) -> ImageFile:
     return ImageFile(path, np.frombuffer(data, np.uint8), width, height)
 
 
-def _read_regular_file(path: Path) -> bytes:
+def read_regular_file(path: Path, limit: int, kind: str = "an image",
+                      error: Callable[[str], Exception] = ImageError) -> bytes:
+    """The bytes of an outside file (an image, a label file) of at most `limit` bytes; `error(message)`
+    is raised when it is not a regular file (a FIFO or device is never read from), larger, or unreadable."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # checked before opening: opening a FIFO blocks
-            raise ImageError(f"{path}: not a regular file")
+            raise error(f"{path}: not a regular file")
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # never blocks, even if it became a FIFO since
         with os.fdopen(fd, "rb") as file:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):
-                raise ImageError(f"{path}: not a regular file")
-            if info.st_size > MAX_IMAGE_BYTES:
-                raise ImageError(f"{path}: {info.st_size:,} bytes, more than the {MAX_IMAGE_BYTES:,} an image may have")
-            return file.read(MAX_IMAGE_BYTES)
+                raise error(f"{path}: not a regular file")
+            if info.st_size > limit:
+                raise error(f"{path}: {info.st_size:,} bytes, more than the {limit:,} {kind} may have")
+            return file.read(limit)
     except OSError as e:
-        raise ImageError(f"{path}: cannot read ({e.strerror})") from None
+        raise error(f"{path}: cannot read ({e.strerror})") from None

@@ -1,6 +1,7 @@
-"""Human labels: reading a filled CSV or a Label Studio export, checking every line against the
-taxonomy and the frames that passed detection, and merging them into WORKDIR/label/human.parquet
-(tables.HUMAN_SCHEMA: frame_id, label, label_id, source file, line); movie metadata files."""
+"""Human labels: reading a filled CSV or a Label Studio export (JSON, JSON-MIN or CSV), checking
+every line against the taxonomy and the frames that passed detection, and merging them into
+WORKDIR/label/human.parquet (tables.HUMAN_SCHEMA: frame_id, label, label_id, source file, line);
+movie metadata files."""
 from __future__ import annotations
 
 import csv
@@ -10,6 +11,7 @@ import json
 import re
 import reprlib
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import unquote
 from typing import TYPE_CHECKING
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from .errors import InputError, listing
+from .images import read_regular_file
 from .manifest import manifest
 from .tables import EXTRACT, HUMAN_SCHEMA, human_labels_path, movie_paths, read_human_labels
 from .taxonomy import Taxonomy
@@ -51,30 +54,49 @@ class LabelFileError(InputError):
         # In file order: each problem reads `<path>:<line>: ...` (line-less ones come first).
         self.path = str(path)
         self.problems = sorted(problems, key=lambda p: int(re.match(r"\d*", p[len(self.path) + 1:])[0] or 0))
-        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(f"{path}: {count}, {consequence}\n" + listing(self.problems))
+        if len(problems) == 1:
+            super().__init__(f"{self.problems[0]} ({consequence})")
+        else:
+            super().__init__(f"{path}: {len(problems)} problems, {consequence}\n" + listing(self.problems))
+
+
+# Far above a real export (a Label Studio JSON export, the largest format, takes about 2.3 kB a task),
+# and small enough that reading one holds well under a GiB.
+MAX_LABEL_FILE_BYTES = 256 << 20
+
+
+def _read_text(path: Path) -> str:
+    """A label or movie metadata file's text: a regular file of at most MAX_LABEL_FILE_BYTES, UTF-8."""
+    data = read_regular_file(path, MAX_LABEL_FILE_BYTES, "a label file", lambda reason: LabelFileError(path, [reason]))
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise LabelFileError(path, [f"{path}: not UTF-8 text (byte {e.start}), so not a label file"]) from None
 
 
 def _read_csv(path: Path, problems: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
+    return _parse_csv(path, _read_text(path), problems)
+
+
+def _parse_csv(path: Path, text: str, problems: list[str]) -> tuple[list[str], list[tuple[int, dict]]]:
     """Header and (line, row) pairs, values stripped; rows with the wrong number of fields become
     problems. Lines are the file's own (a quoted field may span lines: its row's last line)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelFileError(path, [f"{path}: cannot read ({e})"]) from None
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = [name.strip() for name in next(reader, [])]
-    for name, separator in (("semicolon", ";"), ("tab", "\t")):
-        if len(header) == 1 and separator in header[0]:
-            raise LabelFileError(path, [f"{path}:1: looks {name}-separated: save it comma-separated"])
-    rows = []
-    for fields in reader:
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) != len(header):
-            problems.append(f"{path}:{reader.line_num}: {len(fields)} fields, the header has {len(header)}")
-            continue
-        rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, fields)}))
+    try:
+        header = [name.strip() for name in next(reader, [])]
+        for name, separator in (("semicolon", ";"), ("tab", "\t")):
+            if len(header) == 1 and separator in header[0]:
+                raise LabelFileError(path, [f"{path}:1: looks {name}-separated: save it comma-separated"])
+        rows = []
+        for fields in reader:
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) != len(header):
+                problems.append(f"{path}:{reader.line_num}: {len(fields)} fields, the header has {len(header)}")
+                continue
+            rows.append((reader.line_num, {k: v.strip() for k, v in zip(header, fields)}))
+    except csv.Error as e:  # a field over csv's size limit
+        raise LabelFileError(path, [f"{path}:{reader.line_num}: not CSV ({e})"]) from None
     return header, rows
 
 
@@ -149,11 +171,24 @@ class _Entry:
     garment: str = ""
 
 
-def _read_label_csv(path: Path, problems: list[str]) -> tuple[list[_Entry], int]:
-    header, rows = _read_csv(path, problems)
+def _read_label_file(path: Path, problems: list[str]) -> tuple[list[_Entry], int]:
+    """The entries of a label file and how many of its frames are not labelled yet. The format is
+    told from the content, whatever the name: a JSON list is a Label Studio JSON or JSON-MIN export,
+    anything else a CSV (Label Studio's own when it has an annotation_id column)."""
+    text = _read_text(path)
+    if re.match(r"\s*[\[{]", text):
+        return _read_label_studio_json(path, text, problems)
+    header, rows = _parse_csv(path, text, problems)
+    if "annotation_id" in header:
+        return _read_label_studio_rows(path, [(line, _decode_cells(row)) for line, row in rows], problems)
+    return _read_label_csv(path, header, rows)
+
+
+def _read_label_csv(path: Path, header: list[str], rows: list[tuple[int, dict]]) -> tuple[list[_Entry], int]:
+    """A CSV as `mhmd sample` writes it, filled in."""
     if "frame_id" not in header or not ({"label", "garment"} & set(header)):
-        raise LabelFileError(path, [f"{path}:1: need a frame_id column and a label column "
-                                    "or era,nationality,garment columns"])
+        raise LabelFileError(path, [f"{path}:1: need a frame_id column and a label column or era,nationality,garment "
+                                    "columns, or a Label Studio export (JSON, JSON-MIN or CSV)"])
     entries, unlabelled = [], 0
     for line, row in rows:
         if not row.get("label") and not row.get("garment"):
@@ -166,7 +201,8 @@ def _read_label_csv(path: Path, problems: list[str]) -> tuple[list[_Entry], int]
 def _element_lines(text: str) -> list[int]:
     """The line on which each element of a top-level JSON list starts (for error messages)."""
     decoder, space = json.JSONDecoder(), re.compile(r"[\s,]*")
-    position, line, lines = text.index("[") + 1, 1, []
+    position = text.index("[") + 1
+    line, lines = 1 + text.count("\n", 0, position), []
     while True:
         start = space.match(text, position).end()
         if start >= len(text) or text[start] == "]":
@@ -177,53 +213,184 @@ def _element_lines(text: str) -> list[int]:
         line += text.count("\n", start, position)
 
 
-def _read_label_studio(path: Path, problems: list[str]) -> tuple[list[_Entry], int]:
-    """A Label Studio JSON export: per task, the latest annotation that was not cancelled (skipped)."""
+def _read_label_studio_json(path: Path, text: str, problems: list[str]) -> tuple[list[_Entry], int]:
+    """A Label Studio JSON export (a task per element, with all its annotations) or JSON-MIN export
+    (a row per annotation), told apart by the first element."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
-        tasks = json.loads(text)
-    except (OSError, UnicodeDecodeError) as e:
-        raise LabelFileError(path, [f"{path}: cannot read ({e})"]) from None
+        items = json.loads(text)
     except json.JSONDecodeError as e:
         raise LabelFileError(path, [f"{path}:{e.lineno}: not JSON ({e.msg})"]) from None
-    if not isinstance(tasks, list):
-        raise LabelFileError(path, [f"{path}:1: not a Label Studio JSON export (a list of tasks)"])
+    except RecursionError:
+        raise LabelFileError(path, [f"{path}: JSON nested too deeply for a label file"]) from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise LabelFileError(path, [f"{path}: a number too long for a label file"]) from None
+    if not isinstance(items, list):
+        raise LabelFileError(path, [f"{path}:1: not a Label Studio export (a JSON list of tasks or JSON-MIN rows)"])
+    lines = _element_lines(text)
+    first = items[0] if items else {}
+    if isinstance(first, dict) and "annotation_id" in first:
+        return _read_label_studio_rows(path, list(zip(lines, items)), problems)
+    if items and not (isinstance(first, dict) and {"data", "annotations", "completions"} & first.keys()):
+        raise LabelFileError(path, [f"{path}:{lines[0]}: neither a Label Studio task (data, annotations) nor a "
+                                    "JSON-MIN row (annotation_id): not a label file"])
+    return _read_label_studio_tasks(path, zip(lines, items), problems)
+
+
+def _read_label_studio_tasks(path: Path, tasks, problems: list[str]) -> tuple[list[_Entry], int]:
+    """JSON export: per task, the annotation that counts (`_chosen`) of those not skipped."""
     entries, unlabelled = [], 0
-    for line, task in zip(_element_lines(text), tasks):
-        data = task.get("data") if isinstance(task, dict) else None
-        if not isinstance(data, dict) or not isinstance(task.get("annotations", []), list):
-            problems.append(f"{path}:{line}: not a Label Studio task (no data, or annotations not a list)")
+    for line, task in tasks:
+        done = _annotations_done(path, line, task, problems)
+        if done is None:
             continue
-        # Tasks made by `mhmd sample` carry frame_id; others are known by their image file's name.
-        frame = str(data.get("frame_id") or Path(unquote(str(data.get("image", "")))).stem)
-        done = [a for a in task.get("annotations", []) if isinstance(a, dict) and not a.get("was_cancelled")]
         if not done:
             unlabelled += 1
             continue
-        latest = max(done, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
-        entry, where = _Entry(line, frame), f"{path}:{line}: task {task.get('id')}"
-        results = latest.get("result") or []
+        chosen = _chosen(done, "id", path, task.get("id"), problems)
+        if chosen is None:
+            continue
+        results, where = chosen[1].get("result") or [], f"{path}:{line}: task {task.get('id')}"
         if not isinstance(results, list):
             problems.append(f"{where}: its annotation's result is not a list")
             continue
-        for result in results:
-            if not isinstance(result, dict):
-                problems.append(f"{where}: a result that is not an object ({reprlib.repr(result)})")
-            elif result.get("type") == "choices" and result.get("from_name") in PARTS:
-                value = result.get("value")
-                choices = value.get("choices") if isinstance(value, dict) else None
-                if not isinstance(choices, list) or len(choices) != 1:
-                    count = len(choices) if isinstance(choices, list) else "no"
-                    problems.append(f"{where}: {count} {result['from_name']} choices, need one")
-                else:
-                    setattr(entry, result["from_name"], str(choices[0]).strip())
-        entries.append(entry)
+        entries.append(_entry(line, _frame(task["data"]), _result_choices(results, where, problems), where, problems))
     return entries, unlabelled
 
 
-def _read_label_file(path: Path, problems: list[str]) -> tuple[list[_Entry], int]:
-    """A CSV, or a Label Studio JSON export when the name ends in .json."""
-    return (_read_label_studio if path.suffix.lower() == ".json" else _read_label_csv)(path, problems)
+def _annotations_done(path: Path, line: int, task, problems: list[str]) -> list[tuple[int, dict]] | None:
+    """A JSON task's (line, annotation) pairs that were submitted, not skipped; None, with a problem,
+    when it is not a task. `completions` and `skipped`: their names before Label Studio 1.0."""
+    annotations = task.get("annotations", task.get("completions", [])) if isinstance(task, dict) else None
+    if not isinstance(annotations, list) or not isinstance(task.get("data"), dict):
+        problems.append(f"{path}:{line}: not a Label Studio task (no data, or annotations not a list)")
+        return None
+    done = []
+    for annotation in annotations:
+        if not isinstance(annotation, dict):
+            problems.append(f"{path}:{line}: task {task.get('id')}: an annotation that is not an object "
+                            f"({reprlib.repr(annotation)})")
+        elif not (annotation.get("was_cancelled") or annotation.get("skipped")):
+            done.append((line, annotation))
+    return done
+
+
+def _result_choices(results: list, where: str, problems: list[str]) -> dict[str, list]:
+    """Per label part, the `choices` of each of its results (the JSON export's shape)."""
+    given: dict[str, list] = {}
+    for result in results:
+        if not isinstance(result, dict):
+            problems.append(f"{where}: a result that is not an object ({reprlib.repr(result)})")
+        elif result.get("type") == "choices" and result.get("from_name") in PARTS:
+            value = result.get("value")
+            choices = value.get("choices") if isinstance(value, dict) else None
+            given.setdefault(result["from_name"], []).append(choices)
+    return given
+
+
+def _read_label_studio_rows(path: Path, rows: list[tuple[int, dict]],
+                            problems: list[str]) -> tuple[list[_Entry], int]:
+    """JSON-MIN or CSV export: a row per annotation not skipped, so one per annotator of a task, and
+    one row without annotation_id for a task nobody annotated; per task, the row that counts (`_chosen`)."""
+    tasks: dict[tuple[str, str], list[tuple[int, dict]]] = {}
+    for line, row in rows:
+        if not isinstance(row, dict) or "annotation_id" not in row:
+            problems.append(f"{path}:{line}: not a Label Studio JSON-MIN row (no annotation_id)")
+        else:
+            tasks.setdefault((str(row.get("id")), _frame(row)), []).append((line, row))  # str: any id hashes
+    entries, unlabelled = [], 0
+    for (task, frame), task_rows in tasks.items():
+        annotated = [(line, row) for line, row in task_rows if row["annotation_id"] not in (None, "")]
+        if not annotated:
+            unlabelled += 1
+            continue
+        chosen = _chosen(annotated, "annotation_id", path, task, problems)
+        if chosen:
+            line, row = chosen
+            given = {part: _exported_choices(row[part]) for part in PARTS if row.get(part) not in (None, "")}
+            entries.append(_entry(line, frame, given, f"{path}:{line}: task {task}", problems))
+    return entries, unlabelled
+
+
+def _decode_cells(row: dict) -> dict:
+    """A Label Studio CSV row with its label parts as JSON-MIN has them: a part with several choices
+    or results is written as JSON text."""
+    def decoded(text: str):
+        try:
+            return json.loads(text) if text.startswith(("{", "[")) else text
+        except (ValueError, RecursionError):
+            return text  # then not a choice of the taxonomy either: reported as such
+    return {**row, **{part: decoded(row[part]) for part in PARTS if part in row}}
+
+
+def _exported_choices(value) -> list:
+    """A JSON-MIN label part as `choices` lists, one per result: a string is one choice, {"choices":
+    [...]} several, a list holds one of those per result (the shapes of `prettify_result` in
+    Label Studio's converter)."""
+    results = value if isinstance(value, list) else [value]
+    return [[r] if isinstance(r, str) else r.get("choices") if isinstance(r, dict) else None for r in results]
+
+
+def _entry(line: int, frame: str, given: dict[str, list], where: str, problems: list[str]) -> _Entry:
+    """The entry of an annotation whose label parts `given` holds as `choices` lists, one per result:
+    a part must have exactly one choice in all."""
+    entry = _Entry(line, frame)
+    for part, found in given.items():
+        choices = [c for cs in found for c in cs] if all(isinstance(cs, list) for cs in found) else []
+        if len(choices) != 1:
+            problems.append(f"{where}: {len(choices) or 'no'} {part} choices, need one")
+        else:
+            setattr(entry, part, str(choices[0]).strip())
+    return entry
+
+
+def _frame(data: dict) -> str:
+    """Tasks made by `mhmd sample` carry frame_id; others are known by their image file's name."""
+    return str(data.get("frame_id") or Path(unquote(str(data.get("image") or ""))).stem)
+
+
+def _chosen(annotations: list[tuple[int, dict]], id_key: str, path: Path, task, problems: list[str]):
+    """The (line, annotation) that counts among a task's: a ground truth when one is marked (only the
+    JSON export says so), else the latest (updated_at, else created_at; then the higher id). None,
+    with a problem, when a time does not read and so the latest is unknown."""
+    candidates = [a for a in annotations if a[1].get("ground_truth") is True] or annotations
+    if len(candidates) == 1:
+        return candidates[0]
+    keys = []
+    for line, annotation in candidates:
+        time = _time(annotation)
+        if time is None:
+            value = annotation.get("updated_at") or annotation.get("created_at")
+            problems.append(f"{path}:{line}: task {task}: annotation {annotation.get(id_key)} was changed at "
+                            f"{reprlib.repr(value)}, not a time: which annotation is the latest is unknown")
+            return None
+        keys.append((time, _number(annotation.get(id_key))))
+    return candidates[keys.index(max(keys))]
+
+
+_NEVER = datetime.min.replace(tzinfo=timezone.utc)
+
+
+def _time(annotation: dict) -> datetime | None:
+    """When an annotation was last changed: ISO 8601 (seconds since 1970 before Label Studio 1.0),
+    _NEVER when not given, None when not a time."""
+    value = annotation.get("updated_at") or annotation.get("created_at")
+    try:
+        if value in (None, ""):
+            return _NEVER
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return datetime.fromtimestamp(value, timezone.utc)
+        time = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (ValueError, OverflowError, OSError):
+        return None
+    return time if time is None or time.tzinfo else time.replace(tzinfo=timezone.utc)
+
+
+def _number(value) -> int:
+    """An annotation id as a number (a CSV gives text); -1 when there is none."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return -1
 
 
 def check_label_file(path: str | Path) -> None:
@@ -264,7 +431,7 @@ def _resolve(entry: _Entry, taxonomy: Taxonomy, known: dict) -> tuple[object, li
 @writes("workdir")
 def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
                   movie_metadata: dict[str, dict] | None = None) -> dict:
-    """Check a label file (CSV, or a Label Studio JSON export when it ends in .json) against the
+    """Check a label file (a CSV, or a Label Studio JSON, JSON-MIN or CSV export) against the
     work directory and merge it into WORKDIR/label/human.parquet. Every problem is reported at
     once in a LabelFileError, and then nothing is written. Importing the same file again changes
     nothing; a corrected file replaces its own earlier labels, never another file's."""

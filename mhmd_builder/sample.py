@@ -10,8 +10,8 @@ path relative to the work directory. Start Label Studio with
     LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<WORKDIR>
 create a project with the written labeling config (<out>.xml), add a "Local files" source storage
 with the absolute path <WORKDIR>/frames (it grants access to the files; do not sync it, which would
-make a second, bare task per JPEG) and import the tasks JSON. Export the annotations as JSON for
-`mhmd labels import`.
+make a second, bare task per JPEG) and import the tasks JSON. Export the annotations as JSON, JSON-MIN
+or CSV for `mhmd labels import`.
 """
 from __future__ import annotations
 
@@ -128,12 +128,13 @@ def _task(row) -> dict:
 
 
 def labeling_config(taxonomy: Taxonomy) -> str:
-    """A Label Studio labeling config: the image and one single-choice group per label part."""
+    """A Label Studio labeling config: the image and one single-choice group per label part, each
+    required, so Label Studio refuses to submit a task with a part left out."""
     lines = ["<View>", '  <Image name="image" value="$image" zoom="true"/>']
     for part in PARTS:
         values = list(dict.fromkeys(getattr(label, part) for label in taxonomy.labels))
         lines += [f'  <Header value="{part}"/>',
-                  f'  <Choices name="{part}" toName="image" choice="single-radio" showInline="true">']
+                  f'  <Choices name="{part}" toName="image" choice="single-radio" showInline="true" required="true">']
         lines += [f"    <Choice value={quoteattr(value)}/>" for value in values]
         lines.append("  </Choices>")
     return "\n".join(lines + ["</View>", ""])

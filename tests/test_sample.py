@@ -114,6 +114,8 @@ def test_label_studio_round_trip(films, tmp_path):
     config = ET.parse(tmp_path / "tasks.xml").getroot()
     assert config.find("Image").get("value") == "$image"
     groups = {c.get("name"): [choice.get("value") for choice in c] for c in config.iter("Choices")}
+    # Label Studio's own check: a task cannot be submitted with a part left out.
+    assert [c.get("required") for c in config.iter("Choices")] == ["true"] * 3
     assert groups["era"] == ["before_ww2", "during_ww2", "after_ww2"]
     assert set(groups["nationality"]) == {l.nationality for l in TAXONOMY.labels} and len(groups["garment"]) == 5
     tasks = json.loads(tasks_path.read_text())
