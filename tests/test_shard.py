@@ -107,15 +107,18 @@ def _names_of(samples, names, folder):
     return [where[s["__key__"]] for s in samples]
 
 
-def test_masks_go_into_the_shards(films, tmp_path):
-    detect(films, DetectSettings(model="yolo11n-seg.yaml", device="cpu", imgsz=160, masks=True, min_persons=0),
-           LocalRunner(1))
+def test_masks_go_into_the_shards(films, person_yolo, tmp_path):
+    detect(films, DetectSettings(model=str(person_yolo("yolo11n-seg.yaml")), device="cpu", imgsz=160, masks=True,
+                                 max_persons=300), LocalRunner(1))
     index = shard(films, tmp_path / "out", ShardSettings(test_fraction=0))
     (only,) = index["shards"]
     samples = list(wds.WebDataset(str(tmp_path / "out" / only["name"]), shardshuffle=False))
-    assert samples and all("mask.png" in s for s in samples)
-    mask = np.array(Image.open(io.BytesIO(samples[0]["mask.png"])))
-    assert mask.shape == (360, 640)
+    masks = manifest(films).query("kept").set_index("frame_id")["mask"]
+    assert sorted(s["__key__"] for s in samples) == sorted(masks.index)
+    for sample in samples:  # the PNG detect wrote for the frame, byte for byte
+        assert sample["mask.png"] == (films.root / masks[sample["__key__"]]).read_bytes()
+        assert np.array(Image.open(io.BytesIO(sample["mask.png"]))).shape == (360, 640)
+    assert len({s["mask.png"] for s in samples}) > 1  # persons found: masks differ from frame to frame
 
 
 def test_shard_cli_and_nothing_to_shard(films, tmp_path):
