@@ -3,6 +3,7 @@ real sample media of ../shared when it is there."""
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import os
 import socket
@@ -13,6 +14,41 @@ import numpy as np
 import pytest
 
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+
+
+# A child process does not inherit the tests' patches: its HTTP(S) requests go to a proxy port
+# nothing listens on, and ultralytics is told it is offline (else it retries for half a minute).
+OFFLINE_ENV = {**{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+               "NO_PROXY": "", "no_proxy": "", "YOLO_OFFLINE": "true"}
+
+_getaddrinfo = socket.getaddrinfo
+
+
+def _this_machine_only(host, *args, **kwargs):
+    """socket.getaddrinfo for addresses and this machine's own names; any other name fails to
+    resolve, as on a machine without network."""
+    name = host.decode() if isinstance(host, bytes) else host
+    try:
+        local = name is None or name in ("localhost", socket.gethostname()) or bool(ipaddress.ip_address(name))
+    except ValueError:  # a host name
+        local = False
+    if not local:
+        raise socket.gaierror(socket.EAI_NONAME, f"{name}: no network in tests")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline(tmp_path_factory):
+    """The suite runs as on a machine without network and without cached weights, wherever it runs:
+    every download of pretrained weights (torchvision's through torch.hub, ultralytics' YOLO weights)
+    fails as it does offline, so the tests see the same paths (random starts with a notice, the
+    OpenCV detector) on every machine."""
+    empty = tmp_path_factory.mktemp("no-weights")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", _this_machine_only)
+        patch.setenv("MHMD_WEIGHTS_DIR", str(empty))
+        patch.setenv("TORCH_HOME", str(empty))
+        yield
 
 
 def ffmpeg(*args: str) -> None:
