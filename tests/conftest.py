@@ -2,15 +2,53 @@
 real sample media of ../shared when it is there."""
 from __future__ import annotations
 
+import functools
+import ipaddress
 import json
 import os
 import socket
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED_SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "samples"
+
+
+# A child process does not inherit the tests' patches: its HTTP(S) requests go to a proxy port
+# nothing listens on, and ultralytics is told it is offline (else it retries for half a minute).
+OFFLINE_ENV = {**{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+               "NO_PROXY": "", "no_proxy": "", "YOLO_OFFLINE": "true"}
+
+_getaddrinfo = socket.getaddrinfo
+
+
+def _this_machine_only(host, *args, **kwargs):
+    """socket.getaddrinfo for addresses and this machine's own names; any other name fails to
+    resolve, as on a machine without network."""
+    name = host.decode() if isinstance(host, bytes) else host
+    try:
+        local = name is None or name in ("localhost", socket.gethostname()) or bool(ipaddress.ip_address(name))
+    except ValueError:  # a host name
+        local = False
+    if not local:
+        raise socket.gaierror(socket.EAI_NONAME, f"{name}: no network in tests")
+    return _getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline(tmp_path_factory):
+    """The suite runs as on a machine without network and without cached weights, wherever it runs:
+    every download of pretrained weights (torchvision's through torch.hub, ultralytics' YOLO weights)
+    fails as it does offline, so the tests see the same paths (random starts with a notice, the
+    OpenCV detector) on every machine."""
+    empty = tmp_path_factory.mktemp("no-weights")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", _this_machine_only)
+        patch.setenv("MHMD_WEIGHTS_DIR", str(empty))
+        patch.setenv("TORCH_HOME", str(empty))
+        yield
 
 
 def ffmpeg(*args: str) -> None:
@@ -61,6 +99,14 @@ def movie_factory(tmp_path):
 
     make.folder = folder
     return make
+
+
+def pattern_frame(source: str) -> np.ndarray:
+    """One 640x360 BGR frame of a lavfi video source (testsrc2, smptebars, color=c=teal)."""
+    joiner = ":" if "=" in source else "="
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"{source}{joiner}size=640x360", "-frames:v", "1",
+                          "-f", "rawvideo", "-pix_fmt", "bgr24", "-"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(360, 640, 3)
 
 
 def ffprobe_says(path) -> str:
@@ -133,3 +179,94 @@ def ray_cluster():
     ray = connect_ray("local", num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parent)}})
     yield ray
     ray.shutdown()
+
+
+def _calibrate_batch_norm(model) -> None:
+    """BatchNorm starts at mean 0, variance 1, under which the activations fade layer after layer:
+    statistics of the photos and the test pattern the tests use (one pass in training mode) keep
+    them at unit scale on all of them."""
+    import cv2
+    import torch
+    from ultralytics.utils import ASSETS
+
+    images = [cv2.imread(str(ASSETS / name)) for name in ("bus.jpg", "zidane.jpg")] + [pattern_frame("testsrc2")]
+    batch = np.stack([cv2.resize(image, (256, 256))[..., ::-1] for image in images])  # RGB
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # the plain mean over the batch
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255)
+    model.eval()
+
+
+def _score_persons(head) -> None:
+    """The logits of persons (class 0) and of bicycles (class 1, which the detector must leave out)
+    at twice ultralytics' random weights (they vary more from anchor to anchor), with a bias that
+    leaves a few boxes per photo above the default conf (0.25); the other classes keep ultralytics'
+    prior (about -9), far below. Each box side is an expectation over 16 distance bins: favouring the
+    short ones gives boxes of a few strides, not of the whole image."""
+    import torch
+
+    for branch in head.cv3:  # class logits, one branch per stride
+        branch[-1].weight.data[:2] *= 2
+        branch[-1].bias.data[:2] = -1.5
+    for branch in head.cv2:  # box sides, 4 x 16 bins
+        branch[-1].bias.data[:] = -0.5 * torch.arange(16.0).repeat(4)
+
+
+@pytest.fixture(scope="session")
+def person_yolo(tmp_path_factory):
+    """person_yolo(config) -> a YOLO checkpoint (.pt) built from an ultralytics config (yolo11n.yaml,
+    yolo11n-seg.yaml), made once per session, that finds persons: boxes and masks that depend on the
+    image, a few per sample photo at the default conf. No pretrained weights can be had here, and
+    with ultralytics' own initialisation every anchor gives the same output and nothing is found."""
+    folder = tmp_path_factory.mktemp("yolo")
+
+    @functools.cache
+    def build(config: str) -> Path:
+        import torch
+        from ultralytics import YOLO
+
+        torch.manual_seed(0)
+        yolo = YOLO(config)
+        _calibrate_batch_norm(yolo.model)
+        _score_persons(yolo.model.model[-1])
+        path = folder / Path(config).with_suffix(".pt").name
+        yolo.save(path)
+        return path
+
+    return build
+
+
+def assert_same_detections(boxes, scores, result) -> None:
+    """Boxes (normalised xyxy) and scores equal to an ultralytics result's, in the same number. Up to
+    the last bits: ultralytics runs the model in channels-last memory, whose sums are in another order
+    (about 1e-6 apart on photos, 1e-4 on the test pattern, whose activations are larger)."""
+    ours = np.c_[np.array([list(box) for box in boxes]).reshape(-1, 4), scores]
+    theirs = np.c_[result.boxes.xyxyn.numpy(), result.boxes.conf.numpy()]
+    assert len(ours) == len(theirs)
+    by_score = lambda rows: rows[np.lexsort(rows.T)[::-1]]  # noqa: E731 - NMS order, ties aside
+    np.testing.assert_allclose(by_score(ours), by_score(theirs), atol=5e-4)
+
+
+def ultralytics_person_mask(result) -> np.ndarray:
+    """The union of an ultralytics segmentation result's masks at its image's size, scaled there by
+    ultralytics itself: 255 where a person is."""
+    from ultralytics.utils import ops
+
+    if result.masks is None:
+        return np.zeros(result.orig_shape, np.uint8)
+    scaled = ops.scale_masks(result.masks.data[None].float(), result.orig_shape)[0]
+    return (scaled.amax(0).numpy() > 0.5).astype(np.uint8) * 255
+
+
+def assert_equal_but_on_edges(mask: np.ndarray, reference: np.ndarray) -> None:
+    """`mask` differs from `reference` only within a pixel of the reference's edges, as two bilinear
+    scalings of one mask do."""
+    import cv2
+
+    kernel = np.ones((3, 3), np.uint8)
+    edges = cv2.dilate(reference, kernel) != cv2.erode(reference, kernel)
+    assert not ((mask != reference) & ~edges).any()

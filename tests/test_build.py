@@ -18,6 +18,7 @@ from mhmd_builder.labeler import default_checkpoint
 from mhmd_builder.manifest import manifest
 from mhmd_builder.workdir import WorkDir
 
+from conftest import OFFLINE_ENV
 from test_sample import copy_films
 
 # The settings test_sample's two films were extracted and detected with: building them again with
@@ -203,7 +204,7 @@ def test_a_build_killed_at_random_moments_resumes_to_the_same_shards(demo_run, t
     films = [str(out / "films" / name) for name in DEMO_FILMS]
     command = [sys.executable, "-m", "mhmd_builder.cli", "build", str(recipe), *films, "-w", str(tmp_path / "work"),
                "-o", str(tmp_path / "shards"), "--labels", str(out / "labels.csv"), "--workers", "2"]
-    env = {**os.environ, "MHMD_WEIGHTS_DIR": str(out.parent / "no-weights")}
+    env = {**os.environ, **OFFLINE_ENV, "MHMD_WEIGHTS_DIR": str(out.parent / "no-weights")}  # as the demo ran
     rng = np.random.default_rng(7)
     kills = 0
     for delay in rng.uniform(3, 22, size=4):

@@ -1,10 +1,12 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from ultralytics import YOLO
 
 from mhmd_builder.cli import main
 from mhmd_builder.demo import Segment, make_film
@@ -12,10 +14,12 @@ from mhmd_builder.detect import DetectSettings, detect, keep_decision
 from mhmd_builder.extract import ExtractSettings, extract
 from mhmd_builder.manifest import manifest
 from mhmd_builder.media import Sampling
-from mhmd_builder.persons import Detections
+from mhmd_builder.persons import PERSON, Detections
 from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.workdir import WorkDir
+
+from conftest import assert_equal_but_on_edges, assert_same_detections, ultralytics_person_mask
 
 # Consecutive frames of a slow zoom are near-duplicates: keep them all here, detection is under test.
 NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
@@ -80,20 +84,53 @@ def test_corrupt_and_missing_frames_are_recorded_and_the_run_goes_on(persons_wor
     assert detections.kept.sum() >= 4
 
 
-def test_yolo_path_batches_and_writes_masks(persons_workdir, tmp_path):
+def predicted_by_ultralytics(work: WorkDir, model: Path, settings: DetectSettings) -> dict:
+    """ultralytics' own predict on every kept frame's JPEG: frame id -> its result."""
+    frames = work.read_table("extract").query("kept")
+    results = YOLO(model).predict([str(work.root / jpeg) for jpeg in frames.jpeg], imgsz=settings.imgsz,
+                                  conf=settings.conf, iou=settings.iou, classes=[PERSON], device="cpu", verbose=False)
+    return dict(zip(frames.frame_id, results, strict=True))
+
+
+def test_yolo_records_the_persons_ultralytics_predict_finds(persons_workdir, person_yolo, tmp_path):
     work = copy_workdir(persons_workdir, tmp_path)
-    settings = DetectSettings(model="yolo11n-seg.yaml", device="cpu", batch=4, imgsz=160, masks=True, min_persons=0)
+    model = person_yolo("yolo11n.yaml")
+    settings = DetectSettings(model=str(model), device="cpu", batch=4, imgsz=160, max_persons=12)
     (result,) = detect(work, settings, LocalRunner(1))
     assert result.ok and result.summary["detector"]["device"] == "cpu" and result.summary["frames_in"] == 9
-    detections = work.read_table("detect")
-    assert detections.kept.all()  # min_persons 0: random weights find nobody, and nobody is allowed
-    for row in detections.itertuples():
-        mask = cv2.imread(str(work.root / row.mask), cv2.IMREAD_UNCHANGED)
-        assert mask.shape == (360, 640) and mask.dtype == np.uint8
-    # Same settings, same frames: nothing to do on a rerun.
+    rows = work.read_table("detect").set_index("frame_id")
+    expected = predicted_by_ultralytics(work, model, settings)
+    assert sorted(rows.index) == sorted(expected)
+    for frame_id, theirs in expected.items():  # 9 frames in batches of 4: the last one short
+        row = rows.loc[frame_id]
+        assert row.persons == len(theirs.boxes)
+        assert_same_detections(row.boxes.tolist(), row.confidences, theirs)
+        reason = keep_decision(Detections(theirs.boxes.xyxyn.numpy(), theirs.boxes.conf.numpy()), settings)
+        recorded = row.reject_reason if isinstance(row.reject_reason, str) else None  # pandas reads None as NaN
+        assert (row.kept, recorded) == (reason is None, reason)
+    assert rows.kept.any() and not rows.kept.all()
+    # Same settings, same frames: nothing to do on a rerun. Other settings: the movie is detected again.
     assert detect(work, settings, LocalRunner(1)) == []
-    # Other settings: the movie is detected again.
-    assert len(detect(work, DetectSettings(detector="opencv"), LocalRunner(1))) == 1
+    assert len(detect(work, replace(settings, conf=0.3), LocalRunner(1))) == 1
+
+
+def test_yolo_writes_ultralytics_person_masks_for_the_kept_frames(persons_workdir, person_yolo, tmp_path):
+    work = copy_workdir(persons_workdir, tmp_path)
+    model = person_yolo("yolo11n-seg.yaml")
+    settings = DetectSettings(model=str(model), device="cpu", batch=4, imgsz=160, max_persons=12, masks=True)
+    detect(work, settings, LocalRunner(1))
+    rows = work.read_table("detect").set_index("frame_id")
+    assert rows.kept.any() and not rows.kept.all()
+    for frame_id, theirs in predicted_by_ultralytics(work, model, settings).items():
+        row = rows.loc[frame_id]
+        if not row.kept:
+            assert not isinstance(row["mask"], str)  # no mask: None, read as NaN
+            continue
+        assert row["mask"] == f"masks/{row.movie_id}/{frame_id}.png"
+        mask = cv2.imread(str(work.root / row["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == (360, 640) and mask.any()
+        assert_equal_but_on_edges(mask, ultralytics_person_mask(theirs))
+    assert sorted(p.stem for p in (work.root / "masks").glob("*/*")) == sorted(rows.index[rows.kept])
 
 
 def test_masks_with_a_detection_only_model_are_refused(persons_workdir, tmp_path):

@@ -12,6 +12,7 @@ from mhmd_builder.runners import LocalRunner
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 from mhmd_builder.labeler_train import TrainSettings, train
+from test_labeler import constant_checkpoint, softmax
 from test_labeler_train import (CLASSES, FILMS, PER_CLASS, REJECTED, SMALL, TAXONOMY, copy_workdir, make_workdir,
                                 set_human_labels, trained_labeler)
 
@@ -58,6 +59,36 @@ def test_predict_fills_kept_frames_keeps_human_labels_and_respects_metadata(trai
     metadata[held_out] = {"nationality": "germany"}
     assert [r.id for r in predict(work, checkpoint, settings, TAXONOMY, metadata)] == [held_out]
     assert read_human_labels(work).shape[0] == 2
+
+
+def test_every_kept_frame_gets_its_human_label_or_the_most_probable_label_its_film_allows(tmp_path):
+    """A labeler that says the same of every frame (known logits): each kept frame's row is its
+    human label, or the most probable label among those its film's metadata allows, with the
+    probability of each of the top 3 among them."""
+    work, truth = make_workdir(tmp_path / "work")
+    logits = np.random.default_rng(0).normal(0, 2, len(TAXONOMY))
+    logits[TAXONOMY.by_name("after_ww2/china/formal").id] = 9  # the most probable label of all
+    checkpoint = constant_checkpoint(tmp_path / "c.safetensors", logits)
+    human = {"film_a-0000": "after_ww2/usa/informal", "film_a-0001": "before_ww2/china/communist_military"}
+    set_human_labels(work, human)
+    metadata = {"film_b": {"era": "during_ww2", "nationality": "usa"}, "film_c": {"nationality": "germany"}}
+    predict(work, checkpoint, PredictSettings(device="cpu", batch_size=8, loader_threads=2), TAXONOMY, metadata,
+            LocalRunner(1))
+    rows = work.read_table(STAGE)
+    assert sorted(rows.frame_id) == sorted(f for f in truth if not f.endswith(REJECTED))
+    for row in rows.itertuples():
+        if row.frame_id in human:
+            assert (row.label, row.label_source, row.label_confidence) == (human[row.frame_id], "human", 1.0)
+            assert list(row.top3) == [row.label] and list(row.top3_confidence) == [1.0]
+            continue
+        ids = np.array(TAXONOMY.consistent_with(**metadata.get(row.movie_id, {})))
+        probabilities = softmax(logits[ids])
+        top = np.argsort(-probabilities)[:3]
+        assert (row.label, row.label_id, row.label_source) == (TAXONOMY.names[ids[top[0]]], ids[top[0]], "model")
+        assert list(row.top3) == [TAXONOMY.names[i] for i in ids[top]]
+        np.testing.assert_allclose([row.label_confidence, *row.top3_confidence], probabilities[top[[0, 0, 1, 2]]],
+                                   atol=1e-6)
+    assert set(rows.label) >= {"after_ww2/china/formal", *human.values()}
 
 
 def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, capsys):

@@ -1,12 +1,41 @@
-"""The ResNet labeler's model: architectures, initial weights and checkpoints."""
+"""The ResNet labeler's model: architectures, initial weights, checkpoints and inference."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
-from mhmd_builder.labeler import build_model, initial_weights, load_checkpoint, save_checkpoint
+from mhmd_builder.labeler import Labeler, build_model, initial_weights, load_checkpoint, save_checkpoint
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.weights import WeightsError
 
 TAXONOMY = load_taxonomy()
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, RGB
+
+
+def checkpoint_of(model, path: Path, image_size: int = 32) -> Path:
+    save_checkpoint(model, {"arch": "resnet18", "image_size": image_size, "taxonomy_sha256": TAXONOMY.sha256,
+                            "label_names": TAXONOMY.names}, path)
+    return path
+
+
+def constant_checkpoint(path: Path, logits) -> Path:
+    """A labeler whose logits are `logits` whatever the image: its last layer's weights are zero and
+    its bias the logits. What it says of any frame is known without running it."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(TAXONOMY)).eval()
+    torch.nn.init.zeros_(model.fc.weight)
+    model.fc.bias.data = torch.as_tensor(logits, dtype=torch.float32)
+    return checkpoint_of(model, path)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+def images(count: int, size: int = 32) -> list[np.ndarray]:
+    return list(np.random.default_rng(1).integers(0, 256, (count, size, size, 3), dtype=np.uint8))
 
 
 def test_checkpoint_round_trips(tmp_path):
@@ -39,3 +68,38 @@ def test_weights_offline_pinned_and_none(tmp_path, monkeypatch, capsys):
     state, source = initial_weights("resnet18", str(local))
     assert source == str(local) and not any(k.startswith("fc.") for k in state)
     assert initial_weights("resnet18", "none") == (None, "random (--weights none)")
+
+
+def test_predict_batch_gives_the_most_probable_allowed_labels_and_their_probabilities(tmp_path):
+    logits = np.random.default_rng(0).normal(0, 2, len(TAXONOMY))
+    labeler = Labeler(constant_checkpoint(tmp_path / "c.safetensors", logits), TAXONOMY, "cpu")
+    frames = [{"frame_id": "f-0", "movie_id": "f"}, {"frame_id": "f-1", "movie_id": "f"}]
+    allowed = [int(i) for i in np.argsort(logits)[:2]]  # the two least likely labels
+    for restrict, ids in ((None, np.arange(len(TAXONOMY))), (allowed, np.array(allowed))):
+        probabilities = softmax(logits[ids])  # over the allowed labels only
+        top = np.argsort(-probabilities)[:3]
+        rows = labeler.predict_batch(list(zip(frames, images(2))), restrict)
+        assert [(r["frame_id"], r["movie_id"]) for r in rows] == [("f-0", "f"), ("f-1", "f")]
+        for row in rows:
+            assert (row["label_id"], row["label"], row["label_source"]) == \
+                (ids[top[0]], TAXONOMY.names[ids[top[0]]], "model")
+            assert row["label_confidence"] == pytest.approx(probabilities[top[0]], abs=1e-6)
+            assert row["top3"] == [TAXONOMY.names[i] for i in ids[top]]
+            np.testing.assert_allclose(row["top3_confidence"], probabilities[top], atol=1e-6)
+    assert len(rows[0]["top3"]) == 2  # only two labels allowed
+
+
+def test_predict_batch_scores_the_imagenet_normalised_rgb_image(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(TAXONOMY)).eval()
+    labeler = Labeler(checkpoint_of(model, tmp_path / "m.safetensors"), TAXONOMY, "cpu")
+    batch = images(3)
+    rows = labeler.predict_batch([({"frame_id": str(i), "movie_id": "m"}, image) for i, image in enumerate(batch)],
+                                 None)
+    x = (torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2) / 255 - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = model(x).softmax(1).topk(3)
+    for row, confidence, ids in zip(rows, expected.values.numpy(), expected.indices.numpy(), strict=True):
+        assert row["top3"] == [TAXONOMY.names[i] for i in ids]
+        np.testing.assert_allclose(row["top3_confidence"], confidence, atol=1e-5)

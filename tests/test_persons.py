@@ -1,5 +1,3 @@
-import subprocess
-
 import cv2
 import numpy as np
 import pytest
@@ -8,9 +6,12 @@ from ultralytics import YOLO
 from ultralytics.data.augment import LetterBox
 from ultralytics.utils import ASSETS
 
-from mhmd_builder.persons import (YOLO_NAMES, DetectorError, OpenCVPersonDetector, YoloPersonDetector, letterbox,
-                                  resolve_weights)
+from mhmd_builder.detect import DetectSettings
+from mhmd_builder.persons import (PERSON, YOLO_NAMES, DetectorError, OpenCVPersonDetector, YoloPersonDetector,
+                                  letterbox, resolve_weights)
 from mhmd_builder.weights import WeightsError
+
+from conftest import assert_equal_but_on_edges, assert_same_detections, pattern_frame, ultralytics_person_mask
 
 
 def photo(name: str, side: int = 640) -> np.ndarray:
@@ -18,13 +19,6 @@ def photo(name: str, side: int = 640) -> np.ndarray:
     image = cv2.imread(str(ASSETS / name))
     scale = side / max(image.shape[:2])
     return cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-
-
-def pattern_frame(source: str) -> np.ndarray:
-    joiner = ":" if "=" in source else "="
-    raw = subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"{source}{joiner}size=640x360", "-frames:v", "1",
-                          "-f", "rawvideo", "-pix_fmt", "bgr24", "-"], capture_output=True, check=True).stdout
-    return np.frombuffer(raw, np.uint8).reshape(360, 640, 3)
 
 
 @pytest.fixture(scope="module")
@@ -61,59 +55,54 @@ def test_letterbox_equals_ultralytics_rect_letterbox():
         assert ours.shape == reference.shape and np.array_equal(ours, reference)
 
 
-def scoring_model(config: str) -> YOLO:
-    """A model built from its config with random weights that still scores persons: ultralytics'
-    own initialisation makes every anchor's output the same (nothing to compare), so the
-    convolutions get He initialisation and the person logit a zero bias (scores around 0.5)."""
-    torch.manual_seed(0)
-    yolo = YOLO(config)
-    for module in yolo.model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight)
-    for branch in yolo.model.model[-1].cv3:
-        branch[-1].bias.data[0] = 0.0
-    yolo.model.fuse(verbose=False)
-    return yolo
+def loaded(model, **settings) -> YoloPersonDetector:
+    """The detector as the detect stage loads it, at a small size."""
+    return YoloPersonDetector.load(DetectSettings(model=str(model), device="cpu", imgsz=160, **settings))
 
 
-def test_yolo_detections_equal_ultralytics_predict():
-    yolo = scoring_model("yolo11n.yaml")
+def detected(detector: YoloPersonDetector, images: list[np.ndarray]) -> list:
+    return detector([detector.prepare(i) for i in images], [i.shape[:2] for i in images])
+
+
+def predicted(model, images: list[np.ndarray], conf: float = DetectSettings.conf, iou: float = DetectSettings.iou):
+    """ultralytics' own predict, with the detect stage's defaults."""
+    return YOLO(model).predict(images, imgsz=160, conf=conf, iou=iou, classes=[PERSON], device="cpu", verbose=False)
+
+
+def test_yolo_detections_equal_ultralytics_predict(person_yolo):
+    model = person_yolo("yolo11n.yaml")
     zidane = photo("zidane.jpg", 320)
-    images = [zidane, zidane[:, ::-1].copy(), cv2.resize(zidane, (200, 200))]
-    detector = YoloPersonDetector(yolo.model, "cpu", 160, conf=0.5, iou=0.7, batch=2, name="test")
-    ours = []
-    for group in (images[:2], images[2:]):  # extract gives one size per movie: batches of one shape
-        ours += detector([detector.prepare(i) for i in group], [i.shape[:2] for i in group])
-    theirs = yolo.predict(images[:2], imgsz=160, conf=0.5, iou=0.7, classes=[0], device="cpu", verbose=False)
-    theirs += yolo.predict(images[2:], imgsz=160, conf=0.5, iou=0.7, classes=[0], device="cpu", verbose=False)
-    for mine, ref in zip(ours, theirs):
-        assert mine.count == len(ref.boxes) > 10
-        # The same detections; equal scores may come out in either order.
-        a = np.c_[mine.boxes, mine.scores]
-        b = np.c_[ref.boxes.xyxyn.numpy(), ref.boxes.conf.numpy()]
-        order = lambda rows: rows[np.lexsort(np.round(rows, 3).T[::-1])]  # noqa: E731
-        np.testing.assert_allclose(order(a), order(b), atol=1e-5)
+    groups = [[zidane, zidane[:, ::-1].copy(), zidane[::-1].copy()], [cv2.resize(zidane, (200, 200))]]
+    detector = loaded(model, batch=2, conf=0.27, iou=0.5)  # 3 images of one shape: a full batch and a short one
+    for images in groups:  # extract gives one size per movie: batches of one shape
+        for mine, theirs in zip(detected(detector, images), predicted(model, images, 0.27, 0.5), strict=True):
+            assert mine.count > 0
+            assert_same_detections(mine.boxes, mine.scores, theirs)
 
 
-def test_yolo_segmentation_gives_one_person_mask_at_frame_size():
-    detector = YoloPersonDetector(scoring_model("yolo11n-seg.yaml").model, "cpu", 160, conf=0.5, iou=0.7,
-                                  batch=4, name="test")
-    image = photo("zidane.jpg", 320)
-    (found,) = detector([detector.prepare(image)], [image.shape[:2]])
-    assert detector.makes_masks and found.count > 0
-    assert found.mask.shape == image.shape[:2] and found.mask.dtype == np.uint8
-    assert set(np.unique(found.mask)) == {0, 255}
-    # The union mask lies inside the union of the boxes.
-    inside = np.zeros(image.shape[:2], bool)
-    h, w = image.shape[:2]
-    for x0, y0, x1, y1 in found.boxes * [w, h, w, h]:
-        inside[int(y0):int(np.ceil(y1)) + 1, int(x0):int(np.ceil(x1)) + 1] = True
-    assert not (found.mask.astype(bool) & ~inside).any()
+def test_yolo_segmentation_gives_ultralytics_person_masks_at_frame_size(person_yolo):
+    model = person_yolo("yolo11n-seg.yaml")
+    detector = loaded(model)
+    assert detector.makes_masks
+    for image in (photo("zidane.jpg", 320), photo("bus.jpg", 256)):
+        (found,), (theirs,) = detected(detector, [image]), predicted(model, [image])
+        # (ultralytics drops a box whose mask is empty, mhmd counts it: these photos have none)
+        assert_same_detections(found.boxes, found.scores, theirs)
+        h, w = image.shape[:2]
+        assert found.mask.shape == (h, w) and found.mask.dtype == np.uint8 and set(np.unique(found.mask)) == {0, 255}
+        # The same pixels as ultralytics' own masks, united and scaled to the frame as mhmd does...
+        in_shape = detector.prepare(image).shape[1:]
+        assert np.array_equal(found.mask, detector._union_mask(theirs.masks.data, in_shape, (h, w)))
+        # ...and where ultralytics itself scales them, and only inside the boxes.
+        assert_equal_but_on_edges(found.mask, ultralytics_person_mask(theirs))
+        inside = np.zeros((h, w), bool)
+        for x0, y0, x1, y1 in found.boxes * [w, h, w, h]:
+            inside[int(y0):int(np.ceil(y1)) + 1, int(x0):int(np.ceil(x1)) + 1] = True
+        assert not (found.mask.astype(bool) & ~inside).any()
 
 
-def test_yolo_halves_the_batch_on_cuda_out_of_memory():
-    yolo = scoring_model("yolo11n.yaml")
-    detector = YoloPersonDetector(yolo.model, "cpu", 128, conf=0.6, iou=0.7, batch=8, name="test")
+def test_yolo_halves_the_batch_on_cuda_out_of_memory(person_yolo):
+    detector = loaded(person_yolo("yolo11n.yaml"), batch=8)
     images = [photo("bus.jpg", 256)] * 5
     prepared, shapes = [detector.prepare(i) for i in images], [i.shape[:2] for i in images]
     expected = detector(prepared, shapes)
@@ -129,7 +118,7 @@ def test_yolo_halves_the_batch_on_cuda_out_of_memory():
     detector.model.forward = forward_with_little_memory
     got = detector(prepared, shapes)
     assert detector.batch == 2 and seen[0] == 5 and max(seen[1:]) <= 2
-    assert len(got) == 5
+    assert len(got) == 5 and expected[0].count > 0
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-5)
 

@@ -1,5 +1,7 @@
 import json
+from collections import Counter
 
+import numpy as np
 import pandas as pd
 import pytest
 import webdataset as wds
@@ -15,6 +17,7 @@ from mhmd_builder.shard import ShardSettings, shard
 from mhmd_builder.shards import NoShardIndex
 from mhmd_builder.taxonomy import load_taxonomy
 
+from test_labeler import constant_checkpoint, softmax
 from test_sample import copy_films
 
 TAXONOMY = load_taxonomy()
@@ -79,6 +82,27 @@ def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled):
     assert labels_after == len(new)
 
 
+def test_older_model_labels_are_replaced_and_every_change_is_counted(labelled):
+    work, checkpoint, tmp = labelled
+    settings = RelabelSettings(device="cpu", batch_size=4)
+    relabel(tmp / "shards", checkpoint, tmp / "new", settings, TAXONOMY)  # every frame labelled, some by the model
+    logits = np.random.default_rng(0).normal(0, 2, len(TAXONOMY))
+    logits[TAXONOMY.by_name("after_ww2/russia/formal").id] = 9  # a label the first labeler never gave
+    index = relabel(tmp / "new", constant_checkpoint(tmp / "c.safetensors", logits), tmp / "again", settings, TAXONOMY)
+    (_, before), (_, after) = read_all(tmp / "new"), read_all(tmp / "again")
+    was, now = [json.loads(s["json"]) for s in before], [json.loads(s["json"]) for s in after]
+    assert {m["label_source"] for m in was} == {"human", "model"}
+    for old, new in zip(was, now, strict=True):
+        if old["label_source"] == "human":
+            assert new == old
+        else:
+            assert (new["label"], new["label_source"]) == ("after_ww2/russia/formal", "model")
+            assert new["label_confidence"] == pytest.approx(softmax(logits).max(), abs=1e-6)
+    changes = Counter((old["label"], new["label"]) for old, new in zip(was, now))
+    assert {(c["from"], c["to"]): c["count"] for c in index["relabel"]["changes"]} == changes
+    assert index["relabel"]["override_human"] is False
+
+
 def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled):
     work, checkpoint, tmp = labelled
     result = CliRunner().invoke(main, ["relabel", str(tmp / "shards"), "--checkpoint", str(checkpoint),
@@ -89,6 +113,7 @@ def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled):
     assert all(json.loads(s["json"])["label_source"] == "model" for s in new)
     assert {s["__key__"]: json.loads(s["json"])["label"] for s in new} == predicted
     assert "labels changed" in result.output and HUMAN in result.output
+    assert json.loads((tmp / "all" / "index.json").read_text())["relabel"]["override_human"] is True
 
 
 def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled, tmp_path):

@@ -52,8 +52,8 @@ def test_runner_sets_up_once_per_worker_and_records_failures(tmp_path, workers):
     assert setups == workers_used and len(setups) <= workers
     assert all(p.read_text() == "x" for p in tmp_path.glob("setup-*"))  # each process set up exactly once
     assert all(r.summary["pid"] == r.summary["setup_pid"] for r in results.values() if r.ok)
-    if workers > 1:
-        assert all(r.summary["pid"] != os.getpid() for r in results.values() if r.ok)
+    # One worker runs them in this process; more run them in worker processes.
+    assert all((r.summary["pid"] == os.getpid()) == (workers == 1) for r in results.values() if r.ok)
 
 
 @dataclass
@@ -133,6 +133,15 @@ class DyingStage:
         self.workdir.begin(self.name, partition.id)
         self.workdir.commit(self.name, partition.id, __import__("pyarrow").table({"x": [1]}), {"pid": os.getpid()})
         return {"pid": os.getpid()}
+
+
+def test_a_local_worker_process_that_dies_fails_its_partitions(tmp_path):
+    wd = WorkDir(tmp_path)
+    results = LocalRunner(2).run(DyingStage(wd), [Partition("a", {"die": "always"}), Partition("b", {"die": "always"})])
+    assert sorted(r.id for r in results) == ["a", "b"] and not any(r.ok for r in results)
+    assert all(r.reason.startswith("worker process died: ") for r in results)
+    assert {p: f["reason"] for p, f in wd.failed("dying").items()} == {r.id: r.reason for r in results}
+    assert wd.done("dying") == {}
 
 
 def test_ray_runner_sets_up_once_per_actor_and_records_failures(ray_cluster, tmp_path):

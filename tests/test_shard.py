@@ -1,6 +1,7 @@
 import io
 import json
 import tarfile
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -68,20 +69,29 @@ def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
 
     samples = list(wds.WebDataset([str(tmp_path / "a" / n) for n in names], shardshuffle=False).decode("rgb"))
     assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
-    movies_of = {split: {s["json"]["movie"] for s, n in zip(samples, _names_of(samples, names, tmp_path / "a"))
-                         if n.startswith(split)} for split in ("train", "test")}
+    tar_of = _names_of(samples, names, tmp_path / "a")
+    movies_of = {split: {s["json"]["movie"] for s, n in zip(samples, tar_of) if n.startswith(split)}
+                 for split in ("train", "test")}
     assert movies_of["train"] and movies_of["test"] and not movies_of["train"] & movies_of["test"]
+    # SHARDDIR/index.json lists every tar written with its split and the samples it holds, and per
+    # split the films and the label histogram of those samples.
+    assert json.loads((tmp_path / "a" / "index.json").read_text()) == index
+    assert index["taxonomy_sha256"] == taxonomy.sha256
+    assert [(e["name"], e["split"], e["count"]) for e in index["shards"]] == \
+        [(n, n.split("-")[0], tar_of.count(n)) for n in names]
+    for split in ("train", "test"):
+        metas = [s["json"] for s, n in zip(samples, tar_of) if n.startswith(split)]
+        assert index["splits"][split] == {"samples": len(metas), "movies": len(movies_of[split]),
+                                          "labels": dict(Counter(m["label"] for m in metas if m["label"]))}
+    assert sum(n for split in index["splits"].values() for n in split["labels"].values()) == len(labelled)
     for sample in samples:
         assert "." not in sample["__key__"] and sample["jpg"].shape[2] == 3
         if sample["json"]["label"]:
             assert sample["cls"] == usa.id and sample["json"]["era"] == "during_ww2"
         else:
             assert "cls" not in sample and sample["json"]["label_id"] is None
-    jpeg = kept.set_index("frame_id").jpeg[samples[0]["__key__"]]
     raw = next(iter(wds.WebDataset(str(tmp_path / "a" / names[0]), shardshuffle=False)))
     assert raw["jpg"] == (films.root / kept.set_index("frame_id").jpeg[raw["__key__"]]).read_bytes()  # not re-encoded
-    assert jpeg
-    assert index["splits"]["train"]["labels"] or index["splits"]["test"]["labels"]
     splits = manifest(films).set_index("frame_id").split.dropna()
     assert sorted(splits.index) == sorted(kept.frame_id)
 
@@ -97,15 +107,18 @@ def _names_of(samples, names, folder):
     return [where[s["__key__"]] for s in samples]
 
 
-def test_masks_go_into_the_shards(films, tmp_path):
-    detect(films, DetectSettings(model="yolo11n-seg.yaml", device="cpu", imgsz=160, masks=True, min_persons=0),
-           LocalRunner(1))
+def test_masks_go_into_the_shards(films, person_yolo, tmp_path):
+    detect(films, DetectSettings(model=str(person_yolo("yolo11n-seg.yaml")), device="cpu", imgsz=160, masks=True,
+                                 max_persons=300), LocalRunner(1))
     index = shard(films, tmp_path / "out", ShardSettings(test_fraction=0))
     (only,) = index["shards"]
     samples = list(wds.WebDataset(str(tmp_path / "out" / only["name"]), shardshuffle=False))
-    assert samples and all("mask.png" in s for s in samples)
-    mask = np.array(Image.open(io.BytesIO(samples[0]["mask.png"])))
-    assert mask.shape == (360, 640)
+    masks = manifest(films).query("kept").set_index("frame_id")["mask"]
+    assert sorted(s["__key__"] for s in samples) == sorted(masks.index)
+    for sample in samples:  # the PNG detect wrote for the frame, byte for byte
+        assert sample["mask.png"] == (films.root / masks[sample["__key__"]]).read_bytes()
+        assert np.array(Image.open(io.BytesIO(sample["mask.png"]))).shape == (360, 640)
+    assert len({s["mask.png"] for s in samples}) > 1  # persons found: masks differ from frame to frame
 
 
 def test_shard_cli_and_nothing_to_shard(films, tmp_path):
