@@ -263,7 +263,10 @@ class WorkDir:
 
     # -- partition state ----------------------------------------------------------------------
     def is_done(self, stage: str, partition: str) -> bool:
-        return self._marker(stage, partition, "done").exists()
+        """Whether one partition is done by the rules of `done`: its marker reads and so does its
+        table's footer."""
+        return (_record(self._marker(stage, partition, "done")) is not None
+                and _table_problem(self.table_path(stage, partition)) is None)
 
     def _markers(self, stage: str, kind: str) -> dict[str, dict | None]:
         """Every `kind` marker of a stage: its json object, or None when it is damaged."""

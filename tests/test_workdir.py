@@ -108,7 +108,7 @@ def test_a_damaged_table_is_named_by_its_reader_and_not_done_for_its_stage(tmp_p
     else:
         table.unlink()
     problem = "damaged (cut short or not a Parquet file)" if damage == "truncated" else "missing"
-    assert list(wd.done("label")) == ["a"]
+    assert list(wd.done("label")) == ["a"] and wd.is_done("label", "a") and not wd.is_done("label", "m")
     assert wd.damaged("label") == [f"{table}: {problem}: redone on the next run"]
     with pytest.raises(DamagedFileError) as error:
         wd.read_table("label")
