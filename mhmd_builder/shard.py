@@ -210,7 +210,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
-    sampled = manifest(workdir)
+    sampled = manifest(workdir, before=STAGE)  # its own records are redone here, whatever their state
     frames = sampled
     if "jpeg" in frames:
         frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)

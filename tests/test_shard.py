@@ -12,13 +12,15 @@ from PIL import Image
 from mhmd_builder.cli import main
 from mhmd_builder.detect import DetectSettings, detect
 from mhmd_builder.errors import DamagedFileError, InputError
-from mhmd_builder.labels import write_human_labels
-from mhmd_builder.manifest import format_status, manifest, status
+from mhmd_builder.labels import import_labels, labelable_frames, write_human_labels
+from mhmd_builder.manifest import export_manifest, format_status, manifest, status
+from mhmd_builder.report import write_report
+from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
 from mhmd_builder.taxonomy import load_taxonomy
 
-from test_sample import copy_films  # two films, extracted and detected once per session
+from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
 
 
 @pytest.fixture
@@ -193,6 +195,57 @@ def test_a_damaged_detect_table_or_marker_is_named_then_redone_by_detect(films, 
     for movie, rows in before.items():
         assert pd.read_parquet(films.table_path("detect", movie)).equals(rows)
     assert films.damaged("detect") == [] and shard(films, tmp_path / "s")["shards"]
+
+
+def test_a_garbage_detect_marker_stops_every_whole_dataset_reader_until_detect_redoes_it(films, tmp_path):
+    """Its film's detections would be missing from the manifest: the film's frames would be sharded
+    as if nobody had looked for persons in them, or dropped. Every reader of the whole dataset
+    refuses instead, in one line naming the file and the command that redoes it."""
+    movies = sorted(films.done("detect"))
+    kept = manifest(films).query("kept")
+    marker = films.parts_dir("detect") / f"{movies[1]}.done"
+    marker.write_text("garbage")
+    line = f"{marker}: damaged record (not a json object): run `mhmd detect` again to redo it"
+    readers = {"shard": lambda: shard(films, tmp_path / "s"), "sample": lambda: sample_frames(films),
+               "export": lambda: export_manifest(films, tmp_path / "m.parquet"),
+               "report": lambda: write_report(films.root, tmp_path / "r.html"),
+               "labels import": lambda: import_labels(films, tmp_path / "labels.csv", load_taxonomy())}
+    (tmp_path / "labels.csv").write_text("frame_id,label\n")
+    for name, read in readers.items():
+        with pytest.raises(DamagedFileError) as error:
+            read()
+        assert str(error.value) == line, name
+    assert not list((tmp_path / "s").iterdir()) and not (tmp_path / "m.parquet").exists()  # no tar, no index
+    result = CliRunner().invoke(main, ["manifest", "export", "-w", str(films.root), "-o", str(tmp_path / "m.parquet")])
+    assert (result.exit_code, result.output) == (1, f"Error: {line}\n")
+    assert f"damaged record {marker}: redone on the next run" in format_status(status(films))
+    assert [r.id for r in detect(films, DetectSettings(detector="opencv"), LocalRunner(1))] == [movies[1]]
+    index = shard(films, tmp_path / "s", ShardSettings(test_fraction=0))
+    assert index["splits"]["train"]["movies"] == 2 and index["splits"]["train"]["samples"] == len(kept)
+
+
+def test_a_damaged_shard_or_label_record_stops_the_readers_of_it_not_the_commands_that_redo_it(films, tmp_path):
+    shard(films, tmp_path / "s", ShardSettings(maxcount=5, test_fraction=0))
+    tars = sorted(films.done("shard"))
+    (films.parts_dir("shard") / f"{tars[0]}.done").write_text("[]")
+    with pytest.raises(DamagedFileError, match=r"\.done: damaged record \(not a json object\): run `mhmd shard`"):
+        export_manifest(films, tmp_path / "m.parquet")
+    shard(films, tmp_path / "s", ShardSettings(maxcount=5, test_fraction=0))  # writes that tar again
+    assert sorted(films.done("shard")) == tars and films.damaged("shard") == []
+    assert export_manifest(films, tmp_path / "m.parquet") == len(manifest(films))
+
+    kept = labelable_frames(films)
+    for movie, frames in kept.groupby("movie_id"):
+        write_predictions(films, movie, dict.fromkeys(frames.frame_id, 0.5))
+    table = films.table_path("label", movie)
+    table.write_bytes(table.read_bytes()[:100])
+    line = f"{table}: damaged (cut short or not a Parquet file): run `mhmd labeler predict` again to redo it"
+    with pytest.raises(DamagedFileError) as error:
+        shard(films, tmp_path / "s")
+    assert str(error.value) == line
+    # What labeler predict plans from, and what labels import and sampling read, need no labeler output.
+    columns = ["frame_id", "movie_id", "jpeg"]
+    assert labelable_frames(films)[columns].equals(kept[columns]) and len(sample_frames(films)) > 0
 
 
 def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
