@@ -4,6 +4,7 @@ import tarfile
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
@@ -258,6 +259,48 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert "1 tars could not be written" in message
     left = [p.name for p in (tmp_path / "s").iterdir()]
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
+
+
+def damage(jpeg, how: str) -> None:
+    """Cut a file short, or flip one byte in its middle (same size)."""
+    data = bytearray(jpeg.read_bytes())
+    if how == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    jpeg.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_a_kept_jpeg_damaged_since_extract_fails_its_tar_naming_it(films, tmp_path, how):
+    kept = manifest(films).query("kept")
+    jpeg = films.root / kept.jpeg.iloc[3]
+    size = jpeg.stat().st_size
+    damage(jpeg, how)
+    with pytest.raises(InputError) as error:
+        shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
+    change = f"{size // 2} bytes, {size} when extracted" if how == "cut" else \
+        "its bytes differ from those extracted (XXH3)"
+    message = str(error.value)
+    assert "\n" not in message and "1 tars could not be written" in message
+    assert message.endswith(f"{jpeg}: damaged since it was extracted ({change}): re-extract its film (`mhmd extract --redo`)")
+    assert len(list((tmp_path / "s").glob("*.tar"))) == 1 and not (tmp_path / "s" / "index.json").exists()
+
+
+def test_frames_extracted_by_an_earlier_version_are_sharded_unchecked(films, tmp_path):
+    """Work directories whose extract tables have no jpeg_bytes / jpeg_xxh3 still shard: their
+    JPEGs are not checked, those of films extracted since are."""
+    kept = manifest(films).query("kept")
+    old, new = sorted(kept.movie_id.unique())
+    table = films.table_path("extract", old)
+    pq.write_table(pq.read_table(table).drop_columns(["jpeg_bytes", "jpeg_xxh3"]), table)
+    damage(films.root / kept[kept.movie_id == old].jpeg.iloc[0], "flipped")
+    index = shard(films, tmp_path / "s", ShardSettings(test_fraction=0))
+    assert index["splits"]["train"]["samples"] == len(kept)
+    jpeg = films.root / kept[kept.movie_id == new].jpeg.iloc[0]
+    damage(jpeg, "flipped")
+    with pytest.raises(InputError, match=f"{jpeg}: damaged since it was extracted"):
+        shard(films, tmp_path / "t", ShardSettings(test_fraction=0))  # "s" holds its good copy: kept as it is
 
 
 def test_a_film_that_does_not_fit_the_test_split_does_not_stop_its_filling():
