@@ -1,10 +1,19 @@
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
+import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
@@ -19,7 +28,9 @@ from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
+from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
 
 from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
 
@@ -333,3 +344,61 @@ def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
     assert sorted(films) == sorted(frames.movie_id)
     assert films not in (sorted(films), sorted(films, reverse=True))  # not film after film
     assert order(0) == films and order(1) != films
+
+
+def many_frames(root, films: int, frames: int) -> WorkDir:
+    """A work directory as extract leaves it (no detection: every kept frame is sharded) with
+    `frames` small frames per film, their JPEGs hard links to one file: tars of thousands of samples
+    that cost little to make."""
+    work = WorkDir(root)
+    data = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[1].tobytes()
+    first = None
+    for film in range(films):
+        movie = f"film{film}-0000000{film}"
+        work.frames_dir(movie).mkdir(parents=True)
+        rows = []
+        for i in range(frames):
+            jpeg = f"frames/{movie}/{movie}_{i}.jpg"
+            if first is None:
+                first = root / jpeg
+                first.write_bytes(data)
+            else:
+                os.link(first, root / jpeg)
+            rows.append({"frame_id": f"{movie}_{i}", "movie_id": movie, "timestamp": i / 25, "width": 32, "height": 32,
+                         "kept": True, "flags": [], "jpeg": jpeg, "jpeg_bytes": len(data),
+                         "jpeg_xxh3": xxhash.xxh3_64_hexdigest(data)})
+        work.begin("extract", movie)
+        work.commit("extract", movie, pa.Table.from_pylist(rows, FRAME_SCHEMA), {"frames_in": frames})
+    return work
+
+
+RAY_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(INFO|WARNING) ")  # a line of Ray's own logger
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_as_never_interrupted(tmp_path, runner):
+    """Ctrl-C as a terminal sends it, to the whole process group, while the writers (processes, or
+    Ray actors of a local Ray instance the command started) are halfway through their tars."""
+    work = many_frames(tmp_path / "work", films=2, frames=10_000)
+    args = [sys.executable, "-m", "mhmd_builder.cli", "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
+            "--maxcount", "10000", "--test-fraction", "0"]  # a writer per core: two here
+    args += ["--runner", "ray", "--ray-address", "local"] if runner == "ray" else []
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob(".*.tar.tmp")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if not RAY_LOG.match(line)]  # Ray's own start-up notices
+    assert proc.returncode == 130 and out == "" and lines == ["interrupted: rerun the same command to resume"], err
+    assert list((tmp_path / "out").iterdir()) == []  # no partial tar, no index, no lock
+    assert not list(work.parts_dir("shard").glob("*.done")) and not list(work.parts_dir("shard").glob("*.failed"))
+
+    subprocess.run(args, check=True, capture_output=True)
+    shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
+    names = sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert names == ["index.json", "train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
