@@ -14,6 +14,7 @@ from typing import Iterator
 
 import cv2
 import pyarrow as pa
+import xxhash
 
 from .errors import InputError
 from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, decode_frames, detect_letterbox,
@@ -55,10 +56,12 @@ def _time_window(duration: float | None, settings: ExtractSettings) -> tuple[flo
     return start, end
 
 
-def _verdict_row(v: FrameVerdict, movie: str, size: tuple[int, int], jpeg: str | None) -> dict:
+def _verdict_row(v: FrameVerdict, movie: str, size: tuple[int, int], jpeg: str | None, data: bytes | None) -> dict:
+    """`data`: the bytes of the frame's JPEG, None when none was written."""
     return {"frame_id": v.meta["frame_id"], "movie_id": movie, "timestamp": v.meta["timestamp"],
             "width": size[0], "height": size[1], "kept": v.kept, "reject_reason": v.reason,
-            "flags": list(v.flags), "jpeg": jpeg, **v.scores}
+            "flags": list(v.flags), "jpeg": jpeg, "jpeg_bytes": None if data is None else len(data),
+            "jpeg_xxh3": None if data is None else xxhash.xxh3_64_hexdigest(data), **v.scores}
 
 
 def _rows_to_table(rows: list[dict]) -> pa.Table:
@@ -133,13 +136,14 @@ class ExtractStage:
 
     def _row(self, verdict: FrameVerdict, movie: str, geometry: "MovieGeometry", staging: Path) -> dict:
         """The frame's table row; a kept frame's JPEG is written to the staging folder first."""
-        jpeg = None
+        jpeg = data = None
         if verdict.kept:
             name = f"{verdict.meta['frame_id']}.jpg"
             jpeg = f"frames/{movie}/{name}"
             _, buffer = cv2.imencode(".jpg", verdict.frame, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
-            (staging / name).write_bytes(buffer.tobytes())
-        return _verdict_row(verdict, movie, geometry.size, jpeg)
+            data = buffer.tobytes()
+            (staging / name).write_bytes(data)
+        return _verdict_row(verdict, movie, geometry.size, jpeg, data)
 
 
 @dataclass(frozen=True)

@@ -46,11 +46,12 @@ def _fingerprint(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def current_decisions(workdir: WorkDir) -> pd.DataFrame:
+def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.DataFrame:
     """The keep decision of every sampled frame that later stages and the manifest use: those of
     the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
-    `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie)."""
-    frames = workdir.read_table("extract")
+    `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie). A damaged extract
+    partition raises, or is left out when given a list `damaged` (`WorkDir.read_table`)."""
+    frames = workdir.read_table("extract", damaged)
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
     decisions = frames[["frame_id", "movie_id", "kept", "reject_reason", "flags", "jpeg"]].set_index("frame_id")

@@ -16,7 +16,7 @@ from .devices import fixed_cpu_threads, pick_device
 from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
                       load_rgb, metrics_path, normalise, save_checkpoint)
 from .labeler_split import Split, split_for_validation
-from .tables import read_human_labels
+from .tables import DETECT, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
 
@@ -55,7 +55,7 @@ def labeled_frames(workdir: WorkDir) -> "pd.DataFrame":
     human = read_human_labels(workdir)
     if human is None or human.empty:
         raise LabelerError(f"{workdir.root}: no human labels yet: import a label file first (--labels FILE)")
-    frames = manifest(workdir)[["frame_id", "movie_id", "timestamp", "jpeg"]].dropna(subset=["jpeg"])
+    frames = manifest(workdir, before=DETECT)[["frame_id", "movie_id", "timestamp", "jpeg"]].dropna(subset=["jpeg"])
     labeled = human[["frame_id", "label_id"]].merge(frames, on="frame_id")
     if labeled.empty:
         raise LabelerError(f"{workdir.root}: none of the {len(human)} human-labeled frames has a JPEG here")

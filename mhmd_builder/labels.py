@@ -21,7 +21,7 @@ import pyarrow as pa
 from .errors import InputError, listing
 from .images import read_regular_file
 from .manifest import manifest
-from .tables import EXTRACT, HUMAN_SCHEMA, human_labels_path, movie_paths, read_human_labels
+from .tables import EXTRACT, HUMAN_SCHEMA, LABEL, human_labels_path, movie_paths, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_table, writes
 
@@ -39,7 +39,7 @@ def write_human_labels(workdir: WorkDir, labels: "pd.DataFrame") -> None:
 # -- which frames can be labelled ---------------------------------------------------------------
 def labelable_frames(workdir: WorkDir) -> "pd.DataFrame":
     """The manifest's frames that passed detection: the only frames a human label may name."""
-    return passed_detection(manifest(workdir))
+    return passed_detection(manifest(workdir, before=LABEL))
 
 
 def passed_detection(frames: "pd.DataFrame") -> "pd.DataFrame":
@@ -439,7 +439,7 @@ def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
 
     path, problems = Path(path), []
     entries, unlabelled = _read_label_file(path, problems)
-    everything = manifest(workdir)
+    everything = manifest(workdir, before=LABEL)
     frames, everything = passed_detection(everything).set_index("frame_id"), everything.set_index("frame_id")
     existing = read_human_labels(workdir)
     existing = existing.set_index("frame_id") if existing is not None else None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
+from .errors import DamagedFileError
 from .filter import current_decisions
 from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path, read_human_labels)
@@ -44,8 +45,9 @@ def status(workdir: WorkDir) -> dict:
     """Per stage that has started: partitions done / failed / pending, frames in and out."""
     report = {stage: stage_status(workdir, stage) for stage in FUNNEL if workdir.stage_dir(stage).exists()}
     if EXTRACT in report and workdir.stage_dir(FILTER).exists():
-        # `mhmd filter` replaced extract's keep decisions: count what is kept now.
-        decisions = current_decisions(workdir)
+        # `mhmd filter` replaced extract's keep decisions: count what is kept now (of the tables
+        # that read: status names the others and never stops for them).
+        decisions = current_decisions(workdir, damaged=[])
         report[EXTRACT]["frames_out"] = int(decisions.kept.sum())
         report[EXTRACT]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
     return report
@@ -68,18 +70,29 @@ def format_status(report: dict) -> str:
     return "\n".join(lines)
 
 
-_built: tuple[tuple, pd.DataFrame] | None = None  # (the work directory's state, its manifest)
+# (the work directory's state, its manifest, per stage the damaged partitions left out of it)
+_built: tuple[tuple, pd.DataFrame, dict[str, list[str]]] | None = None
 
 
-def manifest(workdir: WorkDir) -> pd.DataFrame:
+def manifest(workdir: WorkDir, before: str | None = None) -> pd.DataFrame:
     """One row per sampled frame, with the contract's columns first and every recorded score after.
     `kept` and `reject_reason` are the frame's fate so far: the first stage that rejected it says why.
-    Each caller gets its own copy (cheap: pandas copies on write)."""
+    Each caller gets its own copy (cheap: pandas copies on write).
+
+    A damaged done marker or table of a stage it reads raises DamagedFileError naming the file and
+    the command that redoes it: its frames (or their persons, labels) would be missing unnoticed.
+    `before` (a stage of FUNNEL): the first stage whose output the caller does not use, its own at
+    the latest; only the stages before it must be intact, so that a damaged record of a stage never
+    stops the command that redoes it (that stage's columns may then be partial)."""
     global _built
     state = _state(workdir)
     if _built is None or _built[0] != state:
-        _built = (state, _build(workdir))
-    return _built[1].copy(deep=False)
+        _built = (state, *_build(workdir))
+    _, frames, damaged = _built
+    for stage in FUNNEL[:FUNNEL.index(before)] if before else FUNNEL:
+        if damaged[stage]:
+            raise DamagedFileError(damaged[stage][0])
+    return frames.copy(deep=False)
 
 
 def _state(workdir: WorkDir) -> tuple:
@@ -99,15 +112,17 @@ def _state(workdir: WorkDir) -> tuple:
     return str(workdir.root), changes(), tuple(stats)
 
 
-def _build(workdir: WorkDir) -> pd.DataFrame:
-    frames = workdir.read_table(EXTRACT)
+def _build(workdir: WorkDir) -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The manifest of the partitions that read, and per stage the damaged ones left out."""
+    damaged: dict[str, list[str]] = {stage: [] for stage in FUNNEL}
+    frames = workdir.read_table(EXTRACT, damaged[EXTRACT])
     if frames is None:
-        return pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS})
-    decisions = current_decisions(workdir).set_index("frame_id")
+        return pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS}), damaged
+    decisions = current_decisions(workdir, damaged=[]).set_index("frame_id")  # extract's damage: counted above
     frames = frames.set_index("frame_id")
     for column in ("kept", "reject_reason", "flags"):
         frames[column] = decisions[column]
-    detections = workdir.read_table(DETECT)
+    detections = workdir.read_table(DETECT, damaged[DETECT])
     if detections is not None:
         detections = detections.set_index("frame_id")
         detections = detections[detections.index.isin(frames.index[frames.kept.astype(bool)])]
@@ -115,8 +130,8 @@ def _build(workdir: WorkDir) -> pd.DataFrame:
         rejected = detections.index[~detections.kept.astype(bool)]
         frames.loc[rejected, "kept"] = False
         frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
-    frames = _with_labels(workdir, frames)
-    shards = workdir.read_table(SHARD)
+    frames = _with_labels(workdir, frames, damaged[LABEL])
+    shards = workdir.read_table(SHARD, damaged[SHARD])
     if shards is not None:
         frames = frames.join(shards.set_index("frame_id")[["split"]])
     parsing = parsing_table_path(workdir)
@@ -127,10 +142,10 @@ def _build(workdir: WorkDir) -> pd.DataFrame:
         if name not in frames:
             frames[name] = None
     extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
-    return frames[list(MANIFEST_COLUMNS) + extra].sort_values(["movie_id", "timestamp"], ignore_index=True)
+    return frames[list(MANIFEST_COLUMNS) + extra].sort_values(["movie_id", "timestamp"], ignore_index=True), damaged
 
 
-def _with_labels(workdir: WorkDir, frames: pd.DataFrame) -> pd.DataFrame:
+def _with_labels(workdir: WorkDir, frames: pd.DataFrame, damaged: list[str]) -> pd.DataFrame:
     """label, label_source, label_confidence: the labeler's output where it ran, else the human
     labels imported so far."""
     human = read_human_labels(workdir)
@@ -139,7 +154,7 @@ def _with_labels(workdir: WorkDir, frames: pd.DataFrame) -> pd.DataFrame:
         frames = frames.join(human[["label"]])
         frames["label_source"] = frames.label.notna().map({True: "human", False: None})
         frames["label_confidence"] = frames.label.notna().map({True: 1.0, False: None})
-    predicted = workdir.read_table(LABEL)
+    predicted = workdir.read_table(LABEL, damaged)
     if predicted is not None:
         predicted = predicted.set_index("frame_id")
         predicted = predicted[predicted.index.isin(frames.index)]

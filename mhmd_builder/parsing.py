@@ -18,7 +18,7 @@ import pyarrow as pa
 from .errors import MhmdError, listing
 from .images import ImageError, open_image
 from .manifest import manifest
-from .tables import PARSING, parsing_table_path
+from .tables import LABEL, PARSING, parsing_table_path
 from .workdir import WorkDir, atomic_write_table, writes
 
 
@@ -67,7 +67,7 @@ def _map_problem(png: Path, width: int, height: int) -> str | None:
 def attach_parsing(workdir: WorkDir, folder: str | Path) -> int:
     """Check every map in `folder`, then copy them all into the work directory; returns how many."""
     folder = Path(folder)
-    frames = manifest(workdir)
+    frames = manifest(workdir, before=LABEL)
     problems = check_maps(folder, frames)
     if problems:
         raise ParsingError(problems)

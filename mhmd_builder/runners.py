@@ -258,7 +258,8 @@ class RayRunner:
     died (killed, out of memory, node lost) goes to a fresh actor, up to `retries` more times, and is
     then recorded failed. A failure inside the stage (an exception in `process`) is recorded by
     `run_partition` and not retried: it comes from the input and would fail again. Workers read and
-    write the work directory themselves, so it must be on storage every node sees."""
+    write the work directory themselves, so it must be on storage every node sees. Ctrl-C cancels
+    the running partitions, which unwind at their next progress report (`_RayProgress`)."""
 
     name = "ray"
 
@@ -280,7 +281,7 @@ class RayRunner:
         actors = []
 
         def new_actor():
-            actors.append(actor_class.remote(stage, progress_queue.put))
+            actors.append(actor_class.remote(stage, _RayProgress(progress_queue.put)))
             return actors[-1]
 
         try:
@@ -308,32 +309,36 @@ class RayRunner:
             results.append(result)
             display.finish(result)
 
-        while todo or running:
-            if not idle and not running:  # no actor could start: the rest would fail the same way
-                for partition in todo:
-                    finish(_mark_lost(stage, partition, cannot_start))
-                break
-            while todo and idle:
-                actor, partition = idle.pop(), todo.popleft()
-                running[actor.run.remote(partition)] = (actor, partition)
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor, partition = running.pop(ref)
-            attempts[partition.id] += 1
-            try:
-                finish(_committed(stage, partition, ray.get(ref)))
-                idle.append(actor)
-            except RayActorError as e:
-                ray.kill(actor)
-                if e.actor_init_failed:  # the stage does not unpickle there (mhmd_builder missing on a
-                    # node, another version): a fresh actor would fail the same way, so the pool shrinks
-                    cannot_start = f"worker could not start: {str(e).strip().splitlines()[-1]}"
-                    finish(_mark_lost(stage, partition, cannot_start))
-                    continue
-                idle.append(new_actor())  # its process died: a fresh actor takes its place
-                if attempts[partition.id] <= self.retries:
-                    todo.append(partition)
-                else:
-                    finish(_worker_died(stage, partition, e, attempts[partition.id]))
+        try:
+            while todo or running:
+                if not idle and not running:  # no actor could start: the rest would fail the same way
+                    for partition in todo:
+                        finish(_mark_lost(stage, partition, cannot_start))
+                    break
+                while todo and idle:
+                    actor, partition = idle.pop(), todo.popleft()
+                    running[actor.run.remote(partition)] = (actor, partition)
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, partition = running.pop(ref)
+                attempts[partition.id] += 1
+                try:
+                    finish(_committed(stage, partition, ray.get(ref)))
+                    idle.append(actor)
+                except RayActorError as e:
+                    ray.kill(actor)
+                    if e.actor_init_failed:  # the stage does not unpickle there (mhmd_builder missing on a
+                        # node, another version): a fresh actor would fail the same way, so the pool shrinks
+                        cannot_start = f"worker could not start: {str(e).strip().splitlines()[-1]}"
+                        finish(_mark_lost(stage, partition, cannot_start))
+                        continue
+                    idle.append(new_actor())  # its process died: a fresh actor takes its place
+                    if attempts[partition.id] <= self.retries:
+                        todo.append(partition)
+                    else:
+                        finish(_worker_died(stage, partition, e, attempts[partition.id]))
+        except KeyboardInterrupt:
+            _stop_running(ray, running)
+            raise
         return results
 
     def _actor_count(self, ray, stage: Stage, partitions: int) -> int:
@@ -343,6 +348,35 @@ class RayRunner:
         have, need = ray.cluster_resources(), stage.resources
         fits = [have.get(kind, 0) / amount for kind, amount in (("CPU", need.cpus), ("GPU", need.gpus)) if amount]
         return max(1, int(min(partitions, self.workers or partitions, *fits)))
+
+
+class _RayProgress:
+    """An actor's progress callback: sends each report to the driver's queue, and stops the partition
+    once the driver cancelled its task (Ctrl-C). The KeyboardInterrupt unwinds it as SIGTERM unwinds
+    a local worker's, removing its temporaries; Ray cannot interrupt a running actor task itself."""
+
+    def __init__(self, put):
+        self.put = put
+
+    def __call__(self, message) -> None:
+        import ray
+
+        if ray.get_runtime_context().is_canceled():
+            raise KeyboardInterrupt
+        self.put(message)
+
+
+STOP_GRACE_S = 10.0  # how long partitions cancelled by Ctrl-C have to unwind before their actors are killed
+
+
+def _stop_running(ray, running: dict) -> None:
+    """Cancel the partitions running on actors and wait (at most STOP_GRACE_S) for them to stop at
+    their next progress report; the actors are killed after, whether they did or not."""
+    if not running:
+        return
+    for ref in running:
+        ray.cancel(ref, recursive=False)  # not its progress reports: a report cancelled would fail the partition
+    ray.wait(list(running), num_returns=len(running), timeout=STOP_GRACE_S)
 
 
 def _committed(stage: Stage, partition: Partition, result: PartitionResult) -> PartitionResult:

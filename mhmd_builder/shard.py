@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import xxhash
 
 from .errors import InputError
 from .footage import near_duplicates
@@ -96,8 +97,12 @@ def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
     meta = sample_json(row, taxonomy, film)
     target = row.parsing if isinstance(row.parsing, str) else row.mask
     files = {JPG: os.path.join(root, row.jpeg), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
-    return {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
+    spec = {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
             "cls": meta["label_id"], "files": files, "sizes": {k: _size(path) for k, path in files.items()}}
+    size, digest = getattr(row, "jpeg_bytes", None), getattr(row, "jpeg_xxh3", None)
+    if isinstance(digest, str):  # not recorded by earlier versions: not checked (and their tars' digests stay)
+        spec["written"] = [int(size), digest]
+    return spec
 
 
 def _size(path: str) -> int | None:
@@ -122,10 +127,25 @@ def _read_member(member: str, path: str) -> bytes:
         raise PartitionError(f"{path}: {reason}: {_REMEDY[member]}") from None
 
 
+def _check_written(path: str, data: bytes, written: list) -> None:
+    """PartitionError naming the JPEG when its bytes are not those extract wrote (its size and XXH3,
+    recorded then): a file cut short or overwritten since would go into the tar unnoticed."""
+    size, digest = written
+    if len(data) != size:
+        change = f"{len(data)} bytes, {size} when extracted"
+    elif xxhash.xxh3_64_hexdigest(data) != digest:
+        change = "its bytes differ from those extracted (XXH3)"
+    else:
+        return
+    raise PartitionError(f"{path}: damaged since it was extracted ({change}): {_REMEDY[JPG]}")
+
+
 def _members(spec: dict) -> dict:
     """The sample as webdataset writes it: `jpg` (and `mask.png`) copied byte for byte, not re-encoded."""
-    return sample_members(spec["key"], spec["json"].encode(), spec["cls"],
-                          {member: _read_member(member, path) for member, path in spec["files"].items()})
+    files = {member: _read_member(member, path) for member, path in spec["files"].items()}
+    if "written" in spec:
+        _check_written(spec["files"][JPG], files[JPG], spec["written"])
+    return sample_members(spec["key"], spec["json"].encode(), spec["cls"], files)
 
 
 @dataclass
@@ -210,7 +230,7 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
-    sampled = manifest(workdir)
+    sampled = manifest(workdir, before=STAGE)  # its own records are redone here, whatever their state
     frames = sampled
     if "jpeg" in frames:
         frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)

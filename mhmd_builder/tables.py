@@ -39,6 +39,12 @@ FRAME_SCHEMA = pa.schema([
     ("reject_reason", pa.string()),
     ("flags", pa.list_(pa.string())),
     ("jpeg", pa.string()),
+    # The JPEG as extract wrote it: its size and the XXH3-64 of its bytes (hex), for a file damaged
+    # since (cut short, overwritten) to be refused rather than copied into a shard. XXH3, not
+    # zlib.crc32: 4 us a 62 KB frame instead of 22, ~2% of shard's writing time instead of ~12%.
+    # Null in work directories of earlier versions (not checked) and for frames without a JPEG.
+    ("jpeg_bytes", pa.int64()),
+    ("jpeg_xxh3", pa.string()),
 ])
 
 DETECT_SCHEMA = pa.schema([

@@ -122,14 +122,9 @@ def _table_problem(path: Path) -> str | None:
 _COMMANDS = {"label": "labeler predict"}
 
 
-def _read_part(stage: str, path: Path) -> pa.Table:
-    """One partition's table; DamagedFileError naming it and the command that redoes it when it
-    cannot be read."""
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as error:
-        problem = _damage(error)
-    raise DamagedFileError(f"{path}: {problem}: run `mhmd {_COMMANDS.get(stage, stage)}` again to redo it")
+def _redo(stage: str, path: Path, problem: str) -> DamagedFileError:
+    """The error naming a damaged file of a stage and the command that redoes its partition."""
+    return DamagedFileError(f"{path}: {problem}: run `mhmd {_COMMANDS.get(stage, stage)}` again to redo it")
 
 
 LOCK = ".lock"  # in a work directory or a shard folder: who writes it now (json), flock-ed while they do
@@ -263,7 +258,10 @@ class WorkDir:
 
     # -- partition state ----------------------------------------------------------------------
     def is_done(self, stage: str, partition: str) -> bool:
-        return self._marker(stage, partition, "done").exists()
+        """Whether one partition is done by the rules of `done`: its marker reads and so does its
+        table's footer."""
+        return (_record(self._marker(stage, partition, "done")) is not None
+                and _table_problem(self.table_path(stage, partition)) is None)
 
     def _markers(self, stage: str, kind: str) -> dict[str, dict | None]:
         """Every `kind` marker of a stage: its json object, or None when it is damaged."""
@@ -340,9 +338,30 @@ class WorkDir:
         return {pid: report for pid, report in reports.items() if report is not None}  # None: removed while read
 
     # -- reading ------------------------------------------------------------------------------
-    def read_table(self, stage: str) -> pd.DataFrame | None:
-        """All done partitions of a stage as one frame, or None when the stage has none."""
-        paths = [self.table_path(stage, p) for p in self._committed(stage)]
-        if not paths:
-            return None
-        return pa.concat_tables([_read_part(stage, p) for p in paths], promote_options="default").to_pandas()
+    def read_table(self, stage: str, damaged: list[str] | None = None) -> pd.DataFrame | None:
+        """All done partitions of a stage as one frame, or None when the stage has none. A partition
+        whose done marker or table does not read raises DamagedFileError naming the file and the
+        command that redoes it: leaving it out would drop its rows unnoticed. Given a list
+        `damaged`, such a partition is left out and the error's message added to the list instead."""
+        tables = []
+        for part in self._parts(stage):
+            if isinstance(part, pa.Table):
+                tables.append(part)
+            elif damaged is None:
+                raise part
+            else:
+                damaged.append(str(part))
+        return pa.concat_tables(tables, promote_options="default").to_pandas() if tables else None
+
+    def _parts(self, stage: str) -> Iterator[pa.Table | DamagedFileError]:
+        """Each partition with a done marker, in order: its table, or the error naming its marker or
+        table when either does not read."""
+        for pid, record in self._markers(stage, "done").items():
+            if record is None:
+                yield _redo(stage, self._marker(stage, pid, "done"), "damaged record (not a json object)")
+                continue
+            path = self.table_path(stage, pid)
+            try:
+                yield pq.read_table(path)
+            except (pa.ArrowException, OSError) as error:
+                yield _redo(stage, path, _damage(error))

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from mhmd_builder.cli import main
 from mhmd_builder.extract import ExtractSettings, extract
 from mhmd_builder.filter import current_decisions, recorded_thresholds, refilter
-from mhmd_builder.manifest import export_manifest
+from mhmd_builder.errors import DamagedFileError
+from mhmd_builder.manifest import export_manifest, status
 from mhmd_builder.quality import REASONS, SCORE_NAMES, QualityThresholds
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.workdir import WorkDir
@@ -139,6 +140,20 @@ def test_filter_decisions_give_way_to_a_later_extraction(workcopy):
     now = current_decisions(work).merge(work.read_table("extract")[["frame_id", "movie_id", "jpeg"]])
     grey_now = now[now.movie_id == grey]
     assert grey_now.kept.all() and grey_now.jpeg.notna().all() and not grey_now.needs_extraction.any()
+
+
+@pytest.mark.parametrize("damage", ["table", "marker"])
+def test_after_a_filter_a_damaged_extract_partition_is_named_by_status_and_refused_by_the_manifest(workcopy, damage):
+    _, work = workcopy
+    refilter(work, DEFAULT)
+    grey = next(m for m in work.done("extract") if m.startswith("grey-"))
+    path = work.table_path("extract", grey) if damage == "table" else work.parts_dir("extract") / f"{grey}.done"
+    path.write_bytes(path.read_bytes()[:40])
+    report = status(work)  # counts what reads, never stops
+    assert len(report["extract"]["damaged"]) == 1 and str(path) in report["extract"]["damaged"][0]
+    assert report["extract"]["partitions"]["done"] == len(work.done("extract")) == len(FILMS) - 1
+    with pytest.raises(DamagedFileError, match=f"^{path}: damaged .*: run `mhmd extract` again to redo it$"):
+        export_manifest(work, work.root / "m.parquet")
 
 
 def test_mhmd_filter_then_its_reextract_command(workcopy):

@@ -1,10 +1,20 @@
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import tarfile
 from collections import Counter
+import time
 
+import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
 import pytest
 import webdataset as wds
 from click.testing import CliRunner
@@ -13,13 +23,17 @@ from PIL import Image
 from mhmd_builder.cli import main
 from mhmd_builder.detect import DetectSettings, detect
 from mhmd_builder.errors import DamagedFileError, InputError
-from mhmd_builder.labels import write_human_labels
-from mhmd_builder.manifest import format_status, manifest, status
+from mhmd_builder.labels import import_labels, labelable_frames, write_human_labels
+from mhmd_builder.manifest import export_manifest, format_status, manifest, status
+from mhmd_builder.report import write_report
+from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
+from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
 
-from test_sample import copy_films  # two films, extracted and detected once per session
+from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
 
 
 @pytest.fixture
@@ -208,6 +222,57 @@ def test_a_damaged_detect_table_or_marker_is_named_then_redone_by_detect(films, 
     assert films.damaged("detect") == [] and shard(films, tmp_path / "s")["shards"]
 
 
+def test_a_garbage_detect_marker_stops_every_whole_dataset_reader_until_detect_redoes_it(films, tmp_path):
+    """Its film's detections would be missing from the manifest: the film's frames would be sharded
+    as if nobody had looked for persons in them, or dropped. Every reader of the whole dataset
+    refuses instead, in one line naming the file and the command that redoes it."""
+    movies = sorted(films.done("detect"))
+    kept = manifest(films).query("kept")
+    marker = films.parts_dir("detect") / f"{movies[1]}.done"
+    marker.write_text("garbage")
+    line = f"{marker}: damaged record (not a json object): run `mhmd detect` again to redo it"
+    readers = {"shard": lambda: shard(films, tmp_path / "s"), "sample": lambda: sample_frames(films),
+               "export": lambda: export_manifest(films, tmp_path / "m.parquet"),
+               "report": lambda: write_report(films.root, tmp_path / "r.html"),
+               "labels import": lambda: import_labels(films, tmp_path / "labels.csv", load_taxonomy())}
+    (tmp_path / "labels.csv").write_text("frame_id,label\n")
+    for name, read in readers.items():
+        with pytest.raises(DamagedFileError) as error:
+            read()
+        assert str(error.value) == line, name
+    assert not list((tmp_path / "s").iterdir()) and not (tmp_path / "m.parquet").exists()  # no tar, no index
+    result = CliRunner().invoke(main, ["manifest", "export", "-w", str(films.root), "-o", str(tmp_path / "m.parquet")])
+    assert (result.exit_code, result.output) == (1, f"Error: {line}\n")
+    assert f"damaged record {marker}: redone on the next run" in format_status(status(films))
+    assert [r.id for r in detect(films, DetectSettings(detector="opencv"), LocalRunner(1))] == [movies[1]]
+    index = shard(films, tmp_path / "s", ShardSettings(test_fraction=0))
+    assert index["splits"]["train"]["movies"] == 2 and index["splits"]["train"]["samples"] == len(kept)
+
+
+def test_a_damaged_shard_or_label_record_stops_the_readers_of_it_not_the_commands_that_redo_it(films, tmp_path):
+    shard(films, tmp_path / "s", ShardSettings(maxcount=5, test_fraction=0))
+    tars = sorted(films.done("shard"))
+    (films.parts_dir("shard") / f"{tars[0]}.done").write_text("[]")
+    with pytest.raises(DamagedFileError, match=r"\.done: damaged record \(not a json object\): run `mhmd shard`"):
+        export_manifest(films, tmp_path / "m.parquet")
+    shard(films, tmp_path / "s", ShardSettings(maxcount=5, test_fraction=0))  # writes that tar again
+    assert sorted(films.done("shard")) == tars and films.damaged("shard") == []
+    assert export_manifest(films, tmp_path / "m.parquet") == len(manifest(films))
+
+    kept = labelable_frames(films)
+    for movie, frames in kept.groupby("movie_id"):
+        write_predictions(films, movie, dict.fromkeys(frames.frame_id, 0.5))
+    table = films.table_path("label", movie)
+    table.write_bytes(table.read_bytes()[:100])
+    line = f"{table}: damaged (cut short or not a Parquet file): run `mhmd labeler predict` again to redo it"
+    with pytest.raises(DamagedFileError) as error:
+        shard(films, tmp_path / "s")
+    assert str(error.value) == line
+    # What labeler predict plans from, and what labels import and sampling read, need no labeler output.
+    columns = ["frame_id", "movie_id", "jpeg"]
+    assert labelable_frames(films)[columns].equals(kept[columns]) and len(sample_frames(films)) > 0
+
+
 def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     jpeg = films.root / manifest(films).query("kept").jpeg.iloc[0]
     jpeg.unlink()
@@ -218,6 +283,48 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert "1 tars could not be written" in message
     left = [p.name for p in (tmp_path / "s").iterdir()]
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
+
+
+def damage(jpeg, how: str) -> None:
+    """Cut a file short, or flip one byte in its middle (same size)."""
+    data = bytearray(jpeg.read_bytes())
+    if how == "cut":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x01
+    jpeg.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["cut", "flipped"])
+def test_a_kept_jpeg_damaged_since_extract_fails_its_tar_naming_it(films, tmp_path, how):
+    kept = manifest(films).query("kept")
+    jpeg = films.root / kept.jpeg.iloc[3]
+    size = jpeg.stat().st_size
+    damage(jpeg, how)
+    with pytest.raises(InputError) as error:
+        shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
+    change = f"{size // 2} bytes, {size} when extracted" if how == "cut" else \
+        "its bytes differ from those extracted (XXH3)"
+    message = str(error.value)
+    assert "\n" not in message and "1 tars could not be written" in message
+    assert message.endswith(f"{jpeg}: damaged since it was extracted ({change}): re-extract its film (`mhmd extract --redo`)")
+    assert len(list((tmp_path / "s").glob("*.tar"))) == 1 and not (tmp_path / "s" / "index.json").exists()
+
+
+def test_frames_extracted_by_an_earlier_version_are_sharded_unchecked(films, tmp_path):
+    """Work directories whose extract tables have no jpeg_bytes / jpeg_xxh3 still shard: their
+    JPEGs are not checked, those of films extracted since are."""
+    kept = manifest(films).query("kept")
+    old, new = sorted(kept.movie_id.unique())
+    table = films.table_path("extract", old)
+    pq.write_table(pq.read_table(table).drop_columns(["jpeg_bytes", "jpeg_xxh3"]), table)
+    damage(films.root / kept[kept.movie_id == old].jpeg.iloc[0], "flipped")
+    index = shard(films, tmp_path / "s", ShardSettings(test_fraction=0))
+    assert index["splits"]["train"]["samples"] == len(kept)
+    jpeg = films.root / kept[kept.movie_id == new].jpeg.iloc[0]
+    damage(jpeg, "flipped")
+    with pytest.raises(InputError, match=f"{jpeg}: damaged since it was extracted"):
+        shard(films, tmp_path / "t", ShardSettings(test_fraction=0))  # "s" holds its good copy: kept as it is
 
 
 def test_a_film_that_does_not_fit_the_test_split_does_not_stop_its_filling():
@@ -250,3 +357,61 @@ def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
     assert sorted(films) == sorted(frames.movie_id)
     assert films not in (sorted(films), sorted(films, reverse=True))  # not film after film
     assert order(0) == films and order(1) != films
+
+
+def many_frames(root, films: int, frames: int) -> WorkDir:
+    """A work directory as extract leaves it (no detection: every kept frame is sharded) with
+    `frames` small frames per film, their JPEGs hard links to one file: tars of thousands of samples
+    that cost little to make."""
+    work = WorkDir(root)
+    data = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))[1].tobytes()
+    first = None
+    for film in range(films):
+        movie = f"film{film}-0000000{film}"
+        work.frames_dir(movie).mkdir(parents=True)
+        rows = []
+        for i in range(frames):
+            jpeg = f"frames/{movie}/{movie}_{i}.jpg"
+            if first is None:
+                first = root / jpeg
+                first.write_bytes(data)
+            else:
+                os.link(first, root / jpeg)
+            rows.append({"frame_id": f"{movie}_{i}", "movie_id": movie, "timestamp": i / 25, "width": 32, "height": 32,
+                         "kept": True, "flags": [], "jpeg": jpeg, "jpeg_bytes": len(data),
+                         "jpeg_xxh3": xxhash.xxh3_64_hexdigest(data)})
+        work.begin("extract", movie)
+        work.commit("extract", movie, pa.Table.from_pylist(rows, FRAME_SCHEMA), {"frames_in": frames})
+    return work
+
+
+RAY_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(INFO|WARNING) ")  # a line of Ray's own logger
+
+
+@pytest.mark.parametrize("runner", ["local", "ray"])
+def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_as_never_interrupted(tmp_path, runner):
+    """Ctrl-C as a terminal sends it, to the whole process group, while the writers (processes, or
+    Ray actors of a local Ray instance the command started) are halfway through their tars."""
+    work = many_frames(tmp_path / "work", films=2, frames=10_000)
+    args = [sys.executable, "-m", "mhmd_builder.cli", "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
+            "--maxcount", "10000", "--test-fraction", "0"]  # a writer per core: two here
+    args += ["--runner", "ray", "--ray-address", "local"] if runner == "ray" else []
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "out").glob(".*.tar.tmp")):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if not RAY_LOG.match(line)]  # Ray's own start-up notices
+    assert proc.returncode == 130 and out == "" and lines == ["interrupted: rerun the same command to resume"], err
+    assert list((tmp_path / "out").iterdir()) == []  # no partial tar, no index, no lock
+    assert not list(work.parts_dir("shard").glob("*.done")) and not list(work.parts_dir("shard").glob("*.failed"))
+
+    subprocess.run(args, check=True, capture_output=True)
+    shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
+    names = sorted(p.name for p in (tmp_path / "reference").iterdir())
+    assert names == ["index.json", "train-000000.tar", "train-000001.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
+    for name in names:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name

@@ -93,7 +93,15 @@ def test_a_damaged_marker_or_plan_counts_as_not_done_and_is_named(tmp_path):
     assert wd.damaged("s") == [f"damaged record {wd.parts_dir('s') / name}: redone on the next run"
                                for name in ("a.done", "b.done", "z.failed")] + [
         f"damaged record {wd.stage_dir('s') / 'plan' / 'c.json'}: redone on the next run"]
-    assert wd.read_table("s").x.tolist() == [1]
+    assert [pid for pid in ("a", "b", "c") if wd.is_done("s", pid)] == ["c"]  # as done() says
+    # Reading the stage's tables stops at the first damaged marker: its rows would go missing.
+    with pytest.raises(DamagedFileError) as error:
+        wd.read_table("s")
+    assert str(error.value) == f"{wd.parts_dir('s') / 'a.done'}: damaged record (not a json object): run `mhmd s` again to redo it"
+    damaged = []
+    assert wd.read_table("s", damaged).x.tolist() == [1]
+    assert damaged == [f"{wd.parts_dir('s') / name}: damaged record (not a json object): run `mhmd s` again to redo it"
+                       for name in ("a.done", "b.done")]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
@@ -108,7 +116,7 @@ def test_a_damaged_table_is_named_by_its_reader_and_not_done_for_its_stage(tmp_p
     else:
         table.unlink()
     problem = "damaged (cut short or not a Parquet file)" if damage == "truncated" else "missing"
-    assert list(wd.done("label")) == ["a"]
+    assert list(wd.done("label")) == ["a"] and wd.is_done("label", "a") and not wd.is_done("label", "m")
     assert wd.damaged("label") == [f"{table}: {problem}: redone on the next run"]
     with pytest.raises(DamagedFileError) as error:
         wd.read_table("label")
