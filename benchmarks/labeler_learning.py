@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shutil
 import subprocess
 import tempfile
@@ -135,20 +136,15 @@ def timed(timings: dict[str, float], step: str, work, *args):
     return result
 
 
-def mhmd(*args: str) -> str:
-    """`uv run mhmd ARGS` as a user types it; its output, or exit with it when the command fails."""
-    done = subprocess.run(["uv", "run", "mhmd", *args], capture_output=True, text=True)
-    output = done.stdout + done.stderr
-    if done.returncode:
-        raise SystemExit(f"mhmd {' '.join(args)} failed (exit {done.returncode}):\n{output}")
-    return output
-
-
-def show(output: str, lines: int | None = 1) -> None:
-    """The command's last `lines` lines (None: all), indented."""
-    kept = output.rstrip().splitlines()
-    for line in kept[-lines:] if lines else kept:
-        print(f"    {line}")
+def mhmd(*args: str) -> None:
+    """`uv run mhmd ARGS` as a user types it, its output shown (indented) as it comes; exits if it fails."""
+    command = ["uv", "run", "mhmd", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines as they are printed, not when it ends
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
+        for line in process.stdout:
+            print(f"    {line}", end="", flush=True)
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed (exit {process.returncode})")
 
 
 def label_sample(todo: Path, labelled: Path, truth: dict[str, str], held_out: set[str]) -> list[dict]:
@@ -221,10 +217,10 @@ def run(root: Path, scale: Scale, fraction: float) -> None:
     todo, labelled, exported = root / "todo.csv", root / "labels.csv", root / "manifest.parquet"
     checkpoint = work / "label" / "labeler.safetensors"
     films = timed(timings, "make films", make_films, films_dir, scale)
-    show(timed(timings, "extract", mhmd, "extract", str(films_dir), "-w", str(work), "--fps", str(EXTRACT_FPS)))
-    show(timed(timings, "filter", mhmd, "filter", "-w", str(work)))
-    show(timed(timings, "detect", mhmd, "detect", "-w", str(work), "--detector", "opencv"))
-    show(timed(timings, "sample", mhmd, "sample", "-w", str(work), "--fraction", str(fraction), "-o", str(todo)))
+    timed(timings, "extract", mhmd, "extract", str(films_dir), "-w", str(work), "--fps", str(EXTRACT_FPS))
+    timed(timings, "filter", mhmd, "filter", "-w", str(work))
+    timed(timings, "detect", mhmd, "detect", "-w", str(work), "--detector", "opencv")
+    timed(timings, "sample", mhmd, "sample", "-w", str(work), "--fraction", str(fraction), "-o", str(todo))
 
     by_path = {film.path.name: film for film in films}
     movies = {m: by_path[Path(s["path"]).name] for m, s in WorkDir(work).done("extract").items()}
@@ -233,11 +229,9 @@ def run(root: Path, scale: Scale, fraction: float) -> None:
     human = timed(timings, "label the sample", label_sample, todo, labelled, truth, held_out)
     print(f"    {len(human)} frames labelled; the {len(held_out)} held-out films' sampled frames left blank")
     print("notice: ResNet-18 from random weights: ImageNet weights cannot be downloaded here")
-    show(timed(timings, "labeler train", mhmd, "labeler", "train", "-w", str(work), "--labels", str(labelled),
-               *TRAIN_OPTIONS, "--epochs", str(scale.epochs), "-o", str(checkpoint)), None)
-    funnel = timed(timings, "labeler predict", mhmd, "labeler", "predict", "-w", str(work), "--checkpoint",
-                   str(checkpoint))
-    show(funnel, 6)  # its closing status: every stage's frames in and out
+    timed(timings, "labeler train", mhmd, "labeler", "train", "-w", str(work), "--labels", str(labelled),
+          *TRAIN_OPTIONS, "--epochs", str(scale.epochs), "-o", str(checkpoint))
+    timed(timings, "labeler predict", mhmd, "labeler", "predict", "-w", str(work), "--checkpoint", str(checkpoint))
     timed(timings, "manifest export", mhmd, "manifest", "export", "-w", str(work), "-o", str(exported))
 
     manifest = pd.read_parquet(exported)
