@@ -486,13 +486,18 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
               help="A local copy of torchvision's alexnet-owt-7be5be79.pth, for LPIPS offline.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N samples only.")
 @click.option("--split", default="test", show_default=True, help="The split read when --shards is a folder.")
+@click.option("--protocol", type=click.Choice(["official", "rounded"]), default="official", show_default=True,
+              help="official: ab truncated to 8 bits and a JPEG q95 round trip, as the paper's scripts; "
+                   "rounded: ab rounded, no JPEG (the image colorize writes).")
 def historynet_evaluate_command(shards, checkpoint, as_json, device, batch_size, workers, lpips_backbone, limit,
-                                split) -> None:
+                                split, protocol) -> None:
     """The paper's protocol: ab predicted at the model's size, resized to each frame and joined with
-    its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label."""
+    its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label, and the same for the grey
+    baseline (the frame's own L, no colour) on the same frames."""
     from .historynet.evaluate import evaluate, format_evaluation
 
-    result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split)
+    result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split,
+                      protocol=protocol)
     click.echo(json.dumps(result, indent=1) if as_json else format_evaluation(result))
 
 
