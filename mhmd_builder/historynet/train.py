@@ -43,17 +43,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.models import VGG16_Weights
 
 from ..devices import fixed_cpu_threads, pick_device
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
+from ..weights import WeightsError
 from ..workdir import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
+VGG16_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 LAST = "last.safetensors"
 LOG = "train.log.jsonl"
 # the three networks as checkpoint.py names them, and their optimisers
@@ -166,10 +169,11 @@ def load_backbone(nets: Networks, vgg_weights: str) -> str:
     if vgg_weights == "imagenet":
         try:
             load_vgg16_backbone(nets.generator.g0)
-        except OSError as e:
-            print(f"notice: cannot download torchvision's ImageNet VGG-16 weights ({type(e).__name__}, offline?): "
-                  "training G0 from random initialisation; give a local copy with --vgg-weights PATH")
-            return "random (ImageNet weights unavailable)"
+        except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), or a download with another hash
+            # refused rather than trained from random weights: a run without its ImageNet start is another model
+            raise WeightsError(f"--vgg-weights imagenet: cannot get torchvision's ImageNet VGG-16 weights "
+                               f"({first_line(e)}): give a local copy of {VGG16_FILE} with --vgg-weights PATH, "
+                               "or train G0 from random weights with --vgg-weights none") from None
         return "imagenet"
     if not Path(vgg_weights).is_file():
         raise HistoryNetError(f"--vgg-weights {vgg_weights}: no such file (or use imagenet / none)")
@@ -177,7 +181,7 @@ def load_backbone(nets: Networks, vgg_weights: str) -> str:
         load_vgg16_backbone(nets.generator.g0, vgg_weights)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, it is not torchvision's VGG-16 weights
         raise HistoryNetError(f"--vgg-weights {vgg_weights}: not a torchvision VGG-16 state dict "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"({first_line(e)})") from None
     return vgg_weights
 
 
