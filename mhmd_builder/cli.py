@@ -453,9 +453,12 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
 @taxonomy_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in RUNDIR from its last.safetensors.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast dtype of the training steps (fp16: CUDA only, with loss scaling) [default: fp32 with "
+                   "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
                              no_classifier, preset, vgg_weights, image_size, workers, save_every, keep_checkpoints,
-                             log_every, val_shards, taxonomy, seed, resume) -> None:
+                             log_every, val_shards, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
     from .historynet.train import TrainSettings, train
 
@@ -466,7 +469,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
         lr=lr, image_size=image_size, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,
-        taxonomy=taxonomy, resume=resume)
+        taxonomy=taxonomy, resume=resume, precision=precision)
     result = train(settings)
     click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
                f"checkpoint {result['last']}")
