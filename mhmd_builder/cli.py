@@ -459,9 +459,12 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
 @taxonomy_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in RUNDIR from its last.safetensors.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+              help="Autocast dtype of the training steps (fp16: CUDA only, with loss scaling) [default: fp32 with "
+                   "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
                              no_classifier, preset, vgg_weights, image_size, workers, save_every, keep_checkpoints,
-                             log_every, val_shards, taxonomy, seed, resume) -> None:
+                             log_every, val_shards, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
     from .historynet.train import TrainSettings, train
 
@@ -472,7 +475,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
         lr=lr, image_size=image_size, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,
-        taxonomy=taxonomy, resume=resume)
+        taxonomy=taxonomy, resume=resume, precision=precision)
     result = train(settings)
     click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
                f"checkpoint {result['last']}")
@@ -492,13 +495,18 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
               help="A local copy of torchvision's alexnet-owt-7be5be79.pth, for LPIPS offline.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate the first N samples only.")
 @click.option("--split", default="test", show_default=True, help="The split read when --shards is a folder.")
+@click.option("--protocol", type=click.Choice(["official", "rounded"]), default="official", show_default=True,
+              help="official: ab truncated to 8 bits and a JPEG q95 round trip, as the paper's scripts; "
+                   "rounded: ab rounded, no JPEG (the image colorize writes).")
 def historynet_evaluate_command(shards, checkpoint, as_json, device, batch_size, workers, lpips_backbone, limit,
-                                split) -> None:
+                                split, protocol) -> None:
     """The paper's protocol: ab predicted at the model's size, resized to each frame and joined with
-    its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label."""
+    its own L; LPIPS, PSNR, SSIM and colourfulness, overall and per label, and the same for the grey
+    baseline (the frame's own L, no colour) on the same frames."""
     from .historynet.evaluate import evaluate, format_evaluation
 
-    result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split)
+    result = evaluate(shards, checkpoint, device, batch_size, workers, lpips_backbone, limit, split,
+                      protocol=protocol)
     click.echo(json.dumps(result, indent=1) if as_json else format_evaluation(result))
 
 

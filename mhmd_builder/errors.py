@@ -39,6 +39,11 @@ def storage_error(error: BaseException, where: object = None) -> StorageError | 
     return StorageError(f"{error.filename or where or 'a file'}: {os.strerror(error.errno)}")
 
 
+def first_line(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 MAX_LISTED = 20  # problems shown in one message; a file with thousands would bury the first ones
 
 

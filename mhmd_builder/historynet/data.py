@@ -12,8 +12,9 @@ generator copies L/255 to the 3 channels VGG expects itself.
   shuffle buffer, and an epoch of a given number of samples.
 - `eval_loader`: every sample exactly once, in shard order; shards are split across DDP ranks and
   workers (a rank or worker left without a shard yields nothing), optionally with the original frame.
-- `lab_input` and `compose_rgb` / `rgb_from_lab`: the same conversion for a single photo (colorize)
-  and the official protocol to rebuild a full-resolution RGB image from predicted ab (evaluate).
+- `lab_input`, `ab_levels` and `rgb_from_ab_levels` / `rgb_from_lab`: the same conversion for a single
+  photo (colorize) and the reconstruction of a full-resolution RGB image from predicted ab that
+  evaluate's protocols build on.
 
 A sample whose jpg (or mask.png) cannot be decoded stops the run with an error naming its shard and
 key: shards are written by `mhmd shard` from JPEGs it encoded itself, so a bad one means a damaged
@@ -73,19 +74,28 @@ def lab_input(bgr: np.ndarray, image_size: int = INPUT_SIZE) -> tuple[torch.Tens
     return _channels_first(_lab_resized(bgr, image_size)[..., 0]), lightness(bgr)
 
 
-def rgb_from_lab(lightness_full: np.ndarray, ab224: np.ndarray) -> np.ndarray:
-    """The official reconstruction: predicted ab (2x224x224, ab/255) to uint8, resized bilinearly to
-    the size of `lightness_full`, joined with that full-resolution L, Lab -> RGB uint8 HxWx3.
-    ab is rounded to the nearest level (the official code truncates: a bias of half a level)."""
+def ab_levels(ab224: np.ndarray, truncate: bool = False) -> np.ndarray:
+    """Predicted ab (2xSxS, ab/255) as 8-bit levels, SxSx2 uint8: rounded to the nearest level, or with
+    `truncate` cut down as the official code's `astype(np.uint8)` does (float32 x 255, clipped to 0..255,
+    then the cast: a bias of half a level)."""
+    scaled = np.asarray(ab224, dtype=np.float32) * np.float32(255)
+    if not truncate:
+        scaled = np.rint(scaled)
+    return np.ascontiguousarray(np.clip(scaled, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+
+
+def rgb_from_ab_levels(lightness_full: np.ndarray, ab8: np.ndarray) -> np.ndarray:
+    """8-bit ab (any size x 2) resized bilinearly to the size of `lightness_full` (cv2.resize's default,
+    as the official code calls it), joined with that full-resolution L, Lab -> RGB uint8 HxWx3."""
     height, width = lightness_full.shape
-    ab = np.clip(np.rint(np.asarray(ab224, dtype=np.float32) * 255), 0, 255).astype(np.uint8)
-    ab = cv2.resize(np.ascontiguousarray(ab.transpose(1, 2, 0)), (width, height), interpolation=cv2.INTER_LINEAR)
+    ab = cv2.resize(ab8, (width, height), interpolation=cv2.INTER_LINEAR)
     return cv2.cvtColor(np.dstack([lightness_full, ab]), cv2.COLOR_LAB2RGB)
 
 
-def compose_rgb(original_bgr: np.ndarray, ab224: np.ndarray) -> np.ndarray:
-    """The colorized RGB image at the original frame's size, from its own L and the predicted ab."""
-    return rgb_from_lab(lightness(original_bgr), ab224)
+def rgb_from_lab(lightness_full: np.ndarray, ab224: np.ndarray) -> np.ndarray:
+    """The reconstruction `colorize` writes: predicted ab (2x224x224, ab/255) rounded to 8 bits, resized
+    to the size of `lightness_full` and joined with it (evaluate's official protocol truncates instead)."""
+    return rgb_from_ab_levels(lightness_full, ab_levels(ab224))
 
 
 # -- samples and batches --------------------------------------------------------------------------

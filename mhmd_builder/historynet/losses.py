@@ -70,12 +70,15 @@ def parsing_l2(pred: torch.Tensor, target: torch.Tensor, has_parsing: torch.Tens
     return masked_mean(per_sample, has_parsing)
 
 
-def gradient_penalty(scores: torch.Tensor, mixed_ab: torch.Tensor,
-                     weight: float = GRADIENT_PENALTY_WEIGHT) -> torch.Tensor:
+def gradient_penalty(scores: torch.Tensor, mixed_ab: torch.Tensor, weight: float = GRADIENT_PENALTY_WEIGHT,
+                     loss_scale: float = 1.0) -> torch.Tensor:
     """weight * mean over samples of (1 - |d sum(scores) / d mixed_ab|)^2, as the official
-    gradient_penalty_loss (the norm runs over all of a sample's ab values; L is not differentiated)."""
-    grads, = torch.autograd.grad(scores.sum(), mixed_ab, create_graph=True)
-    norms = grads.float().flatten(1).norm(dim=1)
+    gradient_penalty_loss (the norm runs over all of a sample's ab values; L is not differentiated).
+    Under fp16 `loss_scale` is the GradScaler's scale: the inner gradient is taken of the scaled scores
+    and divided back, so that it does not underflow in float16 (an overflow makes the penalty inf, and
+    the scaler then skips the step)."""
+    grads, = torch.autograd.grad(scores.sum() * loss_scale, mixed_ab, create_graph=True)
+    norms = (grads.float() / loss_scale).flatten(1).norm(dim=1)
     return weight * (1.0 - norms).square().mean()
 
 
@@ -112,10 +115,11 @@ def generator_loss(out: GeneratorOutput, l: torch.Tensor, ab: torch.Tensor, crit
 
 
 def critic_loss(critic: Critic, l: torch.Tensor, real_ab: torch.Tensor, fake_ab: torch.Tensor,
-                gp_weight: float = GRADIENT_PENALTY_WEIGHT) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                gp_weight: float = GRADIENT_PENALTY_WEIGHT,
+                loss_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(total, terms 'real', 'fake', 'gradient_penalty', 'total') for one D1 step, WGAN-GP. The mixed
     samples interpolate ab between real and fake with one uniform weight per sample; L goes through
-    unchanged (ChromaGAN's RandomWeightedAverage)."""
+    unchanged (ChromaGAN's RandomWeightedAverage). `loss_scale`: see gradient_penalty."""
     fake_ab = fake_ab.detach()
     alpha = torch.rand(real_ab.shape[0], 1, 1, 1, device=real_ab.device, dtype=real_ab.dtype)
     mixed_ab = (alpha * real_ab + (1 - alpha) * fake_ab).requires_grad_(True)
@@ -123,7 +127,7 @@ def critic_loss(critic: Critic, l: torch.Tensor, real_ab: torch.Tensor, fake_ab:
     scores = critic(l.repeat(3, 1, 1, 1), torch.cat([real_ab, fake_ab, mixed_ab]))
     real, fake, mixed = scores.chunk(3)
     terms = {"real": real.float().mean(), "fake": fake.float().mean(),
-             "gradient_penalty": gradient_penalty(mixed, mixed_ab, gp_weight)}
+             "gradient_penalty": gradient_penalty(mixed, mixed_ab, gp_weight, loss_scale)}
     total = terms["fake"] - terms["real"] + terms["gradient_penalty"]
     return total, logged(terms, total)
 

@@ -23,7 +23,7 @@ import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from ..errors import MhmdError
+from ..errors import MhmdError, first_line
 from ..quality import colorfulness
 from ..weights import sha256_of
 
@@ -50,10 +50,6 @@ class LpipsUnavailable(MhmdError):
     """LPIPS cannot be computed; the message ("LPIPS cannot be computed: ...") says why."""
 
 
-def _first_line(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-
-
 def _lpips(pretrained_backbone: bool) -> lpips.LPIPS:
     with warnings.catch_warnings():  # lpips still calls torchvision's deprecated `pretrained=` argument
         warnings.simplefilter("ignore", UserWarning)
@@ -70,7 +66,7 @@ def _alexnet_features(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - whatever the file is, it is not a usable state dict
-        raise LpipsUnavailable(f"LPIPS cannot be computed: {path} is not a state dict ({_first_line(e)})") from None
+        raise LpipsUnavailable(f"LPIPS cannot be computed: {path} is not a state dict ({first_line(e)})") from None
     if not isinstance(state, dict):
         raise LpipsUnavailable(f"LPIPS cannot be computed: {path} holds a {type(state).__name__}, not a state dict")
     return state
@@ -98,7 +94,7 @@ def lpips_model(backbone: str | Path | None = None, device: str = "cpu") -> lpip
             model = _lpips(pretrained_backbone=True)
         except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), or a bad download
             raise LpipsUnavailable(f"LPIPS cannot be computed: torchvision could not get the AlexNet backbone "
-                                   f"({_first_line(e)}); give a local copy of {ALEXNET_FILE}") from None
+                                   f"({first_line(e)}); give a local copy of {ALEXNET_FILE}") from None
     else:
         model = _lpips(pretrained_backbone=False)
         _load_alexnet_backbone(model, _alexnet_features(Path(backbone)), str(backbone))

@@ -121,7 +121,8 @@ def vgg16_backbone() -> nn.Sequential:
 def load_vgg16_backbone(g0: nn.Sequential, path: str | Path | None = None) -> None:
     """Load ImageNet VGG-16 weights into G0: from `path`, a torchvision vgg16 state dict (.pth, e.g. a
     copy of vgg16-397923af.pth), or when None from torchvision's own IMAGENET1K_V1 download (into the
-    weights cache; torchvision checks the hash prefix in the file name). Raises OSError when offline."""
+    weights cache; torchvision checks the hash prefix in the file name). Raises OSError when offline,
+    RuntimeError when the download has another hash."""
     if path is None:
         from torchvision.models import VGG16_Weights
 

@@ -21,7 +21,12 @@ not the data order: the stream of a resumed run is drawn with a seed made of (se
 epoch) at the restart, so an interrupted epoch is finished with fresh draws, not with the batches the
 interrupted run would have seen; finished epochs are not repeated.
 
-On CUDA the forward passes run under bf16 autocast with channels_last tensors; on the CPU in float32.
+`precision` (PRECISIONS) is the forward passes' autocast dtype: fp32 (no autocast), bf16, or fp16 with a
+loss scaler per network (CUDA only). Its default is fp32 with the `official` preset (the official code
+trains in float32) and on the CPU (bf16 autocast there is slower than float32 on CPUs without bf16
+instructions); bf16 on CUDA (float32's range, so no loss scaling, and the tensor cores' speed), or fp16
+on GPUs without bf16. The precision a run used is in its checkpoints' config. On CUDA the tensors are
+channels_last.
 Under `torchrun` (WORLD_SIZE > 1) every process trains on one GPU (LOCAL_RANK) with G, D1 and D2 wrapped
 in DistributedDataParallel, and draws its own share of each epoch; only rank 0 writes. Batches are per
 process and BatchNorm statistics stay per process (no SyncBatchNorm), as with the paper's one GPU.
@@ -43,17 +48,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torchvision.models import VGG16_Weights
 
 from ..devices import fixed_cpu_threads, pick_device
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
+from ..weights import WeightsError
 from ..workdir import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
+VGG16_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 LAST = "last.safetensors"
 LOG = "train.log.jsonl"
 # the three networks as checkpoint.py names them, and their optimisers
@@ -89,6 +97,7 @@ class TrainSettings:
     val_images: int = 8
     taxonomy: str | None = None  # a taxonomy CSV; default: the shipped MHMD labels
     resume: bool = False  # continue from RUNDIR/last.safetensors
+    precision: str | None = None  # one of PRECISIONS; None: default_precision for the preset and device
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -119,6 +128,43 @@ def validation_shards(settings: TrainSettings, urls: list[str]) -> list[str]:
         except FileNotFoundError as e:
             raise HistoryNetError(f"--val-shards: {e}") from None
     return split_beside(urls[0], "test")
+
+
+# -- precision -------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # name -> autocast dtype
+
+
+def default_precision(preset: str, device: str) -> str:
+    """fp32 for the official preset and on the CPU; on CUDA bf16, or fp16 where the GPU has no bf16."""
+    if preset == "official" or not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def run_precision(settings: TrainSettings, device: str) -> str:
+    """The precision the run trains in; fp16 on the CPU is refused (autocast has no loss scaling there)."""
+    precision = settings.precision or default_precision(settings.preset, device)
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise HistoryNetError("--precision fp16 needs a CUDA device (float16 with loss scaling): on the CPU "
+                              "use --precision bf16 or fp32")
+    return precision
+
+
+def precision_autocast(device: str, precision: str) -> Callable[[], AbstractContextManager]:
+    """The autocast the forward passes run under (none for fp32). On CUDA cuDNN's autotuner is on: the
+    input sizes are fixed, so it picks its fastest kernels once."""
+    device_type = torch.device(device).type
+    torch.backends.cudnn.benchmark = device_type == "cuda"
+    if PRECISIONS[precision] is None:
+        return nullcontext
+    return partial(torch.autocast, device_type, dtype=PRECISIONS[precision])
+
+
+def loss_scalers(nets: Networks, device: str, precision: str) -> dict[str, torch.amp.GradScaler]:
+    """A GradScaler per network, enabled for fp16 only (a disabled one passes losses and steps through).
+    Not in checkpoints: a resumed fp16 run finds its scale again within a few steps."""
+    return {name: torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
+            for name in NETWORKS if getattr(nets, name) is not None}
 
 
 # -- processes and devices -------------------------------------------------------------------------
@@ -166,10 +212,11 @@ def load_backbone(nets: Networks, vgg_weights: str) -> str:
     if vgg_weights == "imagenet":
         try:
             load_vgg16_backbone(nets.generator.g0)
-        except OSError as e:
-            print(f"notice: cannot download torchvision's ImageNet VGG-16 weights ({type(e).__name__}, offline?): "
-                  "training G0 from random initialisation; give a local copy with --vgg-weights PATH")
-            return "random (ImageNet weights unavailable)"
+        except (OSError, RuntimeError) as e:  # offline (URLError is an OSError), or a download with another hash
+            # refused rather than trained from random weights: a run without its ImageNet start is another model
+            raise WeightsError(f"--vgg-weights imagenet: cannot get torchvision's ImageNet VGG-16 weights "
+                               f"({first_line(e)}): give a local copy of {VGG16_FILE} with --vgg-weights PATH, "
+                               "or train G0 from random weights with --vgg-weights none") from None
         return "imagenet"
     if not Path(vgg_weights).is_file():
         raise HistoryNetError(f"--vgg-weights {vgg_weights}: no such file (or use imagenet / none)")
@@ -177,7 +224,7 @@ def load_backbone(nets: Networks, vgg_weights: str) -> str:
         load_vgg16_backbone(nets.generator.g0, vgg_weights)
     except Exception as e:  # noqa: BLE001 - whatever the file holds, it is not torchvision's VGG-16 weights
         raise HistoryNetError(f"--vgg-weights {vgg_weights}: not a torchvision VGG-16 state dict "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+                              f"({first_line(e)})") from None
     return vgg_weights
 
 
@@ -211,14 +258,16 @@ def batch_tensors(batch: dict, device: str) -> dict[str, torch.Tensor]:
             "parsing": unit_float(batch["parsing"], device), "has_parsing": move(batch["has_parsing"])}
 
 
-def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor) -> None:
+    """One optimiser step on `loss`, through the network's loss scaler (a pass-through but for fp16)."""
     optimizer.zero_grad(set_to_none=True)  # also drops what the G loss left on D1 and D2
-    loss.backward()
-    optimizer.step()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+    scaler.update()
 
 
-def generator_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, weights: LossWeights,
-                   autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
+def generator_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: dict,
+                   weights: LossWeights, autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
     """G's update against D1 and D2 as they stand; G's output (what D1 and D2 learn from next) and its terms."""
     judges = [net for net in (models.nets.critic, models.nets.info_classifier) if net is not None]
     # In the G step D1 and D2 are plain functions of the colours: their weights need no gradient (less work),
@@ -231,38 +280,40 @@ def generator_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, we
                                       has_label=x["has_label"], parsing=x["parsing"],
                                       has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
                                       weights=weights)
-    update(optimizer, total)
+    update(optimizer, scaler, total)
     for net in judges:
         net.requires_grad_(True)
     return out, terms
 
 
-def critic_step(models: Models, optimizer: torch.optim.Optimizer, x: dict, fake_ab: torch.Tensor,
-                autocast) -> dict[str, torch.Tensor]:
+def critic_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: dict,
+                fake_ab: torch.Tensor, autocast) -> dict[str, torch.Tensor]:
     """D1's update, WGAN-GP on the true colours and `fake_ab`; its terms."""
     with autocast():
-        total, terms = critic_loss(models.critic, x["l"], x["ab"], fake_ab)
-    update(optimizer, total)
+        total, terms = critic_loss(models.critic, x["l"], x["ab"], fake_ab, loss_scale=scaler.get_scale())
+    update(optimizer, scaler, total)
     return terms
 
 
-def info_classifier_step(models: Models, optimizer: torch.optim.Optimizer, out: GeneratorOutput,
-                         autocast) -> torch.Tensor:
+def info_classifier_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                         out: GeneratorOutput, autocast) -> torch.Tensor:
     """D2's update, recovering G's z from G's colours; its loss, detached."""
     with autocast():
         loss = info_classifier_loss(models.info_classifier, out.ab, out.z)
-    update(optimizer, loss)
+    update(optimizer, scaler, loss)
     return loss.detach()
 
 
-def train_step(models: Models, optimizers: dict, x: dict, weights: LossWeights, autocast) -> dict[str, torch.Tensor]:
+def train_step(models: Models, optimizers: dict, scalers: dict, x: dict, weights: LossWeights,
+               autocast) -> dict[str, torch.Tensor]:
     """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
-    out, g_terms = generator_step(models, optimizers["generator"], x, weights, autocast)
+    out, g_terms = generator_step(models, optimizers["generator"], scalers["generator"], x, weights, autocast)
     # D1 and D2 learn from the colours G made before its update, as in the official code
-    d1_terms = critic_step(models, optimizers["critic"], x, out.ab, autocast)
+    d1_terms = critic_step(models, optimizers["critic"], scalers["critic"], x, out.ab, autocast)
     terms = {**{f"generator/{k}": v for k, v in g_terms.items()}, **{f"critic/{k}": v for k, v in d1_terms.items()}}
     if models.info_classifier is not None:
-        terms["info_classifier/loss"] = info_classifier_step(models, optimizers["info_classifier"], out, autocast)
+        terms["info_classifier/loss"] = info_classifier_step(models, optimizers["info_classifier"],
+                                                             scalers["info_classifier"], out, autocast)
     return terms
 
 
@@ -355,6 +406,8 @@ def check_settings(settings: TrainSettings) -> None:
         raise HistoryNetError(f"unknown variant {settings.variant!r} (available: {', '.join(VARIANTS)})")
     if settings.preset not in LOSS_PRESETS:
         raise HistoryNetError(f"unknown loss preset {settings.preset!r} (available: {', '.join(LOSS_PRESETS)})")
+    if settings.precision is not None and settings.precision not in PRECISIONS:
+        raise HistoryNetError(f"unknown precision {settings.precision!r} (available: {', '.join(PRECISIONS)})")
     if settings.image_size % 32:
         raise HistoryNetError(f"image size {settings.image_size} is not a multiple of 32 (the paper's is 224)")
     counts = {"epochs": settings.epochs, "batch_size": settings.batch_size, "save_every": settings.save_every,
@@ -425,6 +478,7 @@ def _train(settings: TrainSettings) -> dict:
     config = run_config(settings, taxonomy, epoch_sample_count(settings, urls, indexes))
     checkpoint = resumed(settings, config)
     device = pick_device(settings.device)
+    config["precision"] = run_precision(settings, device)
     val_urls = validation_shards(settings, urls)
     process, device = start_processes(device)
     try:
@@ -456,14 +510,6 @@ def prepared_training(settings: TrainSettings, process: Process, device: str, co
     for name, state in (checkpoint.optimizer_states if checkpoint else {}).items():
         optimizers[name].load_state_dict(state)
     return models, optimizers
-
-
-def device_autocast(device: str) -> Callable[[], AbstractContextManager]:
-    """The autocast the forward passes run under: bf16 on CUDA (with cuDNN's autotuner: the input sizes are
-    fixed, so it picks its fastest kernels once), none (float32) on the CPU."""
-    cuda = device.startswith("cuda")
-    torch.backends.cudnn.benchmark = cuda
-    return partial(torch.autocast, "cuda", dtype=torch.bfloat16) if cuda else nullcontext
 
 
 @dataclass
@@ -506,6 +552,7 @@ class Run:
     autocast: Callable[[], AbstractContextManager]
     models: Models
     optimizers: dict[str, torch.optim.Adam]
+    scalers: dict[str, torch.amp.GradScaler]
     loader: Iterable[dict]
     at: Position
     recorder: Recorder | None = None
@@ -555,7 +602,7 @@ def open_recorder(run: Run, val_urls: list[str]) -> Recorder:
     val_batch = validation_batch(val_urls, config["num_classes"], settings)
     recorder = Recorder(settings, step, val_batch, run.device, run.autocast)
     print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
-          f"{run.images_per_step} images, on {run.device} x{run.process.world_size}; G0: {config['vgg_weights']}; "
+          f"{run.images_per_step} images, on {run.device} x{run.process.world_size} in {config['precision']}; G0: {config['vgg_weights']}; "
           f"{f'resuming at step {step}' if step else 'starting'}, until step {run.total}")
     return recorder
 
@@ -594,7 +641,8 @@ def train_epochs(run: Run, meter: Meter) -> None:
             continue
         meter.bar.set_description(f"epoch {run.at.epoch + 1}")
         for batch in islice(iter(run.loader), run.steps_left_in_epoch()):
-            terms = train_step(run.models, run.optimizers, batch_tensors(batch, run.device), run.weights, run.autocast)
+            terms = train_step(run.models, run.optimizers, run.scalers, batch_tensors(batch, run.device), run.weights,
+                               run.autocast)
             run.at.advance()
             meter.bar.update(1)
             after_step(run, meter, terms)
@@ -623,11 +671,12 @@ def finish(run: Run, meter: Meter) -> dict:
 
 def _run(settings: TrainSettings, process: Process, device: str, urls: list[str], val_urls: list[str], config: dict,
          checkpoint: Checkpoint | None) -> dict:
-    autocast = device_autocast(device)
+    autocast = precision_autocast(device, config["precision"])
     models, optimizers = prepared_training(settings, process, device, config, checkpoint)
     at = Position.of(checkpoint)
     loader = epoch_loader(settings, process, urls, config, at)
-    run = Run(settings, process, device, config, autocast, models, optimizers, loader, at)
+    run = Run(settings, process, device, config, autocast, models, optimizers,
+              loss_scalers(models.nets, device, config["precision"]), loader, at)
     if process.main:
         run.recorder = open_recorder(run, val_urls)
     meter = Meter(run)

@@ -36,6 +36,10 @@ def test_train_resume_evaluate_colorize_on_the_demo_shards(demo_run, tmp_path, m
     assert result["lpips_unavailable"].startswith("LPIPS cannot be computed")
     assert 5 < result["mean"]["psnr"] < 60 and 0 < result["mean"]["ssim"] <= 1
     assert sum(label["images"] for label in result["per_label"].values()) == result["images"]
+    assert result["protocol"] == "official" and result["grey"]["mean"].keys() == result["mean"].keys()
+    rounded = json.loads(run("evaluate", "--shards", shards, "--checkpoint", checkpoint, "--json", "--device", "cpu",
+                             "--workers", "0", "--protocol", "rounded"))
+    assert rounded["protocol"] == "rounded" and rounded["grey"]["mean"]["psnr"] != result["grey"]["mean"]["psnr"]
 
     frames = sorted((out / "work" / "frames").rglob("*.jpg"))[:3]
     run("colorize", *frames, "--checkpoint", checkpoint, "-o", tmp_path / "colour", "--device", "cpu")

@@ -77,6 +77,20 @@ def test_gradient_penalty_sums_over_a_patch_map():
     assert gradient_penalty(patches, mixed).item() == pytest.approx(10 * (1 - 8) ** 2)
 
 
+def test_gradient_penalty_under_a_loss_scale_is_the_same_penalty():
+    """fp16 training takes the inner gradient of the scaled scores (so it does not underflow) and divides
+    the scale back out: the penalty, and the critic's gradients from it, do not change."""
+    critic = torch.nn.Conv2d(2, 1, 3)
+    mixed = torch.rand(2, 2, 6, 6, requires_grad=True)
+    penalties, grads = [], []
+    for scale in (1.0, 2.0 ** 16):
+        penalty = gradient_penalty(critic(mixed), mixed, loss_scale=scale)
+        penalties.append(penalty.item())
+        grads.append(torch.autograd.grad(penalty, critic.weight)[0])
+    assert penalties[0] == pytest.approx(penalties[1], rel=1e-6) and penalties[0] > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_critic_loss_is_wgan_gp_with_l_passed_through():
     """critic(l, ab) = c * (sum ab + sum l): real ab 1, fake ab 0, l 0.25 on 2x4x4 / 1x4x4 maps, so the
     scores are c * (32 + 4) and c * 4 and the gradient in ab has norm c * sqrt(32) whatever the mix."""
