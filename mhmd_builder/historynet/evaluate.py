@@ -5,11 +5,10 @@ frame's L; a protocol (PROTOCOLS) turns that prediction into a colorized image o
 which is compared with the original RGB frame: PSNR, SSIM, LPIPS (AlexNet), and the colourfulness of
 both. Means over all frames and per label (`cls`; unlabelled frames apart).
 
-- `official` (the default), as the paper's scripts make their images (SOURCE_HistoryNet/colorization.py,
-  then Util/computating_ssim_pnsr.py and lpips_2dirs.py read them back): ab x 255 clipped and cast to
-  uint8 (truncated), resized bilinearly to the frame, joined with the frame's own L, Lab -> BGR, saved
-  as JPEG at OpenCV's default quality 95 and decoded again; the metrics compare the original frame with
-  that decoded image. (The official code also scales L to /255 and back before its cast: lossless for
+- `official` (the default), as the official code's colorization script writes its images and its
+  metric scripts read them back (cv2.imread): ab x 255 clipped and cast to uint8 (truncated), resized
+  bilinearly to the frame, joined with the frame's own L, Lab -> BGR, saved as JPEG at OpenCV's default
+  quality 95 and decoded again; the metrics compare the original frame with that decoded image. (The official code also scales L to /255 and back before its cast: lossless for
   every level, so the frame's own L is used as is.)
 - `rounded`: ab rounded to the nearest level and no JPEG: the image `colorize` writes (PNG).
 
