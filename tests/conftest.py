@@ -1,5 +1,6 @@
-"""Shared test fixtures: movies generated with ffmpeg (as PySceneDetect's tests do), and the
-real sample media of ../shared when it is there."""
+"""Shared test fixtures: movies generated with ffmpeg (as PySceneDetect's tests do), the real
+sample media of ../shared when it is there, a YOLO model that finds persons without pretrained
+weights, and a suite that runs offline on every machine."""
 from __future__ import annotations
 
 import functools
@@ -24,15 +25,19 @@ OFFLINE_ENV = {**{name: "http://127.0.0.1:9" for name in ("HTTP_PROXY", "HTTPS_P
 _getaddrinfo = socket.getaddrinfo
 
 
+def _is_address(name) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:  # a host name
+        return False
+    return True
+
+
 def _this_machine_only(host, *args, **kwargs):
     """socket.getaddrinfo for addresses and this machine's own names; any other name fails to
     resolve, as on a machine without network."""
     name = host.decode() if isinstance(host, bytes) else host
-    try:
-        local = name is None or name in ("localhost", socket.gethostname()) or bool(ipaddress.ip_address(name))
-    except ValueError:  # a host name
-        local = False
-    if not local:
+    if not (name is None or name in ("localhost", socket.gethostname()) or _is_address(name)):
         raise socket.gaierror(socket.EAI_NONAME, f"{name}: no network in tests")
     return _getaddrinfo(host, *args, **kwargs)
 
