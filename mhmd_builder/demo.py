@@ -20,7 +20,7 @@ from .build import PIPELINES, BuildResult, build, load_pipeline
 from .detect import DetectSettings
 from .persons import DetectorError, resolve_weights
 from .report import write_report
-from .workdir import WorkDir
+from .workdir import WorkDir, locked
 
 SIZE, RATE = "640x360", 24
 SEPIA = dict(rr=0.393, rg=0.769, rb=0.189, gr=0.349, gg=0.686, gb=0.168, br=0.272, bg=0.534, bb=0.131)
@@ -163,14 +163,16 @@ def label_sample(todo: Path, workdir: WorkDir, labelled: Path) -> Path:
 def run_demo(out: Path, workers: int | None = None) -> BuildResult:
     """Make the films in OUT/films and build: work directory OUT/work, shards OUT/shards. The first
     build stops at the sample to label; the demo labels it (OUT/labels.csv) and builds again; then
-    the dataset report, OUT/report.html."""
-    films = make_demo_films(out / "films")
-    pipeline = load_pipeline(PIPELINES / "demo.yaml")
-    pipeline = replace(pipeline, detect=demo_detector(pipeline.detect))
+    the dataset report, OUT/report.html. The work directory stays locked throughout: another
+    command writing it between the two builds would change what the demo labels."""
     workdir = WorkDir(out / "work")
-    result = build(pipeline, films, workdir, out / "shards", workers=workers)
-    if result.needs_labels:
-        labels = label_sample(result.needs_labels, workdir, out / "labels.csv")
-        result = build(pipeline, films, workdir, out / "shards", workers=workers, labels=str(labels))
-    write_report(workdir.root, out / "report.html", recipe=PIPELINES / "demo.yaml")
+    with locked(workdir.root):
+        films = make_demo_films(out / "films")
+        pipeline = load_pipeline(PIPELINES / "demo.yaml")
+        pipeline = replace(pipeline, detect=demo_detector(pipeline.detect))
+        result = build(pipeline, films, workdir, out / "shards", workers=workers)
+        if result.needs_labels:
+            labels = label_sample(result.needs_labels, workdir, out / "labels.csv")
+            result = build(pipeline, films, workdir, out / "shards", workers=workers, labels=str(labels))
+        write_report(workdir.root, out / "report.html", recipe=PIPELINES / "demo.yaml")
     return result

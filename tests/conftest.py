@@ -160,17 +160,41 @@ def shared_samples() -> Path:
     return SHARED_SAMPLES
 
 
+# Run in another process while the demo labels its sample: can it take the work directory's lock?
+TRY_LOCK = """
+import sys
+from mhmd_builder.workdir import FolderBusy, locked
+try:
+    with locked(sys.argv[1]):
+        print("free")
+except FolderBusy as busy:
+    print(busy)
+"""
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """`mhmd demo` run once per session, offline (no YOLO weights: the OpenCV detector):
-    (its output folder, what it printed, its exit code)."""
+    (its output folder, what it printed, its exit code). While the demo labelled its sample, another
+    process tried to take the work directory's lock: what it found is in OUT/../lock-while-labelling."""
+    import sys
+
     from click.testing import CliRunner
 
+    from mhmd_builder import demo
     from mhmd_builder.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
+    real_label_sample = demo.label_sample
+
+    def label_sample(todo, workdir, labelled):
+        tried = subprocess.run([sys.executable, "-c", TRY_LOCK, str(workdir.root)], capture_output=True, text=True)
+        (out.parent / "lock-while-labelling").write_text(tried.stdout + tried.stderr)
+        return real_label_sample(todo, workdir, labelled)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MHMD_WEIGHTS_DIR", str(out.parent / "no-weights"))
+        patch.setattr(demo, "label_sample", label_sample)
         result = CliRunner().invoke(main, ["demo", "-o", str(out), "--workers", "2"])
     return out, result.output, result.exit_code
 

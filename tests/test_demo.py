@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pandas as pd
@@ -66,3 +67,11 @@ def test_demo_labels_its_sample_trains_a_labeler_and_writes_shards(demo_run):
 
 def _splits(index):
     return [e["split"] for e in index["shards"] for _ in range(e["count"])]
+
+
+def test_the_demo_holds_its_work_directory_between_its_two_builds(demo_run):
+    """It labels its sample between two builds: no other command may write the work directory then."""
+    out, _, code = demo_run
+    seen = (out.parent / "lock-while-labelling").read_text()
+    assert code == 0 and seen.startswith(f"{(out / 'work').resolve()}: in use by pid {os.getpid()} on "), seen
+    assert seen.rstrip().endswith(": wait for it to end")
