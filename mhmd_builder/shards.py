@@ -96,9 +96,14 @@ class AtomicTar:
         self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
         wds = load_webdataset()  # before the temporary file exists: the first import takes seconds (torch)
         self.file = open(self.temp, "wb", buffering=1 << 20)
-        # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
-        # on the samples alone.
-        self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
+        try:
+            # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
+            # on the samples alone.
+            self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
+        except BaseException:  # stopped (Ctrl-C, SIGTERM) before `with` could clean up: no stray temporary
+            self.file.close()
+            self.temp.unlink(missing_ok=True)
+            raise
         # GNU headers cost less to build than PAX ones (Python's default; webdataset 1.0 accepts a
         # `format` but never hands it to tarfile), and members are copied in one piece, not 16 KiB ones.
         self.writer.tarstream.format = tarfile.GNU_FORMAT
