@@ -276,8 +276,12 @@ def assert_same_detections(boxes, scores, result) -> None:
     ours = np.c_[np.array([list(box) for box in boxes]).reshape(-1, 4), scores]
     theirs = np.c_[result.boxes.xyxyn.numpy(), result.boxes.conf.numpy()]
     assert len(ours) == len(theirs)
-    by_score = lambda rows: rows[np.lexsort(rows.T)[::-1]]  # noqa: E731 - NMS order, ties aside
-    np.testing.assert_allclose(by_score(ours), by_score(theirs), atol=5e-4)
+    # Each of ours and the nearest of theirs: scores a few bits apart may come out of NMS in either
+    # order. No two boxes NMS keeps are that near, so the pairs are one to one.
+    distance = np.abs(ours[:, None] - theirs[None]).max(2)
+    nearest = distance.argmin(1)
+    assert sorted(nearest) == list(range(len(theirs)))
+    assert distance[np.arange(len(ours)), nearest].max(initial=0) <= 5e-4
 
 
 def ultralytics_person_mask(result) -> np.ndarray:
