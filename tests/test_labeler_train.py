@@ -67,7 +67,8 @@ def set_human_labels(work: WorkDir, labels: dict[str, str]) -> None:
                                            "source": "test.csv", "line": range(2, len(labels) + 2)}))
 
 
-SMALL = dict(arch="resnet18", weights="none", image_size=64, batch_size=16, device="cpu", lr=3e-3)
+# 32 pixels and 4 epochs tell the colours apart (held-out accuracy 1.0) in half the time of 64 and 6.
+SMALL = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, device="cpu", lr=3e-3)
 
 
 @functools.cache
@@ -77,7 +78,7 @@ def trained_labeler(basetemp: Path) -> tuple[WorkDir, dict[str, str], dict]:
     root = basetemp / "labeler"
     work, truth = make_workdir(root / "work")
     set_human_labels(work, {f: n for f, n in truth.items() if not f.endswith(REJECTED)})
-    config = train(work, TrainSettings(**SMALL, epochs=6, val_fraction=0.25, output=str(root / "ckpt" / "l.safetensors")),
+    config = train(work, TrainSettings(**SMALL, epochs=4, val_fraction=0.25, output=str(root / "ckpt" / "l.safetensors")),
                    TAXONOMY)
     return work, truth, config
 
@@ -116,7 +117,7 @@ def test_training_is_reproducible_and_one_film_falls_back_to_a_frame_split(train
     work = copy_workdir(trained[0], tmp_path)
     one_film = {f: n for f, n in trained[1].items() if f.startswith("film_a-") and not f.endswith(REJECTED)}
     set_human_labels(work, one_film)
-    runs = [train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=1, output=str(tmp_path / f"{i}.safetensors")),
+    runs = [train(work, TrainSettings(**SMALL, epochs=1, output=str(tmp_path / f"{i}.safetensors")),
                   TAXONOMY) for i in range(2)]
     assert "random frame split" in capsys.readouterr().out
     assert runs[0]["metrics"] == runs[1]["metrics"]
