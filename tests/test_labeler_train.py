@@ -69,7 +69,8 @@ def set_human_labels(work: WorkDir, labels: dict[str, str]) -> None:
                                            "source": "test.csv", "line": range(2, len(labels) + 2)}))
 
 
-SMALL = dict(arch="resnet18", weights="none", image_size=64, batch_size=16, device="cpu", lr=3e-3)
+# 32 pixels and 4 epochs tell the colours apart (held-out accuracy 1.0) in half the time of 64 and 6.
+SMALL = dict(arch="resnet18", weights="none", image_size=32, batch_size=16, device="cpu", lr=3e-3)
 
 
 @functools.cache
@@ -79,7 +80,7 @@ def trained_labeler(basetemp: Path) -> tuple[WorkDir, dict[str, str], dict]:
     root = basetemp / "labeler"
     work, truth = make_workdir(root / "work")
     set_human_labels(work, {f: n for f, n in truth.items() if not f.endswith(REJECTED)})
-    config = train(work, TrainSettings(**SMALL, epochs=6, val_fraction=0.25, output=str(root / "ckpt" / "l.safetensors")),
+    config = train(work, TrainSettings(**SMALL, epochs=4, val_fraction=0.25, output=str(root / "ckpt" / "l.safetensors")),
                    TAXONOMY)
     return work, truth, config
 
@@ -134,7 +135,7 @@ def test_training_is_reproducible_and_keeps_the_last_epoch_when_validation_canno
     one_film = {f: n for f, n in trained[1].items() if f.startswith("film_a-") and not f.endswith(REJECTED)}
     one_film["film_a-0000"] = "during_ww2/britain_france/military"  # one frame: it trains, nothing validates it
     set_human_labels(work, one_film)
-    runs = [train(work, TrainSettings(**{**SMALL, "image_size": 32}, epochs=2, output=str(tmp_path / f"{i}.safetensors")),
+    runs = [train(work, TrainSettings(**SMALL, epochs=2, output=str(tmp_path / f"{i}.safetensors")),
                   TAXONOMY) for i in range(2)]
     out = capsys.readouterr().out
     assert "0 of 1 films held out, 3 classes split by time within a film" in out

@@ -1,4 +1,5 @@
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -24,22 +25,24 @@ TAXONOMY = load_taxonomy()
 HUMAN = "during_ww2/usa/military"
 
 
-@pytest.fixture
-def labelled(tmp_path_factory, tmp_path):
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
     """The two detected films, every other kept frame labelled by hand, a tiny labeler trained on
-    those labels, and the frames sharded (the others without a label)."""
-    work = copy_films(tmp_path_factory, tmp_path)
+    those labels, and the frames sharded (the others without a label): made once for the module,
+    read only by its tests (each writes its new shards into its own tmp_path)."""
+    folder = tmp_path_factory.mktemp("labelled")
+    work = copy_films(tmp_path_factory, folder)
     kept = manifest(work).query("kept").sort_values("frame_id")
     human = kept.iloc[::2]
     names = [HUMAN if i % 3 else "after_ww2/china/informal" for i in range(len(human))]
     write_human_labels(work, pd.DataFrame({"frame_id": human.frame_id, "label": names,
                                            "label_id": [TAXONOMY.by_name(n).id for n in names],
                                            "source": "t.csv", "line": range(len(human))}))
-    checkpoint = tmp_path / "ckpt" / "l.safetensors"
+    checkpoint = folder / "ckpt" / "l.safetensors"
     train(work, TrainSettings(arch="resnet18", weights="none", image_size=64, epochs=1, batch_size=8,
                               device="cpu", output=str(checkpoint)), TAXONOMY)
-    shard(work, tmp_path / "shards", ShardSettings(maxcount=4, test_fraction=0.3, seed=2), TAXONOMY)
-    return work, checkpoint, tmp_path
+    shard(work, folder / "shards", ShardSettings(maxcount=4, test_fraction=0.3, seed=2), TAXONOMY)
+    return work, checkpoint, folder
 
 
 def read_all(folder):
@@ -55,11 +58,11 @@ def expected_labels(work, checkpoint, frame_ids):
     return {row["frame_id"]: row["label"] for row in labeler.predict_batch(batch, None)}
 
 
-def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled):
+def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled, tmp_path):
     work, checkpoint, tmp = labelled
-    index = relabel(tmp / "shards", checkpoint, tmp / "new", RelabelSettings(device="cpu", batch_size=3), TAXONOMY)
+    index = relabel(tmp / "shards", checkpoint, tmp_path / "new", RelabelSettings(device="cpu", batch_size=3), TAXONOMY)
     old_index, old = read_all(tmp / "shards")
-    new_index, new = read_all(tmp / "new")
+    new_index, new = read_all(tmp_path / "new")
     assert [e["name"] for e in new_index["shards"]] == [e["name"] for e in old_index["shards"]]
     assert [s["__key__"] for s in new] == [s["__key__"] for s in old]  # same tars, same order
     predicted = expected_labels(work, checkpoint, [s["__key__"] for s in old])
@@ -82,14 +85,15 @@ def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled):
     assert labels_after == len(new)
 
 
-def test_older_model_labels_are_replaced_and_every_change_is_counted(labelled):
+def test_older_model_labels_are_replaced_and_every_change_is_counted(labelled, tmp_path):
     work, checkpoint, tmp = labelled
     settings = RelabelSettings(device="cpu", batch_size=4)
-    relabel(tmp / "shards", checkpoint, tmp / "new", settings, TAXONOMY)  # every frame labelled, some by the model
+    relabel(tmp / "shards", checkpoint, tmp_path / "new", settings, TAXONOMY)  # every frame labelled, some by the model
     logits = np.random.default_rng(0).normal(0, 2, len(TAXONOMY))
     logits[TAXONOMY.by_name("after_ww2/russia/formal").id] = 9  # a label the first labeler never gave
-    index = relabel(tmp / "new", constant_checkpoint(tmp / "c.safetensors", logits), tmp / "again", settings, TAXONOMY)
-    (_, before), (_, after) = read_all(tmp / "new"), read_all(tmp / "again")
+    index = relabel(tmp_path / "new", constant_checkpoint(tmp_path / "c.safetensors", logits), tmp_path / "again",
+                    settings, TAXONOMY)
+    (_, before), (_, after) = read_all(tmp_path / "new"), read_all(tmp_path / "again")
     was, now = [json.loads(s["json"]) for s in before], [json.loads(s["json"]) for s in after]
     assert {m["label_source"] for m in was} == {"human", "model"}
     for old, new in zip(was, now, strict=True):
@@ -103,48 +107,50 @@ def test_older_model_labels_are_replaced_and_every_change_is_counted(labelled):
     assert index["relabel"]["override_human"] is False
 
 
-def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled):
+def test_override_human_replaces_every_label_and_runs_from_the_cli(labelled, tmp_path):
     work, checkpoint, tmp = labelled
     result = CliRunner().invoke(main, ["relabel", str(tmp / "shards"), "--checkpoint", str(checkpoint),
-                                       "-o", str(tmp / "all"), "--override-human", "--device", "cpu"])
+                                       "-o", str(tmp_path / "all"), "--override-human", "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    _, new = read_all(tmp / "all")
+    _, new = read_all(tmp_path / "all")
     predicted = expected_labels(work, checkpoint, [s["__key__"] for s in new])
     assert all(json.loads(s["json"])["label_source"] == "model" for s in new)
     assert {s["__key__"]: json.loads(s["json"])["label"] for s in new} == predicted
     assert "labels changed" in result.output and HUMAN in result.output
-    assert json.loads((tmp / "all" / "index.json").read_text())["relabel"]["override_human"] is True
+    assert json.loads((tmp_path / "all" / "index.json").read_text())["relabel"]["override_human"] is True
 
 
 def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled, tmp_path):
     work, checkpoint, tmp = labelled
     before = {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()}
     with pytest.raises(NoShardIndex, match="not a folder written by `mhmd shard`"):
-        relabel(tmp / "ckpt", checkpoint, tmp / "x", taxonomy=TAXONOMY)
+        relabel(tmp / "ckpt", checkpoint, tmp_path / "x", taxonomy=TAXONOMY)
     with pytest.raises(RelabelError, match="not the source folder"):
         relabel(tmp / "shards", checkpoint, tmp / "shards", taxonomy=TAXONOMY)
     other = tmp_path / "tax.csv"
     other.write_text((TAXONOMY.source and open(TAXONOMY.source).read()).replace("informal", "casual"))
     with pytest.raises(RelabelError, match="another taxonomy"):
-        relabel(tmp / "shards", checkpoint, tmp / "x", taxonomy=load_taxonomy(other))
+        relabel(tmp / "shards", checkpoint, tmp_path / "x", taxonomy=load_taxonomy(other))
     assert {p.name: p.read_bytes() for p in (tmp / "shards").iterdir()} == before
 
+    shutil.copytree(tmp / "shards", tmp_path / "gone")
+    tars = sorted(p.name for p in (tmp_path / "gone").glob("*.tar"))
+    (tmp_path / "gone" / tars[0]).unlink()  # a tar listed in the index but gone: that tar fails, said so
+    with pytest.raises(RelabelError, match=f"1 of {len(tars)} shards could not be relabelled; first: "
+                                           f"{tars[0]}: .*listed in index.json but missing"):
+        relabel(tmp_path / "gone", checkpoint, tmp_path / "again", RelabelSettings(device="cpu"), TAXONOMY)
 
-def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster):
+
+def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster, tmp_path):
     from mhmd_builder.runners import RayRunner
 
     work, checkpoint, tmp = labelled
     settings = RelabelSettings(device="cpu", batch_size=4)
-    local = relabel(tmp / "shards", checkpoint, tmp / "local", settings, TAXONOMY)
-    on_ray = relabel(tmp / "shards", checkpoint, tmp / "ray", settings, TAXONOMY, RayRunner(workers=2))
+    local = relabel(tmp / "shards", checkpoint, tmp_path / "local", settings, TAXONOMY)
+    on_ray = relabel(tmp / "shards", checkpoint, tmp_path / "ray", settings, TAXONOMY, RayRunner(workers=2))
     assert on_ray["relabel"]["changes"] == local["relabel"]["changes"]
-    files = sorted(p.name for p in (tmp / "local").iterdir())
-    assert files == sorted(p.name for p in (tmp / "ray").iterdir()) and ".relabel" not in files
+    files = sorted(p.name for p in (tmp_path / "local").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "ray").iterdir()) and ".relabel" not in files
     for name in files:
-        assert (tmp / "ray" / name).read_bytes() == (tmp / "local" / name).read_bytes(), name
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
-    tars = [name for name in files if name.endswith(".tar")]
-    (tmp / "shards" / tars[0]).unlink()  # a tar listed in the index but gone: that tar fails, said so
-    with pytest.raises(RelabelError, match=f"1 of {len(tars)} shards could not be relabelled; first: "
-                                           f"{tars[0]}: .*listed in index.json but missing"):
-        relabel(tmp / "shards", checkpoint, tmp / "again", settings, TAXONOMY, RayRunner(workers=2))
