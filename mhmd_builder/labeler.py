@@ -201,7 +201,8 @@ def restricted_to_trained(allowed: list[int] | None, trained: list[int] | None, 
     """The labels allowed (a film's era / nationality may restrict them) that training saw."""
     if trained is None:
         return allowed
-    kept = trained if allowed is None else [i for i in allowed if i in set(trained)]
+    trained_set = set(trained)
+    kept = trained if allowed is None else [i for i in allowed if i in trained_set]
     if not kept:
         raise LabelerError(f"none of the labels this film may have ({', '.join(names[i] for i in allowed[:5])}"
                            f"{', ...' if len(allowed) > 5 else ''}) was among the labeler's training labels: "

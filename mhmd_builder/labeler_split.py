@@ -48,7 +48,8 @@ def split_for_validation(labeled: "pd.DataFrame", names: list[str], val_fraction
     if by == "frames":
         val = np.zeros(len(labeled), bool)
         val[rng.permutation(len(labeled))[:max(1, round(val_fraction * len(labeled)))]] = True
-        return _described(labeled, names, val, {}, "random frames (the paper's way; near-duplicates flatter it)")
+        return _described(labeled, names, val, {}, "random frames (the paper's way; near-duplicates flatter it)",
+                          "frames")
     held_out = held_out_films(labeled, val_fraction, rng)
     val = np.array(labeled.movie_id.isin(held_out), bool)  # a copy: the time split below writes into it
     time_split = split_uncovered_classes_by_time(labeled, val, val_fraction)
@@ -56,7 +57,7 @@ def split_for_validation(labeled: "pd.DataFrame", names: list[str], val_fraction
     how = f"{len(held_out)} of {films} films held out"
     if time_split:
         how += f", {len(time_split)} classes split by time within a film"
-    return _described(labeled, names, val, time_split, how)
+    return _described(labeled, names, val, time_split, how, "held-out films")
 
 
 def held_out_films(labeled: "pd.DataFrame", val_fraction: float, rng: np.random.Generator) -> set[str]:
@@ -101,7 +102,7 @@ def split_uncovered_classes_by_time(labeled: "pd.DataFrame", val: np.ndarray, va
 
 
 def _described(labeled: "pd.DataFrame", names: list[str], val: np.ndarray, time_split: dict[int, str],
-               how: str) -> Split:
+               how: str, validated_by: str) -> Split:
     rows = []
     for label, group in labeled.groupby("label_id"):
         in_val = val[labeled.index.get_indexer(group.index)]
@@ -111,7 +112,7 @@ def _described(labeled: "pd.DataFrame", names: list[str], val: np.ndarray, time_
         elif held.empty:
             by = "nothing (training only: too few frames or films)"
         else:
-            by = "frames" if how.startswith("random") else "held-out films"
+            by = validated_by
         rows.append({"label": names[label], "label_id": int(label), "train_frames": len(train),
                      "train_films": train.movie_id.nunique(), "val_frames": len(held),
                      "val_films": held.movie_id.nunique() if label not in time_split else 0, "validated_by": by})
