@@ -67,7 +67,7 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _networks(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Networks:
-    networks = build_networks(config["variant"], config["num_classes"], config["image_size"])
+    networks = build_networks(config["variant"], config["num_classes"], config["image_size"], config["width"])
     for name in NETWORKS:
         net = getattr(networks, name)
         if net is None:
@@ -99,7 +99,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     tensors, metadata = _read(path)
     if "config" not in metadata:
         raise CheckpointError(f"{path}: not a HistoryNet checkpoint (no config in its metadata)")
-    config = json.loads(metadata["config"])
+    config = {"width": 1.0, **json.loads(metadata["config"])}  # checkpoints from before `width` are width 1
     return Checkpoint(_networks(path, tensors, config), config, json.loads(metadata.get("progress", "{}")),
                       _optimizer_states(tensors, json.loads(metadata.get("param_groups", "{}"))))
 

@@ -10,7 +10,9 @@ SOURCE_HistoryNet/HistoryNet.py, itself built on ChromaGAN: pvitoria/ChromaGAN).
     nets = build_networks("historynet")    # the three at once, for one of the ablations in VARIANTS
 
 S is 224 as in the paper; any multiple of 32 works (the fully connected layers are sized from it), which
-lets the tests run small. Layers follow the official code exactly: kernel sizes, TensorFlow's 'same'
+lets the tests run small. `width` scales every layer's channels and units (1.0, the paper's, by
+default): a network of width 0.25 has about 1/16 of the weights and trains about that much faster on a
+CPU, for quick experiments and the tests; only width 1 takes ImageNet VGG-16 weights. Layers follow the official code exactly: kernel sizes, TensorFlow's 'same'
 padding, ReLU before BatchNorm, Keras' BatchNorm constants, Glorot-uniform initialisation, linear
 (activation-free) Dense stacks. Softmax is left to the losses, which take logits.
 
@@ -99,18 +101,30 @@ def check_image_size(image_size: int) -> int:
     return image_size
 
 
+def check_width(width: float) -> float:
+    if not 0 < width <= 1:
+        raise InputError(f"network width {width} is not in (0, 1] (the paper's is 1)")
+    return width
+
+
+def scaled(channels: int, width: float) -> int:
+    """A layer's channels or units at `width` (at least 1)."""
+    return max(1, round(channels * width))
+
+
 # -- G0: VGG-16 up to conv4_3 -------------------------------------------------------------------
-def vgg16_backbone() -> nn.Sequential:
-    """G0 with torchvision's vgg16().features[:23] layout (same indices, so its state dict loads as is).
-    Random weights use torchvision's VGG initialisation."""
+def vgg16_backbone(width: float = 1.0) -> nn.Sequential:
+    """G0 with torchvision's vgg16().features[:23] layout (same indices, so its state dict loads as is
+    at width 1). Random weights use torchvision's VGG initialisation."""
     layers: list[nn.Module] = []
     cin = 3
     for item in VGG_G0_CHANNELS:
         if item == "pool":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
-            layers += [nn.Conv2d(cin, item, 3, padding=1), nn.ReLU(inplace=True)]
-            cin = item
+            cout = scaled(item, width)
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = cout
     for m in layers:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -141,13 +155,14 @@ def load_vgg16_backbone(g0: nn.Sequential, path: str | Path | None = None) -> No
 class ClassificationBranch(nn.Module):
     """G2: 512x(S/8)^2 -> 512x(S/32)^2 global features -> z (256) and the class logits."""
 
-    def __init__(self, image_size: int, num_classes: int):
+    def __init__(self, image_size: int, num_classes: int, width: float = 1.0):
         super().__init__()
-        self.trunk = nn.Sequential(conv_relu_bn(512, 512, stride=2), conv_relu_bn(512, 512),
-                                   conv_relu_bn(512, 512, stride=2), conv_relu_bn(512, 512))
-        flat = 512 * (image_size // 32) ** 2
-        self.to_z = dense_stack([flat, 1024, 512, Z_SIZE])
-        self.to_class = dense_stack([flat, 4096, CLASS_HIDDEN, num_classes])
+        c = scaled(512, width)
+        self.trunk = nn.Sequential(conv_relu_bn(c, c, stride=2), conv_relu_bn(c, c),
+                                   conv_relu_bn(c, c, stride=2), conv_relu_bn(c, c))
+        flat = c * (image_size // 32) ** 2
+        self.to_z = dense_stack([flat, scaled(1024, width), c, scaled(Z_SIZE, width)])
+        self.to_class = dense_stack([flat, scaled(4096, width), scaled(CLASS_HIDDEN, width), num_classes])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(x)
@@ -158,13 +173,14 @@ class ParsingBranch(nn.Module):
     """G3 (official 'segment_features'): features at S/8 (128 ch), S/4 (64), S/2 (32) that G1
     concatenates, and the parsing map (sigmoid at S/2, nearest-upsampled to S)."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
-        self.at_8 = nn.Sequential(conv_relu_bn(512, 512), conv_relu_bn(512, 512),
-                                  conv_relu(512, 256), conv_relu(256, 128))
-        self.at_4 = nn.Sequential(conv_relu(128, 128), upsample(), conv_relu(128, 64))
-        self.at_2 = nn.Sequential(conv_relu(64, 64), conv_relu(64, 64), upsample(), conv_relu(64, 32))
-        self.head = nn.Sequential(conv_relu(32, 32), conv(32, 1), nn.Sigmoid(), upsample())
+        c512, c256, c128, c64, c32 = (scaled(n, width) for n in (512, 256, 128, 64, 32))
+        self.at_8 = nn.Sequential(conv_relu_bn(c512, c512), conv_relu_bn(c512, c512),
+                                  conv_relu(c512, c256), conv_relu(c256, c128))
+        self.at_4 = nn.Sequential(conv_relu(c128, c128), upsample(), conv_relu(c128, c64))
+        self.at_2 = nn.Sequential(conv_relu(c64, c64), conv_relu(c64, c64), upsample(), conv_relu(c64, c32))
+        self.head = nn.Sequential(conv_relu(c32, c32), conv(c32, 1), nn.Sigmoid(), upsample())
 
     def forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         f8 = self.at_8(x)
@@ -177,17 +193,21 @@ class ColourDecoder(nn.Module):
     """G1: the fused 512x(S/8)^2 features -> ab. With the parsing branch, its features at each scale are
     concatenated after the first convolution there (official 'Fusion + Colorization')."""
 
-    def __init__(self, skip_channels: tuple[int, int, int] = (0, 0, 0)):
+    def __init__(self, skip: bool = False, width: float = 1.0):
         super().__init__()
-        s8, s4, s2 = skip_channels
-        self.in_8 = nn.Sequential(conv_relu(512, 256, kernel=1), conv_relu(256, 128))
-        self.out_8 = conv_relu(128 + s8, 128)
-        self.in_4 = nn.Sequential(upsample(), conv_relu(128, 64))
+        c256, c128, c64, c32 = (scaled(n, width) for n in (256, 128, 64, 32))
+        # the fused input: Mid's 256 channels and z's 256, each at `width`
+        fused = c256 + scaled(Z_SIZE, width)
+        # the parsing branch's features at S/8, S/4, S/2 have as many channels as the decoder there
+        s8, s4, s2 = (c128, c64, c32) if skip else (0, 0, 0)
+        self.in_8 = nn.Sequential(conv_relu(fused, c256, kernel=1), conv_relu(c256, c128))
+        self.out_8 = conv_relu(c128 + s8, c128)
+        self.in_4 = nn.Sequential(upsample(), conv_relu(c128, c64))
         # official SOURCE_Classifier (no parsing) has one 64->64 convolution less here; we keep the
         # decoder fixed so that dropping the branch removes exactly the branch and its skip inputs
-        self.out_4 = nn.Sequential(conv_relu(64 + s4, 64), conv_relu(64, 64))
-        self.in_2 = nn.Sequential(upsample(), conv_relu(64, 32))
-        self.out_2 = nn.Sequential(conv_relu(32 + s2, 32), conv(32, 2), nn.Sigmoid(), upsample())
+        self.out_4 = nn.Sequential(conv_relu(c64 + s4, c64), conv_relu(c64, c64))
+        self.in_2 = nn.Sequential(upsample(), conv_relu(c64, c32))
+        self.out_2 = nn.Sequential(conv_relu(c32 + s2, c32), conv(c32, 2), nn.Sigmoid(), upsample())
 
     def forward(self, fused: torch.Tensor, skips: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
         s8, s4, s2 = skips if skips is not None else (None, None, None)
@@ -204,14 +224,15 @@ class HistoryNetGenerator(nn.Module):
     """G0 + G2 + Mid + G3 + G1, as in the official code. Input L/255 as (B, 1, S, S); G0 sees it copied
     to 3 channels (official: np.tile, no ImageNet normalisation)."""
 
-    def __init__(self, num_classes: int = 42, parsing: bool = True, image_size: int = 224):
+    def __init__(self, num_classes: int = 42, parsing: bool = True, image_size: int = 224, width: float = 1.0):
         super().__init__()
         check_image_size(image_size)
-        self.g0 = vgg16_backbone()
-        self.g2 = ClassificationBranch(image_size, num_classes)
-        self.mid = nn.Sequential(conv_relu_bn(512, 512), conv_relu_bn(512, 256))
-        self.g3 = ParsingBranch() if parsing else None
-        self.g1 = ColourDecoder((128, 64, 32) if parsing else (0, 0, 0))
+        c512 = scaled(512, check_width(width))
+        self.g0 = vgg16_backbone(width)
+        self.g2 = ClassificationBranch(image_size, num_classes, width)
+        self.mid = nn.Sequential(conv_relu_bn(c512, c512), conv_relu_bn(c512, scaled(256, width)))
+        self.g3 = ParsingBranch(width) if parsing else None
+        self.g1 = ColourDecoder(skip=parsing, width=width)
         for part in (self.g2, self.mid, self.g3, self.g1):
             if part is not None:
                 init_keras(part)
@@ -230,14 +251,15 @@ class HistoryNetGenerator(nn.Module):
 class PatchDiscriminator(nn.Module):
     """D1, the WGAN critic on concat(L, ab): a (B, 1, S/8, S/8) map of unbounded scores."""
 
-    def __init__(self):
+    def __init__(self, width: float = 1.0):
         super().__init__()
+        c64, c128, c256, c512 = (scaled(n, check_width(width)) for n in (64, 128, 256, 512))
         self.net = nn.Sequential(
-            conv4x4(3, 64, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
-            conv4x4(64, 128, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
-            conv4x4(128, 256, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
-            conv4x4(256, 512, 1), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
-            conv4x4(512, 1, 1))
+            conv4x4(3, c64, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
+            conv4x4(c64, c128, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
+            conv4x4(c128, c256, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
+            conv4x4(c256, c512, 1), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
+            conv4x4(c512, 1, 1))
         init_keras(self)
 
     def forward(self, l: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
@@ -247,15 +269,16 @@ class PatchDiscriminator(nn.Module):
 class InfoClassifier(nn.Module):
     """D2, the InfoGAN-style classifier (official `classcifi`): ab -> a 256-vector that should equal G2's z."""
 
-    def __init__(self, image_size: int = 224):
+    def __init__(self, image_size: int = 224, width: float = 1.0):
         super().__init__()
         check_image_size(image_size)
-        layers: list[nn.Module] = [conv4x4(2, 64, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE)]
-        for cin, cout in ((64, 128), (128, 256), (256, 512), (512, 512)):
+        c64, c128, c256, c512 = (scaled(n, check_width(width)) for n in (64, 128, 256, 512))
+        layers: list[nn.Module] = [conv4x4(2, c64, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE)]
+        for cin, cout in ((c64, c128), (c128, c256), (c256, c512), (c512, c512)):
             layers += [conv4x4(cin, cout, 2), nn.LeakyReLU(KERAS_LEAKY_SLOPE),
                        nn.BatchNorm2d(cout, **KERAS_BATCHNORM)]
         self.features = nn.Sequential(*layers)
-        self.head = dense_stack([512 * (image_size // 32) ** 2, 1024, Z_SIZE])
+        self.head = dense_stack([c512 * (image_size // 32) ** 2, scaled(1024, width), scaled(Z_SIZE, width)])
         init_keras(self)
 
     def forward(self, ab: torch.Tensor) -> torch.Tensor:
@@ -278,9 +301,10 @@ class Networks:
     info_classifier: InfoClassifier | None  # None without D2: the loss then has no info term
 
 
-def build_networks(variant: str = "historynet", num_classes: int = 42, image_size: int = 224) -> Networks:
+def build_networks(variant: str = "historynet", num_classes: int = 42, image_size: int = 224,
+                   width: float = 1.0) -> Networks:
     if variant not in VARIANTS:
         raise InputError(f"unknown HistoryNet variant {variant!r} (available: {', '.join(VARIANTS)})")
     flags = VARIANTS[variant]
-    return Networks(HistoryNetGenerator(num_classes, flags["parsing"], image_size), PatchDiscriminator(),
-                    InfoClassifier(image_size) if flags["classifier"] else None)
+    return Networks(HistoryNetGenerator(num_classes, flags["parsing"], image_size, width), PatchDiscriminator(width),
+                    InfoClassifier(image_size, width) if flags["classifier"] else None)

@@ -86,6 +86,7 @@ class TrainSettings:
     lr: float = 2e-5
     betas: tuple[float, float] = (0.5, 0.999)
     image_size: int = 224
+    width: float = 1.0  # the networks' channels, as a fraction of the paper's (model.scaled)
     device: str = "auto"
     workers: int = 4  # DataLoader processes
     shuffle_buffer: int = 1000
@@ -411,6 +412,11 @@ def check_settings(settings: TrainSettings) -> None:
         raise HistoryNetError(f"unknown precision {settings.precision!r} (available: {', '.join(PRECISIONS)})")
     if settings.image_size % 32:
         raise HistoryNetError(f"image size {settings.image_size} is not a multiple of 32 (the paper's is 224)")
+    if not 0 < settings.width <= 1:
+        raise HistoryNetError(f"network width {settings.width} is not in (0, 1] (the paper's is 1)")
+    if settings.width != 1 and settings.vgg_weights != "none":
+        raise HistoryNetError(f"--vgg-weights {settings.vgg_weights}: VGG-16 weights fit width 1 only; "
+                              f"at width {settings.width} train G0 from random weights with --vgg-weights none")
     counts = {"epochs": settings.epochs, "batch_size": settings.batch_size, "save_every": settings.save_every,
               "log_every": settings.log_every, "steps": settings.steps, "epoch_samples": settings.epoch_samples}
     for name, value in counts.items():
@@ -435,7 +441,7 @@ def resumed(settings: TrainSettings, config: dict) -> Checkpoint | None:
         checkpoint = load_checkpoint(last)
     except CheckpointError as e:
         raise HistoryNetError(str(e)) from None
-    for key in ("variant", "num_classes", "image_size", "taxonomy_sha256"):
+    for key in ("variant", "num_classes", "image_size", "width", "taxonomy_sha256"):
         if checkpoint.config.get(key) != config[key]:
             raise HistoryNetError(f"{last} has {key} {checkpoint.config.get(key)!r}, these settings {config[key]!r}: "
                                   "resume with the run's own settings, or train into another RUNDIR")
@@ -445,6 +451,7 @@ def resumed(settings: TrainSettings, config: dict) -> Checkpoint | None:
 def run_config(settings: TrainSettings, taxonomy: Taxonomy, epoch_samples: int) -> dict:
     """What a checkpoint records of its run."""
     return {"variant": settings.variant, "num_classes": len(taxonomy), "image_size": settings.image_size,
+            "width": settings.width,
             "label_names": taxonomy.names, "taxonomy_sha256": taxonomy.sha256, "preset": settings.preset,
             "loss_weights": asdict(LOSS_PRESETS[settings.preset]), "epoch_samples": epoch_samples,
             "settings": settings.to_dict()}
@@ -495,7 +502,7 @@ def prepared_networks(settings: TrainSettings, process: Process, config: dict,
         config["vgg_weights"] = checkpoint.config.get("vgg_weights")
         return checkpoint.networks
     torch.manual_seed(settings.seed)  # before the networks: their random initialisation is part of the run
-    nets = build_networks(settings.variant, config["num_classes"], settings.image_size)
+    nets = build_networks(settings.variant, config["num_classes"], settings.image_size, settings.width)
     if process.main:
         config["vgg_weights"] = load_backbone(nets, settings.vgg_weights)
     return nets

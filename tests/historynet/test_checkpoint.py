@@ -4,7 +4,7 @@ import torch
 from mhmd_builder.historynet.checkpoint import CheckpointError, load_checkpoint, load_generator, save_checkpoint
 from mhmd_builder.historynet.model import build_networks
 
-CONFIG = {"variant": "no_parsing", "num_classes": 5, "image_size": 32}
+CONFIG = {"variant": "no_parsing", "num_classes": 5, "image_size": 32, "width": 0.25}
 
 
 def test_a_checkpoint_restores_networks_and_optimisers_exactly(tmp_path):
@@ -30,6 +30,13 @@ def test_a_checkpoint_restores_networks_and_optimisers_exactly(tmp_path):
             assert torch.equal(again.state_dict()["state"][index][key], value)
     generator, config = load_generator(path)
     assert not generator.training and config == CONFIG
+
+
+def test_a_checkpoint_from_before_network_widths_loads_at_the_papers_width(tmp_path):
+    config = {key: value for key, value in CONFIG.items() if key != "width"}
+    path = save_checkpoint(tmp_path / "old.safetensors", build_networks(**config), config)
+    generator, loaded = load_generator(path)
+    assert loaded["width"] == 1.0 and generator.g0[0].out_channels == 64
 
 
 def test_bad_checkpoints_are_refused_with_the_file_name(tmp_path):

@@ -17,6 +17,7 @@ from mhmd_builder.historynet.colorize import ColorizeError, colorize, input_imag
 from mhmd_builder.historynet.model import build_networks
 
 IMAGE_SIZE = 32
+WIDTH = 0.25  # the tests' networks: a quarter of the paper's channels, ~1/16 of its weights
 # The 8-bit Lab -> RGB -> Lab round trip moves L by at most this much where no RGB channel was clipped
 # (measured: 2, on the sample photos with colours as strong as a trained model's, chroma 10-17). Where
 # the predicted colour is outside the RGB gamut for its L (strong ab on near-black or near-white),
@@ -25,14 +26,14 @@ IMAGE_SIZE = 32
 L_ROUND_TRIP = 2
 
 
-def make_checkpoint(path: Path, colour_gain: float = 400.0) -> Path:
+def make_checkpoint(path: Path, colour_gain: float = 50.0) -> Path:
     """Random weights; the last colour convolution scaled so that ab varies as strongly as a trained
-    model's (random weights alone give ab close to neutral grey)."""
+    model's (random weights alone give ab close to neutral grey; 50 at width 0.25 as 400 at width 1)."""
     torch.manual_seed(0)
-    networks = build_networks("historynet", NUM_CLASSES, IMAGE_SIZE)
+    networks = build_networks("historynet", NUM_CLASSES, IMAGE_SIZE, WIDTH)
     with torch.no_grad():
         networks.generator.g1.out_2[1].weight.mul_(colour_gain)
-    config = {"variant": "historynet", "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE,
+    config = {"variant": "historynet", "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "width": WIDTH,
               "label_names": [f"label_{i}" for i in range(NUM_CLASSES)]}
     return save_checkpoint(path, networks, config)
 

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 
-SMALL = ["--image-size", "32", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--vgg-weights", "none",
+SMALL = ["--image-size", "32", "--width", "0.25", "--batch-size", "2", "--workers", "0", "--device", "cpu", "--vgg-weights", "none",
          "--save-every", "1", "--log-every", "1"]
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-from test_colorize import IMAGE_SIZE, make_checkpoint
+from test_colorize import IMAGE_SIZE, WIDTH, make_checkpoint
 from test_data import NUM_CLASSES, PER_SHARD, decoded, gradient_frame, make_sample, write_shards
 
 from mhmd_builder.historynet.checkpoint import load_generator, save_checkpoint
@@ -209,12 +209,13 @@ def test_evaluate_scores_the_protocols_images_and_greys_image_by_image(shards, c
 
 def neutral_checkpoint(path) -> str:
     """A generator whose every ab is 128.25 / 255: no colour after the cast (128) and after rounding."""
-    networks = build_networks("historynet", NUM_CLASSES, IMAGE_SIZE)
+    networks = build_networks("historynet", NUM_CLASSES, IMAGE_SIZE, WIDTH)
     last = networks.generator.g1.out_2[1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.fill_(float(torch.logit(torch.tensor(128.25 / 255, dtype=torch.float64))))
-    config = {"variant": "historynet", "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "label_names": []}
+    config = {"variant": "historynet", "num_classes": NUM_CLASSES, "image_size": IMAGE_SIZE, "width": WIDTH,
+              "label_names": []}
     return save_checkpoint(path, networks, config)
 
 

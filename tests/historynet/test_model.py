@@ -177,6 +177,19 @@ def test_ablations_remove_exactly_their_branches():
     assert out.parsing is None and out.ab.shape == (1, 2, 64, 64) and out.z.shape == (1, 256)
 
 
+def test_width_scales_every_hidden_layer_and_nothing_else():
+    wide, narrow = build_networks(num_classes=5, image_size=32), build_networks(num_classes=5, image_size=32, width=0.5)
+    for name in ("generator", "critic", "info_classifier"):
+        narrow_shapes = {key: value.shape for key, value in getattr(narrow, name).state_dict().items()}
+        for key, value in getattr(wide, name).state_dict().items():
+            # kernels (1, 3, 4), inputs (L, RGB, ab), outputs (1, 2) and the 5 classes are <= 5; every hidden
+            # size is 32 or more
+            assert narrow_shapes[key] == tuple(d if d <= 5 else d // 2 for d in value.shape), (name, key)
+    quarter = build_networks(num_classes=5, image_size=32, width=0.25)
+    assert 14 < count(wide.generator) / count(quarter.generator) < 18  # "~16x fewer weights" (--width help)
+    assert narrow.generator(torch.rand(2, 1, 32, 32)).z.shape == (2, 128)
+
+
 def test_sizes_that_are_not_multiples_of_32_and_unknown_variants_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         HistoryNetGenerator(image_size=100)
@@ -184,6 +197,9 @@ def test_sizes_that_are_not_multiples_of_32_and_unknown_variants_are_refused():
         InfoClassifier(image_size=100)
     with pytest.raises(ValueError, match="unknown HistoryNet variant"):
         build_networks("pix2pix")
+    for width in (0, 1.5):
+        with pytest.raises(ValueError, match=rf"network width {width} is not in \(0, 1\]"):
+            build_networks(width=width)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -223,12 +239,12 @@ def test_a_small_model_overfits_one_batch():
     """The supervised terms only: the WGAN and info terms need D1 and D2 trained alongside (untrained,
     their gradients in ab outweigh the L2 term's at first)."""
     torch.manual_seed(0)
-    nets = build_networks(image_size=32)
-    optimiser = torch.optim.Adam(nets.generator.parameters(), lr=1e-4, betas=(0.5, 0.999))
+    nets = build_networks(image_size=32, width=0.25)
+    optimiser = torch.optim.Adam(nets.generator.parameters(), lr=1e-3, betas=(0.5, 0.999))
     supervised = LossWeights(l2_ab=1.0, class_kl=0.003, parsing_l2=0.003, wgan=0.0, info_kl=0.0)
     batch = small_batch()
     l2 = []
-    for _ in range(30):
+    for _ in range(50):
         out = nets.generator(batch["l"])
         total, terms = generator_loss(out, batch["l"], batch["ab"], nets.critic, labels=batch["labels"],
                                       has_label=batch["has_label"], parsing=batch["parsing"],

@@ -55,8 +55,8 @@ def test_imagenet_vgg_weights_that_cannot_be_had_stop_training_in_one_line(shard
 def one_step(shards: Path, rundir: Path, **options) -> tuple[dict, dict]:
     """One logged training step on the CPU: (its checkpoint's config, its logged terms)."""
     settings = TrainSettings(shards=str(shards), out=str(rundir), steps=1, epoch_samples=2, log_every=1,
-                             image_size=32, batch_size=2, device="cpu", workers=0, vgg_weights="none", val_images=0,
-                             **options)
+                             image_size=32, width=0.25, batch_size=2, device="cpu", workers=0, vgg_weights="none",
+                             val_images=0, **options)
     summary = train(settings)
     return load_checkpoint(rundir / "last.safetensors").config, summary["terms"]
 
