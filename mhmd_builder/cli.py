@@ -443,8 +443,8 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-parsing", is_flag=True, help="Ablation: without the parsing branch (G3).")
 @click.option("--no-classifier", is_flag=True, help="Ablation: without the info classifier (D2).")
-@click.option("--preset", type=click.Choice(["paper", "official"]), default="paper", show_default=True,
-              help="Loss weights: the paper's eq. 1 or the official code's.")
+@click.option("--preset", type=click.Choice(["paper", "official", "l2"]), default="paper", show_default=True,
+              help="Loss weights: the paper's eq. 1, the official code's, or L2(ab) alone (a baseline).")
 @click.option("--vgg-weights", default="imagenet", show_default=True,
               help="G0's start: imagenet (torchvision's download), none (random), or a local vgg16 .pth.")
 @click.option("--image-size", type=click.IntRange(min=32), default=224, show_default=True)

@@ -37,6 +37,8 @@ LOSS_PRESETS = {
     "paper": LossWeights(l2_ab=1.0, class_kl=0.003, parsing_l2=0.003, wgan=0.1, info_kl=0.003),  # eq. 1
     # combined.compile(loss_weights=[2.0, 0.002, -0.1, 0.002, 0.002, 0.0]); the 0.0 is an unused output
     "official": LossWeights(l2_ab=2.0, class_kl=0.002, parsing_l2=0.002, wgan=0.1, info_kl=0.002),
+    # not the paper's: the plain regression baseline, to tell what the other terms add (or cost)
+    "l2": LossWeights(l2_ab=1.0, class_kl=0.0, parsing_l2=0.0, wgan=0.0, info_kl=0.0),
 }
 
 

@@ -19,6 +19,7 @@ def test_presets_are_the_papers_and_the_official_codes_weights():
     assert LOSS_PRESETS["paper"] == LossWeights(l2_ab=1.0, class_kl=0.003, parsing_l2=0.003, wgan=0.1, info_kl=0.003)
     assert LOSS_PRESETS["official"] == LossWeights(l2_ab=2.0, class_kl=0.002, parsing_l2=0.002, wgan=0.1,
                                                    info_kl=0.002)
+    assert LOSS_PRESETS["l2"] == LossWeights(l2_ab=1.0, class_kl=0.0, parsing_l2=0.0, wgan=0.0, info_kl=0.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LOSS_PRESETS["paper"].wgan = 1.0
 
@@ -124,7 +125,7 @@ def fixed_info_classifier(ab):
     return torch.tensor([[0.25, 0.5], [0.25, 0.5]]) + 0 * ab.mean()  # KL(z || .) = 0.5 ln 2 per sample
 
 
-@pytest.mark.parametrize("preset", ["paper", "official"])
+@pytest.mark.parametrize("preset", ["paper", "official", "l2"])
 def test_generator_loss_weights_the_hand_computed_terms(preset):
     out = hand_made_output()
     expected_terms = {"l2_ab": 0.0625, "class_kl": math.log(4 / 3), "parsing_l2": 0.04, "wgan": -16.0,
