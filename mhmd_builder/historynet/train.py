@@ -6,9 +6,10 @@
 
 RUNDIR (`out`) holds:
 - `checkpoints/step-00001234.safetensors`: every `save_every` steps and at the end of every epoch (those
-  of epoch ends are all kept, of the others the newest `keep_checkpoints`: a checkpoint with its Adam
-  states is about 2.4 GB at 224);
-- `last.safetensors`: the newest of them (what `resume` continues from);
+  of epoch ends are all kept, of the others the newest `keep_checkpoints`): the networks, config and
+  progress, what evaluate and colorize need (0.78 GB at 224 and width 1);
+- `last.safetensors`: the newest of them with the Adam states besides, what `resume` continues from
+  (2.3 GB at 224: the states of Adam are twice the networks);
 - `tensorboard/`: the loss terms every `log_every` steps, and at every checkpoint a grid of validation
   samples (L | predicted colour | ground truth);
 - `train.log.jsonl`: one line per logged step: step, epoch (0-based), images_per_second and the terms
@@ -375,19 +376,13 @@ class Recorder:
         self.log.flush()
 
     def checkpoint(self, nets: Networks, config: dict, optimizers: dict, progress: dict) -> Path:
-        """checkpoints/step-N.safetensors, and last.safetensors as a hard link to it (no second write of a
-        file of a gigabyte or more) renamed into place, or a copy where the file system has no hard links.
-        Then the validation grid, and the step checkpoints beyond the newest `keep_checkpoints` go."""
+        """checkpoints/step-N.safetensors (the networks), then last.safetensors (with the optimisers' states:
+        only resuming needs them, and only from the newest). Then the validation grid, and the step
+        checkpoints beyond the newest `keep_checkpoints` go."""
         step = progress["step"]
-        path = save_checkpoint(self.rundir / "checkpoints" / f"step-{step:08d}.safetensors", nets, config, optimizers,
-                               progress)
-        temp = self.rundir / f".{LAST}.tmp{os.getpid()}"
-        temp.unlink(missing_ok=True)
-        try:
-            os.link(path, temp)
-            os.replace(temp, self.rundir / LAST)
-        except OSError:
-            save_checkpoint(self.rundir / LAST, nets, config, optimizers, progress)
+        path = save_checkpoint(self.rundir / "checkpoints" / f"step-{step:08d}.safetensors", nets, config,
+                               progress=progress)
+        save_checkpoint(self.rundir / LAST, nets, config, optimizers, progress)
         if self.val_batch is not None:
             grid = validation_grid(nets.generator, self.val_batch, self.device, self.autocast)
             self.writer.add_images("validation/L_predicted_truth", grid, step)

@@ -69,6 +69,11 @@ def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stop
     assert last.config["settings"]["steps"] == 4
     assert {name: adam_steps(last, name) for name in ("generator", "critic", "info_classifier")} == \
         {"generator": 4, "critic": 4, "info_classifier": 4}
+    step_4 = load_checkpoint(rundir / "checkpoints" / "step-00000004.safetensors")
+    assert step_4.optimizer_states == {} and step_4.progress == last.progress  # Adam's states: in last only
+    for name in ("generator", "critic", "info_classifier"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(step_4.networks, name).state_dict().values(),
+                                                     getattr(last.networks, name).state_dict().values()))
 
     lines = log_lines(rundir)
     assert [line["step"] for line in lines] == [1, 2, 3, 4] and {line["epoch"] for line in lines} == {0}
