@@ -3,13 +3,20 @@
 A shard folder holds the tars `train-000000.tar`, `test-000000.tar`, ... (`{split}-{n:06d}.tar`) and
 `index.json`, written last. A tar holds samples; a sample's members are `__key__` (the frame id, with
 no dot: webdataset splits a member's name into key and member at the first dot), `jpg` (the frame's
-JPEG), `json` (its metadata and label fields), `cls` (the label id, only for a labelled frame) and
-`mask.png` (a parsing map or person mask, when there is one).
+JPEG), `json` (its metadata and label fields), `cls` (the label id; `UNLABELLED`, -1, for a frame
+without a label) and `mask.png` (a parsing map or person mask, when there is one).
+
+`cls` is in every sample, so every sample of a partly labelled build has the same members: Hugging
+Face `datasets` refuses tars whose samples differ in members, and webdataset's `.to_tuple("jpg",
+"cls")` fails on a sample without one. -1 is the usual "no class" (torchvision's STL10 unlabelled
+split, scikit-learn's semi-supervised estimators): never a class index, and an integer like the
+labels, so every reader decodes it to the same type. Tars written before had no `cls` for an
+unlabelled frame: `sample_label` reads both.
 
 - writing: `AtomicTar` (webdataset's TarWriter with fixed metadata, so the same samples give the same
   bytes, under a temporary name until complete), `sample_members` / `with_json` (a sample as a tar
   holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
-- reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list);
+- reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list), `sample_label`;
 - indexes: `INDEX`, `read_index` / `write_index`, `make_index` and its parts, the lookups that
   HistoryNet and the CLI make in an index.
 
@@ -33,6 +40,7 @@ from .workdir import LOCK, atomic_write_json, read_json
 
 SPLITS = ("train", "test")
 KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
+UNLABELLED = -1  # the `cls` of a frame without a label
 TAR = ".tar"
 INDEX = "index.json"
 RELABEL_RECORDS = ".relabel"  # `mhmd relabel`'s records in the new shard folder until its index is written
@@ -71,13 +79,15 @@ def encode_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
+def class_index(label_id: int | None) -> int:
+    """A label id as `cls` holds it: UNLABELLED for none."""
+    return UNLABELLED if label_id is None else label_id
+
+
 def sample_members(key: str, meta: bytes, label_id: int | None, files: dict[str, bytes]) -> dict:
-    """A sample as a tar holds it: `__key__`, `json` (encoded: encode_json), `cls` (only when there is
-    a label id) and `files` (`jpg`, `mask.png`: bytes, written as they are)."""
-    sample = {KEY: key, JSON: meta, **files}
-    if label_id is not None:
-        sample[CLS] = str(label_id).encode()
-    return sample
+    """A sample as a tar holds it: `__key__`, `json` (encoded: encode_json), `cls` (class_index) and
+    `files` (`jpg`, `mask.png`: bytes, written as they are)."""
+    return {KEY: key, JSON: meta, CLS: str(class_index(label_id)).encode(), **files}
 
 
 def with_json(sample: dict, meta: dict) -> dict:
@@ -157,6 +167,13 @@ class ShardsNotFound(MhmdError, FileNotFoundError):
 def open_shard(path: str | Path):
     """The samples of one tar, in the order they were written (member name -> bytes, `__key__`)."""
     return load_webdataset().WebDataset(str(path), shardshuffle=False)
+
+
+def sample_label(sample: dict) -> int | None:
+    """The label id of a raw sample (member name -> bytes); None for an unlabelled one, whether its
+    `cls` says UNLABELLED or it has none (tars written before `cls` was in every sample)."""
+    label = int(sample[CLS]) if CLS in sample else UNLABELLED
+    return None if label == UNLABELLED else label
 
 
 def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:

@@ -72,7 +72,7 @@ def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled, tmp
         if was["label_source"] == "human":
             assert now == was and after["cls"] == before["cls"]
         else:
-            assert was["label"] is None and "cls" not in before
+            assert was["label"] is None and before["cls"] == b"-1"
             label = TAXONOMY.by_name(predicted[after["__key__"]])
             assert (now["label"], now["label_source"], int(after["cls"])) == (label.name, "model", label.id)
             assert now["era"] == label.era and 0 < now["label_confidence"] <= 1

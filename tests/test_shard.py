@@ -103,7 +103,7 @@ def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
         if sample["json"]["label"]:
             assert sample["cls"] == usa.id and sample["json"]["era"] == "during_ww2"
         else:
-            assert "cls" not in sample and sample["json"]["label_id"] is None
+            assert sample["cls"] == -1 and sample["json"]["label_id"] is None
     raw = next(iter(wds.WebDataset(str(tmp_path / "a" / names[0]), shardshuffle=False)))
     assert raw["jpg"] == (films.root / kept.set_index("frame_id").jpeg[raw["__key__"]]).read_bytes()  # not re-encoded
     splits = manifest(films).set_index("frame_id").split.dropna()
