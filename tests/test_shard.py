@@ -36,6 +36,9 @@ from mhmd_builder.workdir import WorkDir
 from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
 
 
+WIDS = ["test.wids.json", "train.wids.json"]  # the wids shard index of each split
+
+
 @pytest.fixture
 def films(tmp_path_factory, tmp_path):
     return copy_films(tmp_path_factory, tmp_path)
@@ -78,7 +81,7 @@ def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
     names = [s["name"] for s in index["shards"]]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names + ["index.json"])  # no temp files
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names + ["index.json", *WIDS])  # no temp files
     assert all(s["count"] <= 5 for s in index["shards"]) and sum(s["count"] for s in index["shards"]) == len(kept)
 
     samples = list(wds.WebDataset([str(tmp_path / "a" / n) for n in names], shardshuffle=False).decode("rgb"))
@@ -141,9 +144,9 @@ def test_shard_cli_and_nothing_to_shard(films, tmp_path):
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert "train:" in result.output and len(index["shards"]) >= 5
     again = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path / "s"), "--maxcount", "100"])
-    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json",
-                                                                                           "test-000000.tar",
-                                                                                           "train-000000.tar"]
+    assert again.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(["index.json", *WIDS, "test-000000.tar",
+                                                                         "train-000000.tar"])
     (tmp_path / "notes.txt").write_text("mine")
     refused = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path)])
     assert refused.exit_code == 1 and "holds files that are not shards" in refused.output
@@ -195,7 +198,8 @@ def test_a_rerun_rewrites_only_the_tars_that_changed(films, tmp_path):
 
     # Fewer, larger tars: the old ones and their records go.
     index = shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json", "test-000000.tar", "train-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(["index.json", *WIDS, "test-000000.tar",
+                                                                         "train-000000.tar"])
     assert sorted(films.done("shard")) == ["test-000000", "train-000000"] and not films.planned("shard").keys() - {
         "test-000000", "train-000000"}
     frames = manifest(films)
@@ -411,7 +415,7 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     subprocess.run(args, check=True, capture_output=True)
     shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
     names = sorted(p.name for p in (tmp_path / "reference").iterdir())
-    assert names == ["index.json", "train-000000.tar", "train-000001.tar"]
+    assert names == ["index.json", "train-000000.tar", "train-000001.tar", "train.wids.json"]  # no test split
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
     for name in names:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name

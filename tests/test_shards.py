@@ -65,7 +65,8 @@ def test_a_key_with_a_dot_is_refused_and_no_tar_is_left(tmp_path):
 def test_with_json_changes_json_and_cls_only(tmp_path):
     labelled, unlabelled = samples(2)
     relabelled = with_json(labelled, {**json.loads(labelled["json"]), **label_fields(None)})
-    assert relabelled["cls"] == b"-1" and relabelled["jpg"] == labelled["jpg"] and relabelled["mask.png"] == labelled["mask.png"]
+    assert relabelled["cls"] == b"-1"
+    assert relabelled["jpg"] == labelled["jpg"] and relabelled["mask.png"] == labelled["mask.png"]
     assert json.loads(relabelled["json"])["label"] is None
     write_tar(tmp_path / "a.tar", [unlabelled])
     read = next(iter(open_shard(tmp_path / "a.tar")))
@@ -76,7 +77,8 @@ def test_with_json_changes_json_and_cls_only(tmp_path):
 def test_sample_label_reads_cls_of_new_and_old_tars():
     labelled, unlabelled = samples(2)
     assert sample_label(labelled) == LABEL.id and sample_label(unlabelled) is None
-    assert sample_label({k: v for k, v in unlabelled.items() if k != "cls"}) is None  # written before cls was always there
+    old_format = {k: v for k, v in unlabelled.items() if k != "cls"}  # written before cls was always there
+    assert sample_label(old_format) is None
     assert sample_label({**unlabelled, "cls": b"0"}) == 0  # label 0 is a label
 
 
@@ -88,6 +90,9 @@ def test_index_round_trip_and_a_folder_without_one(tmp_path):
         read_index(tmp_path)
     write_index(tmp_path, index)
     assert has_index(tmp_path) and read_index(tmp_path) == index and (tmp_path / INDEX).name == "index.json"
+    for split, name, count in (("train", "train-000000.tar", 2), ("test", "test-000000.tar", 1)):  # wids' own
+        assert json.loads((tmp_path / f"{split}.wids.json").read_text()) == {
+            "__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url": name, "nsamples": count}]}
     assert index["splits"]["train"] == {"samples": 2, "movies": 1, "labels": {LABEL.name: 1}}
     assert format_index(index, tmp_path).splitlines() == [
         f"train: 2 samples of 1 movies in 1 tars ({tmp_path / 'train-000000.tar'} .. train-000000.tar)",
@@ -103,11 +108,12 @@ def test_shard_urls_and_counts_from_the_folder_index(tmp_path):
     assert indexed_samples(urls, folder_indexes(urls)) is None  # no index yet
     write_index(tmp_path, make_index({}, "abc", [(tar_name("train", 0), "train", 2), (tar_name("train", 1), "train", 2)], {}))
     assert indexed_samples(urls, folder_indexes(urls)) == 4
+    assert not (tmp_path / "test.wids.json").exists()  # a split without tars: no wids index (wids refuses one)
     assert indexed_samples(shard_urls(tmp_path, "test"), folder_indexes(urls)) is None  # not listed
 
 
 def test_clear_shard_dir_keeps_what_it_is_told_and_refuses_other_files(tmp_path):
-    for name in (tar_name("train", 0), tar_name("train", 1), INDEX, ".train-000002.tar.tmp"):
+    for name in (tar_name("train", 0), tar_name("train", 1), INDEX, "train.wids.json", ".train-000002.tar.tmp"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / ".relabel").mkdir()  # the records of a stopped relabel
     clear_shard_dir(tmp_path, keep={tar_name("train", 1)})
