@@ -240,7 +240,7 @@ def read_index(folder: str | Path) -> dict:
 
 def write_index(folder: Path, index: dict) -> None:
     """The wids index of each split with tars, then index.json, each atomically: index.json comes last,
-    so a folder with one holds every tar and wids index it lists."""
+    so a folder with one holds every tar it lists and their wids indexes."""
     for split in SPLITS:
         if any(entry["split"] == split for entry in index["shards"]):
             atomic_write_json(folder / wids_name(split), wids_index(index, split))
