@@ -28,8 +28,8 @@ from .errors import InputError
 from .footage import near_duplicates
 from .manifest import manifest
 from .runners import LocalRunner
-from .shards import (JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, label_fields, load_webdataset,
-                     make_index, sample_members, split_entry, tar_name, write_index)
+from .shards import (JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, label_fields,
+                     load_webdataset, make_index, sample_members, split_entry, tar_name, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
@@ -92,13 +92,16 @@ def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
 
 
 def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
-    """What a sample's members are made of: the json written out, the files' paths and sizes
-    (plain strings and os.path: this runs once per frame, in one process)."""
+    """What a sample's members are made of: the json written out, `cls`, the files' paths and sizes
+    (plain strings and os.path: this runs once per frame, in one process). `cls` is UNLABELLED, not
+    None, for an unlabelled frame: the digest then differs from that of a tar written before `cls`
+    was in every sample, and a rerun writes such a tar again."""
     meta = sample_json(row, taxonomy, film)
     target = row.parsing if isinstance(row.parsing, str) else row.mask
     files = {JPG: os.path.join(root, row.jpeg), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
     spec = {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
-            "cls": meta["label_id"], "files": files, "sizes": {k: _size(path) for k, path in files.items()}}
+            "cls": class_index(meta["label_id"]), "files": files,
+            "sizes": {k: _size(path) for k, path in files.items()}}
     size, digest = getattr(row, "jpeg_bytes", None), getattr(row, "jpeg_xxh3", None)
     if isinstance(digest, str):  # not recorded by earlier versions: not checked (and their tars' digests stay)
         spec["written"] = [int(size), digest]
@@ -183,7 +186,7 @@ class ShardStage:
 def _sample_bytes(spec: dict) -> int:
     """A sample's share of a tar: its members plus a 512-byte header (and padding) for each."""
     sizes = [size or 0 for size in spec["sizes"].values()]  # None: a missing file, whose tar fails anyway
-    members = [len(spec["json"]), *sizes] + ([8] if spec["cls"] is not None else [])
+    members = [len(spec["json"]), *sizes, 8]  # 8: `cls`, a few digits
     return sum(size + 1024 for size in members)
 
 

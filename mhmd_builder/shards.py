@@ -1,17 +1,25 @@
 """The shard format: what `mhmd shard` writes, `mhmd relabel` rewrites, and HistoryNet and the report read.
 
-A shard folder holds the tars `train-000000.tar`, `test-000000.tar`, ... (`{split}-{n:06d}.tar`) and
+A shard folder holds the tars `train-000000.tar`, `test-000000.tar`, ... (`{split}-{n:06d}.tar`), a
+wids shard index per split with tars (`train.wids.json`, ...: `wids.ShardListDataset` reads it) and
 `index.json`, written last. A tar holds samples; a sample's members are `__key__` (the frame id, with
 no dot: webdataset splits a member's name into key and member at the first dot), `jpg` (the frame's
-JPEG), `json` (its metadata and label fields), `cls` (the label id, only for a labelled frame) and
-`mask.png` (a parsing map or person mask, when there is one).
+JPEG), `json` (its metadata and label fields), `cls` (the label id; `UNLABELLED`, -1, for a frame
+without a label) and `mask.png` (a parsing map or person mask, when there is one).
+
+`cls` is in every sample, so every sample of a partly labelled build has the same members: Hugging
+Face `datasets` refuses tars whose samples differ in members, and webdataset's `.to_tuple("jpg",
+"cls")` fails on a sample without one. -1 is the usual "no class" (torchvision's STL10 unlabelled
+split, scikit-learn's semi-supervised estimators): never a class index, and an integer like the
+labels, so every reader decodes it to the same type. Tars written before had no `cls` for an
+unlabelled frame: `sample_label` reads both.
 
 - writing: `AtomicTar` (webdataset's TarWriter with fixed metadata, so the same samples give the same
   bytes, under a temporary name until complete), `sample_members` / `with_json` (a sample as a tar
   holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
-- reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list);
-- indexes: `INDEX`, `read_index` / `write_index`, `make_index` and its parts, the lookups that
-  HistoryNet and the CLI make in an index.
+- reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list), `sample_label`;
+- indexes: `INDEX`, `read_index` / `write_index` (the wids indexes too: `wids_index`), `make_index`
+  and its parts, the lookups that HistoryNet and the CLI make in an index.
 
 webdataset imports torch (seconds): it is imported here only when a tar is opened or written, so
 that reading an index stays fast (`load_webdataset`).
@@ -33,16 +41,23 @@ from .workdir import LOCK, atomic_write_json, read_json
 
 SPLITS = ("train", "test")
 KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
+UNLABELLED = -1  # the `cls` of a frame without a label
 TAR = ".tar"
 INDEX = "index.json"
 RELABEL_RECORDS = ".relabel"  # `mhmd relabel`'s records in the new shard folder until its index is written
 SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
+WIDS_NAME = re.compile(rf"^({'|'.join(SPLITS)})\.wids\.json$")
 TEMPORARY = re.compile(rf"^\.({'|'.join(SPLITS)})-\d{{6}}\.tar\.tmp$")
 
 
 def tar_name(split: str, number: int) -> str:
     """`train-000003.tar`: the name of a split's tar number `number` (from 0)."""
     return f"{split}-{number:06d}{TAR}"
+
+
+def wids_name(split: str) -> str:
+    """`train.wids.json`: the name of a split's wids shard index."""
+    return f"{split}.wids.json"
 
 
 def tar_pattern(split: str) -> str:
@@ -71,13 +86,15 @@ def encode_json(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True).encode()
 
 
+def class_index(label_id: int | None) -> int:
+    """A label id as `cls` holds it: UNLABELLED for none."""
+    return UNLABELLED if label_id is None else label_id
+
+
 def sample_members(key: str, meta: bytes, label_id: int | None, files: dict[str, bytes]) -> dict:
-    """A sample as a tar holds it: `__key__`, `json` (encoded: encode_json), `cls` (only when there is
-    a label id) and `files` (`jpg`, `mask.png`: bytes, written as they are)."""
-    sample = {KEY: key, JSON: meta, **files}
-    if label_id is not None:
-        sample[CLS] = str(label_id).encode()
-    return sample
+    """A sample as a tar holds it: `__key__`, `json` (encoded: encode_json), `cls` (class_index) and
+    `files` (`jpg`, `mask.png`: bytes, written as they are)."""
+    return {KEY: key, JSON: meta, CLS: str(class_index(label_id)).encode(), **files}
 
 
 def with_json(sample: dict, meta: dict) -> dict:
@@ -137,7 +154,8 @@ def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
     that holds anything else. The index goes first: a folder being rewritten never has one."""
     out.mkdir(parents=True, exist_ok=True)
     others = sorted(p.name for p in out.iterdir()
-                    if not (SHARD_NAME.match(p.name) or TEMPORARY.match(p.name) or p.name in (INDEX, RELABEL_RECORDS, LOCK)))
+                    if not (SHARD_NAME.match(p.name) or WIDS_NAME.match(p.name) or TEMPORARY.match(p.name)
+                            or p.name in (INDEX, RELABEL_RECORDS, LOCK)))
     if others:
         raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
                          "give an empty or new folder")
@@ -157,6 +175,13 @@ class ShardsNotFound(MhmdError, FileNotFoundError):
 def open_shard(path: str | Path):
     """The samples of one tar, in the order they were written (member name -> bytes, `__key__`)."""
     return load_webdataset().WebDataset(str(path), shardshuffle=False)
+
+
+def sample_label(sample: dict) -> int | None:
+    """The label id of a raw sample (member name -> bytes); None for an unlabelled one, whether its
+    `cls` says UNLABELLED or it has none (tars written before `cls` was in every sample)."""
+    label = int(sample[CLS]) if CLS in sample else UNLABELLED
+    return None if label == UNLABELLED else label
 
 
 def shard_urls(shards: str | Path | list | tuple, split: str = "train") -> list[str]:
@@ -214,8 +239,21 @@ def read_index(folder: str | Path) -> dict:
 
 
 def write_index(folder: Path, index: dict) -> None:
-    """Written last, atomically: a folder with an index holds every tar it lists."""
+    """The wids index of each split with tars, then index.json, each atomically: index.json comes last,
+    so a folder with one holds every tar it lists and their wids indexes."""
+    for split in SPLITS:
+        if any(entry["split"] == split for entry in index["shards"]):
+            atomic_write_json(folder / wids_name(split), wids_index(index, split))
     atomic_write_json(folder / INDEX, index)
+
+
+def wids_index(index: dict, split: str) -> dict:
+    """A split's tars as wids' shard index lists them, in index.json's order: each tar's URL is its
+    name, which wids resolves against the folder of the index file (the shard folder, wherever it is
+    read from)."""
+    return {"__kind__": "wids-shard-index-v1", "wids_version": 1,
+            "shardlist": [{"url": entry["name"], "nsamples": entry["count"]}
+                          for entry in index["shards"] if entry["split"] == split]}
 
 
 def split_entry(movies: list[str], labels: list[str | None]) -> dict:

@@ -167,7 +167,7 @@ def test_build_stops_at_the_sample_then_labels_trains_and_shards(films, tmp_path
                for s in wds.WebDataset(str(tmp_path / "shards" / name), shardshuffle=False).decode()]
     assert sorted(s["__key__"] for s in samples) == sorted(kept.frame_id)
     sources = {s["json"]["label_source"] for s in samples}
-    assert sources == {"human", "model"} and all("cls" in s for s in samples)
+    assert sources == {"human", "model"} and all(s["cls"] == s["json"]["label_id"] for s in samples)
 
     # Built again: nothing changed, so the labeler is not trained again and the shards are the same.
     checkpoint = default_checkpoint(work)
@@ -186,7 +186,7 @@ def test_labels_none_shards_without_labels_with_what_movie_metadata_says(films, 
     assert result.needs_labels is None and not result.failures
     samples = [s for e in result.index["shards"]
                for s in wds.WebDataset(str(tmp_path / "shards" / e["name"]), shardshuffle=False).decode()]
-    assert samples and all("cls" not in s and s["json"]["label"] is None for s in samples)
+    assert samples and all(s["cls"] == -1 and s["json"]["label"] is None for s in samples)
     known = {s["json"]["movie"].startswith("zidane"): (s["json"]["era"], s["json"]["nationality"],
                                                          s["json"]["label_source"]) for s in samples}
     assert known == {True: ("during_ww2", "usa", "movie"), False: (None, None, None)}

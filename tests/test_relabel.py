@@ -65,6 +65,8 @@ def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled, tmp
     new_index, new = read_all(tmp_path / "new")
     assert [e["name"] for e in new_index["shards"]] == [e["name"] for e in old_index["shards"]]
     assert [s["__key__"] for s in new] == [s["__key__"] for s in old]  # same tars, same order
+    for wids_index in ("train.wids.json", "test.wids.json"):  # the same tars: the same wids indexes
+        assert (tmp_path / "new" / wids_index).read_text() == (tmp / "shards" / wids_index).read_text()
     predicted = expected_labels(work, checkpoint, [s["__key__"] for s in old])
     for before, after in zip(old, new):
         assert after["jpg"] == before["jpg"]  # byte for byte
@@ -72,7 +74,7 @@ def test_relabel_keeps_images_and_human_labels_and_labels_the_rest(labelled, tmp
         if was["label_source"] == "human":
             assert now == was and after["cls"] == before["cls"]
         else:
-            assert was["label"] is None and "cls" not in before
+            assert was["label"] is None and before["cls"] == b"-1"
             label = TAXONOMY.by_name(predicted[after["__key__"]])
             assert (now["label"], now["label_source"], int(after["cls"])) == (label.name, "model", label.id)
             assert now["era"] == label.era and 0 < now["label_confidence"] <= 1

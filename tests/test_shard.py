@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
+from pathlib import Path
 import time
 
 import cv2
@@ -29,11 +30,15 @@ from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
+from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 
 from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
+
+
+WIDS = ["test.wids.json", "train.wids.json"]  # the wids shard index of each split
 
 
 @pytest.fixture
@@ -78,7 +83,7 @@ def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
     names = [s["name"] for s in index["shards"]]
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names + ["index.json"])  # no temp files
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names + ["index.json", *WIDS])  # no temp files
     assert all(s["count"] <= 5 for s in index["shards"]) and sum(s["count"] for s in index["shards"]) == len(kept)
 
     samples = list(wds.WebDataset([str(tmp_path / "a" / n) for n in names], shardshuffle=False).decode("rgb"))
@@ -103,7 +108,7 @@ def test_shards_are_readable_deterministic_and_split_by_film(films, tmp_path):
         if sample["json"]["label"]:
             assert sample["cls"] == usa.id and sample["json"]["era"] == "during_ww2"
         else:
-            assert "cls" not in sample and sample["json"]["label_id"] is None
+            assert sample["cls"] == -1 and sample["json"]["label_id"] is None
     raw = next(iter(wds.WebDataset(str(tmp_path / "a" / names[0]), shardshuffle=False)))
     assert raw["jpg"] == (films.root / kept.set_index("frame_id").jpeg[raw["__key__"]]).read_bytes()  # not re-encoded
     splits = manifest(films).set_index("frame_id").split.dropna()
@@ -133,6 +138,11 @@ def test_masks_go_into_the_shards(films, person_yolo, tmp_path):
         assert sample["mask.png"] == (films.root / masks[sample["__key__"]]).read_bytes()
         assert np.array(Image.open(io.BytesIO(sample["mask.png"]))).shape == (360, 640)
     assert len({s["mask.png"] for s in samples}) > 1  # persons found: masks differ from frame to frame
+    # README's decoding ("pil"): the mask's 8-bit values, as written, in each of its RGB channels
+    decoded = wds.WebDataset(str(tmp_path / "out" / only["name"]), shardshuffle=False).decode("pil")
+    for sample, mask in zip(samples, decoded, strict=True):
+        written = np.array(Image.open(io.BytesIO(sample["mask.png"])))
+        assert np.array_equal(np.asarray(mask["mask.png"]), np.dstack([written] * 3))
 
 
 def test_shard_cli_and_nothing_to_shard(films, tmp_path):
@@ -141,9 +151,9 @@ def test_shard_cli_and_nothing_to_shard(films, tmp_path):
     index = json.loads((tmp_path / "s" / "index.json").read_text())
     assert "train:" in result.output and len(index["shards"]) >= 5
     again = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path / "s"), "--maxcount", "100"])
-    assert again.exit_code == 0 and sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json",
-                                                                                           "test-000000.tar",
-                                                                                           "train-000000.tar"]
+    assert again.exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(["index.json", *WIDS, "test-000000.tar",
+                                                                         "train-000000.tar"])
     (tmp_path / "notes.txt").write_text("mine")
     refused = CliRunner().invoke(main, ["shard", "-w", str(films.root), "-o", str(tmp_path)])
     assert refused.exit_code == 1 and "holds files that are not shards" in refused.output
@@ -152,22 +162,115 @@ def test_shard_cli_and_nothing_to_shard(films, tmp_path):
     assert empty.exit_code == 1 and "no kept frames to shard" in empty.output
 
 
-def test_hugging_face_datasets_reads_the_shards_sample_for_sample(films, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    from datasets import load_dataset
+# -- the readers researchers use, on the shards of a partly labelled build --------------------------
+README = Path(__file__).parents[1] / "README.md"
 
-    index = shard(films, tmp_path / "s", ShardSettings(maxcount=4, test_fraction=0.3, seed=1))
-    files = {split: [str(tmp_path / "s" / e["name"]) for e in index["shards"] if e["split"] == split]
-             for split in ("train", "test")}
-    data = load_dataset("webdataset", data_files=files, cache_dir=str(tmp_path / "cache"))
-    for split, names in files.items():
-        expected = [s for name in names for s in wds.WebDataset(name, shardshuffle=False).decode("rgb8")]
-        got = data[split]
-        assert got.num_rows == index["splits"][split]["samples"] == len(expected)
-        for row, sample in zip(got, expected):
-            assert row["__key__"] == sample["__key__"] and row["json"] == sample["json"]
-            assert np.array_equal(np.asarray(row["jpg"].convert("RGB")), sample["jpg"])
+
+@pytest.fixture(scope="module")
+def partly_labelled(tmp_path_factory):
+    """The two films with every other kept frame labelled by hand (as after `labels import`, before
+    `labeler predict`) but those of the first tar of each split, sharded into several tars per split
+    once for the module's readers: (shard folder, its index, each sample's members as tarfile reads
+    them, by split, in order). Hugging Face infers its types from the first samples of a tar, and the
+    first samples of a build with few labels are often all unlabelled."""
+    folder = tmp_path_factory.mktemp("partly-labelled")
+    work, shards = copy_films(tmp_path_factory, folder), folder / "shards"
+    settings = ShardSettings(maxcount=4, test_fraction=0.3, seed=1)
+    shard(work, shards, settings)  # which frame goes into which tar does not depend on labels
+    firsts = [tar_samples(shards / tar_name(split, 0)) for split in ("train", "test")]
+    left_out = {sample["__key__"] for first in firsts for sample in first}
+    kept = manifest(work).query("kept").sort_values("frame_id")
+    human = kept[~kept.frame_id.isin(left_out)].iloc[::2]
+    labels = [load_taxonomy().by_name(n) for n in ("during_ww2/usa/military", "after_ww2/china/informal")]
+    chosen = [labels[i % 2] for i in range(len(human))]
+    write_human_labels(work, pd.DataFrame({"frame_id": human.frame_id, "label": [l.name for l in chosen],
+                                           "label_id": [l.id for l in chosen], "source": "t.csv",
+                                           "line": range(len(human))}))
+    index = shard(work, shards, settings)
+    samples = {split: [sample for e in index["shards"] if e["split"] == split
+                       for sample in tar_samples(shards / e["name"])] for split in ("train", "test")}
+    return shards, index, samples
+
+
+def tar_samples(path) -> list[dict]:
+    """A tar's samples read with Python's own tarfile: member name -> bytes, and `__key__`."""
+    samples = []
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, name = member.name.split(".", 1)
+            if not samples or samples[-1]["__key__"] != key:
+                samples.append({"__key__": key})
+            samples[-1][name] = tar.extractfile(member).read()
+    return samples
+
+
+def expected_cls(sample: dict) -> int:
+    """What `cls` should say of a sample: its json's label id, -1 when it has none."""
+    label_id = json.loads(sample["json"])["label_id"]
+    return -1 if label_id is None else label_id
+
+
+def run_recipe(name: str, shards) -> dict:
+    """Run README's recipe `name` (the python block after `<!-- recipe: name -->`) on `shards`, as
+    README gives it; its variables."""
+    block = re.search(rf"<!-- recipe: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
+    variables = {}
+    exec(block.group(1).replace("SHARDDIR", str(shards)), variables)
+    return variables
+
+
+def test_every_sample_of_a_partly_labelled_build_has_the_same_members_cls_minus_one_when_unlabelled(
+        partly_labelled):
+    _, index, samples = partly_labelled
+    for split, read in samples.items():
+        assert len(read) == index["splits"][split]["samples"] > 0
+        assert all(sorted(sample) == ["__key__", "cls", "jpg", "json"] for sample in read)  # tarfile: every member
+        assert [int(sample["cls"]) for sample in read] == [expected_cls(sample) for sample in read]
+        labelled = [expected_cls(sample) != -1 for sample in read]  # partly; the first tar not at all
+        assert any(labelled) and not all(labelled) and not any(labelled[:4]), split
+
+
+def test_webdataset_reads_every_sample_as_a_tuple_with_its_cls(partly_labelled, capsys):
+    shards, _, samples = partly_labelled
+    run_recipe("webdataset", shards)
+    lines = capsys.readouterr().out.splitlines()
+    expected = [f"{s['__key__']} {Image.open(io.BytesIO(s['jpg'])).size} {expected_cls(s)}" for s in samples["train"]]
+    assert lines == expected
+
+
+def test_wids_reads_any_sample_by_its_index_with_its_cls(partly_labelled, capsys):
+    shards, _, samples = partly_labelled
+    before = sorted(p.name for p in shards.iterdir())
+    recipe = run_recipe("wids", shards)
+    dataset, train = recipe["dataset"], samples["train"]
+    assert capsys.readouterr().out.split() == [str(len(train)), train[3]["__key__"], str(expected_cls(train[3]))]
+    assert len(dataset) == len(train)
+    for i in np.random.default_rng(0).permutation(len(train)):  # random access: every sample, any order
+        sample = dataset[int(i)]
+        assert (sample["__key__"], sample[".cls"], sample[".json"]) == \
+            (train[i]["__key__"], expected_cls(train[i]), json.loads(train[i]["json"]))
+        assert sample[".jpg"].size == Image.open(io.BytesIO(train[i]["jpg"])).size
+    assert sorted(p.name for p in shards.iterdir()) == before  # read in place: nothing left beside the tars
+
+
+def test_hugging_face_datasets_reads_both_splits_sample_for_sample(partly_labelled, tmp_path, monkeypatch, capsys):
+    shards, _, samples = partly_labelled
+    for variable in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets  # its settings are read from the environment once: set them too if it was imported before
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
+    data = run_recipe("datasets", shards)["data"]
+    train = samples["train"]
+    assert capsys.readouterr().out.split() == [str(len(train)), train[0]["__key__"], str(expected_cls(train[0]))]
+    for split, read in samples.items():
+        assert data[split].num_rows == len(read)
+        for row, sample in zip(data[split], read, strict=True):
+            assert (row["__key__"], row["cls"], row["json"]) == \
+                (sample["__key__"], expected_cls(sample), json.loads(sample["json"]))
+            assert row["jpg"].tobytes() == Image.open(io.BytesIO(sample["jpg"])).tobytes()
 
 
 def test_a_rerun_rewrites_only_the_tars_that_changed(films, tmp_path):
@@ -195,7 +298,8 @@ def test_a_rerun_rewrites_only_the_tars_that_changed(films, tmp_path):
 
     # Fewer, larger tars: the old ones and their records go.
     index = shard(films, tmp_path / "s", ShardSettings(maxcount=100, test_fraction=0.3, seed=1))
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["index.json", "test-000000.tar", "train-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(["index.json", *WIDS, "test-000000.tar",
+                                                                         "train-000000.tar"])
     assert sorted(films.done("shard")) == ["test-000000", "train-000000"] and not films.planned("shard").keys() - {
         "test-000000", "train-000000"}
     frames = manifest(films)
@@ -411,7 +515,7 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     subprocess.run(args, check=True, capture_output=True)
     shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
     names = sorted(p.name for p in (tmp_path / "reference").iterdir())
-    assert names == ["index.json", "train-000000.tar", "train-000001.tar"]
+    assert names == ["index.json", "train-000000.tar", "train-000001.tar", "train.wids.json"]  # no test split
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
     for name in names:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name

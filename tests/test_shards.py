@@ -9,8 +9,8 @@ import pytest
 from mhmd_builder.errors import InputError
 from mhmd_builder.shards import (INDEX, SHARD_NAME, AtomicTar, NoShardIndex, clear_shard_dir, encode_json,
                                  folder_indexes, format_index, has_index, indexed_samples, label_fields,
-                                 make_index, open_shard, read_index, sample_members, shard_urls, split_entry,
-                                 tar_name, tar_pattern, with_json, write_index)
+                                 make_index, open_shard, read_index, sample_label, sample_members, shard_urls,
+                                 split_entry, tar_name, tar_pattern, with_json, write_index)
 from mhmd_builder.taxonomy import load_taxonomy
 
 LABEL = load_taxonomy().by_name("during_ww2/usa/military")
@@ -48,7 +48,8 @@ def test_a_tar_written_twice_is_byte_identical_and_reads_back_member_for_member(
     read = list(open_shard(tmp_path / "again.tar"))
     for got, want in zip(read, samples(), strict=True):
         assert {k: v for k, v in got.items() if k == "__key__" or not k.startswith("__")} == want
-    assert "cls" in read[0] and "cls" not in read[1] and "mask.png" in read[0] and "mask.png" not in read[1]
+    assert read[0]["cls"] == str(LABEL.id).encode() and read[1]["cls"] == b"-1"  # every sample has a cls
+    assert "mask.png" in read[0] and "mask.png" not in read[1]
     with tarfile.open(tmp_path / "again.tar") as tar:  # fixed metadata: the bytes depend on the samples alone
         assert {(m.mtime, m.uname, m.gname) for m in tar.getmembers()} == {(0, "mhmd", "mhmd")}
         assert tar.getnames()[:3] == ["film-0123abcd_0.cls", "film-0123abcd_0.jpg", "film-0123abcd_0.json"]
@@ -64,12 +65,21 @@ def test_a_key_with_a_dot_is_refused_and_no_tar_is_left(tmp_path):
 def test_with_json_changes_json_and_cls_only(tmp_path):
     labelled, unlabelled = samples(2)
     relabelled = with_json(labelled, {**json.loads(labelled["json"]), **label_fields(None)})
-    assert "cls" not in relabelled and relabelled["jpg"] == labelled["jpg"] and relabelled["mask.png"] == labelled["mask.png"]
+    assert relabelled["cls"] == b"-1"
+    assert relabelled["jpg"] == labelled["jpg"] and relabelled["mask.png"] == labelled["mask.png"]
     assert json.loads(relabelled["json"])["label"] is None
     write_tar(tmp_path / "a.tar", [unlabelled])
     read = next(iter(open_shard(tmp_path / "a.tar")))
     now = with_json(read, {**json.loads(read["json"]), **label_fields(LABEL, "model", 0.5)})
     assert now == {**unlabelled, "json": now["json"], "cls": str(LABEL.id).encode()}
+
+
+def test_sample_label_reads_cls_of_new_and_old_tars():
+    labelled, unlabelled = samples(2)
+    assert sample_label(labelled) == LABEL.id and sample_label(unlabelled) is None
+    old_format = {k: v for k, v in unlabelled.items() if k != "cls"}  # written before cls was always there
+    assert sample_label(old_format) is None
+    assert sample_label({**unlabelled, "cls": b"0"}) == 0  # label 0 is a label
 
 
 def test_index_round_trip_and_a_folder_without_one(tmp_path):
@@ -80,6 +90,9 @@ def test_index_round_trip_and_a_folder_without_one(tmp_path):
         read_index(tmp_path)
     write_index(tmp_path, index)
     assert has_index(tmp_path) and read_index(tmp_path) == index and (tmp_path / INDEX).name == "index.json"
+    for split, name, count in (("train", "train-000000.tar", 2), ("test", "test-000000.tar", 1)):  # wids' own
+        assert json.loads((tmp_path / f"{split}.wids.json").read_text()) == {
+            "__kind__": "wids-shard-index-v1", "wids_version": 1, "shardlist": [{"url": name, "nsamples": count}]}
     assert index["splits"]["train"] == {"samples": 2, "movies": 1, "labels": {LABEL.name: 1}}
     assert format_index(index, tmp_path).splitlines() == [
         f"train: 2 samples of 1 movies in 1 tars ({tmp_path / 'train-000000.tar'} .. train-000000.tar)",
@@ -95,11 +108,12 @@ def test_shard_urls_and_counts_from_the_folder_index(tmp_path):
     assert indexed_samples(urls, folder_indexes(urls)) is None  # no index yet
     write_index(tmp_path, make_index({}, "abc", [(tar_name("train", 0), "train", 2), (tar_name("train", 1), "train", 2)], {}))
     assert indexed_samples(urls, folder_indexes(urls)) == 4
+    assert not (tmp_path / "test.wids.json").exists()  # a split without tars: no wids index (wids refuses one)
     assert indexed_samples(shard_urls(tmp_path, "test"), folder_indexes(urls)) is None  # not listed
 
 
 def test_clear_shard_dir_keeps_what_it_is_told_and_refuses_other_files(tmp_path):
-    for name in (tar_name("train", 0), tar_name("train", 1), INDEX, ".train-000002.tar.tmp"):
+    for name in (tar_name("train", 0), tar_name("train", 1), INDEX, "train.wids.json", ".train-000002.tar.tmp"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / ".relabel").mkdir()  # the records of a stopped relabel
     clear_shard_dir(tmp_path, keep={tar_name("train", 1)})

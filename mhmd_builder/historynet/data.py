@@ -2,11 +2,12 @@
 8-bit Lab tensors.
 
 Each sample becomes, in the DataLoader workers: `lightness` (the L of the frame resized to 224x224),
-`ab` (the colour target), `onehot` and `has_label` (from `cls`), `parsing` and `has_parsing` (the L
-channel of `mask.png`) and `key`; batches are dicts of stacked tensors. Images stay uint8 until
-`unit_float` scales them to /255 on the training device: a quarter of the bytes cross from the
-workers to the trainer and to the GPU (float32 batches made the loader 0.6x a plain one). The
-generator copies L/255 to the 3 channels VGG expects itself.
+`ab` (the colour target), `onehot` and `has_label` (from `cls`, read by shards.sample_label: -1 or no
+`cls` is unlabelled), `parsing` and `has_parsing` (the L channel of `mask.png`) and `key`; batches
+are dicts of stacked tensors. Images stay uint8 until `unit_float` scales them to /255 on the
+training device: a quarter of the bytes cross from the workers to the trainer and to the GPU
+(float32 batches made the loader 0.6x a plain one). The generator copies L/255 to the 3 channels
+VGG expects itself.
 
 - `train_loader`: resampled shards (each worker and DDP rank draws its own seeded shard stream), a
   shuffle buffer, and an epoch of a given number of samples.
@@ -32,7 +33,7 @@ import torch
 import webdataset as wds
 
 from ..errors import InputError
-from ..shards import CLS, JPG, KEY, MASK, shard_urls
+from ..shards import JPG, KEY, MASK, sample_label, shard_urls
 
 INPUT_SIZE = 224
 SAMPLE_TENSORS = ("lightness", "ab", "onehot", "has_label", "parsing", "has_parsing")
@@ -109,10 +110,10 @@ def _image(sample: dict, member: str) -> np.ndarray:
     return image
 
 
-def _onehot(sample: dict, num_classes: int) -> torch.Tensor:
+def _onehot(label: int | None, sample: dict, num_classes: int) -> torch.Tensor:
+    """The one-hot of `label`, all zeros for an unlabelled sample."""
     onehot = torch.zeros(num_classes, dtype=torch.float32)
-    if CLS in sample:
-        label = int(sample[CLS])
+    if label is not None:
         if not 0 <= label < num_classes:
             raise InputError(f"{sample.get('__url__', '?')}: sample {sample[KEY]}: label {label} is "
                              f"outside 0..{num_classes - 1} ({num_classes} classes)")
@@ -132,11 +133,12 @@ def decode_sample(sample: dict, num_classes: int, keep_original: bool = False, i
     paper; tests use small sizes)."""
     bgr = _image(sample, JPG)
     lab = _lab_resized(bgr, image_size)
+    label = sample_label(sample)
     decoded = {
         "lightness": _channels_first(lab[..., 0]),
         "ab": _channels_first(lab[..., 1:]),
-        "onehot": _onehot(sample, num_classes),
-        "has_label": torch.tensor(CLS in sample),
+        "onehot": _onehot(label, sample, num_classes),
+        "has_label": torch.tensor(label is not None),
         "parsing": _parsing(sample, image_size),
         "has_parsing": torch.tensor(MASK in sample),
         "key": sample[KEY],

@@ -1,6 +1,7 @@
 """HistoryNet's input pipeline on small shards written with the project's own tar writer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -36,13 +37,23 @@ def parsing_map(height: int, width: int) -> np.ndarray:
 
 
 def make_sample(index: int) -> dict:
-    """Even frames are labelled (index % NUM_CLASSES), every third one has a parsing map."""
+    """Even frames are labelled (index % NUM_CLASSES), every third one has a parsing map. Odd frames
+    are unlabelled: `cls` -1, or (every other one) no `cls`, as in tars written before it was in
+    every sample."""
     height, width = SIZES[index % len(SIZES)]
     key, label_id = f"film{index // PER_SHARD}_{index:06d}", index % NUM_CLASSES if index % 2 == 0 else None
     files = {"jpg": cv2.imencode(".jpg", gradient_frame(index, height, width))[1].tobytes()}
     if index % 3 == 0:
         files["mask.png"] = cv2.imencode(".png", parsing_map(height, width))[1].tobytes()
-    return sample_members(key, encode_json({"frame_id": key, "label_id": label_id}), label_id, files)
+    sample = sample_members(key, encode_json({"frame_id": key, "label_id": label_id}), label_id, files)
+    if index % 4 == 3:
+        del sample["cls"]
+    return sample
+
+
+def label_id(sample: dict) -> int | None:
+    """The label the sample was made with (its json)."""
+    return json.loads(sample["json"])["label_id"]
 
 
 def write_shards(folder: Path, samples: list[dict], split: str = "train") -> list[Path]:
@@ -118,10 +129,10 @@ def test_eval_batches_hold_opencv_lab_labels_and_parsing(shards):
             np.testing.assert_array_equal(batch["lightness"][i, 0].numpy(), lab[..., 0])
             np.testing.assert_array_equal(batch["ab"][i].numpy(), lab[..., 1:].transpose(2, 0, 1))
 
-            assert bool(batch["has_label"][i]) == ("cls" in sample)
+            assert bool(batch["has_label"][i]) == (label_id(sample) is not None)
             expected_onehot = np.zeros(NUM_CLASSES, np.float32)
-            if "cls" in sample:
-                expected_onehot[int(sample["cls"])] = 1
+            if label_id(sample) is not None:
+                expected_onehot[label_id(sample)] = 1
             np.testing.assert_array_equal(batch["onehot"][i].numpy(), expected_onehot)
 
             assert bool(batch["has_parsing"][i]) == ("mask.png" in sample)

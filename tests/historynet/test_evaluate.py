@@ -13,7 +13,7 @@ import torch
 import torchvision
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from test_colorize import IMAGE_SIZE, WIDTH, make_checkpoint
-from test_data import NUM_CLASSES, PER_SHARD, decoded, gradient_frame, make_sample, write_shards
+from test_data import NUM_CLASSES, PER_SHARD, decoded, gradient_frame, label_id, make_sample, write_shards
 
 from mhmd_builder.historynet.checkpoint import load_generator, save_checkpoint
 from mhmd_builder.historynet.data import ab_levels, lightness
@@ -115,7 +115,7 @@ def assert_scores(row: dict, original: np.ndarray, colorized: np.ndarray, net) -
 
 
 def label_counts(samples: list[dict]) -> dict[str, int]:
-    counts = Counter(sample["cls"].decode() if "cls" in sample else "unlabeled" for sample in samples)
+    counts = Counter("unlabeled" if label_id(sample) is None else str(label_id(sample)) for sample in samples)
     return dict(counts)
 
 
