@@ -458,7 +458,10 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
               help="Step checkpoints kept besides those of epoch ends (newest first).")
 @click.option("--log-every", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--val-shards", default=None,
-              help="Shards for the TensorBoard image grid [default: the test split beside --shards].")
+              help="Shards for validation (L2(ab) beside grey's at every checkpoint, best.safetensors, the "
+                   "TensorBoard image grid) [default: the test split beside --shards].")
+@click.option("--val-samples", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Validation samples the L2(ab) at every checkpoint is measured on (0: none).")
 @taxonomy_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in RUNDIR from its last.safetensors.")
@@ -467,7 +470,7 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
                    "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
                              no_classifier, preset, vgg_weights, image_size, width, workers, save_every, keep_checkpoints,
-                             log_every, val_shards, taxonomy, seed, resume, precision) -> None:
+                             log_every, val_shards, val_samples, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
     from .historynet.train import TrainSettings, train
 
@@ -478,6 +481,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
         lr=lr, image_size=image_size, width=width, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,
+        val_samples=val_samples,
         taxonomy=taxonomy, resume=resume, precision=precision)
     result = train(settings)
     click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "

@@ -93,6 +93,15 @@ def _optimizer_states(tensors: dict[str, torch.Tensor], groups: dict) -> dict[st
     return states
 
 
+def read_progress(path: str | Path) -> dict:
+    """A checkpoint's progress (step, epoch, validation...) without loading its tensors."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return json.loads((f.metadata() or {}).get("progress", "{}"))
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+        raise CheckpointError(f"{path}: not a HistoryNet checkpoint ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Everything needed to resume training (networks on the CPU)."""
     path = Path(path)

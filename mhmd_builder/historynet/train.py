@@ -10,8 +10,11 @@ RUNDIR (`out`) holds:
   progress, what evaluate and colorize need (0.78 GB at 224 and width 1);
 - `last.safetensors`: the newest of them with the Adam states besides, what `resume` continues from
   (2.3 GB at 224: the states of Adam are twice the networks);
+- `best.safetensors`: the networks of the checkpoint with the lowest validation L2(ab) so far;
 - `tensorboard/`: the loss terms every `log_every` steps, and at every checkpoint a grid of validation
-  samples (L | predicted colour | ground truth);
+  samples (L | predicted colour | ground truth) and the validation L2(ab) of G in eval mode on the first
+  `val_samples` validation samples beside grey's (ab = 0) on the same samples (`validation/l2_ab`,
+  `validation/grey_l2_ab`; also in each checkpoint's progress);
 - `train.log.jsonl`: one line per logged step: step, epoch (0-based), images_per_second and the terms
   (`generator/l2_ab`, `critic/gradient_penalty`, `info_classifier/loss`...), unweighted.
 
@@ -58,13 +61,15 @@ from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
 from ..weights import WeightsError
 from ..workdir import atomic_write_bytes
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_progress, save_checkpoint
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
 VGG16_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 LAST = "last.safetensors"
+BEST = "best.safetensors"
+GREY_AB = 128 / 255  # ab = 0 in OpenCV's 8-bit Lab, as unit_float scales it
 LOG = "train.log.jsonl"
 # the three networks as checkpoint.py names them, and their optimisers
 NETWORKS = ("generator", "critic", "info_classifier")
@@ -97,7 +102,8 @@ class TrainSettings:
     log_every: int = 50  # steps
     vgg_weights: str = "imagenet"  # imagenet (torchvision's download) | none (random) | a local .pth
     val_shards: str | list[str] | None = None  # for the image grid; default: the test split beside the shards
-    val_images: int = 8
+    val_images: int = 8  # in the image grid
+    val_samples: int = 64  # the validation L2(ab) at every checkpoint is measured on the first this many
     taxonomy: str | None = None  # a taxonomy CSV; default: the shipped MHMD labels
     resume: bool = False  # continue from RUNDIR/last.safetensors
     precision: str | None = None  # one of PRECISIONS; None: default_precision for the preset and device
@@ -330,6 +336,37 @@ def validation_batch(urls: list[str], num_classes: int, settings: TrainSettings)
     return next(iter(loader), None)
 
 
+def validation_batches(urls: list[str], num_classes: int, settings: TrainSettings) -> list[dict]:
+    """The first `val_samples` validation samples in batches of `batch_size` (none without validation shards)."""
+    if not urls or settings.val_samples < 1:
+        return []
+    loader = eval_loader(urls, num_classes, batch_size=settings.batch_size, num_workers=0, split="test",
+                         image_size=settings.image_size)
+    batches, left = [], settings.val_samples
+    for batch in loader:
+        batches.append({key: value[:left] for key, value in batch.items()})
+        left -= len(batches[-1]["key"])
+        if left <= 0:
+            break
+    return batches
+
+
+def validation_l2(generator: nn.Module, batches: list[dict], device: str, autocast) -> dict[str, float]:
+    """G's mean squared ab error (ab / 255) in eval mode over the validation samples, and grey's (ab = 0,
+    the level 128) on the same samples: G has learnt colour only where it is below grey's."""
+    generator.eval()
+    model = grey = 0.0
+    samples = 0
+    with torch.no_grad(), autocast():
+        for batch in batches:
+            x = batch_tensors(batch, device)
+            model += (generator(x["l"]).ab.float() - x["ab"]).square().mean(dim=(1, 2, 3)).sum().item()
+            grey += (x["ab"] - GREY_AB).square().mean(dim=(1, 2, 3)).sum().item()
+            samples += len(x["ab"])
+    generator.train()
+    return {"validation/l2_ab": model / samples, "validation/grey_l2_ab": grey / samples}
+
+
 def validation_grid(generator: nn.Module, batch: dict, device: str, autocast) -> torch.Tensor:
     """(N, 3, S, 3S) uint8: each sample's L, predicted colours and true colours side by side."""
     generator.eval()  # BatchNorm's running statistics, as at inference
@@ -344,6 +381,12 @@ def validation_grid(generator: nn.Module, batch: dict, device: str, autocast) ->
     return torch.from_numpy(np.stack(rows)).permute(0, 3, 1, 2)
 
 
+def best_validation_l2(rundir: Path) -> float | None:
+    """The validation L2(ab) of RUNDIR/best.safetensors, None when there is none."""
+    path = rundir / BEST
+    return read_progress(path).get("validation/l2_ab") if path.is_file() else None
+
+
 def trim_log(path: Path, step: int) -> None:
     """Drop the lines of steps after `step` (logged after the checkpoint a resumed run starts from)."""
     if path.is_file():
@@ -354,11 +397,13 @@ def trim_log(path: Path, step: int) -> None:
 class Recorder:
     """RUNDIR's checkpoints, TensorBoard events and json log (rank 0's; other ranks record nothing)."""
 
-    def __init__(self, settings: TrainSettings, resume_step: int, val_batch: dict | None, device: str, autocast):
+    def __init__(self, settings: TrainSettings, resume_step: int, val_batch: dict | None, val_batches: list[dict],
+                 device: str, autocast):
         from torch.utils.tensorboard import SummaryWriter
 
         self.rundir, self.keep = Path(settings.out), settings.keep_checkpoints
-        self.val_batch, self.device, self.autocast = val_batch, device, autocast
+        self.val_batch, self.val_batches, self.device, self.autocast = val_batch, val_batches, device, autocast
+        self.best = best_validation_l2(self.rundir) if settings.resume else None
         self.rundir.mkdir(parents=True, exist_ok=True)
         if settings.resume:
             trim_log(self.rundir / LOG, resume_step)
@@ -375,11 +420,26 @@ class Recorder:
         self.log.write(json.dumps(line) + "\n")
         self.log.flush()
 
+    def validate(self, nets: Networks, config: dict, progress: dict) -> dict:
+        """`progress` with the validation L2(ab) of G and of grey (TensorBoard too); best.safetensors when G's
+        is the lowest so far."""
+        if not self.val_batches:
+            return progress
+        measured = validation_l2(nets.generator, self.val_batches, self.device, self.autocast)
+        for tag, value in measured.items():
+            self.writer.add_scalar(tag, value, progress["step"])
+        progress = {**progress, **measured}
+        if self.best is None or measured["validation/l2_ab"] < self.best:
+            self.best = measured["validation/l2_ab"]
+            save_checkpoint(self.rundir / BEST, nets, config, progress=progress)
+        return progress
+
     def checkpoint(self, nets: Networks, config: dict, optimizers: dict, progress: dict) -> Path:
-        """checkpoints/step-N.safetensors (the networks), then last.safetensors (with the optimisers' states:
-        only resuming needs them, and only from the newest). Then the validation grid, and the step
-        checkpoints beyond the newest `keep_checkpoints` go."""
+        """The validation L2(ab) (and best.safetensors), checkpoints/step-N.safetensors (the networks), then
+        last.safetensors (with the optimisers' states: only resuming needs them, and only from the newest).
+        Then the validation grid, and the step checkpoints beyond the newest `keep_checkpoints` go."""
         step = progress["step"]
+        progress = self.validate(nets, config, progress)
         path = save_checkpoint(self.rundir / "checkpoints" / f"step-{step:08d}.safetensors", nets, config,
                                progress=progress)
         save_checkpoint(self.rundir / LAST, nets, config, optimizers, progress)
@@ -603,7 +663,8 @@ def open_recorder(run: Run, val_urls: list[str]) -> Recorder:
     """Rank 0's recorder with its validation batch; says what the run is about to do."""
     settings, config, step = run.settings, run.config, run.at.step
     val_batch = validation_batch(val_urls, config["num_classes"], settings)
-    recorder = Recorder(settings, step, val_batch, run.device, run.autocast)
+    val_batches = validation_batches(val_urls, config["num_classes"], settings)
+    recorder = Recorder(settings, step, val_batch, val_batches, run.device, run.autocast)
     print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
           f"{run.images_per_step} images, on {run.device} x{run.process.world_size} in {config['precision']}; G0: {config['vgg_weights']}; "
           f"{f'resuming at step {step}' if step else 'starting'}, until step {run.total}")

@@ -17,7 +17,8 @@ from test_colorize import WIDTH
 from test_data import PER_SHARD, make_sample, write_shards
 
 from mhmd_builder.historynet import train as train_module
-from mhmd_builder.historynet.checkpoint import load_checkpoint
+from mhmd_builder.historynet.checkpoint import load_checkpoint, read_progress
+from mhmd_builder.historynet.data import eval_loader
 from mhmd_builder.historynet.model import build_networks
 from mhmd_builder.historynet.train import HistoryNetError, TrainSettings, load_backbone, train
 from mhmd_builder.shards import make_index, write_index
@@ -50,6 +51,25 @@ def adam_steps(checkpoint, name: str = "generator") -> int:
     return int(checkpoint.optimizer_states[name]["state"][0]["step"])
 
 
+def position(progress: dict) -> dict:
+    return {key: progress[key] for key in ("step", "epoch", "epoch_step", "epoch_steps")}
+
+
+def grey_l2(shards: Path) -> float:
+    """Grey's mean squared ab error (ab / 255) over the test split at 32 px, one sample at a time."""
+    errors = [((batch["ab"].double() - 128) / 255).square().mean().item()
+              for batch in eval_loader(str(shards), len(load_taxonomy()), batch_size=1, num_workers=0, image_size=32)]
+    assert len(errors) == 2
+    return sum(errors) / len(errors)
+
+
+def assert_best_is_the_lowest_validation(rundir: Path) -> None:
+    scores = {path.name: read_progress(path)["validation/l2_ab"] for path in (rundir / "checkpoints").iterdir()}
+    best = read_progress(rundir / "best.safetensors")
+    assert best["validation/l2_ab"] == min(scores.values())
+    assert f"step-{best['step']:08d}.safetensors" == min(scores, key=scores.get)
+
+
 # -- a run, and its resumption ---------------------------------------------------------------------
 def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stopped(shards, tmp_path):
     rundir = tmp_path / "run"
@@ -62,7 +82,11 @@ def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stop
     assert sorted(p.name for p in (rundir / "checkpoints").iterdir()) == ["step-00000003.safetensors",
                                                                           "step-00000004.safetensors"]
     last = load_checkpoint(rundir / "last.safetensors")
-    assert last.progress == {"step": 4, "epoch": 1, "epoch_step": 0, "epoch_steps": 4}
+    assert position(last.progress) == {"step": 4, "epoch": 1, "epoch_step": 0, "epoch_steps": 4}
+    # validation at every checkpoint: G's L2(ab) in eval mode and grey's, on the test split's 2 samples
+    assert last.progress["validation/grey_l2_ab"] == pytest.approx(grey_l2(shards), rel=1e-5)
+    assert last.progress["validation/l2_ab"] > 0
+    assert_best_is_the_lowest_validation(rundir)
     assert last.config["variant"] == "historynet" and last.config["image_size"] == 32
     assert last.config["num_classes"] == len(load_taxonomy()) == len(last.config["label_names"])
     assert last.config["preset"] == "paper" and last.config["loss_weights"]["wgan"] == 0.1
@@ -88,6 +112,8 @@ def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stop
     assert terms | {"images_per_second"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("generator/l2_ab")] == [1, 2, 3, 4]
     assert [e.step for e in events.Images(GRID_TAG)] == [3, 4]  # a grid at every checkpoint
+    assert [e.step for e in events.Scalars("validation/l2_ab")] == [3, 4]
+    assert [e.value for e in events.Scalars("validation/grey_l2_ab")] == pytest.approx([grey_l2(shards)] * 2)
 
     with pytest.raises(HistoryNetError, match="holds a run already"):
         train(settings)  # a fresh start would overwrite it
@@ -103,7 +129,8 @@ def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stop
     assert (resumed["step"], resumed["epoch"]) == (8, 2)
     assert [Path(p).name for p in resumed["checkpoints"]] == ["step-00000006.safetensors", "step-00000008.safetensors"]
     last = load_checkpoint(rundir / "last.safetensors")
-    assert last.progress == {"step": 8, "epoch": 2, "epoch_step": 0, "epoch_steps": 4}
+    assert position(last.progress) == {"step": 8, "epoch": 2, "epoch_step": 0, "epoch_steps": 4}
+    assert_best_is_the_lowest_validation(rundir)  # the resumed run knew the best before it
     assert adam_steps(last) == 8 and adam_steps(last, "critic") == 8  # the optimiser states went on
     lines = log_lines(rundir)  # steps after the checkpoint resumed from are logged once, by the resumed run
     assert [(line["step"], line["epoch"]) for line in lines] == [(s, (s - 1) // 4) for s in range(1, 9)]
