@@ -186,9 +186,10 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     trained = sorted(labeled.label_id[~split.val].astype(int).unique().tolist())
     weights_from = start_from_initial_weights(model, settings)
     model.to(device)
-    train_loader, val_loader = data_loaders(workdir, labeled, split.val, settings, device)
+    train_loader, calibration_loader, val_loader = data_loaders(workdir, labeled, split.val, settings, device)
     selection = selection_rule(split, trained, taxonomy.names)
-    best, best_state = fit(model, train_loader, val_loader, settings, device, taxonomy.names, selection is None)
+    best, best_state = fit(model, (train_loader, calibration_loader, val_loader), settings, device, taxonomy.names,
+                           selection is None)
     best.update(split=split.how, selected=selection or "the best validation macro-F1 (ties: the later epoch)",
                 majority=majority_baseline(labeled, split.val, taxonomy.names))
     if best_state is not None:
@@ -258,12 +259,13 @@ def start_from_initial_weights(model, settings: TrainSettings) -> str:
 
 def data_loaders(workdir: WorkDir, labeled: "pd.DataFrame", val_mask: np.ndarray, settings: TrainSettings,
                  device: str):
-    """(training loader: augmented, class-balanced; validation loader: the frames as they are)."""
+    """(training loader: augmented, class-balanced; the training frames as they are, once each, for
+    BatchNorm's statistics; validation loader: the frames as they are)."""
     train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
     targets = train_rows.label_id.to_numpy(int)
     train_loader = _loader(workdir, train_rows, settings, device, train_transform(settings.image_size),
                            balanced_sampler(targets, settings.seed))
-    return train_loader, _loader(workdir, val_rows, settings, device)
+    return train_loader, _loader(workdir, train_rows, settings, device), _loader(workdir, val_rows, settings, device)
 
 
 def _loader(workdir: WorkDir, rows: "pd.DataFrame", settings: TrainSettings, device: str, transform=None,
@@ -276,19 +278,23 @@ def _loader(workdir: WorkDir, rows: "pd.DataFrame", settings: TrainSettings, dev
                                        pin_memory=device.startswith("cuda"))
 
 
-def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, names: list[str],
+def fit(model, loaders: tuple, settings: TrainSettings, device: str, names: list[str],
         select_best: bool) -> tuple[dict, dict | None]:
-    """Train for `settings.epochs`; (validation metrics and number of the kept epoch, the model's
-    state after it, or None when that is the last). With select_best the kept epoch has the best
-    validation macro-F1 (accuracy would favour the big classes), else it is the last one."""
+    """Train for `settings.epochs` on data_loaders' (training, calibration, validation) loaders;
+    (validation metrics and number of the kept epoch, the model's state after it, or None when that
+    is the last). After each epoch BatchNorm's statistics are recomputed, so that validation scores
+    the model as it is saved. With select_best the kept epoch has the best validation macro-F1
+    (accuracy would favour the big classes), else it is the last one."""
     import torch
 
+    train_loader, calibration_loader, val_loader = loaders
     optimiser = torch.optim.AdamW(model.parameters(), settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr,
                                                    total_steps=settings.epochs * len(train_loader))
     best, best_state = None, None
     for epoch in range(1, settings.epochs + 1):
         loss = train_one_epoch(model, train_loader, optimiser, schedule, device, f"epoch {epoch}/{settings.epochs}")
+        recalibrate_batch_norm(model, calibration_loader, device)
         metrics = {**classification_metrics(*evaluate(model, val_loader, device), names), "epoch": epoch}
         print(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
               f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
@@ -315,6 +321,29 @@ def train_one_epoch(model, loader, optimiser, schedule, device: str, description
         schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
+
+
+def recalibrate_batch_norm(model, loader, device: str) -> None:
+    """Set every BatchNorm layer's running mean and variance to those of `loader`'s frames (the
+    training frames as they are, not augmented), averaged over its batches by their size. The
+    running statistics training leaves are a moving average over its last steps' augmented batches,
+    with weights that kept changing: after the few steps a small label set gives, eval mode labelled
+    11 of 16 training frames right, against 16 of 16 with these statistics."""
+    import torch
+
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
+    model.train()
+    seen = 0
+    with torch.no_grad():
+        for images, _ in loader:
+            seen += len(images)
+            for layer in layers:
+                layer.momentum = len(images) / seen  # 1 for the first batch: the old statistics go
+            model(normalise(images, device))
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum
+    model.eval()
 
 
 def evaluate(model, loader, device: str) -> tuple[np.ndarray, np.ndarray]:

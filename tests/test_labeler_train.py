@@ -143,3 +143,45 @@ def test_training_is_reproducible_and_keeps_the_last_epoch_when_validation_canno
     assert len(runs[0]["trained_labels"]) == 4 and runs[0]["val_movies"] == []
     assert runs[0]["metrics"] == runs[1]["metrics"]
     assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+
+
+def conv_statistics(conv, images: np.ndarray) -> tuple:
+    """Per-channel mean and unbiased variance of `conv`'s output over `images` (NHWC uint8, normalised
+    as the labeler's input), as BatchNorm computes them in training mode."""
+    import torch
+
+    from mhmd_builder.labeler import normalise
+
+    with torch.no_grad():
+        out = conv(normalise(torch.from_numpy(images).permute(0, 3, 1, 2), "cpu"))
+    return out.mean((0, 2, 3)), out.transpose(0, 1).flatten(1).var(1, unbiased=True)
+
+
+def test_the_checkpoint_keeps_batch_norm_statistics_of_the_training_frames_as_they_are(trained):
+    from mhmd_builder.labeler import load_checkpoint, load_rgb
+
+    work, truth, config = trained
+    training = sorted(f for f in truth if not f.endswith(REJECTED) and f.split("-")[0] not in config["val_movies"])
+    model, _ = load_checkpoint(config["checkpoint"], TAXONOMY)
+    images = np.stack([load_rgb(work.root / f"frames/{f.split('-')[0]}/{f}.jpg", SMALL["image_size"]) for f in training])
+    mean, variance = conv_statistics(model.conv1, images)
+    # 90 frames in batches of 16 and a last one of 10, each weighed by its size: the plain mean.
+    assert np.allclose(model.bn1.running_mean.numpy(), mean.numpy(), atol=1e-4)
+    # The variance is the mean of the batches' own: close to, not equal to, the variance of them all.
+    assert np.allclose(model.bn1.running_var.numpy(), variance.numpy(), rtol=0.1)
+
+
+def test_recalibrated_statistics_weigh_each_batch_by_its_frames_and_leave_the_momentum_as_it_was():
+    import torch
+
+    from mhmd_builder.labeler_train import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    batches = [(torch.from_numpy(images[:3]).permute(0, 3, 1, 2), None),
+               (torch.from_numpy(images[3:]).permute(0, 3, 1, 2), None)]
+    recalibrate_batch_norm(model, batches, "cpu")
+    mean, _ = conv_statistics(model[0], images)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training
