@@ -163,7 +163,8 @@ def test_the_checkpoint_keeps_batch_norm_statistics_of_the_training_frames_as_th
     work, truth, config = trained
     training = sorted(f for f in truth if not f.endswith(REJECTED) and f.split("-")[0] not in config["val_movies"])
     model, _ = load_checkpoint(config["checkpoint"], TAXONOMY)
-    images = np.stack([load_rgb(work.root / f"frames/{f.split('-')[0]}/{f}.jpg", SMALL["image_size"]) for f in training])
+    images = np.stack([load_rgb(work.root / f"frames/{f.split('-')[0]}/{f}.jpg", SMALL["image_size"])
+                       for f in training])
     mean, variance = conv_statistics(model.conv1, images)
     # 90 frames in batches of 16 and a last one of 10, each weighed by its size: the plain mean.
     assert np.allclose(model.bn1.running_mean.numpy(), mean.numpy(), atol=1e-4)
