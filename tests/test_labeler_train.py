@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mhmd_builder.labeler_train import (TrainSettings, classification_metrics, majority_baseline, train,
-                                        warn_if_no_better_than_majority)
+from mhmd_builder.labeler_train import (BalancedSampler, TrainSettings, classification_metrics, majority_baseline,
+                                        train, train_transform, warn_if_no_better_than_majority)
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -104,6 +104,32 @@ def test_metrics_match_a_hand_computation():
     assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
     assert "unused" not in m["per_class"]
     assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_the_sampler_draws_every_class_equally_and_no_frame_twice_before_the_rest_of_its_class():
+    targets = np.array([0] * 10 + [1] * 2 + [2])
+    sampler, seen = BalancedSampler(targets, seed=0), np.zeros(len(targets), int)
+    for _ in range(6):
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == 13
+        assert sorted(np.bincount(targets[drawn])) == [4, 4, 5]  # 13 draws over 3 classes
+        np.add.at(seen, drawn, 1)
+        assert all(np.ptp(seen[targets == c]) <= 1 for c in range(3)), seen  # drawn in rounds
+    assert list(BalancedSampler(targets, seed=0)) == list(BalancedSampler(targets, seed=0))
+
+
+def test_training_augmentation_keeps_the_hue_of_every_colour_the_labels_are_told_apart_by():
+    import torch
+
+    torch.manual_seed(0)
+    transform = train_transform(32)
+    for rgb in CLASSES.values():
+        image = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 48, 48).contiguous()
+        for _ in range(20):
+            out = np.ascontiguousarray(transform(image).permute(1, 2, 0).numpy())
+            hue = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(int)
+            expected = int(cv2.cvtColor(np.array([[rgb]], np.uint8), cv2.COLOR_RGB2HSV_FULL)[0, 0, 0])
+            assert np.abs((hue - expected + 128) % 256 - 128).max() <= 3, rgb  # hue on a circle of 256
 
 
 def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(capsys):
