@@ -132,6 +132,19 @@ def test_training_augmentation_keeps_the_hue_of_every_colour_the_labels_are_told
             assert np.abs((hue - expected + 128) % 256 - 128).max() <= 3, rgb  # hue on a circle of 256
 
 
+def test_training_crops_now_and_then_show_mostly_one_half_of_the_frame():
+    import torch
+
+    torch.manual_seed(0)
+    transform = train_transform(32)
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[0, :, :32] = 255  # the left half red, the right half black
+    red_shares = [float((transform(image)[0] > 127).float().mean()) for _ in range(100)]
+    # Crops of 70% of the frame or more (ratio 3:4 to 4:3) are at least 72% as wide as it, so each
+    # half fills 30% of them or more: most of a film's background would be in every view.
+    assert min(red_shares) < 0.2 or max(red_shares) > 0.8, (min(red_shares), max(red_shares))
+
+
 def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(capsys):
     import pandas as pd
 
