@@ -348,9 +348,9 @@ def train_one_epoch(model, loader, optimiser, schedule, device: str, description
 def recalibrate_batch_norm(model, loader, device: str) -> None:
     """Set every BatchNorm layer's running mean and variance to those of `loader`'s frames (the
     training frames as they are, not augmented), averaged over its batches by their size. The
-    running statistics training leaves are a moving average over its last steps' augmented batches,
-    with weights that kept changing: after the few steps a small label set gives, eval mode labelled
-    11 of 16 training frames right, against 16 of 16 with these statistics."""
+    running statistics training leaves are a moving average over its last augmented batches, taken
+    while the weights kept changing: after the few steps a small label set gives, a labeler in eval
+    mode got 11 of its 16 training frames right, against 16 of 16 with these statistics."""
     import torch
 
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
