@@ -195,21 +195,23 @@ def results_table(results: dict[str, dict]) -> str:
 
 
 def label_table(films: list[Film], movies: dict[str, Film], manifest: pd.DataFrame, human: list[dict],
-                validation: set[str], held_out_scores: dict) -> str:
+                split: list[dict], held_out_scores: dict) -> str:
     """Per label: films, film seconds, frames sampled and kept, human labels (and how many of them
-    train validated on instead of training), and the labeler's recall and F1 on the held-out films."""
+    train validated on instead of training: `split`, the checkpoint's split per label), and the
+    labeler's recall and F1 on the held-out films."""
     label_of = manifest.movie_id.map(lambda m: movies[m].label)
     sampled, kept = Counter(label_of), Counter(label_of[manifest.kept.fillna(False).astype(bool)])
     labelled = Counter(movies[row["movie_id"]].label for row in human)
-    validated = Counter(movies[row["movie_id"]].label for row in human if row["movie_id"] in validation)
+    validated = {row["label"]: row["val_frames"] for row in split}
     per_class = held_out_scores["labeler"]["per_class"]
-    lines = ["| label | films | film s | sampled | kept | human labels | of them in validation | held-out frames "
+    lines = ["| label | films | film s | sampled | kept | human labels | of them validating | held-out frames "
              "| held-out recall | held-out F1 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, _, _ in LABELS:
         own = [f for f in films if f.label == label]
         m = per_class.get(label, {"recall": 0.0, "f1": 0.0, "support": 0})
         lines.append(f"| {label} | {len(own)} | {sum(f.seconds for f in own):.0f} | {sampled[label]} | {kept[label]} "
-                     f"| {labelled[label]} | {validated[label]} | {m['support']} | {m['recall']:.3f} | {m['f1']:.3f} |")
+                     f"| {labelled[label]} | {validated.get(label, 0)} | {m['support']} | {m['recall']:.3f} "
+                     f"| {m['f1']:.3f} |")
     return "\n".join(lines)
 
 
@@ -254,11 +256,10 @@ def report(films: list[Film], movies: dict[str, Film], manifest: pd.DataFrame, h
     kept = int(manifest.kept.fillna(False).sum())
     print(f"\nframes kept {kept}, labelled {len(human)} ({len(human) / kept:.2%}); majority class of the human "
           f"labels: {majority}; train validated on {config['val_frames']} of them "
-          f"({len(config['val_movies'])} films), trained on {config['train_frames']}")
+          f"({len(config['val_movies'])} films held out whole), trained on {config['train_frames']}")
     print(results_table(results))
     print()
-    print(label_table(films, movies, manifest, human, set(config["val_movies"]),
-                      results["held-out films, every frame"]))
+    print(label_table(films, movies, manifest, human, config["split"], results["held-out films, every frame"]))
     print("\n| step | wall s |\n|---|---|")
     print("\n".join(f"| {step} | {seconds:.0f} |" for step, seconds in timings.items()))
     print(f"| total | {sum(timings.values()):.0f} |")

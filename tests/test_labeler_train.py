@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mhmd_builder.labeler_train import (TrainSettings, classification_metrics, majority_baseline, train,
-                                        warn_if_no_better_than_majority)
+from mhmd_builder.labeler_train import (BalancedSampler, TrainSettings, classification_metrics, majority_baseline,
+                                        train, train_transform, warn_if_no_better_than_majority)
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -106,6 +106,45 @@ def test_metrics_match_a_hand_computation():
     assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]
 
 
+def test_the_sampler_draws_every_class_equally_and_no_frame_twice_before_the_rest_of_its_class():
+    targets = np.array([0] * 10 + [1] * 2 + [2])
+    sampler, seen = BalancedSampler(targets, seed=0), np.zeros(len(targets), int)
+    for _ in range(6):
+        drawn = list(sampler)
+        assert len(drawn) == len(sampler) == 13
+        assert sorted(np.bincount(targets[drawn])) == [4, 4, 5]  # 13 draws over 3 classes
+        np.add.at(seen, drawn, 1)
+        assert all(np.ptp(seen[targets == c]) <= 1 for c in range(3)), seen  # drawn in rounds
+    assert list(BalancedSampler(targets, seed=0)) == list(BalancedSampler(targets, seed=0))
+
+
+def test_training_augmentation_keeps_the_hue_of_every_colour_the_labels_are_told_apart_by():
+    import torch
+
+    torch.manual_seed(0)
+    transform = train_transform(32)
+    for rgb in CLASSES.values():
+        image = torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1).expand(3, 48, 48).contiguous()
+        for _ in range(20):
+            out = np.ascontiguousarray(transform(image).permute(1, 2, 0).numpy())
+            hue = cv2.cvtColor(out, cv2.COLOR_RGB2HSV_FULL)[..., 0].astype(int)
+            expected = int(cv2.cvtColor(np.array([[rgb]], np.uint8), cv2.COLOR_RGB2HSV_FULL)[0, 0, 0])
+            assert np.abs((hue - expected + 128) % 256 - 128).max() <= 3, rgb  # hue on a circle of 256
+
+
+def test_training_crops_now_and_then_show_mostly_one_half_of_the_frame():
+    import torch
+
+    torch.manual_seed(0)
+    transform = train_transform(32)
+    image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+    image[0, :, :32] = 255  # the left half red, the right half black
+    red_shares = [float((transform(image)[0] > 127).float().mean()) for _ in range(100)]
+    # Crops of 70% of the frame or more (ratio 3:4 to 4:3) are at least 72% as wide as it, so each
+    # half fills 30% of them or more: most of a film's background would be in every view.
+    assert min(red_shares) < 0.2 or max(red_shares) > 0.8, (min(red_shares), max(red_shares))
+
+
 def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(capsys):
     import pandas as pd
 
@@ -143,3 +182,46 @@ def test_training_is_reproducible_and_keeps_the_last_epoch_when_validation_canno
     assert len(runs[0]["trained_labels"]) == 4 and runs[0]["val_movies"] == []
     assert runs[0]["metrics"] == runs[1]["metrics"]
     assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+
+
+def conv_statistics(conv, images: np.ndarray) -> tuple:
+    """Per-channel mean and unbiased variance of `conv`'s output over `images` (NHWC uint8, normalised
+    as the labeler's input), as BatchNorm computes them in training mode."""
+    import torch
+
+    from mhmd_builder.labeler import normalise
+
+    with torch.no_grad():
+        out = conv(normalise(torch.from_numpy(images).permute(0, 3, 1, 2), "cpu"))
+    return out.mean((0, 2, 3)), out.transpose(0, 1).flatten(1).var(1, unbiased=True)
+
+
+def test_the_checkpoint_keeps_batch_norm_statistics_of_the_training_frames_as_they_are(trained):
+    from mhmd_builder.labeler import load_checkpoint, load_rgb
+
+    work, truth, config = trained
+    training = sorted(f for f in truth if not f.endswith(REJECTED) and f.split("-")[0] not in config["val_movies"])
+    model, _ = load_checkpoint(config["checkpoint"], TAXONOMY)
+    images = np.stack([load_rgb(work.root / f"frames/{f.split('-')[0]}/{f}.jpg", SMALL["image_size"])
+                       for f in training])
+    mean, variance = conv_statistics(model.conv1, images)
+    # 90 frames in batches of 16 and a last one of 10, each weighed by its size: the plain mean.
+    assert np.allclose(model.bn1.running_mean.numpy(), mean.numpy(), atol=1e-4)
+    # The variance is the mean of the batches' own: close to, not equal to, the variance of them all.
+    assert np.allclose(model.bn1.running_var.numpy(), variance.numpy(), rtol=0.1)
+
+
+def test_recalibrated_statistics_weigh_each_batch_by_its_frames_and_leave_the_momentum_as_it_was():
+    import torch
+
+    from mhmd_builder.labeler_train import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    batches = [(torch.from_numpy(images[:3]).permute(0, 3, 1, 2), None),
+               (torch.from_numpy(images[3:]).permute(0, 3, 1, 2), None)]
+    recalibrate_batch_norm(model, batches, "cpu")
+    mean, _ = conv_statistics(model[0], images)
+    assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
+    assert model[1].momentum == 0.1 and not model.training
