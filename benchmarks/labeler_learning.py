@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import shutil
-import subprocess
 import tempfile
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from commands import mhmd, timed
 from mhmd_builder.demo import Segment, make_film
 from mhmd_builder.devices import machine_cores
 from mhmd_builder.labeler_train import classification_metrics
@@ -129,27 +127,6 @@ def make_films(folder: Path, scale: Scale) -> list[Film]:
 
 
 # -- the commands -------------------------------------------------------------------------------------
-def timed(timings: dict[str, float], step: str, work, *args):
-    """Run work(*args), record and print its wall time."""
-    print(f"{step} ...", flush=True)
-    started = time.perf_counter()
-    result = work(*args)
-    timings[step] = time.perf_counter() - started
-    print(f"{step}: {timings[step]:.0f} s", flush=True)
-    return result
-
-
-def mhmd(*args: str) -> None:
-    """`uv run mhmd ARGS` as a user types it, its output shown (indented) as it comes; exits if it fails."""
-    command = ["uv", "run", "mhmd", *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines as they are printed, not when it ends
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
-        for line in process.stdout:
-            print(f"    {line}", end="", flush=True)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(command)} failed (exit {process.returncode})")
-
-
 def label_sample(todo: Path, labelled: Path, truth: dict[str, str], held_out: set[str]) -> list[dict]:
     """Play the person who labels: each sampled frame gets its film's label, except the frames of
     the held-out films, left blank (never labelled). Returns the labelled rows."""

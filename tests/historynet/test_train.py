@@ -153,6 +153,16 @@ def test_the_colour_loss_falls_on_a_fixed_image(tmp_path):
     assert sum(l2[-3:]) < 0.6 * sum(l2[:3]), l2
 
 
+def test_a_short_run_on_a_learnable_task_colours_held_out_frames_better_than_grey(shards, tmp_path):
+    """The test split's 2 gradient frames are not trained on; their colours follow from position and L as
+    the train frames' do. Measured: validation L2(ab) from 21.5e-3 (step 2) to 10.2e-3 (step 12), grey's 23.5e-3."""
+    rundir = tmp_path / "run"
+    train(TrainSettings(shards=str(shards), out=str(rundir), steps=14, epoch_samples=8, preset="l2", lr=1e-3,
+                        log_every=100, **{**SMALL, "batch_size": 4}))
+    best = read_progress(rundir / "best.safetensors")
+    assert best["validation/l2_ab"] < 0.6 * best["validation/grey_l2_ab"], best
+
+
 def test_a_cpu_run_is_reproducible(shards, tmp_path):
     for name in ("a", "b"):
         train(TrainSettings(shards=str(shards), out=str(tmp_path / name), variant="chromagan", steps=2,
