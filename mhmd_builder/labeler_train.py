@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,8 @@ from .labeler_split import Split, split_for_validation
 from .tables import DETECT, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -212,7 +215,7 @@ def selection_rule(split: Split, trained: list[int], names: list[str]) -> str | 
         return None
     reason = (f"the last epoch: validation has no frame of {len(unscored)} of the {len(trained)} trained labels "
               f"({', '.join(unscored[:5])}{', ...' if len(unscored) > 5 else ''}), so it cannot pick an epoch")
-    print(f"notice: keeping {reason}")
+    log.info(f"notice: keeping {reason}")
     return reason
 
 
@@ -227,7 +230,7 @@ def majority_baseline(labeled: "pd.DataFrame", val: np.ndarray, names: list[str]
 def warn_if_no_better_than_majority(metrics: dict) -> None:
     majority = metrics["majority"]
     if metrics["samples"] and metrics["macro_f1"] <= majority["macro_f1"]:
-        print(f"WARNING: on its validation frames the labeler does no better (macro-F1 {metrics['macro_f1']:.3f}) "
+        log.warning(f"WARNING: on its validation frames the labeler does no better (macro-F1 {metrics['macro_f1']:.3f}) "
               f"than labelling every frame {majority['label']} (macro-F1 {majority['macro_f1']:.3f}): its labels "
               "would be no better than that; label more frames of more films or train longer")
 
@@ -290,8 +293,8 @@ def fit(model, train_loader, val_loader, settings: TrainSettings, device: str, n
     for epoch in range(1, settings.epochs + 1):
         loss = train_one_epoch(model, train_loader, optimiser, schedule, device, f"epoch {epoch}/{settings.epochs}")
         metrics = {**classification_metrics(*evaluate(model, val_loader, device), names), "epoch": epoch}
-        print(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
-              f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+        log.info(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
+                 f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
         if not select_best:
             best = metrics
         elif best is None or metrics["macro_f1"] >= best["macro_f1"]:

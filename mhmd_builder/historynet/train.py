@@ -36,6 +36,7 @@ process and BatchNorm statistics stay per process (no SyncBatchNorm), as with th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -62,6 +63,8 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_check
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
+
+log = logging.getLogger(__name__)
 
 VGG16_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 LAST = "last.safetensors"
@@ -604,7 +607,7 @@ def open_recorder(run: Run, val_urls: list[str]) -> Recorder:
     settings, config, step = run.settings, run.config, run.at.step
     val_batch = validation_batch(val_urls, config["num_classes"], settings)
     recorder = Recorder(settings, step, val_batch, run.device, run.autocast)
-    print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
+    log.info(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
           f"{run.images_per_step} images, on {run.device} x{run.process.world_size} in {config['precision']}; G0: {config['vgg_weights']}; "
           f"{f'resuming at step {step}' if step else 'starting'}, until step {run.total}")
     return recorder
@@ -667,7 +670,7 @@ def finish(run: Run, meter: Meter) -> dict:
     meter.bar.close()
     if run.recorder is not None:
         run.recorder.close()
-        print(f"HistoryNet {run.settings.variant}: at step {run.at.step}, complete epochs: {run.at.epoch}; "
+        log.info(f"HistoryNet {run.settings.variant}: at step {run.at.step}, complete epochs: {run.at.epoch}; "
               f"last checkpoint {run.recorder.rundir / LAST}")
     return summary(run, meter)
 
