@@ -17,6 +17,7 @@ from .devices import fixed_cpu_threads, pick_device
 from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
                       load_rgb, metrics_path, normalise, save_checkpoint)
 from .labeler_split import Split, split_for_validation
+from .logs import bars_disable
 from .tables import DETECT, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
@@ -309,7 +310,7 @@ def train_one_epoch(model, loader, optimiser, schedule, device: str, description
 
     model.train()
     loss_fn = torch.nn.CrossEntropyLoss()
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=bars_disable())
     for images, labels in bar:
         loss = loss_fn(model(normalise(images, device)), labels.to(device))
         optimiser.zero_grad(set_to_none=True)

@@ -51,7 +51,9 @@ class AppendHandler(logging.Handler):
             self.handleError(record)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:  # logging closes every handler again at exit: never close a reused fd
+            os.close(self.fd)
+            self.fd = None
         super().close()
 
 
@@ -81,9 +83,11 @@ def show_notices(level: int) -> None:
     _install(StderrHandler(level))
 
 
-def progress_shown() -> bool:
-    """Whether progress (bars, periodic lines) belongs on stderr: not under -q."""
-    return all(h.level <= logging.INFO for h in _handlers if isinstance(h, StderrHandler))
+def bars_disable() -> bool | None:
+    """tqdm's `disable` for this command's progress bars: None (drawn on a terminal only), or True
+    under -q."""
+    quiet = any(h.level > logging.INFO for h in _handlers if isinstance(h, StderrHandler))
+    return True if quiet else None
 
 
 def versions() -> str:
@@ -100,8 +104,6 @@ def log_to(workdir: Path, command: str) -> None:
     versions. A log that cannot be written (a read-only work directory) is no error, and only said
     with -v: reading such a directory must still work, and a command that writes it fails anyway,
     with its own one-line error."""
-    if any(isinstance(h, AppendHandler) for h in _handlers):  # `mhmd demo` logs to its one work directory
-        return
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         _install(AppendHandler(workdir / LOG_NAME))

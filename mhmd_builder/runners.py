@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from .devices import machine_cores
 from .errors import InputError
-from .logs import progress_shown
+from .logs import bars_disable
 from .stages import Partition, PartitionError, PartitionResult, Stage, record_failure, run_partition
 
 
@@ -44,7 +44,7 @@ class ProgressDisplay:
     def __init__(self, stage: str, total: int, workdir=None, unit: str = "s", every: float = PLAIN_PROGRESS_S):
         self.stage, self.total, self.workdir, self.unit, self.written = stage, total, workdir, unit, {}
         self.lock = threading.Lock()
-        self.bars_disabled = None if progress_shown() else True  # None: tqdm draws only on a terminal
+        self.bars_disabled = bars_disable()
         self.overall = tqdm(total=total, desc=f"{stage}", unit="part", position=0, disable=self.bars_disabled)
         self.bars: dict[str, tqdm] = {}
         self.finished: set[str] = set()

@@ -1,10 +1,12 @@
 import inspect
+import logging
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mhmd_builder import logs
 from mhmd_builder.runners import LocalRunner, ProgressDisplay, RayRunner, make_runner
 from mhmd_builder.stages import Partition, PartitionError, PartitionResult, Resources
 from mhmd_builder.workdir import WorkDir
@@ -244,3 +246,15 @@ def test_on_a_terminal_the_bars_stay_and_no_plain_line_is_written(tmp_path, capl
         monkeypatch.setattr(sys, "stderr", stderr)
         LocalRunner(1).run(CountingStage(WorkDir(tmp_path)), [Partition("p0")])
     assert progress_lines(caplog) == []
+
+
+def test_q_turns_the_bars_off_even_on_a_terminal(monkeypatch):
+    master, terminal = os.openpty()
+    with open(master, "rb", buffering=0), open(terminal, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert not ProgressDisplay("count", 1).overall.disable
+        logs.show_notices(logging.ERROR)  # what `mhmd -q` does
+        try:
+            assert ProgressDisplay("count", 1).overall.disable is True
+        finally:
+            logs.finish(0)

@@ -55,6 +55,7 @@ from torchvision.models import VGG16_Weights
 
 from ..devices import fixed_cpu_threads, pick_device
 from ..errors import InputError, first_line
+from ..logs import bars_disable
 from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
 from ..weights import WeightsError
@@ -589,7 +590,7 @@ class Meter:
         self.images_per_step, self.first_step, self.started = run.images_per_step, run.at.step, time.perf_counter()
         self.window = (self.first_step, self.started)
         self.bar = tqdm(total=run.total, initial=run.at.step, unit="step", dynamic_ncols=True,
-                        disable=None if run.process.main else True)
+                        disable=bars_disable() if run.process.main else True)
 
     def interval_rate(self, step: int) -> float:
         """Images a second since the previous call (the first: since the start)."""
