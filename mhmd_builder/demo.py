@@ -19,6 +19,7 @@ import numpy as np
 
 from .build import PIPELINES, BuildResult, build, load_pipeline
 from .detect import DetectSettings
+from .media import require_ffmpeg
 from .persons import DetectorError, resolve_weights
 from .report import write_report
 from .workdir import WorkDir, locked
@@ -124,6 +125,7 @@ DEMO_FILMS = {
 
 
 def make_demo_films(folder: Path) -> list[Path]:
+    require_ffmpeg()
     films = []
     for name, segments in DEMO_FILMS.items():
         pad = "640x360" if "letterboxed" in name else None
