@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from dataclasses import fields
 
 import click
 
-from . import __version__
+from . import __version__, logs
 from .devices import machine_cores
 from .errors import MhmdError, storage_error
 from .extract import ExtractSettings, MovieOutcome, extract
@@ -20,8 +22,45 @@ from .runners import make_runner
 from .shards import INDEX, format_index, require_index
 from .workdir import WorkDir
 
+log = logging.getLogger("mhmd_builder.cli")  # not __name__, which is __main__ under `python -m`
+COMMAND_LINE = "mhmd.command_line"  # ctx.meta key: the arguments `mhmd` was given, for the log
+
+
+class NoWorkDir(click.ClickException):
+    """A command that reads a work directory was given one that does not exist (a typo, most often)."""
+
+    exit_code = 2
+
+
+def _logged(ctx: click.Context, workdir: str | None) -> str | None:
+    """Start the work directory's log (W/mhmd.log) for this command."""
+    if workdir is not None:
+        logs.log_to(Path(workdir), shlex.join(["mhmd", *ctx.meta.get(COMMAND_LINE, [])]))
+    return workdir
+
+
+def _existing_workdir(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not Path(value).is_dir():
+        raise NoWorkDir(f"{value}: no such work directory")
+    return _logged(ctx, value)
+
+
+def _new_workdir(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return _logged(ctx, value)
+
+
+WORKDIR_HELP = "Work directory that holds every stage's records (and their log, mhmd.log)."
 workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
-                              help="Work directory that holds every stage's records.")
+                              callback=_existing_workdir, help=WORKDIR_HELP)
+new_workdir_option = click.option("-w", "--workdir", required=True, type=click.Path(file_okay=False),
+                                  callback=_new_workdir, help=f"{WORKDIR_HELP} Created if needed.")
+
+
+def say(text: str) -> None:
+    """A result: printed on stdout, and each of its lines added to the work directory's log."""
+    click.echo(text)
+    for line in text.splitlines():
+        log.info(line, extra=logs.FILE_ONLY)
 
 
 def _needs_ray(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -51,13 +90,27 @@ def quality_options(func):
 class MhmdGroup(click.Group):
     """Every expected error (an MhmdError, or a full, read-only or forbidden file system) ends the
     command with its one-line message and exit status 1; Ctrl-C with one line and 130 (what was
-    committed stays, so the same command resumes); anything else is a bug and keeps its traceback."""
+    committed stays, so the same command resumes); anything else is a bug and keeps its traceback.
+    However it ends, the work directory's log gets its exit status (and its error)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[COMMAND_LINE] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context):
         try:
+            result = self._invoke(ctx)
+        except BaseException as error:
+            logs.finish(*_ending(error))
+            raise
+        logs.finish(0)
+        return result
+
+    def _invoke(self, ctx: click.Context):
+        try:
             return super().invoke(ctx)
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume", err=True)
+            log.error("interrupted: rerun the same command to resume")
             ctx.exit(130)
         except MhmdError as e:
             raise click.ClickException(str(e)) from None
@@ -67,10 +120,27 @@ class MhmdGroup(click.Group):
             raise click.ClickException(str(error)) from None
 
 
+def _ending(error: BaseException) -> tuple[int, str | None]:
+    """The exit status an exception ends the command with, and the error message to log."""
+    if isinstance(error, click.exceptions.Exit):
+        return error.exit_code, None
+    if isinstance(error, click.ClickException):
+        return error.exit_code, error.format_message()
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) else 1, None
+    return 1, f"{type(error).__name__}: {error}"  # a bug: its traceback follows on stderr
+
+
 @click.group(cls=MhmdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mhmd")
-def main() -> None:
-    """Build MHMD colorization training data from movie files, stage by stage."""
+@click.option("-v", "--verbose", is_flag=True, help="Also debug detail on stderr (e.g. each partition's time).")
+@click.option("-q", "--quiet", is_flag=True, help="No notices or progress on stderr, only errors.")
+def main(verbose: bool, quiet: bool) -> None:
+    """Build MHMD colorization training data from movie files, stage by stage. Results go to stdout,
+    notices and progress to stderr; commands on a work directory append to WORKDIR/mhmd.log."""
+    if verbose and quiet:
+        raise click.UsageError("-v and -q exclude each other")
+    logs.show_notices(logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO)
 
 
 def status_text(workdir: WorkDir, report: dict | None = None) -> str:
@@ -83,8 +153,8 @@ def status_text(workdir: WorkDir, report: dict | None = None) -> str:
 def report_partitions(workdir: WorkDir, results: list, describe) -> None:
     """A line per partition (`describe(summary)` when it went well), the funnel, exit 1 on failures."""
     for r in results:
-        click.echo(f"FAILED   {r.id}: {r.reason}" if not r.ok else f"ok       {r.id}: {describe(r.summary)}")
-    click.echo(status_text(workdir))
+        say(f"FAILED   {r.id}: {r.reason}" if not r.ok else f"ok       {r.id}: {describe(r.summary)}")
+    say(status_text(workdir))
     if any(not r.ok for r in results):
         sys.exit(1)
 
@@ -112,7 +182,7 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 
 @main.command("extract")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@workdir_option
+@new_workdir_option
 @click.option("--fps", type=option_type("extract.sampling.fps"), default=1.0, show_default=True,
               help="Frames per second, uniform in time.")
 @click.option("--keyframes", is_flag=True, help="Only key frames (the decoder skips the others: fast).")
@@ -145,7 +215,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
         quality=with_overrides(QualityThresholds(), thresholds))
     outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
-    click.echo(format_outcomes(outcomes))
+    say(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):
         sys.exit(1)
 
@@ -160,7 +230,7 @@ def filter_command(workdir, **given) -> None:
 
     work = WorkDir(workdir)
     summary = refilter(work, with_overrides(recorded_thresholds(work), given))
-    click.echo(format_refilter(summary))
+    say(format_refilter(summary))
 
 
 @main.command("detect")
@@ -240,9 +310,9 @@ def sample_command(workdir, fraction, output, fmt, seed, uncertain, movies, taxo
     frames = (uncertain_frames(work, uncertain, metadata) if uncertain
               else sample_frames(work, fraction, seed, movie_metadata=metadata))
     written = write_sample(frames, output, fmt, labels)
-    click.echo(f"{len(frames)} frames of {frames.movie_id.nunique()} movies: {', '.join(map(str, written))}")
+    say(f"{len(frames)} frames of {frames.movie_id.nunique()} movies: {', '.join(map(str, written))}")
     if fmt == "label-studio":
-        click.echo(LABEL_STUDIO_HOWTO.format(root=work.root, tasks=written[0], config=written[1]))
+        say(LABEL_STUDIO_HOWTO.format(root=work.root, tasks=written[0], config=written[1]))
 
 
 @main.group("labels")
@@ -263,7 +333,7 @@ def labels_import_command(file, workdir, movies, taxonomy) -> None:
     work = WorkDir(workdir)
     labels, metadata = label_context(work, taxonomy, movies)
     s = import_labels(work, file, labels, metadata)
-    click.echo(f"{s['labelled']} labels in {file}: {s['new']} new, {s['changed']} changed, {s['unchanged']} "
+    say(f"{s['labelled']} labels in {file}: {s['new']} new, {s['changed']} changed, {s['unchanged']} "
                f"unchanged; {s['unlabelled']} not labelled yet; {s['total']} human labels in all")
 
 
@@ -304,7 +374,7 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
     settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
                              image_size=image_size, split=split, val_fraction=val_fraction, device=device, seed=seed)
     imported = import_labels(wd, labels_file, tax, metadata)
-    click.echo(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
+    say(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
     train(wd, settings, tax)
 
 
@@ -349,7 +419,7 @@ def shard_command(workdir, output, maxcount, maxsize, test_fraction, seed, taxon
     tax, metadata = label_context(work, taxonomy, movies)
     index = shard(work, output, ShardSettings(maxcount, maxsize, test_fraction, seed), tax,
                   make_runner(runner, None, ray_address), movie_metadata=metadata)
-    click.echo(format_index(index, output))
+    say(format_index(index, output))
 
 
 @main.command("relabel")
@@ -374,8 +444,8 @@ def relabel_command(shard_dir, checkpoint, output, override_human, device, batch
 
     index = relabel(shard_dir, checkpoint, output, RelabelSettings(device, batch_size, override_human),
                     load_taxonomy(taxonomy), make_runner(runner, workers, ray_address))
-    click.echo(format_changes(index["relabel"]["changes"]))
-    click.echo(f"index: {Path(output) / INDEX}")
+    say(format_changes(index["relabel"]["changes"]))
+    say(f"index: {Path(output) / INDEX}")
 
 
 @main.group("parsing")
@@ -391,12 +461,12 @@ def parsing_attach_command(folder, workdir) -> None:
     from .parsing import attach_parsing
 
     count = attach_parsing(WorkDir(workdir), folder)
-    click.echo(f"attached {count} parsing maps")
+    say(f"attached {count} parsing maps")
 
 
 @main.command("report")
 @click.argument("shard_dir", required=False, type=click.Path(exists=True, file_okay=False))
-@click.option("-w", "--workdir", type=click.Path(file_okay=False), default=None,
+@click.option("-w", "--workdir", type=click.Path(file_okay=False), default=None, callback=_existing_workdir,
               help="Work directory: the whole funnel (or give SHARD_DIR, a folder with index.json).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="report.html")
 @click.option("--recipe", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -417,7 +487,7 @@ def report_command(shard_dir, workdir, output, recipe, taxonomy) -> None:
         path = write_report(shard_dir or workdir, output, load_taxonomy(taxonomy), recipe)
     except OSError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"report: {path}")
+    say(f"report: {path}")
 
 
 @main.group("historynet")
@@ -484,7 +554,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         val_samples=val_samples,
         taxonomy=taxonomy, resume=resume, precision=precision)
     result = train(settings)
-    click.echo(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
+    say(f"step {result['step']}, epoch {result['epoch']}: {result['images_per_second']:.1f} images/s; "
                f"checkpoint {result['last']}")
 
 
@@ -533,7 +603,7 @@ def historynet_colorize_command(inputs, checkpoint, output, device, batch_size) 
     result = colorize(inputs, checkpoint, output, device, batch_size)
     for failure in result.failures:
         click.echo(f"Error: {failure}", err=True)
-    click.echo(f"wrote {len(result.written)} colorized images to {output}")
+    say(f"wrote {len(result.written)} colorized images to {output}")
     if result.failures:
         sys.exit(1)
 
@@ -546,7 +616,10 @@ def status_command(workdir, as_json) -> None:
     from .manifest import status
 
     report = status(WorkDir(workdir))
-    click.echo(json.dumps(report, indent=1) if as_json else status_text(WorkDir(workdir), report))
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+    else:
+        say(status_text(WorkDir(workdir), report))
 
 
 @main.group("manifest")
@@ -562,7 +635,7 @@ def manifest_export_command(workdir, output) -> None:
     from .manifest import export_manifest
 
     rows = export_manifest(WorkDir(workdir), output)
-    click.echo(f"wrote {rows} rows to {output}")
+    say(f"wrote {rows} rows to {output}")
 
 
 NEXT_STEP = """stopped: nobody has labelled frames yet. {what} in
@@ -575,18 +648,18 @@ Fill its `label` column with label names of the taxonomy ({taxonomy}), or label 
 
 def report_build(result, workdir: WorkDir, pipeline, out: str) -> None:
     """What was done, the funnel, and what comes next; exit 1 on failures, 3 when labels are needed."""
-    click.echo(format_outcomes(result.outcomes))
-    click.echo(status_text(workdir))
+    say(format_outcomes(result.outcomes))
+    say(status_text(workdir))
     if result.needs_labels:
         what = (f"{result.sample[0]} frames of {result.sample[1]} films to label are" if result.sample
                 else "The sample to label (written by an earlier build) is")
-        click.echo(NEXT_STEP.format(what=what, todo=result.needs_labels,
+        say(NEXT_STEP.format(what=what, todo=result.needs_labels,
                                     taxonomy=pipeline.taxonomy or "the 42 MHMD labels", workdir=workdir.root,
                                     pipeline=pipeline.source, out=out))
     else:
-        click.echo(format_index(result.index, out))
+        say(format_index(result.index, out))
     for failure in result.failures:
-        click.echo(f"FAILED   {failure}")
+        say(f"FAILED   {failure}")
     if result.failures:
         sys.exit(1)
     if result.needs_labels:
@@ -596,7 +669,7 @@ def report_build(result, workdir: WorkDir, pipeline, out: str) -> None:
 @main.command("build")
 @click.argument("pipeline", type=click.Path())
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@workdir_option
+@new_workdir_option
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SHARDDIR (rewritten whole).")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Human labels (CSV or Label Studio JSON export) [default: the recipe's `labels`].")
@@ -618,8 +691,14 @@ def build_command(pipeline, inputs, workdir, output, labels, movies, runner, ray
     report_build(result, work, recipe, output)
 
 
+def _demo_logged(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    _logged(ctx, str(Path(value) / "work"))
+    return value
+
+
 @main.command("demo")
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="OUTDIR")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), callback=_demo_logged,
+              help="OUTDIR (its work directory's log: OUTDIR/work/mhmd.log)")
 @click.option("--workers", type=click.IntRange(min=1), default=None)
 def demo_command(output, workers) -> None:
     """Make short films with ffmpeg and build a dataset from them with pipelines/demo.yaml:
@@ -630,8 +709,8 @@ def demo_command(output, workers) -> None:
     result = run_demo(Path(output), workers)
     report_build(result, WorkDir(Path(output) / "work"), load_pipeline(PIPELINES / "demo.yaml"),
                  str(Path(output) / "shards"))
-    click.echo(f"work directory: {Path(output) / 'work'}")
-    click.echo(f"report: {Path(output) / 'report.html'}")
+    say(f"work directory: {Path(output) / 'work'}")
+    say(f"report: {Path(output) / 'report.html'}")
 
 
 if __name__ == "__main__":

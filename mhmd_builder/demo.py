@@ -8,6 +8,7 @@ The demo plays the person who labels the sample: it knows what each second of it
 from __future__ import annotations
 
 import csv
+import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,9 +19,12 @@ import numpy as np
 
 from .build import PIPELINES, BuildResult, build, load_pipeline
 from .detect import DetectSettings
+from .media import require_ffmpeg
 from .persons import DetectorError, resolve_weights
 from .report import write_report
 from .workdir import WorkDir, locked
+
+log = logging.getLogger(__name__)
 
 SIZE, RATE = "640x360", 24
 SEPIA = dict(rr=0.393, rg=0.769, rb=0.189, gr=0.349, gg=0.686, gb=0.168, br=0.272, bg=0.534, bb=0.131)
@@ -121,6 +125,7 @@ DEMO_FILMS = {
 
 
 def make_demo_films(folder: Path) -> list[Path]:
+    require_ffmpeg()
     films = []
     for name, segments in DEMO_FILMS.items():
         pad = "640x360" if "letterboxed" in name else None
@@ -133,7 +138,7 @@ def demo_detector(settings: DetectSettings) -> DetectSettings:
     try:
         return replace(settings, model=resolve_weights(settings.model))
     except DetectorError as e:
-        print(f"notice: {e}; this demo uses the OpenCV detector instead")
+        log.info(f"notice: {e}; this demo uses the OpenCV detector instead")
         return replace(settings, detector="opencv")
 
 

@@ -18,7 +18,7 @@ import xxhash
 
 from .errors import InputError
 from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, decode_frames, detect_letterbox,
-                    find_movies, movie_id, output_size, probe, slug)
+                    find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .tables import EXTRACT, FRAME_SCHEMA
@@ -260,6 +260,7 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     Movies already done are skipped, so a killed run resumes where it stopped; `redo` extracts
     them again (e.g. with new quality thresholds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    require_ffmpeg()  # here, not in the workers: an old ffmpeg stops the command, not each movie
     stage = ExtractStage(workdir, settings or ExtractSettings())
     partitions, outcomes = plan_movies(workdir, find_movies(inputs))
     finished = {} if redo else workdir.done(STAGE)

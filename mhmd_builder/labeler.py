@@ -9,6 +9,7 @@ stage in label.py.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -23,6 +24,8 @@ from .tables import label_dir
 from .taxonomy import Taxonomy
 from .weights import check_pinned, weights_cache
 from .workdir import WorkDir, atomic_write_bytes, atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 ARCHS = CHOICES["labeler.arch"]
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation (RGB), recorded in the checkpoint
@@ -69,8 +72,8 @@ def initial_weights(arch: str, weights: str) -> tuple[dict | None, str]:
         try:
             path = imagenet_weights_file(arch)
         except OSError as e:
-            print(f"notice: cannot download torchvision's ImageNet {arch} weights ({type(e).__name__}, offline?): "
-                  "training from random initialisation; give a local copy with --weights PATH")
+            log.warning(f"notice: cannot download torchvision's ImageNet {arch} weights ({type(e).__name__}, "
+                        "offline?): training from random initialisation; give a local copy with --weights PATH")
             return None, "random (ImageNet weights unavailable)"
     else:
         path = Path(weights)
@@ -127,8 +130,8 @@ def check_checkpoint(checkpoint: str | Path, taxonomy: Taxonomy) -> dict:
     config = load_checkpoint(checkpoint, taxonomy)[1]
     trained = trained_labels(config)
     if trained is not None and len(trained) < len(taxonomy):
-        print(f"notice: {checkpoint} was trained on {len(trained)} of the {len(taxonomy)} labels and gives only "
-              "those; label frames of the others and train again to have them")
+        log.warning(f"notice: {checkpoint} was trained on {len(trained)} of the {len(taxonomy)} labels and gives "
+                    "only those; label frames of the others and train again to have them")
     return config
 
 

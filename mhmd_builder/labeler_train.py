@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +17,12 @@ from .devices import fixed_cpu_threads, pick_device
 from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
                       load_rgb, metrics_path, normalise, save_checkpoint)
 from .labeler_split import Split, split_for_validation
+from .logs import bars_disable
 from .tables import DETECT, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -235,7 +239,7 @@ def selection_rule(split: Split, trained: list[int], names: list[str]) -> str | 
         return None
     reason = (f"the last epoch: validation has no frame of {len(unscored)} of the {len(trained)} trained labels "
               f"({', '.join(unscored[:5])}{', ...' if len(unscored) > 5 else ''}), so it cannot pick an epoch")
-    print(f"notice: keeping {reason}")
+    log.info(f"notice: keeping {reason}")
     return reason
 
 
@@ -250,7 +254,7 @@ def majority_baseline(labeled: "pd.DataFrame", val: np.ndarray, names: list[str]
 def warn_if_no_better_than_majority(metrics: dict) -> None:
     majority = metrics["majority"]
     if metrics["samples"] and metrics["macro_f1"] <= majority["macro_f1"]:
-        print(f"WARNING: on its validation frames the labeler does no better (macro-F1 {metrics['macro_f1']:.3f}) "
+        log.warning(f"WARNING: on its validation frames the labeler does no better (macro-F1 {metrics['macro_f1']:.3f}) "
               f"than labelling every frame {majority['label']} (macro-F1 {majority['macro_f1']:.3f}): its labels "
               "would be no better than that; label more frames of more films or train longer")
 
@@ -318,8 +322,8 @@ def fit(model, loaders: tuple, settings: TrainSettings, device: str, names: list
         loss = train_one_epoch(model, train_loader, optimiser, schedule, device, f"epoch {epoch}/{settings.epochs}")
         recalibrate_batch_norm(model, calibration_loader, device)
         metrics = {**classification_metrics(*evaluate(model, val_loader, device), names), "epoch": epoch}
-        print(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
-              f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
+        log.info(f"epoch {epoch}/{settings.epochs}: loss {loss:.3f}, validation accuracy "
+                 f"{metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}")
         if not select_best:
             best = metrics
         elif best is None or metrics["macro_f1"] >= best["macro_f1"]:
@@ -334,7 +338,7 @@ def train_one_epoch(model, loader, optimiser, schedule, device: str, description
 
     model.train()
     loss_fn = torch.nn.CrossEntropyLoss()
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)
+    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=bars_disable())
     for images, labels in bar:
         loss = loss_fn(model(normalise(images, device)), labels.to(device))
         optimiser.zero_grad(set_to_none=True)

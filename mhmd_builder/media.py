@@ -6,7 +6,9 @@ process per movie; their exact presentation times come from ffmpeg's `showinfo` 
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
+import logging
 import math
 import os
 import queue
@@ -25,7 +27,10 @@ from typing import Iterator
 import ffmpeg
 import numpy as np
 
-from .errors import MhmdError
+from .errors import MhmdError, first_line
+from .logs import FILE_ONLY
+
+log = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = {
     ".mp4", ".m4v", ".mkv", ".avi", ".mov", ".webm", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts",
@@ -49,6 +54,41 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 class MediaError(MhmdError):
     """A movie that cannot be used; the message is one line naming the problem."""
+
+
+class FfmpegError(MhmdError):
+    """ffmpeg missing, or too old for the options mhmd gives it: no movie can be read (not a
+    MediaError, which fails one movie and lets the others go on)."""
+
+
+FFMPEG_MIN = (5, 1)  # -fps_mode, which every decode passes, came with ffmpeg 5.1
+_RELEASE = re.compile(r"ffmpeg version n?(\d+)\.(\d+)")  # "4.4.2-0ubuntu0.22.04.1", "n6.1.1", "7.1-static"
+
+
+def ffmpeg_release(version_line: str) -> tuple[int, int] | None:
+    """(major, minor) from the first line of `ffmpeg -version`; None for a git build
+    ("N-112233-gabcdef"), which carries no release number and is newer than the last release."""
+    match = _RELEASE.match(version_line)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+@functools.cache
+def require_ffmpeg() -> str:
+    """The first line of `ffmpeg -version`, checked once per process before the first use of ffmpeg:
+    FfmpegError in one line when ffmpeg is not on PATH, does not run, or is older than 5.1."""
+    try:
+        out = subprocess.run(["ffmpeg", "-version"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             check=True).stdout
+    except FileNotFoundError:
+        raise FfmpegError("ffmpeg not found on PATH: install ffmpeg >= 5.1") from None
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise FfmpegError(f"`ffmpeg -version` failed ({first_line(e)}): install ffmpeg >= 5.1") from None
+    line = out.partition("\n")[0].split(" Copyright")[0]
+    release = ffmpeg_release(line)
+    if release is not None and release < FFMPEG_MIN:
+        raise FfmpegError(f"{line}: too old, mhmd needs ffmpeg >= 5.1 (for -fps_mode)")
+    log.info("%s", line, extra=FILE_ONLY)  # "ffmpeg version ...": the log says which ffmpeg ran
+    return line
 
 
 def find_movies(paths: list[str | Path]) -> list[Path]:
@@ -186,6 +226,7 @@ def _refusal(path: Path, stderr: bytes) -> str:
 
 def probe(path: Path) -> MovieInfo:
     """ffprobe the first video stream; MediaError with ffprobe's own words when it is unusable."""
+    require_ffmpeg()
     if regular_file_size(path) == 0:
         raise MediaError("empty file (0 bytes)")
     try:
@@ -339,6 +380,7 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
     One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
     keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line; `demuxer` (the
     probed one) pins the container, which is anyway one of CONTAINERS."""
+    require_ffmpeg()
     stats = stats or DecodeStats()
     width, height = size
     in_args: dict = {}

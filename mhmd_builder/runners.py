@@ -7,10 +7,12 @@ reports travel back on a queue and are drawn as one bar per running partition pl
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -20,19 +22,36 @@ from tqdm import tqdm
 
 from .devices import machine_cores
 from .errors import InputError
+from .logs import bars_disable
 from .stages import Partition, PartitionError, PartitionResult, Stage, record_failure, run_partition
+
+
+log = logging.getLogger(__name__)
+
+PLAIN_PROGRESS_S = 30.0  # seconds between plain progress lines when stderr is not a terminal
+
+
+def _on_terminal() -> bool:
+    return getattr(sys.stderr, "isatty", lambda: False)()
 
 
 class ProgressDisplay:
     """An overall bar over partitions and a bar for each partition while it runs; the same progress
-    goes to the work directory (at most once a second per partition) for `mhmd status`."""
+    goes to the work directory (at most once a second per partition) for `mhmd status`. Where
+    stderr is no terminal (nohup, Slurm, a pipe) tqdm draws nothing: a plain line ("extract: 12/40
+    partitions, 3 failed") is logged every `every` seconds instead, and once at the end."""
 
-    def __init__(self, stage: str, total: int, workdir=None, unit: str = "s"):
-        self.stage, self.workdir, self.unit, self.written = stage, workdir, unit, {}
+    def __init__(self, stage: str, total: int, workdir=None, unit: str = "s", every: float = PLAIN_PROGRESS_S):
+        self.stage, self.total, self.workdir, self.unit, self.written = stage, total, workdir, unit, {}
         self.lock = threading.Lock()
-        self.overall = tqdm(total=total, desc=f"{stage}", unit="part", position=0, disable=None)
+        self.bars_disabled = bars_disable()
+        self.overall = tqdm(total=total, desc=f"{stage}", unit="part", position=0, disable=self.bars_disabled)
         self.bars: dict[str, tqdm] = {}
         self.finished: set[str] = set()
+        self.failures = 0
+        self.started: dict[str, float] = {}  # partition -> when its first progress report came
+        self.plain_every = None if _on_terminal() else every
+        self.plain_at = time.monotonic()
         self.free_rows: list[int] = []
         self.next_row = 1
 
@@ -43,8 +62,9 @@ class ProgressDisplay:
             bar = self.bars.get(pid)
             if bar is None:
                 row = self.free_rows.pop() if self.free_rows else self._new_row()
+                self.started[pid] = time.monotonic()
                 bar = tqdm(total=round(total, 1), desc=pid[:32], unit=self.unit, position=row, leave=False,
-                           disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} "
+                           disable=self.bars_disabled, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} "
                                                     "[{elapsed}<{remaining}]")
                 bar.row = row
                 self.bars[pid] = bar
@@ -53,6 +73,14 @@ class ProgressDisplay:
             if self.workdir is not None and time.monotonic() - self.written.get(pid, 0.0) >= 1.0:
                 self.written[pid] = time.monotonic()
                 self.workdir.write_progress(self.stage, pid, done, total)
+            self._plain_line()
+
+    def _plain_line(self, last: bool = False) -> None:
+        """The overall progress as a plain line, when it is due (and bars are not drawn)."""
+        if self.plain_every is None or not (last or time.monotonic() - self.plain_at >= self.plain_every):
+            return
+        self.plain_at = time.monotonic()
+        log.info("%s: %d/%d partitions, %d failed", self.stage, len(self.finished), self.total, self.failures)
 
     def _new_row(self) -> int:
         self.next_row += 1
@@ -68,12 +96,18 @@ class ProgressDisplay:
                 self.free_rows.append(bar.row)
                 bar.close()
             self.overall.update(1)
+            since = self.started.pop(result.id, None)
+            took = f" after {time.monotonic() - since:.1f} s" if since is not None else ""
+            log.debug("%s: %s %s%s", self.stage, result.id, "done" if result.ok else "failed", took)
             if not result.ok:
-                self.overall.write(f"failed: {result.id}: {result.reason}")
+                self.failures += 1
+                log.warning("failed: %s: %s", result.id, result.reason)
+            self._plain_line()
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
+        self._plain_line(last=True)
         self.overall.close()
 
 

@@ -13,6 +13,7 @@ so it needs no stage module.
 """
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import suppress
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from .workdir import WorkDir
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -141,7 +144,7 @@ def _move_old_layout(workdir: WorkDir, folder: Path) -> None:
             os.replace(source, target)
         except FileNotFoundError:  # another process moved it first
             continue
-        print(f"notice: moved {source} to {target} (new layout)")
+        log.info(f"notice: moved {source} to {target} (new layout)")
         with suppress(OSError):  # the old folder goes once empty; rmdir refuses while it holds anything
             source.parent.rmdir()
 

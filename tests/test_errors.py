@@ -32,6 +32,7 @@ def test_a_full_disk_ends_a_command_with_one_line_and_no_temporary_file(tmp_path
 
     monkeypatch.setattr(workdir.pq, "write_table", no_space)
     out = tmp_path / "out" / "manifest.parquet"
+    (tmp_path / "w").mkdir()  # an empty work directory: its manifest has no rows, but is written
     result = CliRunner().invoke(main, ["manifest", "export", "-w", str(tmp_path / "w"), "-o", str(out)])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import ExtractSettings, extract, frame_id
+from mhmd_builder.logs import LOG_NAME
 from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
@@ -289,7 +291,11 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert out == "" and err.strip() == "interrupted: rerun the same command to resume"
+    # stderr is a pipe: the progress comes as plain lines, the last one where the run stopped
+    *progress, last = err.strip().splitlines()
+    assert out == "" and last == "interrupted: rerun the same command to resume"
+    assert progress and all(re.fullmatch(r"extract: [0-3]/4 partitions, 0 failed", line) for line in progress)
+    assert "ERROR interrupted" in (work / LOG_NAME).read_text()
     assert not [p for p in work.rglob("*") if ".tmp" in p.name]
     assert_resumed_as_never_interrupted(work, reference, args)
 

@@ -171,6 +171,7 @@ def test_mhmd_filter_then_its_reextract_command(workcopy):
 
 
 def test_mhmd_filter_on_an_empty_work_directory_says_what_to_run(tmp_path):
+    (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["filter", "-w", str(tmp_path / "empty"), "--min-colorfulness", "5"])
     assert result.exit_code == 1 and "no extracted movies yet: run `mhmd extract` first" in result.output
     assert len(result.output.strip().splitlines()) == 1

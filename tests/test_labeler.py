@@ -50,7 +50,7 @@ def test_checkpoint_round_trips(tmp_path):
     assert config["image_size"] == 64
 
 
-def test_weights_offline_pinned_and_none(tmp_path, monkeypatch, capsys):
+def test_weights_offline_pinned_and_none(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("MHMD_WEIGHTS_DIR", str(tmp_path / "cache"))
 
     def offline(*args, **kwargs):
@@ -58,7 +58,7 @@ def test_weights_offline_pinned_and_none(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     assert initial_weights("resnet18", "imagenet")[0] is None
-    assert "random initialisation" in capsys.readouterr().out
+    assert "random initialisation" in caplog.text
     fake = tmp_path / "resnet18-f37072fd.pth"
     fake.write_bytes(b"not the published file")
     with pytest.raises(WeightsError, match="does not match the published"):

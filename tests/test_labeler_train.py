@@ -145,7 +145,7 @@ def test_training_crops_now_and_then_show_mostly_one_half_of_the_frame():
     assert min(red_shares) < 0.2 or max(red_shares) > 0.8, (min(red_shares), max(red_shares))
 
 
-def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(capsys):
+def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(caplog):
     import pandas as pd
 
     labeled = pd.DataFrame({"label_id": [1, 1, 0, 2, 1, 0, 0]})
@@ -154,9 +154,12 @@ def test_the_majority_baseline_and_the_warning_when_the_labeler_does_no_better(c
     # Validation truth b, a, a all called b: accuracy 1/3; F1 of b 1/2 (P 1/3, R 1), of a 0.
     assert majority == pytest.approx({"label": "b", "accuracy": 1 / 3, "macro_f1": 0.25})
     warn_if_no_better_than_majority({"samples": 3, "macro_f1": 0.25, "majority": majority})
-    assert capsys.readouterr().out.startswith("WARNING: on its validation frames the labeler does no better")
+    [warning] = caplog.records
+    assert warning.levelname == "WARNING"
+    assert warning.getMessage().startswith("WARNING: on its validation frames the labeler does no better")
+    caplog.clear()
     warn_if_no_better_than_majority({"samples": 3, "macro_f1": 0.26, "majority": majority})
-    assert capsys.readouterr().out == ""
+    assert caplog.records == []
 
 
 def test_trained_labeler_generalises_to_a_held_out_film(trained):

@@ -1,11 +1,15 @@
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mhmd_builder.logs import LOG_NAME
 from mhmd_builder.media import (CONTAINERS, VIDEO_EXTENSIONS, Crop, MediaError, Sampling, decode_frames,
-                                detect_letterbox, find_movies, movie_id, output_size, probe, slug)
+                                detect_letterbox, ffmpeg_release, find_movies, movie_id, output_size, probe, slug)
 
 from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
 
@@ -230,3 +234,51 @@ def test_dancer_header_count_is_wrong_but_every_decodable_frame_comes_out(shared
     assert len(times) == 1571
     assert times == pytest.approx(ffprobe_pts(dancer))
     assert np.all(np.diff(times) > 0)
+
+
+@pytest.mark.parametrize("line, release", [
+    ("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright (c) 2000-2021 the FFmpeg developers", (4, 4)),
+    ("ffmpeg version 5.1.6-0+deb12u1 Copyright (c) 2000-2024 the FFmpeg developers", (5, 1)),
+    ("ffmpeg version n6.1.1 Copyright (c) 2000-2023 the FFmpeg developers", (6, 1)),
+    ("ffmpeg version 7.1-static https://johnvansickle.com/ffmpeg/  Copyright (c) 2000-2024", (7, 1)),
+    ("ffmpeg version 10.0 Copyright (c) 2000-2030 the FFmpeg developers", (10, 0)),
+    ("ffmpeg version N-112233-gabcdef1234 Copyright (c) 2000-2024 the FFmpeg developers", None),  # a git build
+])
+def test_the_ffmpeg_release_is_read_from_its_version_line(line, release):
+    assert ffmpeg_release(line) == release
+
+
+MHMD = [sys.executable, "-m", "mhmd_builder.cli"]
+
+
+def fake_ffmpeg(folder: Path, version_line: str) -> dict:
+    """An environment whose PATH finds first an `ffmpeg` that prints `version_line` to -version."""
+    folder.mkdir()
+    script = folder / "ffmpeg"
+    script.write_text(f"#!/bin/sh\necho '{version_line}'\necho 'built with gcc 11 (Ubuntu 11.2.0-19ubuntu1)'\n")
+    script.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("version_line, error", [
+    ("ffmpeg version 4.4.2-0ubuntu0.22.04.1 Copyright (c) 2000-2021 the FFmpeg developers",
+     "Error: ffmpeg version 4.4.2-0ubuntu0.22.04.1: too old, mhmd needs ffmpeg >= 5.1 (for -fps_mode)\n"),
+    (None, "Error: ffmpeg not found on PATH: install ffmpeg >= 5.1\n"),
+])
+def test_extract_refuses_an_old_or_missing_ffmpeg_in_one_line(tmp_path, version_line, error):
+    movie = make_movie(tmp_path / "a.mp4", seconds=1)
+    env = (fake_ffmpeg(tmp_path / "bin", version_line) if version_line
+           else {**os.environ, "PATH": str(tmp_path / "nothing")})
+    result = subprocess.run([*MHMD, "extract", str(movie), "-w", str(tmp_path / "w")], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", error)
+    assert not (tmp_path / "w" / "extract").exists()  # refused before any movie was planned
+
+
+def test_a_new_enough_ffmpeg_is_accepted_and_named_in_the_log(tmp_path):
+    movie = make_movie(tmp_path / "a.mp4", seconds=1)
+    real = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.partition(" Copyright")[0]
+    result = subprocess.run([*MHMD, "extract", str(movie), "-w", str(tmp_path / "w")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"INFO {real}\n" in (tmp_path / "w" / LOG_NAME).read_text()

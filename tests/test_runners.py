@@ -1,11 +1,14 @@
 import inspect
+import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mhmd_builder.runners import LocalRunner, RayRunner, make_runner
-from mhmd_builder.stages import Partition, PartitionError, Resources
+from mhmd_builder import logs
+from mhmd_builder.runners import LocalRunner, ProgressDisplay, RayRunner, make_runner
+from mhmd_builder.stages import Partition, PartitionError, PartitionResult, Resources
 from mhmd_builder.workdir import WorkDir
 
 import pytest
@@ -215,3 +218,43 @@ def test_ray_retries_as_many_times_as_the_readme_says():
     retries = re.search(r"runs again on a\s+fresh actor, up to (\d+) more times", readme)
     assert retries, "README no longer states the Ray retry count"
     assert inspect.signature(RayRunner).parameters["retries"].default == int(retries.group(1))
+
+
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mhmd_builder.runners" and "partitions" in r.getMessage()]
+
+
+def test_off_a_terminal_progress_comes_as_plain_lines(tmp_path, caplog):
+    caplog.set_level("INFO", logger="mhmd_builder")
+    parts = [Partition("p0"), Partition("bad", {"bad": True}), Partition("p1")]
+    LocalRunner(1).run(CountingStage(WorkDir(tmp_path)), parts)  # pytest's stderr is no terminal
+    # At the end only: the default interval (30 s) is far longer than this run.
+    assert progress_lines(caplog) == ["count: 3/3 partitions, 1 failed"]
+    caplog.clear()
+    display = ProgressDisplay("count", 3, every=0.0)  # a line at every report
+    display.update("p0", 1, 2)
+    display.finish(PartitionResult("p0", False, "broken", {}))
+    display.close()
+    assert progress_lines(caplog) == ["count: 0/3 partitions, 0 failed", "count: 1/3 partitions, 1 failed",
+                                      "count: 1/3 partitions, 1 failed"]
+
+
+def test_on_a_terminal_the_bars_stay_and_no_plain_line_is_written(tmp_path, caplog, monkeypatch):
+    caplog.set_level("INFO", logger="mhmd_builder")
+    master, terminal = os.openpty()
+    with open(master, "rb", buffering=0), open(terminal, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        LocalRunner(1).run(CountingStage(WorkDir(tmp_path)), [Partition("p0")])
+    assert progress_lines(caplog) == []
+
+
+def test_q_turns_the_bars_off_even_on_a_terminal(monkeypatch):
+    master, terminal = os.openpty()
+    with open(master, "rb", buffering=0), open(terminal, "w") as stderr:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert not ProgressDisplay("count", 1).overall.disable
+        logs.show_notices(logging.ERROR)  # what `mhmd -q` does
+        try:
+            assert ProgressDisplay("count", 1).overall.disable is True
+        finally:
+            logs.finish(0)

@@ -29,6 +29,7 @@ from ..batching import batched
 from ..devices import pick_device
 from ..errors import InputError
 from ..images import ImageError, open_image
+from ..logs import bars_disable
 from ..workdir import atomic_write_bytes
 from .checkpoint import load_generator
 from .data import lab_input, rgb_from_lab, unit_float
@@ -136,7 +137,7 @@ def colorize(inputs: str | Path | Iterable[str | Path], checkpoint: str | Path, 
     device = pick_device(device)
     generator, config = load_colorizer(checkpoint, device)
     result = Colorized()
-    with tqdm(total=len(images), desc="colorize", unit="img", disable=None) as bar:
+    with tqdm(total=len(images), desc="colorize", unit="img", disable=bars_disable()) as bar:
         for batch in batched(_readable(images, targets, result.failures), batch_size):
             result.written += _colorize_batch(generator, config["image_size"], device, batch)
             bar.update(len(result.written) + len(result.failures) - bar.n)

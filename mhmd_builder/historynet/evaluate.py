@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from ..devices import pick_device
 from ..errors import InputError
+from ..logs import bars_disable
 from ..shards import shard_urls
 from .colorize import load_colorizer, predict_ab
 from .data import ab_levels, eval_loader, lightness, rgb_from_ab_levels
@@ -189,7 +190,7 @@ def evaluate(shards, checkpoint: str | Path, device: str = "auto", batch_size: i
     with ThreadPoolExecutor(METRIC_THREADS) as pool:
         frames = _predicted(_first_samples(loader, limit), generator, device)
         rows = list(tqdm(_in_order(_jobs(frames, pool, lpips_net, PROTOCOLS[protocol]), ahead=2 * batch_size),
-                         total=limit, desc="evaluate", unit="img", disable=None))
+                         total=limit, desc="evaluate", unit="img", disable=bars_disable()))
     seconds = time.perf_counter() - start
     if not rows:
         raise InputError(f"{shards}: no {split} samples to evaluate")

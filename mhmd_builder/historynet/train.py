@@ -39,6 +39,7 @@ process and BatchNorm statistics stay per process (no SyncBatchNorm), as with th
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -57,6 +58,7 @@ from torchvision.models import VGG16_Weights
 
 from ..devices import fixed_cpu_threads, pick_device
 from ..errors import InputError, first_line
+from ..logs import bars_disable
 from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
 from ..weights import WeightsError
@@ -65,6 +67,8 @@ from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_progr
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
+
+log = logging.getLogger(__name__)
 
 VGG16_FILE = Path(VGG16_Weights.IMAGENET1K_V1.url).name  # vgg16-397923af.pth
 LAST = "last.safetensors"
@@ -646,7 +650,7 @@ class Meter:
         self.images_per_step, self.first_step, self.started = run.images_per_step, run.at.step, time.perf_counter()
         self.window = (self.first_step, self.started)
         self.bar = tqdm(total=run.total, initial=run.at.step, unit="step", dynamic_ncols=True,
-                        disable=None if run.process.main else True)
+                        disable=bars_disable() if run.process.main else True)
 
     def interval_rate(self, step: int) -> float:
         """Images a second since the previous call (the first: since the start)."""
@@ -665,7 +669,7 @@ def open_recorder(run: Run, val_urls: list[str]) -> Recorder:
     val_batch = validation_batch(val_urls, config["num_classes"], settings)
     val_batches = validation_batches(val_urls, config["num_classes"], settings)
     recorder = Recorder(settings, step, val_batch, val_batches, run.device, run.autocast)
-    print(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
+    log.info(f"HistoryNet {settings.variant}: {config['epoch_samples']} samples an epoch, {run.epoch_steps} steps of "
           f"{run.images_per_step} images, on {run.device} x{run.process.world_size} in {config['precision']}; G0: {config['vgg_weights']}; "
           f"{f'resuming at step {step}' if step else 'starting'}, until step {run.total}")
     return recorder
@@ -728,7 +732,7 @@ def finish(run: Run, meter: Meter) -> dict:
     meter.bar.close()
     if run.recorder is not None:
         run.recorder.close()
-        print(f"HistoryNet {run.settings.variant}: at step {run.at.step}, complete epochs: {run.at.epoch}; "
+        log.info(f"HistoryNet {run.settings.variant}: at step {run.at.step}, complete epochs: {run.at.epoch}; "
               f"last checkpoint {run.recorder.rundir / LAST}")
     return summary(run, meter)
 
