@@ -1,4 +1,5 @@
 """The label stage: the labeler trained in test_labeler_train labels every kept frame of its films."""
+import logging
 import os
 
 import numpy as np
@@ -91,7 +92,7 @@ def test_every_kept_frame_gets_its_human_label_or_the_most_probable_label_its_fi
     assert set(rows.label) >= {"after_ww2/china/formal", *human.values()}
 
 
-def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, capsys):
+def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, caplog):
     """Human labels used to be in W/labels/ and the default checkpoint in W/labeler/: the first
     look for them moves them into the label stage's folder, where they are read from then on."""
     work = WorkDir(tmp_path / "work")
@@ -104,9 +105,11 @@ def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, 
     metrics_path(old_checkpoint).write_text("{}")
     (work.root / "label").rmdir()
 
+    caplog.set_level(logging.INFO, logger="mhmd_builder")
     assert read_human_labels(work).label_id.tolist() == [TAXONOMY.by_name("during_ww2/usa/formal").id,
                                                           TAXONOMY.by_name("during_ww2/usa/military").id]
-    moved = capsys.readouterr().out.splitlines()  # every old label file, the first time any is looked for
+    moved = [record.getMessage() for record in caplog.records]  # every old label file, the first look
+    caplog.clear()
     assert len(moved) == 4 and moved[0] == (f"notice: moved {work.root / 'labels' / 'human.parquet'} to "
                                             f"{work.root / 'label' / 'human.parquet'} (new layout)")
     checkpoint = default_checkpoint(work)
@@ -117,10 +120,10 @@ def test_an_old_work_directory_is_read_and_its_label_files_moved_once(tmp_path, 
     (work.root / "labels").mkdir()
     (work.root / "labels" / "human.parquet").write_bytes(b"stale")
     assert read_human_labels(work).shape[0] == 2 and human_labels_path(work).read_bytes() != b"stale"
-    assert capsys.readouterr().out == ""
+    assert caplog.records == []
 
 
-def test_films_of_one_class_each_get_their_own_label_and_none_the_labeler_never_saw(tmp_path, capsys):
+def test_films_of_one_class_each_get_their_own_label_and_none_the_labeler_never_saw(tmp_path, caplog):
     """Each class in one film only, 30% of the frames labelled by hand: holding out a whole film
     would leave its class untrained (every frame once got a label nobody gave). Each class is
     validated on its latest frames instead, and every other frame gets its film's label."""
@@ -134,7 +137,8 @@ def test_films_of_one_class_each_get_their_own_label_and_none_the_labeler_never_
     assert config["val_movies"] == [] and [r["val_frames"] for r in config["split"]] == [2, 2, 2]
     assert config["metrics"]["selected"].startswith("the best")
     predict(work, config["checkpoint"], PredictSettings(device="cpu"), TAXONOMY)
-    assert "was trained on 3 of the 42 labels and gives only those" in capsys.readouterr().out
+    assert any("was trained on 3 of the 42 labels and gives only those" in record.getMessage()
+               for record in caplog.records if record.levelno == logging.WARNING)
     model = work.read_table(STAGE).query("label_source == 'model'")
     assert len(model) == len(kept) - len(kept[::3]) and set(model.label) <= set(names)
     assert np.mean([label == truth[f] for f, label in zip(model.frame_id, model.label)]) >= 0.9
