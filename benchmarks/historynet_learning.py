@@ -189,11 +189,18 @@ def run(root: Path, scale: Scale) -> None:
         checkpoint = rundir / "last.safetensors"
         rows.append(row(name, evaluated(shards, checkpoint)["mean"], checkpoint_l2(shards, checkpoint),
                         timings[f"train {name}"], cpu[f"train {name}"]))
+        print(table_line(rows[-1], rows[0]), flush=True)  # each result as it comes: a full run takes hours
     report(rows, first, scale, timings)
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def table_line(r: dict, grey: dict) -> str:
+    times = f"{r['wall_s']:.0f} | {r['cpu_s']:.0f}" if r["wall_s"] is not None else "- | -"
+    return (f"| {r['name']} | {r['psnr']:.2f} | {r['psnr'] - grey['psnr']:+.2f} | {r['ssim']:.4f} "
+            f"| {r['colorfulness']:.2f} | {1000 * r['l2_ab']:.3f} | {times} |")
 
 
 def report(rows: list[dict], first: dict, scale: Scale, timings: dict[str, float]) -> None:
@@ -203,9 +210,7 @@ def report(rows: list[dict], first: dict, scale: Scale, timings: dict[str, float
     print("| model | PSNR dB | vs grey dB | SSIM | colourfulness | L2(ab) x1e3 | train wall s | train CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        times = (f"{r['wall_s']:.0f} | {r['cpu_s']:.0f}" if r["wall_s"] is not None else "- | -")
-        print(f"| {r['name']} | {r['psnr']:.2f} | {r['psnr'] - grey['psnr']:+.2f} | {r['ssim']:.4f} "
-              f"| {r['colorfulness']:.2f} | {1000 * r['l2_ab']:.3f} | {times} |")
+        print(table_line(r, grey))
     print(f"(original frames' colourfulness: {first['mean']['colorfulness_original']:.2f})")
     print("\n| step | wall s |\n|---|---|")
     for step, seconds in timings.items():
