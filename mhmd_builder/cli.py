@@ -400,7 +400,8 @@ def labeler_predict_command(workdir, checkpoint, taxonomy, movies, device, batch
 
 @main.command("shard")
 @workdir_option
-@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="SHARDDIR (rewritten whole).")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="SHARDDIR, or s3://bucket/prefix (rewritten whole).")
 @click.option("--maxcount", type=option_type("shard.maxcount", int), default=1000, show_default=True, help="Samples per tar.")
 @click.option("--maxsize", type=option_type("shard.maxsize", int), default=1 << 30, show_default=True, help="Bytes per tar.")
 @click.option("--test-fraction", type=option_type("shard.test_fraction"), default=100_001 / 1_353_166,

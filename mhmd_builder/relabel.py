@@ -24,8 +24,8 @@ from .batching import batched
 from .errors import InputError
 from .labeler import LabelerWorker, check_checkpoint, fit_rgb
 from .runners import LocalRunner
-from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, label_fields, open_shard,
-                     read_index, split_entry, with_json, write_index)
+from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, is_remote, label_fields,
+                     open_shard, read_index, split_entry, with_json, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import CHANGE_SCHEMA, RELABEL
 from .taxonomy import Taxonomy, load_taxonomy
@@ -114,6 +114,9 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
     """Write SHARDDIR's shards again into OUT with the checkpoint's labels; returns OUT's index,
     whose "relabel" entry holds the counts of (old label, new label) pairs. `runner`: where the tars
     are relabelled (default: this process)."""
+    if is_remote(out):  # its records live in OUT until the index is written
+        raise RelabelError(f"{out}: relabel writes a local folder, not object storage: relabel into a folder, "
+                           "then upload it")
     shard_dir, out = Path(shard_dir).resolve(), Path(out).resolve()
     settings, taxonomy = settings or RelabelSettings(), taxonomy or load_taxonomy()
     if out == shard_dir:

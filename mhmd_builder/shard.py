@@ -4,7 +4,9 @@ its tar writer and index.json are in shards.py).
 Split by film (no film in both splits), samples shuffled across films within a split, written with
 webdataset's own TarWriter. Output is deterministic (sorted inputs, seeded shuffles, fixed tar
 metadata: the same inputs and seed give byte-identical tars) and atomic (each tar is written under
-a temporary name and renamed; `index.json` comes last).
+a temporary name and renamed; `index.json` comes last). To an object store (`s3://bucket/prefix`),
+each tar is written whole in the partition's staging folder (W/shard/tmp/) and then uploaded under
+its name, which the store publishes only once complete.
 
 Every tar is one partition of the shard stage: tars are written in parallel (webdataset's writer
 is pure Python, about 40 us a member: one process cannot keep up with the disk), and a rerun
@@ -28,8 +30,9 @@ from .errors import InputError
 from .footage import near_duplicates
 from .manifest import manifest
 from .runners import LocalRunner
-from .shards import (JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, label_fields,
-                     load_webdataset, make_index, sample_members, split_entry, tar_name, write_index)
+from .shards import (JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
+                     is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
+                     tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
@@ -153,10 +156,11 @@ def _members(spec: dict) -> dict:
 
 @dataclass
 class ShardStage:
-    """Writes one tar per partition into `out` and records which frames went into it."""
+    """Writes one tar per partition into `out` (a folder or an object store's URL) and records which
+    frames went into it."""
 
     workdir: WorkDir
-    out: Path
+    out: Path | str
     name: str = STAGE
     # Forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA;
     # a spawned writer would spend seconds importing.
@@ -168,16 +172,19 @@ class ShardStage:
 
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
-        self.workdir.begin(STAGE, partition.id)
+        staging = self.workdir.begin(STAGE, partition.id)
         specs, name = partition.info["samples"], partition.info["tar"]
-        with AtomicTar(self.out / name) as tar:
+        path = staging / name if is_remote(self.out) else self.out / name
+        with AtomicTar(path) as tar:
             for i, spec in enumerate(specs):
                 tar.write(_members(spec))
                 progress(i + 1, len(specs))
+        if is_remote(self.out):  # from this worker: fsspec makes its own client and IO thread after a fork
+            upload_tar(path, self.out)
         table = pa.table({"frame_id": [s["key"] for s in specs], "movie_id": [s["movie_id"] for s in specs],
                           "split": [partition.info["split"]] * len(specs), "shard": [name] * len(specs)})
         summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(specs),
-                   "frames_out": len(specs), "bytes": (self.out / name).stat().st_size,
+                   "frames_out": len(specs), "bytes": path.stat().st_size,
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, partition.id, table, summary)
         return summary
@@ -190,7 +197,7 @@ def _sample_bytes(spec: dict) -> int:
     return sum(size + 1024 for size in members)
 
 
-def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettings, taxonomy: Taxonomy,
+def plan_tars(frames: pd.DataFrame, root: Path, out: Path | str, settings: ShardSettings, taxonomy: Taxonomy,
               movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
     """Consecutive tars per split: a new one when the last holds `maxcount` samples or would pass
     `maxsize` bytes. Each partition's digest covers its samples, their files' sizes and OUT."""
@@ -217,22 +224,23 @@ def plan_tars(frames: pd.DataFrame, root: Path, out: Path, settings: ShardSettin
     return partitions
 
 
-def _up_to_date(partition: Partition, done: dict | None, out: Path) -> bool:
-    tar = out / partition.info["tar"]
-    return bool(done) and done.get("digest") == partition.info["digest"] and tar.is_file() \
-        and tar.stat().st_size == done.get("bytes")
+def _up_to_date(partition: Partition, done: dict | None, sizes: dict[str, int]) -> bool:
+    """Whether the tar is still as its done marker says (sizes: folder_sizes of OUT)."""
+    return bool(done) and done.get("digest") == partition.info["digest"] \
+        and sizes.get(partition.info["tar"]) == done.get("bytes")
 
 
 @writes("workdir", "out")
 def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSettings | None = None,
           taxonomy: Taxonomy | None = None, runner=None, movie_metadata: dict[str, dict] | None = None) -> dict:
-    """Write every kept frame into OUT; returns (and writes as OUT/index.json) the shard index.
+    """Write every kept frame into OUT, a folder or an object store's URL (`s3://bucket/prefix`);
+    returns (and writes as OUT/index.json) the shard index.
     Tars still up to date from an earlier (or killed) run are kept; the others are written by
     `runner` (default: one process per core). Near-duplicate films (footage.py) go to one split and
     are listed in the index. movie_metadata: movie_id -> {"era", "nationality"},
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
-    settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), Path(out).resolve()
+    settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), shard_output(out)
     sampled = manifest(workdir, before=STAGE)  # its own records are redone here, whatever their state
     frames = sampled
     if "jpeg" in frames:
@@ -249,8 +257,8 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     planned = {p.id for p in partitions}
     for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
         workdir.drop(STAGE, stale)  # tars of an earlier, larger plan
-    done = workdir.done(STAGE)
-    todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), out)]
+    done, sizes = workdir.done(STAGE), folder_sizes(out)
+    todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), sizes)]
     clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
     for p in partitions:
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": len(p.info["samples"]),

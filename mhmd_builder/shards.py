@@ -17,6 +17,8 @@ unlabelled frame: `sample_label` reads both.
 - writing: `AtomicTar` (webdataset's TarWriter with fixed metadata, so the same samples give the same
   bytes, under a temporary name until complete), `sample_members` / `with_json` (a sample as a tar
   holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
+- object storage (`s3://bucket/prefix`, through fsspec): `shard_output`, `is_remote`, `upload_tar`,
+  `folder_sizes`; `clear_shard_dir` and `write_index` take a URL too;
 - reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list), `sample_label`;
 - indexes: `INDEX`, `read_index` / `write_index` (the wids indexes too: `wids_index`), `make_index`
   and its parts, the lookups that HistoryNet and the CLI make in an index.
@@ -33,11 +35,11 @@ import re
 import shutil
 import tarfile
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .errors import InputError, MhmdError
+from .errors import InputError, MhmdError, first_line
 from .taxonomy import Label
-from .workdir import LOCK, atomic_write_json, read_json
+from .workdir import LOCK, atomic_write_json, json_bytes, read_json
 
 SPLITS = ("train", "test")
 KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
@@ -48,6 +50,9 @@ RELABEL_RECORDS = ".relabel"  # `mhmd relabel`'s records in the new shard folder
 SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-\d{{6}}\.tar$")
 WIDS_NAME = re.compile(rf"^({'|'.join(SPLITS)})\.wids\.json$")
 TEMPORARY = re.compile(rf"^\.({'|'.join(SPLITS)})-\d{{6}}\.tar\.tmp$")
+# Object stores publish an object only once its upload completes: a tar uploaded whole is never seen
+# partial at its name. Other fsspec file systems (sftp, ftp...) give no such promise.
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs")
 
 
 def tar_name(split: str, number: int) -> str:
@@ -149,22 +154,94 @@ class AtomicTar:
             self.temp.unlink(missing_ok=True)
 
 
-def clear_shard_dir(out: Path, keep: set[str] = frozenset()) -> None:
-    """Remove an earlier shard set from OUT, except the tars named in `keep`; refuse to touch a folder
-    that holds anything else. The index goes first: a folder being rewritten never has one."""
+def clear_shard_dir(out: Path | str, keep: set[str] = frozenset()) -> None:
+    """Remove an earlier shard set from OUT (a folder or a URL), except the tars named in `keep`;
+    refuse to touch one that holds anything else. The index goes first: a folder being rewritten
+    never has one."""
+    if is_remote(out):
+        _clear_remote(out, keep)
+        return
     out.mkdir(parents=True, exist_ok=True)
-    others = sorted(p.name for p in out.iterdir()
-                    if not (SHARD_NAME.match(p.name) or WIDS_NAME.match(p.name) or TEMPORARY.match(p.name)
-                            or p.name in (INDEX, RELABEL_RECORDS, LOCK)))
-    if others:
-        raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
-                         "give an empty or new folder")
+    _refuse_others(out, [p.name for p in out.iterdir()])
     (out / INDEX).unlink(missing_ok=True)
     for path in out.iterdir():
         if path.is_dir():  # the records of a relabel that was stopped
             shutil.rmtree(path)
         elif path.name not in keep | {LOCK}:  # the lock of the command writing OUT now
             path.unlink()
+
+
+def _refuse_others(out: Path | str, names: list[str]) -> None:
+    others = sorted(name for name in names
+                    if not (SHARD_NAME.match(name) or WIDS_NAME.match(name) or TEMPORARY.match(name)
+                            or name in (INDEX, RELABEL_RECORDS, LOCK)))
+    if others:
+        raise InputError(f"{out}: holds files that are not shards ({', '.join(others[:3])}...): "
+                         "give an empty or new folder")
+
+
+def _clear_remote(url: str, keep: set[str]) -> None:
+    fs, root = remote_fs(url)
+    held = folder_sizes(url)
+    _refuse_others(url, list(held))
+    if INDEX in held:
+        fs.rm_file(f"{root}/{INDEX}")
+    stale = [f"{root}/{name}" for name in held if name not in keep | {INDEX}]
+    if stale:
+        fs.rm(stale)
+
+
+# -- object storage -------------------------------------------------------------------------------
+def is_remote(out: Path | str) -> bool:
+    """Whether OUT is a URL (`s3://bucket/prefix`) rather than a local folder."""
+    return "://" in str(out)
+
+
+def shard_output(out: Path | str) -> Path | str:
+    """OUT as the shard writers take it: a local folder resolved, or an object store's URL without a
+    trailing slash; InputError for a URL of another kind of storage."""
+    if not is_remote(out):
+        return Path(out).resolve()
+    scheme = str(out).split("://", 1)[0]
+    if scheme not in OBJECT_STORES:
+        raise InputError(f"{out}: shards go to a local folder or an object store ({', '.join(OBJECT_STORES)}), "
+                         f"whose uploads are published whole; not to {scheme}://")
+    return str(out).rstrip("/")
+
+
+def remote_fs(url: str):
+    """(fsspec file system, path in it) of an object store's URL; InputError naming what to install
+    when its fsspec backend is missing (s3fs for s3://)."""
+    import fsspec  # only for object storage (it comes with torch)
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as error:
+        raise InputError(f"{url}: {first_line(error)} (for s3://: install mhmd-builder's `s3` extra, "
+                         "`pip install 'mhmd-builder[s3]'`)") from None
+
+
+def folder_sizes(out: Path | str) -> dict[str, int]:
+    """Name -> size in bytes of what the shard folder or URL OUT holds now (nothing when it is absent)."""
+    if not is_remote(out):
+        return {p.name: p.stat().st_size for p in Path(out).iterdir() if p.is_file()} if Path(out).is_dir() else {}
+    fs, root = remote_fs(out)
+    try:
+        entries = fs.ls(root, detail=True, refresh=True)  # refresh: what another process wrote counts
+    except FileNotFoundError:
+        return {}
+    return {PurePosixPath(entry["name"]).name: entry["size"] for entry in entries}
+
+
+def upload_tar(tar: Path, url: str) -> None:
+    """Publish the complete local tar under URL/its name (OBJECT_STORES: seen whole or not at all)."""
+    fs, root = remote_fs(url)
+    fs.put_file(str(tar), f"{root}/{tar.name}")
+
+
+def in_folder(out: Path | str, name: str) -> str:
+    """The path or URL of the file `name` of the shard folder or URL OUT."""
+    return f"{out}/{name}" if is_remote(out) else str(Path(out) / name)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -238,13 +315,21 @@ def read_index(folder: str | Path) -> dict:
     return read_json(require_index(folder))
 
 
-def write_index(folder: Path, index: dict) -> None:
+def write_index(folder: Path | str, index: dict) -> None:
     """The wids index of each split with tars, then index.json, each atomically: index.json comes last,
-    so a folder with one holds every tar it lists and their wids indexes."""
+    so a folder (or URL) with one holds every tar it lists and their wids indexes."""
     for split in SPLITS:
         if any(entry["split"] == split for entry in index["shards"]):
-            atomic_write_json(folder / wids_name(split), wids_index(index, split))
-    atomic_write_json(folder / INDEX, index)
+            _publish_json(folder, wids_name(split), wids_index(index, split))
+    _publish_json(folder, INDEX, index)
+
+
+def _publish_json(folder: Path | str, name: str, obj) -> None:
+    if is_remote(folder):
+        fs, root = remote_fs(folder)
+        fs.pipe_file(f"{root}/{name}", json_bytes(obj))  # one PUT: published whole
+    else:
+        atomic_write_json(folder / name, obj)
 
 
 def wids_index(index: dict, split: str) -> dict:
@@ -277,11 +362,11 @@ def format_index(index: dict, out: str | Path) -> str:
     lines = []
     for split, info in index["splits"].items():
         tars = [s["name"] for s in index["shards"] if s["split"] == split]
-        where = f"{Path(out) / tars[0]} .. {tars[-1]}" if tars else "no tars"
+        where = f"{in_folder(out, tars[0])} .. {tars[-1]}" if tars else "no tars"
         lines.append(f"{split}: {info['samples']} samples of {info['movies']} movies in {len(tars)} tars ({where})")
     lines += [f"near-duplicate films, kept in one split: {', '.join(group)}"
               for group in index.get("near_duplicates", [])]
-    return "\n".join(lines + [f"index: {Path(out) / INDEX}"])
+    return "\n".join(lines + [f"index: {in_folder(out, INDEX)}"])
 
 
 def folder_indexes(urls: list[str]) -> dict[Path, dict]:

@@ -129,6 +129,8 @@ def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled,
         relabel(tmp / "ckpt", checkpoint, tmp_path / "x", taxonomy=TAXONOMY)
     with pytest.raises(RelabelError, match="not the source folder"):
         relabel(tmp / "shards", checkpoint, tmp / "shards", taxonomy=TAXONOMY)
+    with pytest.raises(RelabelError, match="relabel writes a local folder, not object storage"):
+        relabel(tmp / "shards", checkpoint, "s3://bucket/prefix", taxonomy=TAXONOMY)
     other = tmp_path / "tax.csv"
     other.write_text((TAXONOMY.source and open(TAXONOMY.source).read()).replace("informal", "casual"))
     with pytest.raises(RelabelError, match="another taxonomy"):

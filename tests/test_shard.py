@@ -211,12 +211,12 @@ def expected_cls(sample: dict) -> int:
     return -1 if label_id is None else label_id
 
 
-def run_recipe(name: str, shards) -> dict:
+def run_recipe(name: str, shards, placeholder: str = "SHARDDIR") -> dict:
     """Run README's recipe `name` (the python block after `<!-- recipe: name -->`) on `shards`, as
-    README gives it; its variables."""
+    README gives it but for `placeholder`, replaced by `shards`; its variables."""
     block = re.search(rf"<!-- recipe: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
     variables = {}
-    exec(block.group(1).replace("SHARDDIR", str(shards)), variables)
+    exec(block.group(1).replace(placeholder, str(shards)), variables)
     return variables
 
 
