@@ -52,6 +52,7 @@ CONFIGURATIONS = {
     "L2 only (--preset l2)": ("--preset", "l2"),
     "HistoryNet, --preset paper": ("--preset", "paper"),
     "HistoryNet, --preset official": ("--preset", "official"),
+    "HistoryNet, paper, --warmup-steps 200": ("--preset", "paper", "--warmup-steps", "200"),
     "no parsing (paper)": ("--preset", "paper", "--no-parsing"),
     "no classifier (paper)": ("--preset", "paper", "--no-classifier"),
     "ChromaGAN baseline (paper)": ("--preset", "paper", "--no-parsing", "--no-classifier"),

@@ -44,7 +44,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -89,6 +89,7 @@ class TrainSettings:
     out: str  # RUNDIR
     variant: str = "historynet"  # one of model.VARIANTS
     preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
+    warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
     epochs: int = 8  # the paper's
     steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
     epoch_samples: int | None = None  # default: the train shards' count in their folder's index.json
@@ -481,6 +482,8 @@ def check_settings(settings: TrainSettings) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise HistoryNetError(f"{name} must be at least 1 (got {value})")
+    if settings.warmup_steps < 0:
+        raise HistoryNetError(f"warmup_steps must be 0 or more (got {settings.warmup_steps})")
     if settings.keep_checkpoints is not None and settings.keep_checkpoints < 0:
         raise HistoryNetError(f"keep_checkpoints must be 0 or more (got {settings.keep_checkpoints})")
 
@@ -628,10 +631,16 @@ class Run:
 
     def __post_init__(self):
         self.weights = LOSS_PRESETS[self.settings.preset]
+        # D1 and D2 still train during the warm-up: they judge well from the first step they count
+        self.warmup_weights = replace(self.weights, wgan=0.0, info_kl=0.0)
         self.epoch_steps = len(self.loader)  # per process
         steps, epochs = self.settings.steps, self.settings.epochs
         self.total = steps if steps is not None else epochs * self.epoch_steps  # the step the run stops at
         self.images_per_step = self.settings.batch_size * self.process.world_size
+
+    def step_weights(self) -> LossWeights:
+        """The loss weights of the next step: without the critics' terms during the warm-up."""
+        return self.warmup_weights if self.at.step < self.settings.warmup_steps else self.weights
 
     def unfinished(self) -> bool:
         return self.at.step < self.total if self.settings.steps is not None else self.at.epoch < self.settings.epochs
@@ -709,8 +718,8 @@ def train_epochs(run: Run, meter: Meter) -> None:
             continue
         meter.bar.set_description(f"epoch {run.at.epoch + 1}")
         for batch in islice(iter(run.loader), run.steps_left_in_epoch()):
-            terms = train_step(run.models, run.optimizers, run.scalers, batch_tensors(batch, run.device), run.weights,
-                               run.autocast)
+            terms = train_step(run.models, run.optimizers, run.scalers, batch_tensors(batch, run.device),
+                               run.step_weights(), run.autocast)
             run.at.advance()
             meter.bar.update(1)
             after_step(run, meter, terms)

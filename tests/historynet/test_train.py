@@ -19,6 +19,7 @@ from test_data import PER_SHARD, make_sample, write_shards
 from mhmd_builder.historynet import train as train_module
 from mhmd_builder.historynet.checkpoint import load_checkpoint, read_progress
 from mhmd_builder.historynet.data import eval_loader
+from mhmd_builder.historynet.losses import LOSS_PRESETS
 from mhmd_builder.historynet.model import build_networks
 from mhmd_builder.historynet.train import HistoryNetError, TrainSettings, load_backbone, train
 from mhmd_builder.shards import make_index, write_index
@@ -161,6 +162,21 @@ def test_a_short_run_on_a_learnable_task_colours_held_out_frames_better_than_gre
                         log_every=100, **{**SMALL, "batch_size": 4}))
     best = read_progress(rundir / "best.safetensors")
     assert best["validation/l2_ab"] < 0.6 * best["validation/grey_l2_ab"], best
+
+
+def test_a_warm_up_trains_g_on_its_supervised_terms_alone_until_the_critics_join(shards, tmp_path):
+    rundir = tmp_path / "run"
+    train(TrainSettings(shards=str(shards), out=str(rundir), steps=4, epoch_samples=8, warmup_steps=2, log_every=1,
+                        save_every=100, **SMALL))
+    w = LOSS_PRESETS["paper"]
+    for line in log_lines(rundir):
+        supervised = (w.l2_ab * line["generator/l2_ab"] + w.class_kl * line["generator/class_kl"]
+                      + w.parsing_l2 * line["generator/parsing_l2"])
+        critics = w.wgan * line["generator/wgan"] + w.info_kl * line["generator/info_kl"]
+        expected = supervised if line["step"] <= 2 else supervised + critics
+        assert line["generator/total"] == pytest.approx(expected, rel=1e-5, abs=1e-7), line["step"]
+        assert abs(critics) > 1e-3 * abs(supervised)  # the critics' terms would have counted
+        assert line["critic/total"] != 0 and line["info_classifier/loss"] > 0  # D1 and D2 train all along
 
 
 def test_a_cpu_run_is_reproducible(shards, tmp_path):
