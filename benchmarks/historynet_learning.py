@@ -182,6 +182,8 @@ def run(root: Path, scale: Scale) -> None:
     first = evaluated(shards, constant_checkpoint(root / "train-mean.safetensors", train_mean_ab(shards)))
     rows = [row("grey (ab = 0)", first["grey"]["mean"], grey_l2(shards)),
             row("train-mean ab", first["mean"], checkpoint_l2(shards, root / "train-mean.safetensors"))]
+    for baseline in rows:
+        print(table_line(baseline, rows[0]), flush=True)
     for name, options in CONFIGURATIONS.items():
         rundir = runs / slug(name)
         shutil.rmtree(rundir, ignore_errors=True)  # a kept DIR's earlier run of it
