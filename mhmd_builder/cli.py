@@ -516,6 +516,9 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
 @click.option("--no-classifier", is_flag=True, help="Ablation: without the info classifier (D2).")
 @click.option("--preset", type=click.Choice(["paper", "official", "l2"]), default="paper", show_default=True,
               help="Loss weights: the paper's eq. 1, the official code's, or L2(ab) alone (a baseline).")
+@click.option("--info-term", type=click.Choice(["official", "softmax"]), default="official", show_default=True,
+              help="How D2's recovery of G2's z is scored: the official code's KL on raw vectors clipped to "
+                   "[1e-7, 1], or the KL between their softmax distributions (not the paper's).")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="G's first steps with its supervised terms only, before the critics' terms join (not the "
                    "paper's; D1 and D2 train all along).")
@@ -543,7 +546,7 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
               help="Autocast dtype of the training steps (fp16: CUDA only, with loss scaling) [default: fp32 with "
                    "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
-                             no_classifier, preset, warmup_steps, vgg_weights, image_size, width, workers, save_every,
+                             no_classifier, preset, info_term, warmup_steps, vgg_weights, image_size, width, workers, save_every,
                              keep_checkpoints,
                              log_every, val_shards, val_samples, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
@@ -553,7 +556,7 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         raise click.UsageError("give --epochs or --steps, not both")
     settings = TrainSettings(
         shards=shards, out=rundir, variant=HISTORYNET_VARIANTS[no_parsing, no_classifier], preset=preset,
-        warmup_steps=warmup_steps,
+        warmup_steps=warmup_steps, info_term=info_term,
         epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
         lr=lr, image_size=image_size, width=width, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,

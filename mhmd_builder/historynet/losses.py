@@ -66,6 +66,17 @@ def keras_kld(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
     return (t * (t / p).log()).sum(dim=1)
 
 
+def softmax_kld(target: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(target) || softmax(pred)) per sample: the info term between distributions, with a
+    gradient everywhere (not the paper's: `keras_kld` clips raw vectors)."""
+    log_t, log_p = F.log_softmax(target.float(), dim=1), F.log_softmax(pred.float(), dim=1)
+    return (log_t.exp() * (log_t - log_p)).sum(dim=1)
+
+
+# --info-term: how the generator's z and D2's recovery of it are compared
+INFO_TERMS = {"official": keras_kld, "softmax": softmax_kld}
+
+
 def parsing_l2(pred: torch.Tensor, target: torch.Tensor, has_parsing: torch.Tensor) -> torch.Tensor:
     """Mean squared error per image, averaged over the images that have a parsing target."""
     per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)
@@ -92,7 +103,8 @@ def generator_loss(out: GeneratorOutput, l: torch.Tensor, ab: torch.Tensor, crit
                    labels: torch.Tensor, has_label: torch.Tensor,
                    parsing: torch.Tensor | None = None, has_parsing: torch.Tensor | None = None,
                    info_classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                   weights: LossWeights = LOSS_PRESETS["paper"]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                   weights: LossWeights = LOSS_PRESETS["paper"],
+                   info_term: str = "official") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(weighted total, unweighted terms and 'total') for one generator step.
 
     l, ab: (B, 1, S, S) and (B, 2, S, S), L/255 and the true ab/255. labels: (B,) int64 class indices,
@@ -111,7 +123,7 @@ def generator_loss(out: GeneratorOutput, l: torch.Tensor, ab: torch.Tensor, crit
         terms["parsing_l2"] = parsing_l2(out.parsing, parsing, has_parsing)
     if info_classifier is not None:
         # official target: z as a constant (Keras predicts it first), so G is pushed through ab only
-        terms["info_kl"] = keras_kld(out.z.detach(), info_classifier(out.ab)).mean()
+        terms["info_kl"] = INFO_TERMS[info_term](out.z.detach(), info_classifier(out.ab)).mean()
     total = sum(getattr(weights, name) * value for name, value in terms.items())
     return total, logged(terms, total)
 
@@ -135,10 +147,10 @@ def critic_loss(critic: Critic, l: torch.Tensor, real_ab: torch.Tensor, fake_ab:
 
 
 def info_classifier_loss(info_classifier: Callable[[torch.Tensor], torch.Tensor], fake_ab: torch.Tensor,
-                         z: torch.Tensor) -> torch.Tensor:
+                         z: torch.Tensor, info_term: str = "official") -> torch.Tensor:
     """D2's loss: recover G2's z from the generated colours, G fixed (official classcification_model,
     kld with weight 1 against the z the generator predicted)."""
-    return keras_kld(z.detach(), info_classifier(fake_ab.detach())).mean()
+    return INFO_TERMS[info_term](z.detach(), info_classifier(fake_ab.detach())).mean()
 
 
 def logged(terms: dict[str, torch.Tensor], total: torch.Tensor) -> dict[str, torch.Tensor]:

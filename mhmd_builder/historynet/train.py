@@ -65,7 +65,7 @@ from ..weights import WeightsError
 from ..workdir import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_progress, save_checkpoint
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
-from .losses import LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
+from .losses import INFO_TERMS, LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class TrainSettings:
     variant: str = "historynet"  # one of model.VARIANTS
     preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
     warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
+    info_term: str = "official"  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax
     epochs: int = 8  # the paper's
     steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
     epoch_samples: int | None = None  # default: the train shards' count in their folder's index.json
@@ -281,7 +282,7 @@ def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss:
 
 
 def generator_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: dict,
-                   weights: LossWeights, autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
+                   weights: LossWeights, info_term: str, autocast) -> tuple[GeneratorOutput, dict[str, torch.Tensor]]:
     """G's update against D1 and D2 as they stand; G's output (what D1 and D2 learn from next) and its terms."""
     judges = [net for net in (models.nets.critic, models.nets.info_classifier) if net is not None]
     # In the G step D1 and D2 are plain functions of the colours: their weights need no gradient (less work),
@@ -293,7 +294,7 @@ def generator_step(models: Models, optimizer: torch.optim.Optimizer, scaler: tor
         total, terms = generator_loss(out, x["l"], x["ab"], models.nets.critic, labels=x["labels"],
                                       has_label=x["has_label"], parsing=x["parsing"],
                                       has_parsing=x["has_parsing"], info_classifier=models.nets.info_classifier,
-                                      weights=weights)
+                                      weights=weights, info_term=info_term)
     update(optimizer, scaler, total)
     for net in judges:
         net.requires_grad_(True)
@@ -310,24 +311,25 @@ def critic_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.
 
 
 def info_classifier_step(models: Models, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                         out: GeneratorOutput, autocast) -> torch.Tensor:
+                         out: GeneratorOutput, info_term: str, autocast) -> torch.Tensor:
     """D2's update, recovering G's z from G's colours; its loss, detached."""
     with autocast():
-        loss = info_classifier_loss(models.info_classifier, out.ab, out.z)
+        loss = info_classifier_loss(models.info_classifier, out.ab, out.z, info_term)
     update(optimizer, scaler, loss)
     return loss.detach()
 
 
-def train_step(models: Models, optimizers: dict, scalers: dict, x: dict, weights: LossWeights,
+def train_step(models: Models, optimizers: dict, scalers: dict, x: dict, weights: LossWeights, info_term: str,
                autocast) -> dict[str, torch.Tensor]:
     """One G, one D1 and (with D2) one D2 update; the unweighted terms, detached."""
-    out, g_terms = generator_step(models, optimizers["generator"], scalers["generator"], x, weights, autocast)
+    out, g_terms = generator_step(models, optimizers["generator"], scalers["generator"], x, weights, info_term,
+                                  autocast)
     # D1 and D2 learn from the colours G made before its update, as in the official code
     d1_terms = critic_step(models, optimizers["critic"], scalers["critic"], x, out.ab, autocast)
     terms = {**{f"generator/{k}": v for k, v in g_terms.items()}, **{f"critic/{k}": v for k, v in d1_terms.items()}}
     if models.info_classifier is not None:
         terms["info_classifier/loss"] = info_classifier_step(models, optimizers["info_classifier"],
-                                                             scalers["info_classifier"], out, autocast)
+                                                             scalers["info_classifier"], out, info_term, autocast)
     return terms
 
 
@@ -482,6 +484,8 @@ def check_settings(settings: TrainSettings) -> None:
     for name, value in counts.items():
         if value is not None and value < 1:
             raise HistoryNetError(f"{name} must be at least 1 (got {value})")
+    if settings.info_term not in INFO_TERMS:
+        raise HistoryNetError(f"unknown info term {settings.info_term!r} (available: {', '.join(INFO_TERMS)})")
     if settings.warmup_steps < 0:
         raise HistoryNetError(f"warmup_steps must be 0 or more (got {settings.warmup_steps})")
     if settings.keep_checkpoints is not None and settings.keep_checkpoints < 0:
@@ -719,7 +723,7 @@ def train_epochs(run: Run, meter: Meter) -> None:
         meter.bar.set_description(f"epoch {run.at.epoch + 1}")
         for batch in islice(iter(run.loader), run.steps_left_in_epoch()):
             terms = train_step(run.models, run.optimizers, run.scalers, batch_tensors(batch, run.device),
-                               run.step_weights(), run.autocast)
+                               run.step_weights(), run.settings.info_term, run.autocast)
             run.at.advance()
             meter.bar.update(1)
             after_step(run, meter, terms)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from mhmd_builder.historynet.losses import (LOSS_PRESETS, LossWeights, class_kl, critic_loss, generator_loss,
-                                            gradient_penalty, info_classifier_loss, keras_kld, parsing_l2)
+from mhmd_builder.historynet.losses import (INFO_TERMS, LOSS_PRESETS, LossWeights, class_kl, critic_loss,
+                                            generator_loss, gradient_penalty, info_classifier_loss, keras_kld,
+                                            parsing_l2)
 from mhmd_builder.historynet.model import GeneratorOutput
 
 LN3 = math.log(3.0)  # logits (0, ln 3) -> softmax (1/4, 3/4)
@@ -157,6 +158,20 @@ def test_generator_loss_wants_parsing_targets_when_the_generator_parses():
     with pytest.raises(ValueError, match="parsing"):
         generator_loss(hand_made_output(), torch.zeros(2, 1, 4, 4), torch.full((2, 2, 4, 4), 0.25), sum_critic,
                        labels=torch.tensor([1, 0]), has_label=torch.tensor([True, True]))
+
+
+def test_the_softmax_info_term_is_the_kl_between_the_two_distributions():
+    target, pred = torch.tensor([[0.0, LN3]]), torch.tensor([[5.0, 5.0]])  # (1/4, 3/4) against (1/2, 1/2)
+    expected = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    assert INFO_TERMS["softmax"](target, pred).item() == pytest.approx(expected, rel=1e-6)
+    assert INFO_TERMS["softmax"](target, target + 7.0).item() == pytest.approx(0.0, abs=1e-6)  # shift-free
+    out = hand_made_output()  # z (0.5, 0.5) against D2's (0.25, 0.5): softmax KL, not the clipped one
+    _, terms = generator_loss(out, torch.zeros(2, 1, 4, 4), torch.full((2, 2, 4, 4), 0.25), sum_critic,
+                              labels=torch.tensor([1, 0]), has_label=torch.tensor([True, False]),
+                              parsing=torch.zeros(2, 1, 4, 4), has_parsing=torch.tensor([True, True]),
+                              info_classifier=fixed_info_classifier, info_term="softmax")
+    p = torch.softmax(torch.tensor([0.25, 0.5]), 0)
+    assert terms["info_kl"].item() == pytest.approx((0.5 * (0.5 / p).log()).sum().item(), rel=1e-4)
 
 
 def test_info_classifier_loss_trains_d2_only():
