@@ -53,6 +53,7 @@ CONFIGURATIONS = {
     "HistoryNet, --preset paper": ("--preset", "paper"),
     "HistoryNet, --preset official": ("--preset", "official"),
     "HistoryNet, paper, --warmup-steps 200": ("--preset", "paper", "--warmup-steps", "200"),
+    "HistoryNet, paper, --info-term softmax": ("--preset", "paper", "--info-term", "softmax"),
     "no parsing (paper)": ("--preset", "paper", "--no-parsing"),
     "no classifier (paper)": ("--preset", "paper", "--no-classifier"),
     "ChromaGAN baseline (paper)": ("--preset", "paper", "--no-parsing", "--no-classifier"),
