@@ -28,6 +28,11 @@ def write(path, text):
     return path
 
 
+def json_list(items, **options) -> str:
+    """A JSON list with each element starting its own line (the line an element's problem names)."""
+    return "[\n" + ",\n".join(json.dumps(item, **options) for item in items) + "\n]"
+
+
 def test_bad_label_files_report_every_problem_by_line_and_write_nothing(films, kept, tmp_path):
     good = write(tmp_path / "first.csv", f"frame_id,label\n{kept['Zidane'][0]},during_ww2/usa/military\n")
     import_labels(films, good, TAXONOMY)
@@ -171,7 +176,7 @@ def test_label_studio_results_of_the_wrong_shape_are_problems_with_their_lines(t
     era = {"from_name": "era", "type": "choices"}
     tasks = [task(1, ["era: during_ww2"]), task(2, {"era": "during_ww2"}), task(3, [era]),
              task(4, [{**era, "value": "during_ww2"}]), task(5, [{**era, "value": {"choices": "during_ww2"}}])]
-    path = write(tmp_path / "export.json", "[\n" + ",\n".join(json.dumps(t) for t in tasks) + "\n]")
+    path = write(tmp_path / "export.json", json_list(tasks))
     with pytest.raises(LabelFileError) as error:
         check_label_file(path)
     assert error.value.problems == [f"{path}:2: task 1: a result that is not an object ('era: during_ww2')",
@@ -246,7 +251,7 @@ def json_min_export(tasks):
     """convert_to_json_min: the task's data, its id, a key per control, the annotation's fields."""
     records = [{**item["input"], "id": item["id"], **{k: prettified(v) for k, v in item["output"].items()},
                 **annotation_fields(item, int_id=True)} for item in converted(tasks)]
-    return "[\n" + ",\n".join(json.dumps(r, indent=2, ensure_ascii=False) for r in records) + "\n]"
+    return json_list(records, indent=2, ensure_ascii=False)
 
 
 def csv_export(tasks):
@@ -426,7 +431,7 @@ def test_json_min_rows_of_the_wrong_shape_are_problems_with_their_lines(tmp_path
              "garment": {"choices": ["formal", "military"]}},
             ["not", "a", "row"],
             {"frame_id": "x_2", "id": 2, "era": "during_ww2"}]
-    path = write(tmp_path / "export.json", "[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]")
+    path = write(tmp_path / "export.json", json_list(rows))
     with pytest.raises(LabelFileError) as error:
         check_label_file(path)
     assert error.value.problems == [f"{path}:2: task [1]: no era choices, need one",
