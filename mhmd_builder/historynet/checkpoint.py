@@ -56,12 +56,13 @@ def save_checkpoint(path: str | Path, networks: Networks, config: dict,
     return path
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(its tensors, or none without `tensors`; its metadata)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()} if tensors else {}, f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
         raise CheckpointError(f"{path}: not a HistoryNet checkpoint ({type(e).__name__}: {e})") from None
 
@@ -95,11 +96,8 @@ def _optimizer_states(tensors: dict[str, torch.Tensor], groups: dict) -> dict[st
 
 def read_progress(path: str | Path) -> dict:
     """A checkpoint's progress (step, epoch, validation...) without loading its tensors."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            return json.loads((f.metadata() or {}).get("progress", "{}"))
-    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
-        raise CheckpointError(f"{path}: not a HistoryNet checkpoint ({type(e).__name__}: {e})") from None
+    _, metadata = _read(Path(path), tensors=False)
+    return json.loads(metadata.get("progress", "{}"))
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
