@@ -66,7 +66,8 @@ from ..workdir import atomic_write_bytes
 from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_progress, save_checkpoint
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import INFO_TERMS, LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
-from .model import VARIANTS, GeneratorOutput, Networks, build_networks, load_vgg16_backbone
+from .model import (VARIANTS, GeneratorOutput, Networks, build_networks, check_image_size, check_width,
+                    load_vgg16_backbone)
 
 log = logging.getLogger(__name__)
 
@@ -472,10 +473,11 @@ def check_settings(settings: TrainSettings) -> None:
         raise HistoryNetError(f"unknown loss preset {settings.preset!r} (available: {', '.join(LOSS_PRESETS)})")
     if settings.precision is not None and settings.precision not in PRECISIONS:
         raise HistoryNetError(f"unknown precision {settings.precision!r} (available: {', '.join(PRECISIONS)})")
-    if settings.image_size % 32:
-        raise HistoryNetError(f"image size {settings.image_size} is not a multiple of 32 (the paper's is 224)")
-    if not 0 < settings.width <= 1:
-        raise HistoryNetError(f"network width {settings.width} is not in (0, 1] (the paper's is 1)")
+    try:  # the model's own checks, before anything is read or built
+        check_image_size(settings.image_size)
+        check_width(settings.width)
+    except InputError as e:
+        raise HistoryNetError(str(e)) from None
     if settings.width != 1 and settings.vgg_weights != "none":
         raise HistoryNetError(f"--vgg-weights {settings.vgg_weights}: VGG-16 weights fit width 1 only; "
                               f"at width {settings.width} train G0 from random weights with --vgg-weights none")
