@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import tempfile
+from contextlib import nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from mhmd_builder.devices import machine_cores
 from mhmd_builder.historynet.checkpoint import load_generator, save_checkpoint
 from mhmd_builder.historynet.data import eval_loader, unit_float
 from mhmd_builder.historynet.model import build_networks
+from mhmd_builder.historynet.train import validation_l2
 from mhmd_builder.taxonomy import load_taxonomy
 
 SIZE = "400x224"  # the smallest 16:9 frame whose short side (224) passes quality's low_resolution check
@@ -139,24 +141,11 @@ def constant_checkpoint(path: Path, ab: torch.Tensor) -> Path:
     return save_checkpoint(path, networks, config)
 
 
-def held_out_l2(shards: Path, predict) -> float:
-    """Mean over the test split's frames of each frame's mean squared ab error, ab / 255, at IMAGE_SIZE."""
-    total, frames = 0.0, 0
-    with torch.no_grad():
-        for batch in split_batches(shards, "test"):
-            l, ab = unit_float(batch["lightness"]), unit_float(batch["ab"])
-            total += (predict(l) - ab).square().mean(dim=(1, 2, 3)).sum().item()
-            frames += len(l)
-    return total / frames
-
-
-def checkpoint_l2(shards: Path, checkpoint: Path) -> float:
+def held_out_l2(shards: Path, checkpoint: Path) -> dict[str, float]:
+    """The checkpoint's generator and grey scored on the test split's frames as training validates
+    (train.validation_l2: each frame's mean squared ab error, ab / 255, at IMAGE_SIZE)."""
     generator, _ = load_generator(checkpoint)
-    return held_out_l2(shards, lambda l: generator(l).ab.float())
-
-
-def grey_l2(shards: Path) -> float:
-    return held_out_l2(shards, lambda l: torch.full((len(l), 2, *l.shape[2:]), 128 / 255))
+    return validation_l2(generator, list(split_batches(shards, "test")), "cpu", nullcontext)
 
 
 # -- the runs -----------------------------------------------------------------------------------------
@@ -182,18 +171,19 @@ def run(root: Path, scale: Scale) -> None:
         timed(timings, "shard", mhmd, "shard", "-w", str(work), "-o", str(shards), "--test-fraction", "0.25")
 
     first = evaluated(shards, constant_checkpoint(root / "train-mean.safetensors", train_mean_ab(shards)))
-    rows = [row("grey (ab = 0)", first["grey"]["mean"], grey_l2(shards)),
-            row("train-mean ab", first["mean"], checkpoint_l2(shards, root / "train-mean.safetensors"))]
+    train_mean = held_out_l2(shards, root / "train-mean.safetensors")
+    rows = [row("grey (ab = 0)", first["grey"]["mean"], train_mean["validation/grey_l2_ab"]),
+            row("train-mean ab", first["mean"], train_mean["validation/l2_ab"])]
     for baseline in rows:
         print(table_line(baseline, rows[0]), flush=True)
     for name, options in CONFIGURATIONS.items():
         rundir = runs / slug(name)
         shutil.rmtree(rundir, ignore_errors=True)  # a kept DIR's earlier run of it
-        timed(timings, f"train {name}", mhmd, "historynet", "train", "--shards", str(shards), "-o", str(rundir),
+        step, checkpoint = f"train {name}", rundir / "last.safetensors"
+        timed(timings, step, mhmd, "historynet", "train", "--shards", str(shards), "-o", str(rundir),
               "--steps", str(scale.steps), "--save-every", str(scale.steps), *TRAIN_OPTIONS, *options, cpu=cpu)
-        checkpoint = rundir / "last.safetensors"
-        rows.append(row(name, evaluated(shards, checkpoint)["mean"], checkpoint_l2(shards, checkpoint),
-                        timings[f"train {name}"], cpu[f"train {name}"]))
+        l2 = held_out_l2(shards, checkpoint)["validation/l2_ab"]
+        rows.append(row(name, evaluated(shards, checkpoint)["mean"], l2, timings[step], cpu[step]))
         print(table_line(rows[-1], rows[0]), flush=True)  # each result as it comes: a full run takes hours
     report(rows, first, scale, timings)
 
