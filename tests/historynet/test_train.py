@@ -233,12 +233,16 @@ def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
          "--vgg-weights imagenet: VGG-16 weights fit width 1 only; at width 0.25 train G0 from random weights"),
         (TrainSettings(shards=str(shards), out=str(tmp_path / "r9"), epoch_samples=8, info_term="cosine", **SMALL),
          r"unknown info term 'cosine' \(available: official, softmax\)"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r10"), epoch_samples=8, warmup_steps=-1, **SMALL),
+         r"warmup_steps must be 0 or more \(got -1\)"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r11"), epoch_samples=8, **{**SMALL, "image_size": 48}),
+         r"image size 48 is not a multiple of 32 \(the paper's is 224\)"),
     ]
     for settings, message in cases:
         with pytest.raises(HistoryNetError, match=message) as error:
             train(settings)
         assert "\n" not in str(error.value)
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 10))
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 12))
 
 
 def test_vgg_weights_come_from_torchvision_a_file_or_nowhere(tmp_path, monkeypatch):
