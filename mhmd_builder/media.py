@@ -91,6 +91,19 @@ def require_ffmpeg() -> str:
     return line
 
 
+@functools.cache
+def cuda_decoding_problem() -> str | None:
+    """Why ffmpeg cannot decode on a CUDA GPU here, in one line (no driver, no device, an ffmpeg
+    built without CUDA), or None when it can; asked once per process by opening the device the way
+    `-hwaccel cuda` does, which is what decoding needs and what torch cannot tell."""
+    require_ffmpeg()
+    result = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-init_hw_device", "cuda",
+                             "-f", "lavfi", "-i", "nullsrc=s=16x16:d=0.04", "-f", "null", "-"],
+                            stdin=subprocess.DEVNULL, capture_output=True)
+    # The first error names the cause ("Cannot load libcuda.so.1", "CUDA_ERROR_NO_DEVICE"); the rest follow from it.
+    return None if result.returncode == 0 else _one_line(result.stderr, Path("-")).split("; ")[0]
+
+
 def find_movies(paths: list[str | Path]) -> list[Path]:
     """Files given explicitly are always taken (a bad one, even a broken link, is then recorded as
     failed); folders are searched recursively for regular files with a video extension."""
@@ -374,12 +387,15 @@ class DecodeStats:
 
 def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
                   start: float = 0.0, duration: float | None = None, stats: DecodeStats | None = None,
-                  demuxer: str | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                  demuxer: str | None = None, decoder: str = "cpu") -> Iterator[tuple[float, np.ndarray]]:
     """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame.
 
     One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
     keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line; `demuxer` (the
-    probed one) pins the container, which is anyway one of CONTAINERS."""
+    probed one) pins the container, which is anyway one of CONTAINERS. `decoder` "cuda" decodes on
+    the GPU (NVDEC, `-hwaccel cuda`): frames come back to memory as decoded and go through the same
+    filters, so sampling and timestamps are the CPU's and pixels differ only by the decoders'
+    rounding; if the device cannot be opened, ffmpeg fails (no frame, a nonzero exit)."""
     require_ffmpeg()
     stats = stats or DecodeStats()
     width, height = size
@@ -390,6 +406,8 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
         in_args["t"] = duration
     if sampling.mode == "keyframes":
         in_args["skip_frame"] = "nokey"
+    if decoder == "cuda":
+        in_args["hwaccel"] = "cuda"
     stream = _input(path, demuxer, **in_args).video
     select = sampling.select_filter()
     if select:
