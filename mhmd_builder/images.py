@@ -72,6 +72,10 @@ def decode_jpegs(datas: list[np.ndarray], device) -> list:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.from_numpy(data) for data in datas]
+    if torch.device(device).type == "cuda":
+        # nvJPEG writes on its own stream into memory allocated on ours without waiting for it: work still
+        # queued on ours (letterboxing the last batch) could read a freed block it reuses (pytorch/vision#9606).
+        torch.cuda.current_stream(device).synchronize()
     try:
         return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
     except RuntimeError:  # one bad JPEG fails the batch: find it
