@@ -225,6 +225,15 @@ def persons_agreement(ours: dict, theirs: list[int], paths: list[Path]) -> float
     return float(np.mean([ours[path.stem] == count for path, count in zip(paths, theirs, strict=True)]))
 
 
+def jpeg_difference(paths: list[Path], device: str) -> float:
+    """The largest mean difference (levels) of a frame decoded by `decode_jpegs` on `device` from OpenCV's."""
+    from mhmd_builder.images import decode_jpegs, load_frame, read_frame
+
+    decoded_there = decode_jpegs([read_frame(p) for p in paths], device)
+    return max(float(np.abs(image.cpu().numpy().astype(np.int16) - load_frame(p)[:, :, ::-1].transpose(2, 0, 1)).mean())
+               for image, p in zip(decoded_there, paths, strict=True))
+
+
 def check_detect(ctx: Context) -> dict:
     imgsz, batch = (160, 8) if ctx.dry_run else (640, 64)
     model, source = ("yolo11n.yaml", "yolo11n.yaml, random weights (dry run)") if ctx.dry_run else yolo_weights()
@@ -232,11 +241,15 @@ def check_detect(ctx: Context) -> dict:
     small_paths = sorted(small.root.glob("frames/*/*.jpg"))
     ours, _ = detect_rows(small, model, "cpu", imgsz, batch)
     theirs, _ = ultralytics_persons(model, small_paths, "cpu", imgsz, batch)
-    ctx.note(model=source, imgsz=imgsz, batch=batch, cpu_persons_agreement=persons_agreement(ours, theirs, small_paths))
+    ctx.note(model=source, imgsz=imgsz, batch=batch, cpu_persons_agreement=persons_agreement(ours, theirs, small_paths),
+             torchvision_cpu_jpeg_difference=jpeg_difference(small_paths, "cpu"))
     if not ctx.cuda:
         raise Skipped("no CUDA")
     work = make_frames(ctx.root / "cuda", 2048)
     paths = sorted(work.root.glob("frames/*/*.jpg"))
+    ctx.note(nvjpeg_difference=jpeg_difference(paths[:64], "cuda:0"))
+    if ctx.metrics["nvjpeg_difference"] > 1.0:
+        raise RuntimeError(f"nvjpeg's pixels differ from OpenCV's by {ctx.metrics['nvjpeg_difference']:.2f} levels on average in a frame")
     ours, seconds = detect_rows(work, model, "cuda:0", imgsz, batch)
     theirs, their_seconds = ultralytics_persons(model, paths, "cuda:0", imgsz, batch)
     agreement = persons_agreement(ours, theirs, paths)

@@ -19,8 +19,8 @@ import xxhash
 
 from .devices import pick_decoder
 from .errors import InputError
-from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, decode_frames, detect_letterbox,
-                    find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
+from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, cuda_decodes, decode_frames,
+                    detect_letterbox, find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .tables import EXTRACT, FRAME_SCHEMA
@@ -107,14 +107,15 @@ class ExtractStage:
         shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
 
         geometry = self._geometry(path)
-        decoder, fallback = self.decoder, None
+        decoder, fallback, codec = self.decoder, None, geometry.info.codec
+        if decoder == "cuda" and not cuda_decodes(codec):
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
         rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
-        if not rows and decoder == "cuda":
-            fallback = f"GPU decoding failed{_ffmpeg_detail(stats)}"
-            if self.settings.decoder == "cuda":
-                raise PartitionError(f"{fallback}: use --decoder cpu or auto")
-            log.warning("%s: %s; decoding it on the CPU", movie, fallback)
-            decoder = "cpu"
+        if decoder == "cuda" and stats.gpu_refused:  # ffmpeg decoded it on the CPU itself
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode this {codec} stream "
+                                                        f"({geometry.info.pix_fmt})")
+        elif decoder == "cuda" and not rows:
+            decoder, fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(stats)}")
             rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
         if not rows:
             raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
@@ -138,6 +139,13 @@ class ExtractStage:
                 if self.settings.crop_letterbox else None)
         return MovieGeometry(info, start, end, crop, output_size(info, crop, self.settings.max_side),
                              output_size(info, crop, None))
+
+    def _not_on_gpu(self, movie: str, reason: str) -> tuple[str, str]:
+        """A film the GPU cannot decode: PartitionError with --decoder cuda, else ("cpu", reason) and a warning."""
+        if self.settings.decoder == "cuda":
+            raise PartitionError(f"{reason}: use --decoder cpu or auto")
+        log.warning("%s: %s; the CPU decodes it", movie, reason)
+        return "cpu", reason
 
     def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", staging: Path, progress,
               decoder: str) -> tuple[list[dict], DecodeStats]:

@@ -104,6 +104,16 @@ def cuda_decoding_problem() -> str | None:
     return None if result.returncode == 0 else _one_line(result.stderr, Path("-")).split("; ")[0]
 
 
+@functools.cache
+def cuda_decodes(codec: str) -> bool:
+    """Whether ffmpeg's decoder of `codec` (a probed codec name) decodes on a CUDA GPU (NVDEC): with
+    `-hwaccel cuda` ffmpeg decodes any other codec on the CPU without a word. Asked of ffmpeg itself."""
+    out = subprocess.run(["ffmpeg", "-hide_banner", "-h", f"decoder={codec}"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True).stdout
+    return any(line.strip().startswith("Supported hardware devices:") and "cuda" in line.split()
+               for line in out.splitlines())
+
+
 def find_movies(paths: list[str | Path]) -> list[Path]:
     """Files given explicitly are always taken (a bad one, even a broken link, is then recorded as
     failed); folders are searched recursively for regular files with a video extension."""
@@ -383,6 +393,8 @@ class DecodeStats:
     returncode: int | None = None
     last_time: float | None = None
     error: str | None = None
+    # NVDEC refused the stream (a profile or pixel format it lacks) and ffmpeg decoded it on the CPU
+    gpu_refused: bool = False
 
 
 def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
@@ -424,7 +436,7 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
                             bufsize=0)
     times: queue.Queue = queue.Queue()
     tail: deque[str] = deque(maxlen=20)
-    reader = threading.Thread(target=_read_stderr, args=(proc.stderr, times, tail), daemon=True)
+    reader = threading.Thread(target=_read_stderr, args=(proc.stderr, times, tail, stats), daemon=True)
     reader.start()
     frame_bytes = width * height * 3
     try:
@@ -458,9 +470,15 @@ def _read_exactly(pipe, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_stderr(pipe, times: queue.Queue, tail: deque) -> None:
-    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages."""
+# libavcodec's warning when a hardware decoder cannot set up for a stream, before it decodes in software
+_HWACCEL_REFUSED = b"hwaccel initialisation returned error"
+
+
+def _read_stderr(pipe, times: queue.Queue, tail: deque, stats: DecodeStats) -> None:
+    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages;
+    note NVDEC's refusal of the stream."""
     for line in iter(pipe.readline, b""):
+        stats.gpu_refused |= _HWACCEL_REFUSED in line
         if b"Parsed_showinfo" in line:
             m = _PTS_TIME.search(line)
             if m and b" n:" in line:

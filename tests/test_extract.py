@@ -366,5 +366,20 @@ def test_a_film_the_gpu_cannot_decode_is_decoded_on_the_cpu_with_decoder_auto(tm
     assert summary["decoder"] == "cpu"
     [warning] = summary["warnings"]
     assert warning.startswith("GPU decoding failed (ffmpeg exit ") and warning.endswith("; decoded on the CPU")
-    assert f"{partition.id}: GPU decoding failed" in caplog.text and "decoding it on the CPU" in caplog.text
+    assert f"{partition.id}: GPU decoding failed" in caplog.text and "the CPU decodes it" in caplog.text
     assert work.read_table("extract").jpeg_xxh3.tolist() == cpu.read_table("extract").jpeg_xxh3.tolist()
+
+
+@pytest.mark.parametrize("decoder", ["cuda", "auto"])
+def test_a_codec_nvdec_lacks_fails_or_is_decoded_on_the_cpu_without_asking_the_gpu(tmp_path, movie_factory, decoder):
+    """FFV1: ffmpeg's decoder has no CUDA path, and -hwaccel cuda would decode it on the CPU without a
+    word: it is told from the probe, on any machine."""
+    movie = movie_factory("lossless.mkv", seconds=1, codec=["-c:v", "ffv1"])
+    work = WorkDir(tmp_path / "work")
+    stage, partition = gpu_stage(work, decoder, movie)
+    result = run_partition(stage, partition, lambda *_: None)
+    if decoder == "cuda":
+        assert not result.ok and result.reason == "NVDEC cannot decode ffv1: use --decoder cpu or auto"
+    else:
+        assert result.ok and result.summary["decoder"] == "cpu"
+        assert result.summary["warnings"] == ["NVDEC cannot decode ffv1; decoded on the CPU"]

@@ -35,6 +35,7 @@ def test_the_dry_run_runs_every_checks_cpu_side_and_skips_its_cuda_side(tmp_path
     checks = written["checks"]
     assert checks["extract"]["metrics"]["sampled_frames"] == 2 and checks["extract"]["metrics"]["extract_cpu_film_s_per_s"] > 0
     assert checks["detect"]["metrics"]["cpu_persons_agreement"] == 1.0
+    assert checks["detect"]["metrics"]["torchvision_cpu_jpeg_difference"] <= 1.0
     assert checks["labeler"]["metrics"]["cpu_images"] == 4
     assert set(checks["historynet"]["metrics"]["first_step_l2_ab"]) == {"fp32", "bf16"}
     assert checks["ray"]["metrics"]["gpus_per_extract_worker"] == 0.125 and checks["torchrun"]["metrics"]["torchrun"]
