@@ -120,11 +120,16 @@ def films(ctx: Context) -> list[Path]:
 
 
 def decoded(film: Path, decoder: str) -> list[tuple[float, np.ndarray]]:
-    from mhmd_builder.media import Sampling, decode_frames, output_size, probe
+    """The film's frames at 2 per second from `decoder`; RuntimeError when ffmpeg failed or NVDEC refused it."""
+    from mhmd_builder.media import DecodeStats, Sampling, decode_frames, output_size, probe
 
-    info = probe(film)
-    return list(decode_frames(film, Sampling("fps", 2.0), output_size(info, None, 640), demuxer=info.demuxer,
-                              decoder=decoder))
+    info, stats = probe(film), DecodeStats()
+    frames = list(decode_frames(film, Sampling("fps", 2.0), output_size(info, None, 640), stats=stats,
+                                demuxer=info.demuxer, decoder=decoder))
+    if stats.returncode or stats.gpu_refused:
+        raise RuntimeError(f"decoding with {decoder}: ffmpeg exit {stats.returncode}, NVDEC refused: "
+                           f"{stats.gpu_refused}, {stats.error}")
+    return frames
 
 
 def extracted_seconds(paths: list[Path], work: Path, decoder: str) -> float:
