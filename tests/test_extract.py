@@ -339,6 +339,8 @@ def gpu_stage(work: WorkDir, decoder: str, movie: Path) -> tuple[ExtractStage, P
     """A stage whose worker found a GPU, on this machine where ffmpeg's `-hwaccel cuda` really fails:
     the failure a film the GPU cannot decode meets."""
     stage = ExtractStage(work, ExtractSettings(decoder=decoder))
+    # Under Ray: a share of a GPU for each film with cuda (films share a GPU); none with auto.
+    assert stage.resources.gpus == (1 / 8 if decoder == "cuda" else 0)
     stage.decoder = "cuda"  # as setup() resolves it where ffmpeg opens a GPU
     [partition], _ = plan_movies(work, [movie])
     return stage, partition
