@@ -199,7 +199,8 @@ def yolo_weights() -> tuple[str, str]:
 
 
 def detect_rows(work, model: str, device: str, imgsz: int, batch: int):
-    """(frame id -> persons, seconds the partition took) from `mhmd detect`, done afresh."""
+    """(frame id -> persons, seconds the partition took) from `mhmd detect`, done afresh; on CUDA its
+    JPEGs must have been decoded there."""
     from mhmd_builder.detect import DetectSettings, detect
     from mhmd_builder.runners import LocalRunner
 
@@ -207,6 +208,8 @@ def detect_rows(work, model: str, device: str, imgsz: int, batch: int):
     (result,) = detect(work, DetectSettings(model=model, device=device, imgsz=imgsz, batch=batch), LocalRunner(1))
     if not result.ok:
         raise RuntimeError(f"detect on {device}: {result.reason}")
+    if device.startswith("cuda") and not result.summary["jpeg_decoder"].startswith("torchvision on cuda"):
+        raise RuntimeError(f"detect on {device} decoded its JPEGs with {result.summary['jpeg_decoder']}")
     rows = work.read_table("detect")
     return dict(zip(rows.frame_id, rows.persons)), result.summary["seconds"]
 

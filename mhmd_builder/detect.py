@@ -142,6 +142,7 @@ class DetectStage:
             "inputs_digest": partition.info["inputs_digest"],
             "settings": self.settings.to_dict(),
             "detector": self.detector.describe(),
+            "jpeg_decoder": f"torchvision on {self.detector.device}" if self.decode_on_device else "opencv",
             "frames_in": len(rows),
             "frames_out": sum(r["kept"] for r in rows),
             "rejected": dict(sorted(reasons.items())),

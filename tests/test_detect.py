@@ -220,14 +220,15 @@ def test_jpegs_decoded_on_the_models_device_give_the_loader_threads_detections(p
     jpegs[0].write_bytes(b"not a jpeg")
     jpegs[4].unlink()
     settings = DetectSettings(model=str(person_yolo("yolo11n.yaml")), device="cpu", batch=4, max_persons=12)
-    detect(work, settings, LocalRunner(1))
+    [result] = detect(work, settings, LocalRunner(1))
+    assert result.summary["jpeg_decoder"] == "opencv"
     expected = work.read_table("detect").set_index("frame_id").sort_index()
     stage = DetectStage(work, settings)
     stage.setup()
     assert not stage.decode_on_device  # a model on the CPU reads with OpenCV
     stage.decode_on_device = True
     [partition] = plan_detection(work, replace(settings, conf=0.26))  # planned again: the movie is done
-    stage.process(partition, lambda *_: None)
+    assert stage.process(partition, lambda *_: None)["jpeg_decoder"] == "torchvision on cpu"
     rows = work.read_table("detect").set_index("frame_id").sort_index()
     assert rows.index.tolist() == expected.index.tolist()
     assert rows.loc[[jpegs[0].stem, jpegs[4].stem], "reject_reason"].tolist() == ["unreadable_frame"] * 2
