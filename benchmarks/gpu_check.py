@@ -4,7 +4,7 @@ headline throughputs beside their targets.
     uv run python benchmarks/gpu_check.py [--json results.json] [--only extract detect ...] [--dry-run]
 
 Checks (each in its own try/except with its own time limit: a failure is one line and the next
-check runs; about 5 minutes on one H200 with 16 cores):
+check runs; expected to take about 5 minutes on one H200 with 16 cores, not yet run there):
   extract      NVDEC frames (`--decoder cuda`) against the CPU's on a 1080p H.264 film made here:
                same timestamps, pixels within a level; then `mhmd extract --decoder cuda` of 4 films
                at once against `ffmpeg -hwaccel cuda -f null` and against the CPU's decode on every core
