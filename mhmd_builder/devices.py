@@ -1,4 +1,5 @@
-"""Where models run: the device a `--device` option names, and torch's CPU thread count."""
+"""Where work runs: the device a `--device` option names, the decoder `--decoder` names, and torch's
+CPU thread count."""
 from __future__ import annotations
 
 import os
@@ -20,6 +21,20 @@ def pick_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     return device
+
+
+def pick_decoder(decoder: str) -> str:
+    """`--decoder` as ffmpeg will run it, "cpu" or "cuda": `auto` is cuda when ffmpeg can open a CUDA
+    device here, else cpu; `cuda` must be able to (DeviceError in one line naming why not)."""
+    from .media import cuda_decoding_problem
+
+    if decoder == "cpu":
+        return "cpu"
+    problem = cuda_decoding_problem()
+    if decoder == "cuda" and problem:
+        raise DeviceError(f"--decoder cuda: ffmpeg cannot open a CUDA device on this machine ({problem}): "
+                          "use --decoder cpu or auto")
+    return "cpu" if problem else "cuda"
 
 
 def machine_cores() -> int:

@@ -3,6 +3,7 @@ encode a JPEG only for frames that pass, and record a row for every sampled fram
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,9 +17,10 @@ import cv2
 import pyarrow as pa
 import xxhash
 
+from .devices import pick_decoder
 from .errors import InputError
-from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, decode_frames, detect_letterbox,
-                    find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
+from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, cuda_decodes, decode_frames,
+                    detect_letterbox, find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
 from .runners import LocalRunner
 from .quality import FrameVerdict, QualityFilter, QualityThresholds
 from .tables import EXTRACT, FRAME_SCHEMA
@@ -26,8 +28,11 @@ from .stages import Partition, PartitionError, Resources
 from .workdir import WorkDir, writes
 
 STAGE = EXTRACT
-
-
+log = logging.getLogger(__name__)
+# With --decoder cuda under Ray, each worker asks for this share of a GPU: a GPU decodes several
+# films at once (NVDEC engines, no session limit on data-centre GPUs), each worker needing one core
+# for its filters and JPEG encoding.
+FILMS_PER_GPU = 8
 
 @dataclass(frozen=True)
 class ExtractSettings:
@@ -38,6 +43,11 @@ class ExtractSettings:
     crop_letterbox: bool = True
     jpeg_quality: int = 95
     quality: QualityThresholds = field(default_factory=QualityThresholds)
+    # Where ffmpeg decodes: cpu, cuda (NVDEC; a film the GPU cannot decode fails) or auto (cuda when
+    # ffmpeg can open a GPU, and a film the GPU cannot decode is decoded again on the CPU). Not a
+    # setting a done movie must share (`_check_same_settings`): it changes where frames are
+    # decoded, not which.
+    decoder: str = "auto"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,8 +89,14 @@ class ExtractStage:
     resources: Resources = field(default_factory=Resources)  # a worker per core: decoding is per movie
     unit: str = "s"
 
+    def __post_init__(self) -> None:
+        if self.settings.decoder == "cuda":
+            self.resources = Resources(gpus=1 / FILMS_PER_GPU)
+        self.decoder = "cpu"  # as resolved in each worker's setup (a Ray actor may hold a GPU the driver lacks)
+
     def setup(self) -> None:
         cv2.setNumThreads(1)  # one worker per core already; ffmpeg does its own threading
+        self.decoder = pick_decoder(self.settings.decoder)
 
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
@@ -91,16 +107,23 @@ class ExtractStage:
         shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
 
         geometry = self._geometry(path)
-        stats = DecodeStats()
-        rows = [self._row(v, movie, geometry, staging) for v in self._verdicts(path, movie, geometry, stats, progress)]
+        decoder, fallback, codec = self.decoder, None, geometry.info.codec
+        if decoder == "cuda" and not cuda_decodes(codec):
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
+        rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
+        if decoder == "cuda" and stats.gpu_refused:  # ffmpeg decoded it on the CPU itself
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode this {codec} stream "
+                                                        f"({geometry.info.pix_fmt})")
+        elif decoder == "cuda" and not rows:
+            decoder, fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(stats)}")
+            rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
         if not rows:
-            detail = f": {stats.error}" if stats.error else ""
-            raise PartitionError(f"no frames decoded (ffmpeg exit {stats.returncode}){detail}")
+            raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
 
         final_frames.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final_frames)
         summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
-                   **_counts(rows), "warnings": _warnings(stats, geometry), "seconds": round(time.monotonic() - started, 3)}
+                   "decoder": decoder, **_counts(rows), "warnings": _warnings(stats, geometry, fallback), "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
         progress(geometry.span, geometry.span)
         return summary
@@ -117,14 +140,29 @@ class ExtractStage:
         return MovieGeometry(info, start, end, crop, output_size(info, crop, self.settings.max_side),
                              output_size(info, crop, None))
 
+    def _not_on_gpu(self, movie: str, reason: str) -> tuple[str, str]:
+        """A film the GPU cannot decode: PartitionError with --decoder cuda, else ("cpu", reason) and a warning."""
+        if self.settings.decoder == "cuda":
+            raise PartitionError(f"{reason}: use --decoder cpu or auto")
+        log.warning("%s: %s; the CPU decodes it", movie, reason)
+        return "cpu", reason
+
+    def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", staging: Path, progress,
+              decoder: str) -> tuple[list[dict], DecodeStats]:
+        """Every sampled frame's row from one decoding pass with `decoder`, and how ffmpeg ended."""
+        stats = DecodeStats()
+        verdicts = self._verdicts(path, movie, geometry, stats, progress, decoder)
+        return [self._row(v, movie, geometry, staging) for v in verdicts], stats
+
     def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", stats: DecodeStats,
-                  progress) -> Iterator[FrameVerdict]:
+                  progress, decoder: str) -> Iterator[FrameVerdict]:
         """Every sampled frame's quality verdict, in time order, from one decoding pass."""
         quality = QualityFilter(self.settings.quality)
         seen: set[str] = set()
         start, end = geometry.start, geometry.end
         for timestamp, frame in decode_frames(path, self.settings.sampling, geometry.size, geometry.crop, start,
-                                              None if end is None else end - start, stats, geometry.info.demuxer):
+                                              None if end is None else end - start, stats, geometry.info.demuxer,
+                                              decoder):
             fid = frame_id(movie, timestamp)
             if fid in seen:  # two frames within the same millisecond: keep the first
                 continue
@@ -171,9 +209,14 @@ def _counts(rows: list[dict]) -> dict:
     return {"frames_in": len(rows), "frames_out": sum(r["kept"] for r in rows), "rejected": dict(sorted(reasons.items()))}
 
 
-def _warnings(stats: DecodeStats, geometry: MovieGeometry) -> list[str]:
-    """ffmpeg's own error, and decoding that stopped well before the end (a truncated file)."""
-    warnings = []
+def _ffmpeg_detail(stats: DecodeStats) -> str:
+    return f" (ffmpeg exit {stats.returncode})" + (f": {stats.error}" if stats.error else "")
+
+
+def _warnings(stats: DecodeStats, geometry: MovieGeometry, fallback: str | None) -> list[str]:
+    """Why the GPU did not decode the film, ffmpeg's own error, and decoding that stopped well
+    before the end (a truncated file)."""
+    warnings = [f"{fallback}; decoded on the CPU"] if fallback else []
     if stats.returncode:
         warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
     end = geometry.end
@@ -193,12 +236,17 @@ class MovieOutcome:
 
 def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> None:
     """Skipping a done movie is only right if it was extracted the same way."""
-    wanted = json.loads(json.dumps(settings.to_dict()))  # as stored: tuples become lists
+    wanted = _compared(settings.to_dict())
     for movie, summary in done.items():
-        if summary.get("settings") != wanted:
+        if _compared(summary.get("settings", {})) != wanted:
             changed = sorted(k for k in wanted if summary.get("settings", {}).get(k) != wanted[k])
             raise InputError(f"{movie} was extracted with other settings ({', '.join(changed)}): "
                              "use a new work directory, the same settings to resume, or --redo")
+
+
+def _compared(settings: dict) -> dict:
+    """The settings a done movie must share, as stored (tuples become lists): all but the decoder."""
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "decoder"}
 
 
 _HASH = re.compile(r"[0-9a-f]{8}")
@@ -262,6 +310,7 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     require_ffmpeg()  # here, not in the workers: an old ffmpeg stops the command, not each movie
     stage = ExtractStage(workdir, settings or ExtractSettings())
+    pick_decoder(stage.settings.decoder)  # --decoder cuda without a GPU: one line here, not a failure per movie
     partitions, outcomes = plan_movies(workdir, find_movies(inputs))
     finished = {} if redo else workdir.done(STAGE)
     done = {p.id: finished[p.id] for p in partitions if p.id in finished}

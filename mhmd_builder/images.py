@@ -1,4 +1,5 @@
-"""Images on disk: the extracted JPEGs read back as pixels (`load_frame`), and images that come from
+"""Images on disk: the extracted JPEGs read back as pixels (`load_frame`, or `decode_jpegs` in batches on
+a model's device), and images that come from
 outside (parsing maps, photos to colorize) checked before they are decoded (`open_image`), read
 with `read_regular_file`, which reads other outside files (label files) the same way.
 
@@ -48,13 +49,45 @@ class ImageFile:
         return image
 
 
-def load_frame(path: Path) -> np.ndarray | None:
-    """The BGR pixels of a JPEG, or None when it is missing or corrupt."""
+def read_frame(path: Path) -> np.ndarray | None:
+    """The bytes of an extracted JPEG, or None when it is missing or empty."""
     try:
         data = np.fromfile(path, np.uint8)
     except OSError:
         return None
-    return cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    return data if data.size else None
+
+
+def load_frame(path: Path) -> np.ndarray | None:
+    """The BGR pixels of a JPEG, or None when it is missing or corrupt."""
+    data = read_frame(path)
+    return None if data is None else cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def decode_jpegs(datas: list[np.ndarray], device) -> list:
+    """RGB uint8 CHW tensors on `device` for JPEG bytes (`read_frame`), decoded there in one batch by
+    torchvision (nvjpeg on CUDA), None for each that is corrupt. A JPEG torchvision refuses is tried
+    alone, then with OpenCV, so a frame is unreadable only when `load_frame` finds it so too."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.from_numpy(data) for data in datas]
+    if torch.device(device).type == "cuda":
+        # nvJPEG writes on its own stream into memory allocated on ours without waiting for it: work still
+        # queued on ours (letterboxing the last batch) could read a freed block it reuses (pytorch/vision#9606).
+        torch.cuda.current_stream(device).synchronize()
+    try:
+        return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
+    except RuntimeError:  # one bad JPEG fails the batch: find it
+        pass
+    images = []
+    for tensor, data in zip(tensors, datas):
+        try:
+            images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            bgr = cv2.imdecode(data, cv2.IMREAD_COLOR)
+            images.append(None if bgr is None else torch.from_numpy(bgr[:, :, ::-1].transpose(2, 0, 1).copy()).to(device))
+    return images
 
 
 def open_image(path: str | Path) -> ImageFile:

@@ -63,7 +63,7 @@ class LabelStage(LabelerWorker):
 
         size = self.labeler.image_size
         loaded = prefetched(todo, lambda f: load_rgb(self.workdir.root / f["jpeg"], size),
-                            self.settings.loader_threads, 2 * self.settings.batch_size)
+                            self.loader_threads(self.settings.loader_threads), 2 * self.settings.batch_size)
         unreadable = 0
         for frame, image in loaded:
             if image is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .devices import fixed_cpu_threads, pick_device
+from .devices import fixed_cpu_threads, machine_cores, pick_device
 from .errors import MhmdError
 from .images import load_frame
 from .ranges import CHOICES
@@ -226,3 +226,9 @@ class LabelerWorker:
 
     def setup(self) -> None:
         self.labeler = Labeler(self.checkpoint, self.taxonomy, self.settings.device)
+
+    def loader_threads(self, asked: int) -> int:
+        """Threads decoding and resizing JPEGs for the labeler: on CUDA at least one per core, as
+        the GPU labels faster than a few threads decode. Decoding stays on the CPU there: the labels
+        follow OpenCV's INTER_AREA resize, which no GPU resize equals, and must not depend on the machine."""
+        return max(asked, machine_cores()) if self.labeler.device.startswith("cuda") else asked

@@ -91,6 +91,29 @@ def require_ffmpeg() -> str:
     return line
 
 
+@functools.cache
+def cuda_decoding_problem() -> str | None:
+    """Why ffmpeg cannot decode on a CUDA GPU here, in one line (no driver, no device, an ffmpeg
+    built without CUDA), or None when it can; asked once per process by opening the device the way
+    `-hwaccel cuda` does, which is what decoding needs and what torch cannot tell."""
+    require_ffmpeg()
+    result = subprocess.run(["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-init_hw_device", "cuda",
+                             "-f", "lavfi", "-i", "nullsrc=s=16x16:d=0.04", "-f", "null", "-"],
+                            stdin=subprocess.DEVNULL, capture_output=True)
+    # The first error names the cause ("Cannot load libcuda.so.1", "CUDA_ERROR_NO_DEVICE"); the rest follow from it.
+    return None if result.returncode == 0 else _one_line(result.stderr, Path("-")).split("; ")[0]
+
+
+@functools.cache
+def cuda_decodes(codec: str) -> bool:
+    """Whether ffmpeg's decoder of `codec` (a probed codec name) decodes on a CUDA GPU (NVDEC): with
+    `-hwaccel cuda` ffmpeg decodes any other codec on the CPU without a word. Asked of ffmpeg itself."""
+    out = subprocess.run(["ffmpeg", "-hide_banner", "-h", f"decoder={codec}"], stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True).stdout
+    return any(line.strip().startswith("Supported hardware devices:") and "cuda" in line.split()
+               for line in out.splitlines())
+
+
 def find_movies(paths: list[str | Path]) -> list[Path]:
     """Files given explicitly are always taken (a bad one, even a broken link, is then recorded as
     failed); folders are searched recursively for regular files with a video extension."""
@@ -370,16 +393,21 @@ class DecodeStats:
     returncode: int | None = None
     last_time: float | None = None
     error: str | None = None
+    # NVDEC refused the stream (a profile or pixel format it lacks) and ffmpeg decoded it on the CPU
+    gpu_refused: bool = False
 
 
 def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
                   start: float = 0.0, duration: float | None = None, stats: DecodeStats | None = None,
-                  demuxer: str | None = None) -> Iterator[tuple[float, np.ndarray]]:
+                  demuxer: str | None = None, decoder: str = "cpu") -> Iterator[tuple[float, np.ndarray]]:
     """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame.
 
     One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
     keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line; `demuxer` (the
-    probed one) pins the container, which is anyway one of CONTAINERS."""
+    probed one) pins the container, which is anyway one of CONTAINERS. `decoder` "cuda" decodes on
+    the GPU (NVDEC, `-hwaccel cuda`): frames come back to memory as decoded and go through the same
+    filters, so sampling and timestamps are the CPU's and pixels differ only by the decoders'
+    rounding; if the device cannot be opened, ffmpeg fails (no frame, a nonzero exit)."""
     require_ffmpeg()
     stats = stats or DecodeStats()
     width, height = size
@@ -390,6 +418,8 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
         in_args["t"] = duration
     if sampling.mode == "keyframes":
         in_args["skip_frame"] = "nokey"
+    if decoder == "cuda":
+        in_args["hwaccel"] = "cuda"
     stream = _input(path, demuxer, **in_args).video
     select = sampling.select_filter()
     if select:
@@ -406,7 +436,7 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
                             bufsize=0)
     times: queue.Queue = queue.Queue()
     tail: deque[str] = deque(maxlen=20)
-    reader = threading.Thread(target=_read_stderr, args=(proc.stderr, times, tail), daemon=True)
+    reader = threading.Thread(target=_read_stderr, args=(proc.stderr, times, tail, stats), daemon=True)
     reader.start()
     frame_bytes = width * height * 3
     try:
@@ -440,9 +470,15 @@ def _read_exactly(pipe, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _read_stderr(pipe, times: queue.Queue, tail: deque) -> None:
-    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages."""
+# libavcodec's warning when a hardware decoder cannot set up for a stream, before it decodes in software
+_HWACCEL_REFUSED = b"hwaccel initialisation returned error"
+
+
+def _read_stderr(pipe, times: queue.Queue, tail: deque, stats: DecodeStats) -> None:
+    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages;
+    note NVDEC's refusal of the stream."""
     for line in iter(pipe.readline, b""):
+        stats.gpu_refused |= _HWACCEL_REFUSED in line
         if b"Parsed_showinfo" in line:
             m = _PTS_TIME.search(line)
             if m and b" n:" in line:

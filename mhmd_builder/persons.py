@@ -82,6 +82,19 @@ def letterbox(image: np.ndarray, imgsz: int, stride: int) -> np.ndarray:
     return np.ascontiguousarray(image[:, :, ::-1].transpose(2, 0, 1))
 
 
+def letterbox_tensor(image, imgsz: int, stride: int):
+    """`letterbox` for an RGB CHW uint8 tensor (a JPEG decoded on the GPU), done where it lies:
+    bilinear without antialiasing samples as cv2's INTER_LINEAR does, up to its fixed-point rounding."""
+    import torch.nn.functional as F
+
+    ratio, (new_h, new_w), (pad_h, pad_w) = letterbox_shape(*image.shape[1:], imgsz, stride)
+    if (new_h, new_w) != tuple(image.shape[1:]):
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
+        image = resized[0].round_().clamp_(0, 255).to(image.dtype)
+    top, left = (pad_h - new_h) // 2, (pad_w - new_w) // 2
+    return F.pad(image, (left, pad_w - new_w - left, top, pad_h - new_h - top), value=114)
+
+
 class YoloPersonDetector:
     """Batched YOLO: letterboxing happens in the loader threads (`prepare`), the batch goes to the
     device in one copy, half precision on CUDA; on CUDA out-of-memory the batch is halved."""
@@ -115,11 +128,15 @@ class YoloPersonDetector:
         return {"detector": "yolo", "model": self.name, "device": str(self.device), "half": self.half,
                 "imgsz": self.imgsz, "batch": self.batch}
 
-    def prepare(self, image: np.ndarray) -> np.ndarray:
-        return letterbox(image, self.imgsz, self.stride)
+    def prepare(self, image):
+        """A BGR HWC array (`load_frame`) or an RGB CHW tensor (`decode_jpegs`), letterboxed."""
+        if isinstance(image, np.ndarray):
+            return letterbox(image, self.imgsz, self.stride)
+        return letterbox_tensor(image, self.imgsz, self.stride)
 
     def __call__(self, images: list[np.ndarray], shapes: list[tuple[int, int]]) -> list[Detections]:
-        """`images`: prepared (letterboxed) images of one shape; `shapes`: their original (h, w)."""
+        """`images`: prepared (letterboxed) images of one shape, all arrays or all tensors;
+        `shapes`: their original (h, w)."""
         import torch
 
         out: list[Detections] = []
@@ -139,8 +156,8 @@ class YoloPersonDetector:
         import torch
         from ultralytics.utils import nms, ops
 
-        batch = torch.from_numpy(np.stack(images))
-        if self.device.type == "cuda":
+        batch = torch.stack(images) if torch.is_tensor(images[0]) else torch.from_numpy(np.stack(images))
+        if batch.device.type != self.device.type:  # arrays from the loader threads, for a GPU
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         batch = (batch.half() if self.half else batch.float()) / 255
         with torch.inference_mode():

@@ -86,6 +86,7 @@ RANGES: dict[str, Range] = {
 # The allowed values of every text setting with a fixed set of them, by recipe key.
 CHOICES: dict[str, tuple[str, ...]] = {
     "extract.sampling.mode": ("fps", "keyframes", "scenes"),
+    "extract.decoder": ("auto", "cpu", "cuda"),
     "detect.detector": ("yolo", "opencv"),
     "labeler.arch": ("resnet50", "resnet18"),
     "labeler.split": ("films", "frames"),

@@ -74,7 +74,8 @@ class RelabelStage(LabelerWorker):
 
     def setup(self) -> None:
         super().setup()
-        self.pool = ThreadPoolExecutor(self.settings.decode_threads)  # imdecode and resize release the GIL
+        # imdecode and resize release the GIL
+        self.pool = ThreadPoolExecutor(self.loader_threads(self.settings.decode_threads))
 
     def process(self, partition: Partition, progress) -> dict:
         name, split, count = partition.id, partition.info["split"], partition.info["count"]

@@ -10,7 +10,7 @@ from ultralytics import YOLO
 
 from mhmd_builder.cli import main
 from mhmd_builder.demo import Segment, make_film
-from mhmd_builder.detect import DetectSettings, detect, keep_decision
+from mhmd_builder.detect import DetectSettings, DetectStage, detect, keep_decision, plan_detection
 from mhmd_builder.extract import ExtractSettings, extract
 from mhmd_builder.manifest import manifest
 from mhmd_builder.media import Sampling
@@ -208,3 +208,31 @@ def test_the_keep_rule_at_its_edges():
     assert keep_decision(persons(0.5, 0.5, 0.5), two) == "too_many_persons"
     assert keep_decision(persons(0.25, 0.125), two) is None  # largest area exactly min_person_area
     assert keep_decision(persons(0.125, 0.125), two) == "person_too_small"
+
+
+def test_jpegs_decoded_on_the_models_device_give_the_loader_threads_detections(persons_workdir, person_yolo, tmp_path):
+    """The path a model on CUDA takes (the threads read the files, torchvision decodes each batch and
+    letterboxes it where the model runs), run here with the model on the CPU: the same persons as
+    OpenCV's decode in the loader threads, and the same unreadable frames. At imgsz 640, the frames'
+    size, nothing is resized: the pixels, so the detections, are the same to the bit."""
+    work = copy_workdir(persons_workdir, tmp_path)
+    jpegs = sorted(work.root.glob("frames/*/*.jpg"))
+    jpegs[0].write_bytes(b"not a jpeg")
+    jpegs[4].unlink()
+    settings = DetectSettings(model=str(person_yolo("yolo11n.yaml")), device="cpu", batch=4, max_persons=12)
+    [result] = detect(work, settings, LocalRunner(1))
+    assert result.summary["jpeg_decoder"] == "opencv"
+    expected = work.read_table("detect").set_index("frame_id").sort_index()
+    stage = DetectStage(work, settings)
+    stage.setup()
+    assert not stage.decode_on_device  # a model on the CPU reads with OpenCV
+    stage.decode_on_device = True
+    [partition] = plan_detection(work, replace(settings, conf=0.26))  # planned again: the movie is done
+    assert stage.process(partition, lambda *_: None)["jpeg_decoder"] == "torchvision on cpu"
+    rows = work.read_table("detect").set_index("frame_id").sort_index()
+    assert rows.index.tolist() == expected.index.tolist()
+    assert rows.loc[[jpegs[0].stem, jpegs[4].stem], "reject_reason"].tolist() == ["unreadable_frame"] * 2
+    columns = ["persons", "kept", "reject_reason", "largest_person_area"]
+    assert rows[columns].fillna(-1).equals(expected[columns].fillna(-1))
+    assert [list(map(list, boxes)) for boxes in rows.boxes.dropna()] == \
+        [list(map(list, boxes)) for boxes in expected.boxes.dropna()]

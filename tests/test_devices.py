@@ -3,7 +3,8 @@ import torch
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.devices import DeviceError, fixed_cpu_threads, machine_cores, pick_device
+from mhmd_builder.devices import DeviceError, fixed_cpu_threads, machine_cores, pick_decoder, pick_device
+from mhmd_builder.media import cuda_decoding_problem
 
 
 def test_device_selection():
@@ -12,6 +13,18 @@ def test_device_selection():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             pick_device("cuda:0")
+
+
+def test_decoder_selection_follows_what_ffmpeg_can_open():
+    problem = cuda_decoding_problem()
+    assert pick_decoder("cpu") == "cpu"
+    assert pick_decoder("auto") == ("cpu" if problem else "cuda")
+    if problem:
+        assert "\n" not in problem and problem
+        with pytest.raises(DeviceError, match=r"^--decoder cuda: ffmpeg cannot open a CUDA device on this machine \("):
+            pick_decoder("cuda")
+    else:
+        assert pick_decoder("cuda") == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

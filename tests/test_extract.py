@@ -14,11 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.extract import ExtractSettings, extract, frame_id
+from mhmd_builder.extract import ExtractSettings, ExtractStage, extract, frame_id, plan_movies
 from mhmd_builder.logs import LOG_NAME
 from mhmd_builder.tables import MANIFEST_COLUMNS
-from mhmd_builder.media import Sampling
+from mhmd_builder.media import Sampling, cuda_decoding_problem
 from mhmd_builder.runners import LocalRunner
+from mhmd_builder.stages import Partition, run_partition
 from mhmd_builder.workdir import WorkDir
 
 from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
@@ -304,3 +305,83 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
                                            (2.9995, "m_3000"), (59.9996, "m_60000"), (3600.0004, "m_3600000")])
 def test_frame_ids_are_the_timestamp_rounded_to_the_millisecond(seconds, frame):
     assert frame_id("m", seconds) == frame
+
+
+# -- where ffmpeg decodes (--decoder) ---------------------------------------------------------------
+needs_no_cuda = pytest.mark.skipif(cuda_decoding_problem() is None, reason="needs a machine where ffmpeg has no CUDA")
+
+
+@needs_no_cuda
+def test_decoder_cuda_without_a_gpu_is_one_line_before_any_movie(tmp_path, movie_factory):
+    movie_factory("a.mp4", seconds=1)
+    result = run_cli("extract", movie_factory.folder, "-w", tmp_path / "work", "--decoder", "cuda")
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1
+    assert result.output.startswith("Error: --decoder cuda: ffmpeg cannot open a CUDA device on this machine (")
+    assert result.output.rstrip().endswith("): use --decoder cpu or auto")
+    assert not (tmp_path / "work" / "extract" / "plan").exists()
+
+
+@needs_no_cuda
+def test_decoder_auto_decodes_on_the_cpu_here_and_records_it(tmp_path, movie_factory):
+    movie_factory("a.mp4", seconds=2)
+    cpu, auto = WorkDir(tmp_path / "cpu"), WorkDir(tmp_path / "auto")
+    extract([movie_factory.folder], cpu, ExtractSettings(decoder="cpu"), LocalRunner(1))
+    [outcome] = extract([movie_factory.folder], auto, ExtractSettings(decoder="auto"), LocalRunner(1))
+    assert outcome.summary["decoder"] == "cpu" and outcome.summary["warnings"] == []
+    assert cpu.read_table("extract").jpeg_xxh3.tolist() == auto.read_table("extract").jpeg_xxh3.tolist()
+    # The decoder is not a setting a done movie must share: resuming with another one skips it.
+    [again] = extract([movie_factory.folder], auto, ExtractSettings(decoder="cpu"), LocalRunner(1))
+    assert again.status == "skipped"
+
+
+def gpu_stage(work: WorkDir, decoder: str, movie: Path) -> tuple[ExtractStage, Partition]:
+    """A stage whose worker found a GPU, on this machine where ffmpeg's `-hwaccel cuda` really fails:
+    the failure a film the GPU cannot decode meets."""
+    stage = ExtractStage(work, ExtractSettings(decoder=decoder))
+    # Under Ray: a share of a GPU for each film with cuda (films share a GPU); none with auto.
+    assert stage.resources.gpus == (1 / 8 if decoder == "cuda" else 0)
+    stage.decoder = "cuda"  # as setup() resolves it where ffmpeg opens a GPU
+    [partition], _ = plan_movies(work, [movie])
+    return stage, partition
+
+
+@needs_no_cuda
+def test_a_film_the_gpu_cannot_decode_is_recorded_failed_in_one_line_with_decoder_cuda(tmp_path, movie_factory):
+    work = WorkDir(tmp_path / "work")
+    stage, partition = gpu_stage(work, "cuda", movie_factory("a.mp4", seconds=1))
+    result = run_partition(stage, partition, lambda *_: None)
+    assert not result.ok
+    assert re.fullmatch(r"GPU decoding failed \(ffmpeg exit \d+\): .+: use --decoder cpu or auto", result.reason)
+    assert "\n" not in result.reason and "traceback" not in result.summary
+    assert work.failed("extract")[partition.id]["reason"] == result.reason
+
+
+@needs_no_cuda
+def test_a_film_the_gpu_cannot_decode_is_decoded_on_the_cpu_with_decoder_auto(tmp_path, movie_factory, caplog):
+    movie = movie_factory("a.mp4", seconds=2)
+    cpu = WorkDir(tmp_path / "cpu")
+    extract([movie], cpu, ExtractSettings(decoder="cpu"), LocalRunner(1))
+    work = WorkDir(tmp_path / "work")
+    stage, partition = gpu_stage(work, "auto", movie)
+    summary = stage.process(partition, lambda *_: None)
+    assert summary["decoder"] == "cpu"
+    [warning] = summary["warnings"]
+    assert warning.startswith("GPU decoding failed (ffmpeg exit ") and warning.endswith("; decoded on the CPU")
+    assert f"{partition.id}: GPU decoding failed" in caplog.text and "the CPU decodes it" in caplog.text
+    assert work.read_table("extract").jpeg_xxh3.tolist() == cpu.read_table("extract").jpeg_xxh3.tolist()
+
+
+@pytest.mark.parametrize("decoder", ["cuda", "auto"])
+def test_a_codec_nvdec_lacks_fails_or_is_decoded_on_the_cpu_without_asking_the_gpu(tmp_path, movie_factory, decoder):
+    """FFV1: ffmpeg's decoder has no CUDA path, and -hwaccel cuda would decode it on the CPU without a
+    word: it is told from the probe, on any machine."""
+    movie = movie_factory("lossless.mkv", seconds=1, codec=["-c:v", "ffv1"])
+    work = WorkDir(tmp_path / "work")
+    stage, partition = gpu_stage(work, decoder, movie)
+    result = run_partition(stage, partition, lambda *_: None)
+    if decoder == "cuda":
+        assert not result.ok and result.reason == "NVDEC cannot decode ffv1: use --decoder cpu or auto"
+    else:
+        assert result.ok and result.summary["decoder"] == "cpu"
+        assert result.summary["warnings"] == ["NVDEC cannot decode ffv1; decoded on the CPU"]

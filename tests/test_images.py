@@ -6,6 +6,8 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+import torch
+from ultralytics.utils import ASSETS
 
 from mhmd_builder import images
 from mhmd_builder.images import ImageError, open_image
@@ -68,3 +70,24 @@ def test_files_too_large_or_not_images_are_refused_and_images_decode(tmp_path, m
     monkeypatch.setattr(images, "MAX_IMAGE_BYTES", 10)
     with pytest.raises(ImageError, match=rf"^{good}: \d+ bytes, more than the 10 an image may have$"):
         open_image(good)
+
+
+def test_decode_jpegs_gives_load_frames_pixels_and_none_for_each_bad_jpeg(tmp_path):
+    """On the CPU, torchvision and OpenCV decode with libjpeg alike: the same pixels, RGB CHW. A
+    corrupt JPEG in the batch is None in its place and the others still come out."""
+    paths = []
+    for i, (size, quality) in enumerate([((160, 120), 95), ((161, 121), 50), ((64, 64), 95)]):
+        frame = cv2.resize(cv2.imread(str(ASSETS / "bus.jpg")), size, interpolation=cv2.INTER_AREA)
+        paths.append(tmp_path / f"{i}.jpg")
+        cv2.imwrite(str(paths[-1]), frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    good = paths[0].read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "text.jpg").write_text("not a jpeg")
+    paths[1:1] = [tmp_path / "cut.jpg", tmp_path / "text.jpg"]
+    decoded = images.decode_jpegs([images.read_frame(p) for p in paths], "cpu")
+    assert decoded[1] is None and decoded[2] is None and images.load_frame(paths[1]) is None
+    for path, image in zip(paths[::3] + paths[3:4], decoded[::3] + decoded[3:4]):
+        expected = images.load_frame(path)[:, :, ::-1].transpose(2, 0, 1)
+        assert image.dtype == torch.uint8 and np.abs(image.numpy().astype(int) - expected).max() <= 1
+    assert images.decode_jpegs([], "cpu") == []
+    assert images.read_frame(tmp_path / "missing.jpg") is None

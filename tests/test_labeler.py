@@ -103,3 +103,16 @@ def test_predict_batch_scores_the_imagenet_normalised_rgb_image(tmp_path):
     for row, confidence, ids in zip(rows, expected.values.numpy(), expected.indices.numpy(), strict=True):
         assert row["top3"] == [TAXONOMY.names[i] for i in ids]
         np.testing.assert_allclose(row["top3_confidence"], confidence, atol=1e-5)
+
+
+def test_loader_threads_grow_to_one_per_core_only_for_a_labeler_on_cuda(tmp_path):
+    from mhmd_builder.devices import machine_cores
+    from mhmd_builder.label import LabelStage, PredictSettings
+    from mhmd_builder.workdir import WorkDir
+
+    stage = LabelStage(WorkDir(tmp_path / "work"), str(constant_checkpoint(tmp_path / "c.safetensors", [0.0] * len(TAXONOMY))),
+                       TAXONOMY, PredictSettings(device="cpu"))
+    stage.setup()
+    assert stage.loader_threads(4) == 4 and stage.loader_threads(64) == 64
+    stage.labeler.device = "cuda:0"  # as a worker whose labeler runs on a GPU has it
+    assert stage.loader_threads(1) == max(1, machine_cores()) and stage.loader_threads(10_000) == 10_000

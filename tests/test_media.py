@@ -1,12 +1,16 @@
+import io
 import os
+import queue
 import re
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mhmd_builder import media
 from mhmd_builder.logs import LOG_NAME
 from mhmd_builder.media import (CONTAINERS, VIDEO_EXTENSIONS, Crop, MediaError, Sampling, decode_frames,
                                 detect_letterbox, ffmpeg_release, find_movies, movie_id, output_size, probe, slug)
@@ -282,3 +286,21 @@ def test_a_new_enough_ffmpeg_is_accepted_and_named_in_the_log(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"INFO {real}\n" in (tmp_path / "w" / LOG_NAME).read_text()
+
+
+def test_nvdec_codecs_are_asked_of_ffmpeg():
+    assert media.cuda_decodes("h264") and media.cuda_decodes("hevc")
+    assert not media.cuda_decodes("ffv1") and not media.cuda_decodes("no-such-codec")
+
+
+def test_nvdecs_refusal_of_a_stream_is_noted_from_ffmpegs_warning():
+    """libavcodec's words when the hardware decoder cannot take a stream (a profile NVDEC lacks) and
+    it decodes in software: the one sign that the GPU did not decode the film."""
+    refused = (b"[h264 @ 0x5581] Failed setup for format cuda: hwaccel initialisation returned error.\n"
+               b"[Parsed_showinfo_3 @ 0x5582] n:   0 pts:      0 pts_time:0.5 duration:1\n")
+    stats, times = media.DecodeStats(), queue.Queue()
+    media._read_stderr(io.BytesIO(refused), times, deque(), stats)
+    assert stats.gpu_refused and times.get() == 0.5
+    plain = media.DecodeStats()
+    media._read_stderr(io.BytesIO(refused.splitlines(keepends=True)[1]), queue.Queue(), deque(), plain)
+    assert not plain.gpu_refused

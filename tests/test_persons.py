@@ -8,7 +8,7 @@ from ultralytics.utils import ASSETS
 
 from mhmd_builder.detect import DetectSettings
 from mhmd_builder.persons import (PERSON, YOLO_NAMES, DetectorError, OpenCVPersonDetector, YoloPersonDetector,
-                                  letterbox, resolve_weights)
+                                  letterbox, letterbox_tensor, resolve_weights)
 from mhmd_builder.weights import WeightsError
 
 from conftest import assert_equal_but_on_edges, assert_same_detections, pattern_frame, ultralytics_person_mask
@@ -53,6 +53,21 @@ def test_letterbox_equals_ultralytics_rect_letterbox():
         reference = LetterBox(new_shape=(imgsz, imgsz), auto=True, stride=32)(image=image)
         ours = letterbox(image, imgsz, 32).transpose(1, 2, 0)[:, :, ::-1]
         assert ours.shape == reference.shape and np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("height, width", [(360, 640), (720, 1280), (121, 161), (200, 200)])
+def test_letterbox_of_a_decoded_tensor_is_letterbox_within_a_level(height, width):
+    """The GPU path's letterbox (bilinear in torch) against OpenCV's: the same shape and padding,
+    pixels at most one level apart (fixed-point rounding), and equal where nothing is resized."""
+    image = cv2.resize(photo("zidane.jpg"), (width, height), interpolation=cv2.INTER_AREA)
+    tensor = torch.from_numpy(image[:, :, ::-1].transpose(2, 0, 1).copy())
+    for imgsz in (160, 640):
+        ours, reference = letterbox_tensor(tensor, imgsz, 32).numpy(), letterbox(image, imgsz, 32)
+        assert ours.shape == reference.shape and ours.dtype == reference.dtype
+        difference = np.abs(ours.astype(int) - reference)
+        assert difference.max() <= 1 and difference.mean() < 0.2
+        if max(height, width) == imgsz:
+            assert difference.max() == 0
 
 
 def loaded(model, **settings) -> YoloPersonDetector:
