@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from pathlib import Path
 from dataclasses import fields
 
 import pandas as pd
@@ -70,10 +71,34 @@ def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.
     return decisions.reset_index()[DECISION_COLUMNS]
 
 
+def current_counts(workdir: WorkDir) -> dict[str, dict] | None:
+    """Per done extract partition, `frames_out` and `rejected` (by reason) under the current
+    decisions, as `current_decisions` would count them, from the done markers and the last filter's
+    per-movie counts: no frame table is read, only the hashes of those the filter decided on are
+    taken (to tell a movie extracted again since). None when the last filter's summary has no
+    per-movie counts (written by an earlier version) or does not read: count `current_decisions`."""
+    done = workdir.done(EXTRACT)
+    filtered = {}
+    if decisions_path(workdir).exists():
+        try:
+            filtered = read_json(_summary_path(workdir)).get("movies")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(filtered, dict):
+            return None
+    return {movie: filtered[movie] if movie in filtered
+            and filtered[movie]["extract_fingerprint"] == _fingerprint(workdir.table_path(EXTRACT, movie))
+            else marker for movie, marker in done.items()}
+
+
+def _summary_path(workdir: WorkDir) -> Path:
+    return workdir.stage_dir(STAGE) / "summary.json"
+
+
 def recorded_thresholds(workdir: WorkDir) -> QualityThresholds:
     """The thresholds the current decisions were made with: the last filter's, else the extract
     settings (when every movie used the same), else the defaults. `mhmd filter` starts from these."""
-    summary = workdir.stage_dir(STAGE) / "summary.json"
+    summary = _summary_path(workdir)
     if summary.exists():
         return QualityThresholds.from_mapping(read_json(summary)["thresholds"])
     used = {tuple(sorted(s.get("settings", {}).get("quality", {}).items())) for s in workdir.done("extract").values()}
@@ -145,9 +170,19 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
         "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
         "thresholds": thresholds.to_dict(),
         "output": str(decisions_path(workdir)),
+        "movies": _movie_counts(decisions),
     }
-    atomic_write_json(workdir.stage_dir(STAGE) / "summary.json", summary)
+    atomic_write_json(_summary_path(workdir), summary)
     return summary
+
+
+def _movie_counts(decisions: pd.DataFrame) -> dict[str, dict]:
+    """Per movie: the extract table decided on (its fingerprint), frames kept and rejected by
+    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again."""
+    return {movie: {"extract_fingerprint": group["extract_fingerprint"].iat[0],
+                    "frames_out": int(group["kept"].sum()),
+                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()}}
+            for movie, group in decisions.groupby("movie_id", sort=True)}
 
 
 def format_refilter(summary: dict) -> str:

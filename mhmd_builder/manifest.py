@@ -15,11 +15,18 @@ import pandas as pd
 import pyarrow as pa
 
 from .errors import DamagedFileError
-from .filter import current_decisions
+from .filter import current_counts, current_decisions
 from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path, read_human_labels)
 from .workdir import WorkDir, atomic_write_table, changes
 
+
+
+def _kept(summaries) -> dict:
+    """frames_out and rejected (by reason, most first) summed over partition summaries."""
+    rejected = sum((Counter(s.get("rejected", {})) for s in summaries), Counter())
+    return {"frames_out": sum(s.get("frames_out", 0) for s in summaries),
+            "rejected": dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))}
 
 
 def stage_status(workdir: WorkDir, stage: str) -> dict:
@@ -31,8 +38,7 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
             "pending": len(set(planned) - set(done) - set(failed)),
         },
         "frames_in": sum(s.get("frames_in", 0) for s in done.values()),
-        "frames_out": sum(s.get("frames_out", 0) for s in done.values()),
-        "rejected": dict(sum((Counter(s.get("rejected", {})) for s in done.values()), Counter()).most_common()),
+        **_kept(list(done.values())),
         "failures": {pid: info.get("reason") for pid, info in failed.items()},
         "damaged": workdir.damaged(stage),
         "running": {pid: {"percent": round(100 * p["done"] / p["total"], 1) if p["total"] else 0.0,
@@ -42,14 +48,18 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
 
 
 def status(workdir: WorkDir) -> dict:
-    """Per stage that has started: partitions done / failed / pending, frames in and out."""
+    """Per stage that has started: partitions done / failed / pending, frames in and out, from
+    the done markers' counts (no frame table is read)."""
     report = {stage: stage_status(workdir, stage) for stage in FUNNEL if workdir.stage_dir(stage).exists()}
     if EXTRACT in report and workdir.stage_dir(FILTER).exists():
         # `mhmd filter` replaced extract's keep decisions: count what is kept now (of the tables
         # that read: status names the others and never stops for them).
-        decisions = current_decisions(workdir, damaged=[])
-        report[EXTRACT]["frames_out"] = int(decisions.kept.sum())
-        report[EXTRACT]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
+        counts = current_counts(workdir)
+        if counts is None:  # a filter of an earlier version: count its decisions
+            decisions = current_decisions(workdir, damaged=[])
+            counts = {"": {"frames_out": int(decisions.kept.sum()),
+                           "rejected": Counter(decisions.reject_reason.dropna())}}
+        report[EXTRACT].update(_kept(list(counts.values())))
     return report
 
 
