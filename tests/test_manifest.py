@@ -193,3 +193,19 @@ def test_status_without_a_filter_reads_the_done_markers_alone(synthetic_work, mo
     assert [report[stage]["frames_in"] for stage in ("extract", "detect", "label")] == [
         3000, report["extract"]["frames_out"], report["detect"]["frames_out"]]
     assert list(report["extract"]["rejected"]) == ["grayscale"]
+
+
+def test_the_manifest_takes_each_stages_row_of_a_frame_that_reached_it(synthetic_copy):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))  # grayscale frames kept now, never detected
+    frames = manifest_module.manifest(work).set_index("frame_id")
+    detected = work.read_table("detect").set_index("frame_id")
+    labelled = work.read_table("label").set_index("frame_id")
+    seen = frames.loc[detected.index]
+    assert (seen.persons == detected.persons).all() and seen.kept.equals(detected.kept)
+    assert seen.reject_reason.fillna("").equals(detected.reject_reason.fillna(""))
+    assert (frames.loc[labelled.index].label == labelled.label).all()
+    assert (frames.loc[labelled.index].label_confidence.round(6) == 0.9).all()
+    unseen = frames.drop(index=detected.index)
+    assert len(unseen) and unseen.kept.all() and unseen.persons.isna().all() and unseen.label.isna().all()
+    assert frames.reject_reason.isin(["no_person"]).sum() == (~detected.kept).sum()
