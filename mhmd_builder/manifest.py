@@ -107,6 +107,15 @@ def manifest(workdir: WorkDir, before: str | None = None) -> pd.DataFrame:
     return frames.copy(deep=False)
 
 
+def manifest_table(workdir: WorkDir, before: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """`manifest` as an Arrow table built for this call (not kept), for a command that reads it
+    once: of the extract tables' `columns` only when given (the contract's columns it leaves out
+    are null), so that a command holds no score it does not use."""
+    table, damaged = _build(workdir, columns)
+    _refuse(damaged, before)
+    return table
+
+
 def _refuse(damaged: dict[str, list[str]], before: str | None) -> None:
     for stage in FUNNEL[:FUNNEL.index(before)] if before else FUNNEL:
         if damaged[stage]:
@@ -130,12 +139,12 @@ def _state(workdir: WorkDir) -> tuple:
     return str(workdir.root), changes(), tuple(stats)
 
 
-def _build(workdir: WorkDir) -> tuple[pa.Table, dict[str, list[str]]]:
+def _build(workdir: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, list[str]]]:
     """The manifest of the partitions that read, and per stage the damaged ones left out. Built in
     Arrow: each stage's table is read once, of the columns the manifest shows, and its rows are
     matched to the frames by frame_id (`_matched`), not joined as pandas frames."""
     damaged: dict[str, list[str]] = {stage: [] for stage in FUNNEL}
-    frames = workdir.read_arrow(EXTRACT, damaged[EXTRACT])
+    frames = workdir.read_arrow(EXTRACT, damaged[EXTRACT], columns)
     if frames is None:
         return pa.table({name: pa.array([], kind) for name, kind in MANIFEST_COLUMNS.items()}), damaged
     frames = decided(workdir, frames)
@@ -202,8 +211,7 @@ def _with_labels(workdir: WorkDir, frames: pa.Table, damaged: list[str]) -> pa.T
 
 def export_manifest(workdir: WorkDir, out: str) -> int:
     """Write the manifest as Parquet with the contract's column types; returns the row count."""
-    table, damaged = _build(workdir)  # in Arrow, written as it is built: no pandas frame
-    _refuse(damaged, None)
+    table = manifest_table(workdir)  # written as it is built: no pandas frame
     for name, kind in MANIFEST_COLUMNS.items():
         table = _put(table, name, table[name].cast(kind))
     atomic_write_table(Path(out), table)
