@@ -17,7 +17,9 @@ Peak memory: the largest sum of the proportional set sizes (PSS, Linux) of the c
 and all its descendants, sampled every 50 ms with psutil: a page shared by forked writers counts
 once in the sum (RSS would count it in each), so this is the memory the tree holds; a peak shorter
 than 50 ms can be missed. The fit: the exponent b of time ~ N^b and memory ~ N^b (least squares on logs) over
-the sizes run; 1 is linear, 0 flat.
+the sizes run (1 is linear, 0 flat; fixed costs flatten it at small N), and the value at the paper's
+size on the least-squares straight line. `status` runs twice: on the fresh work directory, and
+last, after a filter and the shards ("status, built").
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 
 MHMD = str(Path(sys.executable).parent / "mhmd")  # the command of this environment
+PAPER = 3_400_000  # frames the paper sampled (1,353,166 kept)
 LINKS_PER_JPEG = 50_000  # ext4 allows 65,000 links to one file
 GOOD_SCORES = {"colorfulness": 30.0, "chroma": 20.0, "chroma_spread": 10.0, "hue_concentration": 0.3,
                "sharpness": 50.0, "blur_sigma": 1.0, "mean_luma": 120.0, "black_fraction": 0.05,
@@ -196,6 +199,7 @@ def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int]
         "labels import": ["labels", "import", str(root / "labelled.csv"), "-w", w],
         "shard": ["shard", "-w", w, "-o", str(root / "shards")],
         "report": ["report", "-w", w, "-o", str(root / "report.html")],
+        "status, built": ["status", "-w", w],  # after a filter and the shards: what status reads then
     }
     results = {}
     for name, args in steps.items():
@@ -212,6 +216,12 @@ def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int]
 def exponent(sizes: list[int], values: list[float]) -> float:
     """b of value ~ N^b, least squares on logs."""
     return float(np.polyfit(np.log(sizes), np.log(values), 1)[0]) if len(sizes) > 1 else math.nan
+
+
+def linear(sizes: list[int], values: list[float]) -> float:
+    """value at the paper's size on the straight line through the sizes run (least squares): fixed
+    costs (imports, worker start) dominate small N and flatter the exponent; this does not."""
+    return float(np.polyval(np.polyfit(sizes, values, 1), PAPER)) if len(sizes) > 1 else math.nan
 
 
 def main() -> None:
@@ -231,12 +241,14 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[n] = run_size(Path(tmp), n, args.films)
     sizes = list(runs)
-    print(f"\n| command | {' | '.join(f'N={n:,}: s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b |")
-    print(f"|---|{'---:|' * len(sizes)}---:|---:|")
+    print(f"\n| command | {' | '.join(f'N={n:,}: s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
+          f"| at N={PAPER:,} (linear): s / MiB |")
+    print(f"|---|{'---:|' * len(sizes)}---:|---:|---:|")
     for name in runs[sizes[0]]:
-        cells = [f"{runs[n][name][0]:.1f} / {runs[n][name][1] / 2**20:.0f}" for n in sizes]
-        print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, [runs[n][name][0] for n in sizes]):.2f} "
-              f"| {exponent(sizes, [runs[n][name][1] for n in sizes]):.2f} |")
+        seconds, memory = [runs[n][name][0] for n in sizes], [runs[n][name][1] / 2**20 for n in sizes]
+        cells = [f"{t:.1f} / {m:.0f}" for t, m in zip(seconds, memory)]
+        print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
+              f"| {linear(sizes, seconds):.0f} / {linear(sizes, memory):.0f} |")
     for n in sizes:
         print(f"N={n:,}: shard / tar cf = {runs[n]['shard'][0] / runs[n]['tar cf'][0]:.2f}x")
 
