@@ -9,9 +9,12 @@ from __future__ import annotations
 import hashlib
 import shlex
 from dataclasses import fields
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
@@ -51,29 +54,62 @@ def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.
     the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
     `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie). A damaged extract
     partition raises, or is left out when given a list `damaged` (`WorkDir.read_table`)."""
-    frames = workdir.read_table("extract", damaged)
+    frames = workdir.read_arrow(EXTRACT, damaged, columns=["frame_id", "kept", "reject_reason", "flags", "jpeg"])
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
-    decisions = frames[["frame_id", "movie_id", "kept", "reject_reason", "flags", "jpeg"]].set_index("frame_id")
+    decisions = decided(workdir, frames)
+    needs = pc.and_(decisions["kept"], pc.is_null(decisions["jpeg"]))
+    return decisions.append_column("needs_extraction", needs).select(DECISION_COLUMNS).to_pandas()
+
+
+def decided(workdir: WorkDir, frames: pa.Table) -> pa.Table:
+    """`frames` (extract rows of done partitions) with the current decisions in `kept`,
+    `reject_reason` and `flags` (`current_decisions`), in Arrow: what a whole-dataset reader
+    that read the extract tables already asks, without reading them again."""
     path = decisions_path(workdir)
-    if path.exists():
-        filtered = pd.read_parquet(path)
-        fresh = {movie for movie, fp in filtered.groupby("movie_id")["extract_fingerprint"].first().items()
-                 if workdir.is_done("extract", movie)
-                 and _fingerprint(workdir.table_path("extract", movie)) == fp}
-        override = filtered[filtered.movie_id.isin(fresh)].set_index("frame_id")
-        override = override[override.index.isin(decisions.index)]
-        columns = ["kept", "reject_reason", "flags"]
-        decisions = pd.concat([decisions.loc[~decisions.index.isin(override.index), columns + ["jpeg"]],
-                               override[columns].join(decisions["jpeg"])]).loc[decisions.index]
-    decisions["needs_extraction"] = decisions["kept"].astype(bool) & decisions["jpeg"].isna()
-    return decisions.reset_index()[DECISION_COLUMNS]
+    if not path.exists():
+        return frames
+    filtered = pq.read_table(path, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags",
+                                            "extract_fingerprint"])
+    prints = filtered.group_by(["movie_id", "extract_fingerprint"]).aggregate([]).to_pylist()
+    fresh = [p["movie_id"] for p in prints if workdir.is_done(EXTRACT, p["movie_id"])
+             and _fingerprint(workdir.table_path(EXTRACT, p["movie_id"])) == p["extract_fingerprint"]]
+    filtered = filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string())))
+    at = pc.index_in(frames["frame_id"], value_set=filtered["frame_id"].combine_chunks())
+    for name in ("kept", "reject_reason", "flags"):
+        column = pc.if_else(pc.is_valid(at), filtered[name].take(at), frames[name])
+        frames = frames.set_column(frames.schema.get_field_index(name), name, column)
+    return frames
+
+
+def current_counts(workdir: WorkDir) -> dict[str, dict] | None:
+    """Per done extract partition, `frames_out` and `rejected` (by reason) under the current
+    decisions, as `current_decisions` would count them, from the done markers and the last filter's
+    per-movie counts: no frame table is read, only the hashes of those the filter decided on are
+    taken (to tell a movie extracted again since). None when the last filter's summary has no
+    per-movie counts (written by an earlier version) or does not read: count `current_decisions`."""
+    done = workdir.done(EXTRACT)
+    filtered = {}
+    if decisions_path(workdir).exists():
+        try:
+            filtered = read_json(_summary_path(workdir)).get("movies")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(filtered, dict):
+            return None
+    return {movie: filtered[movie] if movie in filtered
+            and filtered[movie]["extract_fingerprint"] == _fingerprint(workdir.table_path(EXTRACT, movie))
+            else marker for movie, marker in done.items()}
+
+
+def _summary_path(workdir: WorkDir) -> Path:
+    return workdir.stage_dir(STAGE) / "summary.json"
 
 
 def recorded_thresholds(workdir: WorkDir) -> QualityThresholds:
     """The thresholds the current decisions were made with: the last filter's, else the extract
     settings (when every movie used the same), else the defaults. `mhmd filter` starts from these."""
-    summary = workdir.stage_dir(STAGE) / "summary.json"
+    summary = _summary_path(workdir)
     if summary.exists():
         return QualityThresholds.from_mapping(read_json(summary)["thresholds"])
     used = {tuple(sorted(s.get("settings", {}).get("quality", {}).items())) for s in workdir.done("extract").values()}
@@ -145,9 +181,19 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
         "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
         "thresholds": thresholds.to_dict(),
         "output": str(decisions_path(workdir)),
+        "movies": _movie_counts(decisions),
     }
-    atomic_write_json(workdir.stage_dir(STAGE) / "summary.json", summary)
+    atomic_write_json(_summary_path(workdir), summary)
     return summary
+
+
+def _movie_counts(decisions: pd.DataFrame) -> dict[str, dict]:
+    """Per movie: the extract table decided on (its fingerprint), frames kept and rejected by
+    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again."""
+    return {movie: {"extract_fingerprint": group["extract_fingerprint"].iat[0],
+                    "frames_out": int(group["kept"].sum()),
+                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()}}
+            for movie, group in decisions.groupby("movie_id", sort=True)}
 
 
 def format_refilter(summary: dict) -> str:

@@ -13,13 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import DamagedFileError
-from .filter import current_decisions
+from .filter import current_counts, current_decisions, decided
 from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
-                     human_labels_path, parsing_table_path, read_human_labels)
+                     human_labels_path, parsing_table_path)
 from .workdir import WorkDir, atomic_write_table, changes
 
+
+
+def _kept(summaries) -> dict:
+    """frames_out and rejected (by reason, most first) summed over partition summaries."""
+    rejected = sum((Counter(s.get("rejected", {})) for s in summaries), Counter())
+    return {"frames_out": sum(s.get("frames_out", 0) for s in summaries),
+            "rejected": dict(sorted(rejected.items(), key=lambda item: (-item[1], item[0])))}
 
 
 def stage_status(workdir: WorkDir, stage: str) -> dict:
@@ -31,8 +40,7 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
             "pending": len(set(planned) - set(done) - set(failed)),
         },
         "frames_in": sum(s.get("frames_in", 0) for s in done.values()),
-        "frames_out": sum(s.get("frames_out", 0) for s in done.values()),
-        "rejected": dict(sum((Counter(s.get("rejected", {})) for s in done.values()), Counter()).most_common()),
+        **_kept(list(done.values())),
         "failures": {pid: info.get("reason") for pid, info in failed.items()},
         "damaged": workdir.damaged(stage),
         "running": {pid: {"percent": round(100 * p["done"] / p["total"], 1) if p["total"] else 0.0,
@@ -42,14 +50,18 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
 
 
 def status(workdir: WorkDir) -> dict:
-    """Per stage that has started: partitions done / failed / pending, frames in and out."""
+    """Per stage that has started: partitions done / failed / pending, frames in and out, from
+    the done markers' counts (no frame table is read)."""
     report = {stage: stage_status(workdir, stage) for stage in FUNNEL if workdir.stage_dir(stage).exists()}
     if EXTRACT in report and workdir.stage_dir(FILTER).exists():
         # `mhmd filter` replaced extract's keep decisions: count what is kept now (of the tables
         # that read: status names the others and never stops for them).
-        decisions = current_decisions(workdir, damaged=[])
-        report[EXTRACT]["frames_out"] = int(decisions.kept.sum())
-        report[EXTRACT]["rejected"] = dict(Counter(decisions.reject_reason.dropna()).most_common())
+        counts = current_counts(workdir)
+        if counts is None:  # a filter of an earlier version: count its decisions
+            decisions = current_decisions(workdir, damaged=[])
+            counts = {"": {"frames_out": int(decisions.kept.sum()),
+                           "rejected": Counter(decisions.reject_reason.dropna())}}
+        report[EXTRACT].update(_kept(list(counts.values())))
     return report
 
 
@@ -87,12 +99,27 @@ def manifest(workdir: WorkDir, before: str | None = None) -> pd.DataFrame:
     global _built
     state = _state(workdir)
     if _built is None or _built[0] != state:
-        _built = (state, *_build(workdir))
+        _built = None  # the old one goes before the new one is built, not after
+        table, damaged = _build(workdir)
+        _built = (state, table.to_pandas(), damaged)
     _, frames, damaged = _built
+    _refuse(damaged, before)
+    return frames.copy(deep=False)
+
+
+def manifest_table(workdir: WorkDir, before: str | None = None, columns: list[str] | None = None) -> pa.Table:
+    """`manifest` as an Arrow table built for this call (not kept), for a command that reads it
+    once: of the extract tables' `columns` only when given (the contract's columns it leaves out
+    are null), so that a command holds no score it does not use."""
+    table, damaged = _build(workdir, columns)
+    _refuse(damaged, before)
+    return table
+
+
+def _refuse(damaged: dict[str, list[str]], before: str | None) -> None:
     for stage in FUNNEL[:FUNNEL.index(before)] if before else FUNNEL:
         if damaged[stage]:
             raise DamagedFileError(damaged[stage][0])
-    return frames.copy(deep=False)
 
 
 def _state(workdir: WorkDir) -> tuple:
@@ -112,66 +139,80 @@ def _state(workdir: WorkDir) -> tuple:
     return str(workdir.root), changes(), tuple(stats)
 
 
-def _build(workdir: WorkDir) -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """The manifest of the partitions that read, and per stage the damaged ones left out."""
+def _build(workdir: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table, dict[str, list[str]]]:
+    """The manifest of the partitions that read, and per stage the damaged ones left out. Built in
+    Arrow: each stage's table is read once, of the columns the manifest shows, and its rows are
+    matched to the frames by frame_id (`_matched`), not joined as pandas frames."""
     damaged: dict[str, list[str]] = {stage: [] for stage in FUNNEL}
-    frames = workdir.read_table(EXTRACT, damaged[EXTRACT])
+    frames = workdir.read_arrow(EXTRACT, damaged[EXTRACT], columns)
     if frames is None:
-        return pd.DataFrame({name: pd.Series(dtype=object) for name in MANIFEST_COLUMNS}), damaged
-    decisions = current_decisions(workdir, damaged=[]).set_index("frame_id")  # extract's damage: counted above
-    frames = frames.set_index("frame_id")
-    for column in ("kept", "reject_reason", "flags"):
-        frames[column] = decisions[column]
-    detections = workdir.read_table(DETECT, damaged[DETECT])
+        return pa.table({name: pa.array([], kind) for name, kind in MANIFEST_COLUMNS.items()}), damaged
+    frames = decided(workdir, frames)
+    detections = workdir.read_arrow(DETECT, damaged[DETECT])
     if detections is not None:
-        detections = detections.set_index("frame_id")
-        detections = detections[detections.index.isin(frames.index[frames.kept.astype(bool)])]
-        frames = frames.join(detections[["persons", "boxes", "confidences", "largest_person_area", "mask"]])
-        rejected = detections.index[~detections.kept.astype(bool)]
-        frames.loc[rejected, "kept"] = False
-        frames.loc[rejected, "reject_reason"] = detections.loc[rejected, "reject_reason"]
+        # Detection saw the frames kept after quality: its rows of others are from earlier decisions.
+        at = pc.if_else(frames["kept"], _matched(frames, detections), pa.scalar(None, pa.int32()))
+        for name in ("persons", "boxes", "confidences", "largest_person_area", "mask"):
+            frames = _put(frames, name, detections[name].take(at))
+        rejected = pc.fill_null(pc.invert(detections["kept"].take(at)), False)
+        frames = _put(frames, "kept", pc.and_(frames["kept"], pc.invert(rejected)))
+        frames = _put(frames, "reject_reason", pc.if_else(rejected, detections["reject_reason"].take(at),
+                                                          frames["reject_reason"]))
     frames = _with_labels(workdir, frames, damaged[LABEL])
-    shards = workdir.read_table(SHARD, damaged[SHARD])
+    shards = workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "split"])
     if shards is not None:
-        frames = frames.join(shards.set_index("frame_id")[["split"]])
+        frames = _put(frames, "split", shards["split"].take(_matched(frames, shards)))
     parsing = parsing_table_path(workdir)
     if parsing.exists():
-        frames = frames.join(pd.read_parquet(parsing).set_index("frame_id")[["parsing"]])
-    frames = frames.reset_index()
+        attached = pq.read_table(parsing, columns=["frame_id", "parsing"])
+        frames = _put(frames, "parsing", attached["parsing"].take(_matched(frames, attached)))
     for name in MANIFEST_COLUMNS:
-        if name not in frames:
-            frames[name] = None
-    extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
-    return frames[list(MANIFEST_COLUMNS) + extra].sort_values(["movie_id", "timestamp"], ignore_index=True), damaged
+        if name not in frames.column_names:
+            frames = frames.append_column(name, pa.nulls(len(frames)))
+    extra = [c for c in frames.column_names if c not in MANIFEST_COLUMNS]
+    frames = frames.select(list(MANIFEST_COLUMNS) + extra)
+    return frames.sort_by([("movie_id", "ascending"), ("timestamp", "ascending")]), damaged
 
 
-def _with_labels(workdir: WorkDir, frames: pd.DataFrame, damaged: list[str]) -> pd.DataFrame:
+def _matched(frames: pa.Table, rows: pa.Table) -> pa.Array:
+    """For each frame, the index of its row in `rows` (by frame_id), null where it has none."""
+    return pc.index_in(frames["frame_id"], value_set=rows["frame_id"].combine_chunks())
+
+
+def _put(frames: pa.Table, name: str, column) -> pa.Table:
+    """`frames` with the column `name` set (replaced, or added last)."""
+    if name in frames.column_names:
+        return frames.set_column(frames.schema.get_field_index(name), name, column)
+    return frames.append_column(name, column)
+
+
+def _with_labels(workdir: WorkDir, frames: pa.Table, damaged: list[str]) -> pa.Table:
     """label, label_source, label_confidence: the labeler's output where it ran, else the human
     labels imported so far."""
-    human = read_human_labels(workdir)
-    if human is not None:
-        human = human.set_index("frame_id")
-        frames = frames.join(human[["label"]])
-        frames["label_source"] = frames.label.notna().map({True: "human", False: None})
-        frames["label_confidence"] = frames.label.notna().map({True: 1.0, False: None})
-    predicted = workdir.read_table(LABEL, damaged)
+    human = human_labels_path(workdir)
+    if human.exists():
+        human = pq.read_table(human, columns=["frame_id", "label"])
+        label = human["label"].take(_matched(frames, human))
+        frames = _put(frames, "label", label)
+        frames = _put(frames, "label_source", pc.if_else(pc.is_valid(label), "human", pa.scalar(None, pa.string())))
+        frames = _put(frames, "label_confidence", pc.if_else(pc.is_valid(label), 1.0, pa.scalar(None, pa.float64())))
+    predicted = workdir.read_arrow(LABEL, damaged)
     if predicted is not None:
-        predicted = predicted.set_index("frame_id")
-        predicted = predicted[predicted.index.isin(frames.index)]
-        for column in ("label", "label_source", "label_confidence", "top3", "top3_confidence"):
-            if column not in frames:
-                frames[column] = None
-            frames.loc[predicted.index, column] = predicted[column]
+        at = _matched(frames, predicted)
+        found = pc.is_valid(at)
+        predicted = _put(predicted, "label_confidence", predicted["label_confidence"].cast(pa.float64()))
+        for name in ("label", "label_source", "label_confidence", "top3", "top3_confidence"):
+            column = predicted[name].take(at)
+            if name in frames.column_names:
+                column = pc.if_else(found, column, frames[name])
+            frames = _put(frames, name, column)
     return frames
 
 
 def export_manifest(workdir: WorkDir, out: str) -> int:
     """Write the manifest as Parquet with the contract's column types; returns the row count."""
-    frames = manifest(workdir)
-    schema = pa.schema([pa.field(n, t) for n, t in MANIFEST_COLUMNS.items()])
-    table = pa.Table.from_pandas(frames[list(MANIFEST_COLUMNS)], schema=schema, preserve_index=False)
-    extra = [c for c in frames.columns if c not in MANIFEST_COLUMNS]
-    for name in extra:
-        table = table.append_column(name, pa.Array.from_pandas(frames[name]))
+    table = manifest_table(workdir)  # written as it is built: no pandas frame
+    for name, kind in MANIFEST_COLUMNS.items():
+        table = _put(table, name, table[name].cast(kind))
     atomic_write_table(Path(out), table)
     return table.num_rows

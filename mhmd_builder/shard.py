@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from .errors import InputError
 from .footage import near_duplicates
-from .manifest import manifest
+from .manifest import manifest_table
 from .runners import LocalRunner
 from .shards import (JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
                      is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
@@ -39,6 +40,11 @@ from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, writes
 
 STAGE = SHARD
+# What shard reads of the extract tables: the samples' json and files, the keep decisions and the
+# films' perceptual hashes (near duplicates); not the other scores.
+FINGERPRINT_COLUMNS = ["movie_id", "flags", "phash_hi", "phash_lo"]
+EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_reason", "jpeg", "jpeg_bytes",
+                   "jpeg_xxh3", *FINGERPRINT_COLUMNS]
 
 
 @dataclass(frozen=True)
@@ -241,16 +247,18 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), shard_output(out)
-    sampled = manifest(workdir, before=STAGE)  # its own records are redone here, whatever their state
-    frames = sampled
-    if "jpeg" in frames:
-        frames = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id", ignore_index=True)
-    if frames.empty:
+    sampled = manifest_table(workdir, before=STAGE, columns=EXTRACT_COLUMNS)  # its own records are redone here
+    kept = (sampled.filter(pc.and_(sampled["kept"], pc.is_valid(sampled["jpeg"])))
+            if "jpeg" in sampled.column_names else sampled.slice(0, 0))  # no jpeg column: nothing extracted
+    if not kept.num_rows:
         raise InputError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
+    films = sampled.filter(pc.is_in(sampled["movie_id"], value_set=pc.unique(kept["movie_id"])))
+    groups = near_duplicates(films.select([c for c in FINGERPRINT_COLUMNS if c in films.column_names]).to_pandas())
+    frames = kept.sort_by("frame_id").to_pandas()
+    del sampled, kept, films  # the kept frames alone from here on, in pandas
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames:
             frames[column] = None
-    groups = near_duplicates(sampled[sampled.movie_id.isin(set(frames.movie_id))])
     frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed, groups))
 
     partitions = plan_tars(frames, workdir.root, out, settings, taxonomy, movie_metadata)

@@ -350,25 +350,35 @@ class WorkDir:
         whose done marker or table does not read raises DamagedFileError naming the file and the
         command that redoes it: leaving it out would drop its rows unnoticed. Given a list
         `damaged`, such a partition is left out and the error's message added to the list instead."""
+        table = self.read_arrow(stage, damaged)
+        return table.to_pandas() if table is not None else None
+
+    def read_arrow(self, stage: str, damaged: list[str] | None = None,
+                   columns: list[str] | None = None) -> pa.Table | None:
+        """`read_table` as one Arrow table, of `columns` only (those a partition has; the others
+        are null in its rows) when given: a whole-dataset reader reads no column it does not use."""
         tables = []
-        for part in self._parts(stage):
+        for part in self._parts(stage, columns):
             if isinstance(part, pa.Table):
                 tables.append(part)
             elif damaged is None:
                 raise part
             else:
                 damaged.append(str(part))
-        return pa.concat_tables(tables, promote_options="default").to_pandas() if tables else None
+        return pa.concat_tables(tables, promote_options="default") if tables else None
 
-    def _parts(self, stage: str) -> Iterator[pa.Table | DamagedFileError]:
-        """Each partition with a done marker, in order: its table, or the error naming its marker or
-        table when either does not read."""
+    def _parts(self, stage: str, columns: list[str] | None = None) -> Iterator[pa.Table | DamagedFileError]:
+        """Each partition with a done marker, in order: its table (`columns` of it that it has),
+        or the error naming its marker or table when either does not read."""
         for pid, record in self._markers(stage, "done").items():
             if record is None:
                 yield _redo(stage, self._marker(stage, pid, "done"), "damaged record (not a json object)")
                 continue
             path = self.table_path(stage, pid)
             try:
-                yield pq.read_table(path)
+                with pq.ParquetFile(path) as file:
+                    table = file.read(None if columns is None else [c for c in columns if c in file.schema_arrow.names])
             except (pa.ArrowException, OSError) as error:
                 yield _redo(stage, path, _damage(error))
+                continue
+            yield table

@@ -303,3 +303,31 @@ def assert_equal_but_on_edges(mask: np.ndarray, reference: np.ndarray) -> None:
     kernel = np.ones((3, 3), np.uint8)
     edges = cv2.dilate(reference, kernel) != cv2.erode(reference, kernel)
     assert not ((mask != reference) & ~edges).any()
+
+
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def synthetic_work(tmp_path_factory):
+    """benchmarks/scale.py's work directory of 3,000 frames over 6 films (extracted, detected,
+    labelled by the model), made once: copy it before writing (`synthetic_copy`)."""
+    return _benchmark("scale").make_workdir(tmp_path_factory.mktemp("synthetic"), 3000, 6)
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_work, tmp_path):
+    """A private copy of `synthetic_work` (its JPEGs hard-linked, not copied)."""
+    import shutil
+
+    shutil.copytree(synthetic_work.root, tmp_path / "work", copy_function=os.link)
+    from mhmd_builder.workdir import WorkDir
+
+    return WorkDir(tmp_path / "work")

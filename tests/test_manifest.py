@@ -1,10 +1,16 @@
+import json
 import subprocess
 import sys
 import time
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from mhmd_builder import manifest as manifest_module
+from mhmd_builder.filter import current_decisions, refilter
 from mhmd_builder.manifest import export_manifest, format_status, status
+from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.workdir import WorkDir
 
@@ -147,3 +153,59 @@ def test_status_names_damaged_records_and_tables_as_pending(tmp_path):
     text = format_status(status(wd))
     assert f"damaged record {wd.parts_dir('extract') / 'a.done'}: redone on the next run" in text
     assert f"{wd.table_path('extract', 'b')}: damaged (cut short or not a Parquet file): redone on the next run" in text
+
+
+def _without_filter_counts(work: WorkDir) -> None:
+    """The filter's summary as an earlier version wrote it: no per-movie counts."""
+    path = work.stage_dir("filter") / "summary.json"
+    summary = json.loads(path.read_text())
+    del summary["movies"]
+    path.write_text(json.dumps(summary))
+
+
+def test_status_after_a_filter_counts_from_its_summary_what_its_decisions_hold(synthetic_copy, monkeypatch):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0, max_hash_distance=-1))  # the grayscale frames kept now
+    # One movie extracted again since the filter, with other decisions: extract's own count it again.
+    movie = sorted(work.done("extract"))[0]
+    table = pq.read_table(work.table_path("extract", movie))
+    kept = table.column("kept").to_pylist()
+    kept[0] = not kept[0]
+    for name, values in (("kept", kept), ("reject_reason", [None if k else "grayscale" for k in kept])):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values))
+    marker = json.loads((work.parts_dir("extract") / f"{movie}.done").read_text())
+    work.commit("extract", movie, table, {**marker, "frames_out": sum(kept), "rejected": {"grayscale": len(kept) - sum(kept)}})
+    with monkeypatch.context() as patch:
+        patch.setattr(manifest_module, "current_decisions", None)  # summaries only: no frame table read
+        counted = status(work)
+    _without_filter_counts(work)
+    decided = status(work)
+    assert counted == decided
+    kept_now = current_decisions(work).kept.sum()
+    assert counted["extract"]["frames_out"] == kept_now > work.read_table("extract").kept.sum()
+    assert counted["extract"]["frames_in"] == 3000 and counted["label"]["frames_out"] == work.read_table("label").shape[0]
+
+
+def test_status_without_a_filter_reads_the_done_markers_alone(synthetic_work, monkeypatch):
+    monkeypatch.setattr(WorkDir, "read_table", None)
+    monkeypatch.setattr(manifest_module, "current_decisions", None)
+    report = status(synthetic_work)
+    assert [report[stage]["frames_in"] for stage in ("extract", "detect", "label")] == [
+        3000, report["extract"]["frames_out"], report["detect"]["frames_out"]]
+    assert list(report["extract"]["rejected"]) == ["grayscale"]
+
+
+def test_the_manifest_takes_each_stages_row_of_a_frame_that_reached_it(synthetic_copy):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))  # grayscale frames kept now, never detected
+    frames = manifest_module.manifest(work).set_index("frame_id")
+    detected = work.read_table("detect").set_index("frame_id")
+    labelled = work.read_table("label").set_index("frame_id")
+    seen = frames.loc[detected.index]
+    assert (seen.persons == detected.persons).all() and seen.kept.equals(detected.kept)
+    assert seen.reject_reason.fillna("").equals(detected.reject_reason.fillna(""))
+    assert (frames.loc[labelled.index].label == labelled.label).all()
+    assert (frames.loc[labelled.index].label_confidence.round(6) == 0.9).all()
+    unseen = frames.drop(index=detected.index)
+    assert len(unseen) and unseen.kept.all() and unseen.persons.isna().all() and unseen.label.isna().all()
+    assert frames.reject_reason.isin(["no_person"]).sum() == (~detected.kept).sum()

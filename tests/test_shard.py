@@ -24,8 +24,10 @@ from PIL import Image
 from mhmd_builder.cli import main
 from mhmd_builder.detect import DetectSettings, detect
 from mhmd_builder.errors import DamagedFileError, InputError
+from mhmd_builder.filter import refilter
 from mhmd_builder.labels import import_labels, labelable_frames, write_human_labels
 from mhmd_builder.manifest import export_manifest, format_status, manifest, status
+from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
@@ -522,3 +524,15 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
     for name in names:
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_shard_holds_each_frame_kept_with_a_jpeg_once_and_no_other(synthetic_copy, tmp_path):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))  # grayscale frames kept now, but never encoded
+    index = shard(work, tmp_path / "shards", runner=LocalRunner(1))
+    frames = manifest(work)
+    wanted = frames[frames.kept.astype(bool) & frames.jpeg.notna()]
+    assert 0 < len(wanted) < frames.kept.sum()
+    written = work.read_table("shard")
+    assert sorted(written.frame_id) == sorted(wanted.frame_id)
+    assert sum(entry["count"] for entry in index["shards"]) == len(wanted)

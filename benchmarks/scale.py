@@ -1,0 +1,257 @@
+"""Whole-dataset commands at scale: time and peak memory of `mhmd status`, `manifest export`,
+`filter`, `sample`, `labels import`, `shard` and `report` on synthetic work directories of N frames,
+with a growth fit, and `mhmd shard` against `tar cf` of the same JPEGs in the same run.
+
+    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR]
+
+The work directory is written through the stages' own table schemas (`tables.py`) and the work
+directory's own commit (`WorkDir.commit`: table, then done marker with the stage's counts), as
+extract, detect and labeler predict leave it: of every sampled frame 60% pass quality (the others
+"grayscale"), and two thirds of those pass detection (the others "no_person"), about the paper's
+1,353,166 kept of ~3.4 M sampled; every frame that passed detection has a model label. Every kept
+JPEG is a hard link to one tiny real JPEG (a new one every 50,000 links: ext4 allows 65,000), so
+the JPEG bytes are small and `tar cf --hard-dereference` (each link stored as a whole file, as shard
+does) measures per-file costs, the part of shard that grows with N.
+
+Peak memory: the largest sum of the proportional set sizes (PSS, Linux) of the command's process
+and all its descendants, sampled every 50 ms with psutil: a page shared by forked writers counts
+once in the sum (RSS would count it in each), so this is the memory the tree holds; a peak shorter
+than 50 ms can be missed. The fit: the exponent b of time ~ N^b and memory ~ N^b (least squares on logs) over
+the sizes run (1 is linear, 0 flat; fixed costs flatten it at small N), and the value at the paper's
+size on the least-squares straight line. `status` runs twice: on the fresh work directory, and
+last, after a filter and the shards ("status, built").
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow as pa
+
+from mhmd_builder.detect import DetectSettings
+from mhmd_builder.extract import ExtractSettings, frame_id
+from mhmd_builder.tables import DETECT, DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, LABEL, PREDICTION_SCHEMA
+from mhmd_builder.quality import SCORE_NAMES
+from mhmd_builder.taxonomy import load_taxonomy
+from mhmd_builder.workdir import WorkDir
+
+MHMD = str(Path(sys.executable).parent / "mhmd")  # the command of this environment
+PAPER = 3_400_000  # frames the paper sampled (1,353,166 kept)
+LINKS_PER_JPEG = 50_000  # ext4 allows 65,000 links to one file
+GOOD_SCORES = {"colorfulness": 30.0, "chroma": 20.0, "chroma_spread": 10.0, "hue_concentration": 0.3,
+               "sharpness": 50.0, "blur_sigma": 1.0, "mean_luma": 120.0, "black_fraction": 0.05,
+               "white_fraction": 0.02, "short_side": 480.0}
+
+
+def tiny_jpeg() -> bytes:
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, :, 2], image[:, 32:, 1] = 200, 120
+    return cv2.imencode(".jpg", image)[1].tobytes()
+
+
+class Linker:
+    """Hard links to one real JPEG, a new copy of it every LINKS_PER_JPEG links."""
+
+    def __init__(self, folder: Path, data: bytes):
+        self.folder, self.data, self.count = folder, data, 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def link(self, path: Path) -> None:
+        source = self.folder / f"{self.count // LINKS_PER_JPEG}.jpg"
+        if self.count % LINKS_PER_JPEG == 0:
+            source.write_bytes(self.data)
+        os.link(source, path)
+        self.count += 1
+
+
+def make_workdir(root: Path, frames: int, films: int, seed: int = 0) -> WorkDir:
+    """A work directory of `frames` sampled frames over `films` films, extracted, detected and labelled."""
+    import xxhash
+
+    work, rng, taxonomy = WorkDir(root / "work"), np.random.default_rng(seed), load_taxonomy()
+    data = tiny_jpeg()
+    linker, digest = Linker(root / "jpeg-sources", data), xxhash.xxh3_64_hexdigest(data)
+    extract_settings, detect_settings = ExtractSettings().to_dict(), DetectSettings().to_dict()
+    for f, n in enumerate(np.diff(np.linspace(0, frames, films + 1).astype(int))):
+        movie = f"film{f:04d}"
+        ids = [frame_id(movie, i * 0.25) for i in range(n)]
+        passed = rng.random(n) < 0.6
+        folder = work.frames_dir(movie)
+        folder.mkdir(parents=True)
+        jpegs = [f"frames/{movie}/{fid}.jpg" if ok else None for fid, ok in zip(ids, passed)]
+        for jpeg in filter(None, jpegs):
+            linker.link(work.root / jpeg)
+        scores = {name: np.where(passed, value, 2.0 if name == "colorfulness" else value)
+                  for name, value in GOOD_SCORES.items()}
+        scores.update(phash_hi=rng.integers(0, 2**32, n).astype(float), phash_lo=rng.integers(0, 2**32, n).astype(float))
+        columns = {"frame_id": ids, "movie_id": [movie] * n, "timestamp": np.arange(n) * 0.25,
+                   "width": [640] * n, "height": [352] * n, "kept": passed,
+                   "reject_reason": [None if ok else "grayscale" for ok in passed], "flags": [[]] * n,
+                   "jpeg": jpegs, "jpeg_bytes": [len(data) if j else None for j in jpegs],
+                   "jpeg_xxh3": [digest if j else None for j in jpegs]}
+        table = pa.table({**{field.name: pa.array(columns[field.name], field.type) for field in FRAME_SCHEMA},
+                          **{name: pa.array(scores[name], pa.float64()) for name in SCORE_NAMES}})
+        path = f"/movies/{movie}.mp4"
+        work.plan(EXTRACT, movie, {"path": path})
+        work.commit(EXTRACT, movie, table, {"path": path, "movie_id": movie, "settings": extract_settings,
+                                            **counts(passed, "grayscale")})
+
+        detected = [fid for fid, ok in zip(ids, passed) if ok]
+        persons = rng.integers(0, 3, len(detected))  # a third with no person
+        kept = persons > 0
+        table = pa.table({
+            "frame_id": detected, "movie_id": [movie] * len(detected), "persons": persons.astype(np.int32),
+            "boxes": [[[0.1, 0.1, 0.5, 0.9]] * p for p in persons], "confidences": [[0.8] * p for p in persons],
+            "largest_person_area": np.where(kept, 0.3, 0.0).astype(np.float32), "kept": kept,
+            "reject_reason": [None if k else "no_person" for k in kept], "mask": [None] * len(detected)},
+            schema=DETECT_SCHEMA)
+        work.plan(DETECT, movie, {"frames": len(detected), "inputs_digest": movie})
+        work.commit(DETECT, movie, table, {"movie_id": movie, "inputs_digest": movie, "settings": detect_settings,
+                                           **counts(kept, "no_person")})
+
+        labelled = [fid for fid, k in zip(detected, kept) if k]
+        picks = rng.integers(0, len(taxonomy.labels), len(labelled))
+        names = [taxonomy.labels[i].name for i in picks]
+        table = pa.table({
+            "frame_id": labelled, "movie_id": [movie] * len(labelled), "label": names,
+            "label_id": picks.astype(np.int32), "label_source": ["model"] * len(labelled),
+            "label_confidence": np.full(len(labelled), 0.9, np.float32), "top3": [[name] * 3 for name in names],
+            "top3_confidence": [[0.9, 0.05, 0.05]] * len(labelled)}, schema=PREDICTION_SCHEMA)
+        work.plan(LABEL, movie, {"frames": len(labelled), "inputs_digest": movie})
+        work.commit(LABEL, movie, table, {"movie_id": movie, "inputs_digest": movie, "checkpoint_sha256": "synthetic",
+                                          "frames_in": len(labelled), "frames_out": len(labelled), "rejected": {}})
+    return work
+
+
+def counts(kept: np.ndarray, reason: str) -> dict:
+    """A done marker's counts, as the stages write them."""
+    rejected = int((~kept).sum())
+    return {"frames_in": len(kept), "frames_out": int(kept.sum()), "rejected": {reason: rejected} if rejected else {}}
+
+
+def tree_pss(process: psutil.Process) -> int:
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss
+        except psutil.Error:  # ended meanwhile
+            pass
+    return total
+
+
+def measured(args: list[str], cwd: Path) -> tuple[float, int]:
+    """Run a command; its wall time (s) and the peak PSS of its process tree (bytes)."""
+    started = time.perf_counter()
+    child = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process, peak = psutil.Process(child.pid), 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                peak = max(peak, tree_pss(process))
+            except psutil.Error:
+                pass
+            stop.wait(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = child.communicate()
+    seconds = time.perf_counter() - started
+    stop.set()
+    sampler.join()
+    if child.returncode:
+        raise SystemExit(f"{' '.join(args)} failed ({child.returncode}):\n{stderr.decode()[-2000:]}")
+    return seconds, peak
+
+
+def filled_labels(todo: Path, out: Path) -> None:
+    """The sample with every `label` filled (a label name of the taxonomy), as a person would."""
+    sample = pd.read_csv(todo)
+    names = [label.name for label in load_taxonomy().labels]
+    sample["label"] = [names[i % len(names)] for i in range(len(sample))]
+    sample.to_csv(out, index=False)
+
+
+def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int]]:
+    started = time.perf_counter()
+    work = make_workdir(root, frames, films)
+    print(f"\n{frames} frames over {films} films: work directory made in {time.perf_counter() - started:.0f} s")
+    w = str(work.root)
+    steps = {
+        "status": ["status", "-w", w],
+        "manifest export": ["manifest", "export", "-w", w, "-o", str(root / "manifest.parquet")],
+        "filter": ["filter", "-w", w],
+        "sample": ["sample", "-w", w, "--fraction", "0.01", "-o", str(root / "todo.csv")],
+        "labels import": ["labels", "import", str(root / "labelled.csv"), "-w", w],
+        "shard": ["shard", "-w", w, "-o", str(root / "shards")],
+        "report": ["report", "-w", w, "-o", str(root / "report.html")],
+        "status, built": ["status", "-w", w],  # after a filter and the shards: what status reads then
+    }
+    results = {}
+    for name, args in steps.items():
+        if name == "labels import":
+            filled_labels(root / "todo.csv", root / "labelled.csv")
+        results[name] = measured([MHMD, "-q", *args], root)
+        print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB", flush=True)
+    results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"], root)
+    print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB   "
+          f"shard / tar cf: {results['shard'][0] / results['tar cf'][0]:.2f}x", flush=True)
+    return results
+
+
+def exponent(sizes: list[int], values: list[float]) -> float:
+    """b of value ~ N^b, least squares on logs."""
+    return float(np.polyfit(np.log(sizes), np.log(values), 1)[0]) if len(sizes) > 1 else math.nan
+
+
+def linear(sizes: list[int], values: list[float]) -> float:
+    """value at the paper's size on the straight line through the sizes run (least squares): fixed
+    costs (imports, worker start) dominate small N and flatter the exponent; this does not."""
+    return float(np.polyval(np.polyfit(sizes, values, 1), PAPER)) if len(sizes) > 1 else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000], help="Sampled frames per run.")
+    parser.add_argument("--films", type=int, default=20)
+    parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
+    args = parser.parse_args()
+    runs = {}
+    for n in args.sizes:
+        if args.keep:
+            root = args.keep / f"n{n}"
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            runs[n] = run_size(root, n, args.films)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                runs[n] = run_size(Path(tmp), n, args.films)
+    sizes = list(runs)
+    print(f"\n| command | {' | '.join(f'N={n:,}: s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
+          f"| at N={PAPER:,} (linear): s / MiB |")
+    print(f"|---|{'---:|' * len(sizes)}---:|---:|---:|")
+    for name in runs[sizes[0]]:
+        seconds, memory = [runs[n][name][0] for n in sizes], [runs[n][name][1] / 2**20 for n in sizes]
+        cells = [f"{t:.1f} / {m:.0f}" for t, m in zip(seconds, memory)]
+        print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
+              f"| {linear(sizes, seconds):.0f} / {linear(sizes, memory):.0f} |")
+    for n in sizes:
+        print(f"N={n:,}: shard / tar cf = {runs[n]['shard'][0] / runs[n]['tar cf'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
