@@ -119,8 +119,8 @@ def test_the_manifest_is_built_once_per_state_of_the_work_directory(tmp_path, mo
 
 def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_run, tmp_path, monkeypatch):
     """A build resumed after it finished: labels import, the labeler's check, the label stage's
-    planning and the shards all read the manifest, and no table changed in between: one build of
-    it serves all four (each reader used to build its own)."""
+    planning read the manifest, and no table changed in between: one build of it serves the three
+    (each reader used to build its own); shard reads its own, of the extract columns it uses only."""
     import shutil
     from dataclasses import replace
 
@@ -131,13 +131,14 @@ def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_r
     shutil.copytree(demo_run[0], out)
     builds = []
     real_build = read_model._build
-    monkeypatch.setattr(read_model, "_build", lambda wd: builds.append(1) or real_build(wd))
+    monkeypatch.setattr(read_model, "_build",
+                        lambda wd, columns=None: builds.append(columns) or real_build(wd, columns))
     pipeline = load_pipeline(PIPELINES / "demo.yaml")
     pipeline = replace(pipeline, detect=replace(pipeline.detect, detector="opencv"))  # as the offline demo ran
     result = build(pipeline, sorted((out / "films").iterdir()), WorkDir(out / "work"), out / "shards",
                    labels=str(out / "labels.csv"))
     assert not result.failures and result.index
-    assert len(builds) == 1
+    assert len(builds) == 2 and builds[0] is None and builds[1] is not None, builds
 
 
 def test_status_names_damaged_records_and_tables_as_pending(tmp_path):
