@@ -158,3 +158,32 @@ def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster, tmp
     for name in files:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
+
+
+def test_a_persons_labeler_sees_each_sample_s_persons_box_from_its_json(labelled, tmp_path, monkeypatch):
+    import cv2
+
+    from mhmd_builder.labeler import build_model, fit_rgb, model_input
+    from mhmd_builder.runners import LocalRunner
+    from test_labeler import checkpoint_of
+
+    _, _, tmp = labelled
+    checkpoint = checkpoint_of(build_model("resnet18", len(TAXONOMY)), tmp_path / "p.safetensors", input="persons")
+    seen, predict_batch = {}, Labeler.predict_batch
+
+    def recording(self, batch, allowed):
+        seen.update((frame["frame_id"], image) for frame, image in batch)
+        return predict_batch(self, batch, allowed)
+
+    monkeypatch.setattr(Labeler, "predict_batch", recording)
+    relabel(tmp / "shards", checkpoint, tmp_path / "new", RelabelSettings(device="cpu", override_human=True),
+            TAXONOMY, LocalRunner(1))
+    _, samples = read_all(tmp / "shards")
+    assert sorted(seen) == sorted(s["__key__"] for s in samples)
+    cropped = 0
+    for sample in samples:
+        frame, boxes = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR), \
+            json.loads(sample["json"])["boxes"]
+        assert np.array_equal(seen[sample["__key__"]], model_input(frame, 32, "persons", boxes))
+        cropped += not np.array_equal(seen[sample["__key__"]], fit_rgb(frame, 32))
+    assert cropped > 0
