@@ -19,6 +19,7 @@ from .devices import fixed_cpu_threads, pick_device
 from .errors import MhmdError
 from .images import load_frame
 from .ranges import CHOICES
+from .shards import BOX_DECIMALS
 from .stages import Resources
 from .tables import label_dir
 from .taxonomy import Taxonomy
@@ -163,10 +164,11 @@ def persons_box(boxes, margin: float = PERSONS_MARGIN) -> tuple[float, float, fl
 
 def boxes_listed(boxes) -> list[list[float]]:
     """A frame's person boxes as plain lists, from any of the forms they are read in (a table's
-    nested arrays, a shard's json lists; None or NaN when detect recorded none)."""
+    nested arrays, a shard's json lists; None or NaN when detect recorded none), rounded as shards
+    keep them: predict (from the tables) and relabel (from the shards) then cut the same pixels."""
     if boxes is None or isinstance(boxes, float):
         return []
-    return [[float(v) for v in box] for box in boxes]
+    return [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes]
 
 
 def model_input(bgr: np.ndarray, size: int, mode: str, boxes=None) -> np.ndarray:
