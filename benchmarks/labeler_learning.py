@@ -3,6 +3,7 @@ it has never seen?
 
     uv run python benchmarks/labeler_learning.py [--quick] [--keep DIR | --rerun DIR] [--fraction 0.01]
                                                  [--seed S] [--input frame|persons] [--epochs N]
+                                                 [--image-size PX]
 
 The task is made here, so every frame's truth is known. Films are made with ffmpeg from the photos
 of persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), one MHMD
@@ -19,7 +20,8 @@ train` (ResNet-18 from random weights: no ImageNet download here), `labeler pred
 export`. The table: accuracy and macro-F1 on every frame of the held-out films (the honest measure)
 and on the frames nobody labelled of the labelled films (the paper's way: random frames, which
 near-duplicates of the labelled ones flatter), each beside the majority class of the human labels
-predicted for every frame.
+predicted for every frame. `--rerun DIR` trains, predicts and scores again on the films, work
+directory and labels a `--keep DIR` run left, to compare labelers (`--input`, `--seed`) on one task.
 """
 from __future__ import annotations
 
@@ -278,10 +280,12 @@ def main() -> None:
                         "initialisation")
     parser.add_argument("--input", choices=("frame", "persons"), help="labeler train's --input (default: its own)")
     parser.add_argument("--epochs", type=int, help="labeler train's --epochs (default: the scale's)")
+    parser.add_argument("--image-size", type=int, help="labeler train's --image-size (default: 112)")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
     train_options = ("--seed", str(args.seed), *(("--input", args.input) if args.input else ()),
-                     *(("--epochs", str(args.epochs)) if args.epochs else ()))
+                     *(("--epochs", str(args.epochs)) if args.epochs else ()),
+                     *(("--image-size", str(args.image_size)) if args.image_size else ()))
     if args.rerun:
         rerun(args.rerun, scale, train_options)
         return

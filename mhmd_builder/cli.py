@@ -361,7 +361,7 @@ def labeler_group() -> None:
                    "or random frames (the paper's way; near-duplicates flatter it).")
 @click.option("--val-fraction", type=option_type("labeler.val_fraction", float), default=0.2, show_default=True,
               help="Share of the human labels that validates.")
-@click.option("--input", "input_", type=choice_type("labeler.input"), default="frame",
+@click.option("--input", "input_", type=choice_type("labeler.input"), default="persons",
               show_default=True, help="What the labeler sees: the whole frame, or the box around the persons "
               "detect found (the whole frame where it found none); predict and relabel cut frames the same way.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")

@@ -40,7 +40,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     split: str = "films"  # films | frames: how validation frames are chosen (labeler_split.py)
-    input: str = "frame"  # frame | persons: what of a frame the labeler sees (labeler.model_input)
+    input: str = "persons"  # persons | frame: what of a frame the labeler sees (labeler.model_input)
     device: str = "auto"
     seed: int = 0
     workers: int = 0  # DataLoader processes; seeded from the run's generator, so still reproducible

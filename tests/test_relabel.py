@@ -9,7 +9,8 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.labeler import Labeler, load_rgb
+from mhmd_builder.images import load_frame
+from mhmd_builder.labeler import Labeler
 from mhmd_builder.labeler_train import TrainSettings, train
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import manifest
@@ -51,10 +52,11 @@ def read_all(folder):
 
 
 def expected_labels(work, checkpoint, frame_ids):
-    """What the checkpoint says of each frame, read from the work directory's own JPEGs."""
+    """What the checkpoint says of each frame, read from the work directory's own JPEGs and boxes."""
     labeler = Labeler(checkpoint, TAXONOMY, "cpu")
-    jpegs = manifest(work).set_index("frame_id").jpeg
-    batch = [({"frame_id": f, "movie_id": ""}, load_rgb(work.root / jpegs[f], labeler.image_size)) for f in frame_ids]
+    frames = manifest(work).set_index("frame_id")
+    batch = [({"frame_id": f, "movie_id": ""}, labeler.image(load_frame(work.root / frames.jpeg[f]), frames.boxes[f]))
+             for f in frame_ids]
     return {row["frame_id"]: row["label"] for row in labeler.predict_batch(batch, None)}
 
 
