@@ -1,7 +1,9 @@
 """Labeler learning: does the labeler, trained on 1% of the frames, beat the majority class on films
 it has never seen?
 
-    uv run python benchmarks/labeler_learning.py [--quick] [--keep DIR] [--fraction 0.01]
+    uv run python benchmarks/labeler_learning.py [--quick] [--keep DIR | --rerun DIR] [--fraction 0.01]
+                                                 [--seed S] [--input frame|persons] [--epochs N]
+                                                 [--image-size PX]
 
 The task is made here, so every frame's truth is known. Films are made with ffmpeg from the photos
 of persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), one MHMD
@@ -18,7 +20,8 @@ train` (ResNet-18 from random weights: no ImageNet download here), `labeler pred
 export`. The table: accuracy and macro-F1 on every frame of the held-out films (the honest measure)
 and on the frames nobody labelled of the labelled films (the paper's way: random frames, which
 near-duplicates of the labelled ones flatter), each beside the majority class of the human labels
-predicted for every frame.
+predicted for every frame. `--rerun DIR` trains, predicts and scores again on the films, work
+directory and labels a `--keep DIR` run left, to compare labelers (`--input`, `--seed`) on one task.
 """
 from __future__ import annotations
 
@@ -193,29 +196,52 @@ def label_table(films: list[Film], movies: dict[str, Film], manifest: pd.DataFra
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def run(root: Path, scale: Scale, fraction: float) -> None:
+def run(root: Path, scale: Scale, fraction: float, train_options: tuple[str, ...]) -> None:
+    """Make the films, run every command up to the labelled sample, then `train_and_score`."""
     timings: dict[str, float] = {}
-    work, films_dir = root / "work", root / "films"
-    todo, labelled, exported = root / "todo.csv", root / "labels.csv", root / "manifest.parquet"
-    checkpoint = work / "label" / "labeler.safetensors"
+    work, films_dir, todo = root / "work", root / "films", root / "todo.csv"
     films = timed(timings, "make films", make_films, films_dir, scale)
     timed(timings, "extract", mhmd, "extract", str(films_dir), "-w", str(work), "--fps", str(EXTRACT_FPS))
     timed(timings, "filter", mhmd, "filter", "-w", str(work))
     timed(timings, "detect", mhmd, "detect", "-w", str(work), "--detector", "opencv")
     timed(timings, "sample", mhmd, "sample", "-w", str(work), "--fraction", str(fraction), "-o", str(todo))
-
-    by_path = {film.path.name: film for film in films}
-    movies = {m: by_path[Path(s["path"]).name] for m, s in WorkDir(work).done("extract").items()}
-    truth = {m: film.label for m, film in movies.items()}
+    movies = films_by_movie(work, films)
     held_out = {m for m, film in movies.items() if film.held_out}
-    human = timed(timings, "label the sample", label_sample, todo, labelled, truth, held_out)
+    human = timed(timings, "label the sample", label_sample, todo, root / "labels.csv",
+                  {m: film.label for m, film in movies.items()}, held_out)
     print(f"    {len(human)} frames labelled; the {len(held_out)} held-out films' sampled frames left blank")
+    train_and_score(root, films, human, scale, train_options, timings)
+
+
+def rerun(root: Path, scale: Scale, train_options: tuple[str, ...]) -> None:
+    """Train, predict and score again on a folder an earlier run kept (`--keep`): the same films,
+    work directory and labels, so that labelers trained otherwise are compared on the same task."""
+    with open(root / "labels.csv", newline="") as f:
+        human = [row for row in csv.DictReader(f) if row["label"]]
+    films = [film for film, _ in plan_films(root / "films", scale)]
+    train_and_score(root, films, human, scale, train_options, {})
+
+
+def films_by_movie(work: Path, films: list[Film]) -> dict[str, Film]:
+    by_path = {film.path.name: film for film in films}
+    extracted = {m: Path(s["path"]).name for m, s in WorkDir(work).done("extract").items()}
+    if not set(extracted.values()) <= set(by_path):
+        raise SystemExit(f"{work} holds other films than this scale's (--quick for a folder kept with --quick)")
+    return {m: by_path[name] for m, name in extracted.items()}
+
+
+def train_and_score(root: Path, films: list[Film], human: list[dict], scale: Scale, train_options: tuple[str, ...],
+                    timings: dict[str, float]) -> None:
+    work, labelled, exported = root / "work", root / "labels.csv", root / "manifest.parquet"
+    checkpoint = work / "label" / "labeler.safetensors"
     print("notice: ResNet-18 from random weights: ImageNet weights cannot be downloaded here")
     timed(timings, "labeler train", mhmd, "labeler", "train", "-w", str(work), "--labels", str(labelled),
-          *TRAIN_OPTIONS, "--epochs", str(scale.epochs), "-o", str(checkpoint))
+          *TRAIN_OPTIONS, "--epochs", str(scale.epochs), *train_options, "-o", str(checkpoint))
     timed(timings, "labeler predict", mhmd, "labeler", "predict", "-w", str(work), "--checkpoint", str(checkpoint))
     timed(timings, "manifest export", mhmd, "manifest", "export", "-w", str(work), "-o", str(exported))
 
+    movies = films_by_movie(work, films)
+    held_out = {m for m, film in movies.items() if film.held_out}
     manifest = pd.read_parquet(exported)
     report(films, movies, manifest, human, held_out, read_json(checkpoint.with_suffix(".json")), timings)
 
@@ -246,19 +272,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the film seconds, 3 films per label")
     parser.add_argument("--keep", type=Path, help="work here and keep films, work directory and label files")
+    parser.add_argument("--rerun", type=Path, help="a folder kept by an earlier run (--keep): only train, predict "
+                        "and score again, on the same films and labels (with its --quick)")
     parser.add_argument("--fraction", type=float, default=0.01, help="share of the frames sampled to label "
                         "(the paper's 1%%); more shows what the labeler learns with more labels")
+    parser.add_argument("--seed", type=int, default=0, help="labeler train's seed: its validation films and "
+                        "initialisation")
+    parser.add_argument("--input", choices=("frame", "persons"), help="labeler train's --input (default: its own)")
+    parser.add_argument("--epochs", type=int, help="labeler train's --epochs (default: the scale's)")
+    parser.add_argument("--image-size", type=int, help="labeler train's --image-size (default: 112)")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
+    train_options = ("--seed", str(args.seed), *(("--input", args.input) if args.input else ()),
+                     *(("--epochs", str(args.epochs)) if args.epochs else ()),
+                     *(("--image-size", str(args.image_size)) if args.image_size else ()))
+    if args.rerun:
+        rerun(args.rerun, scale, train_options)
+        return
     if args.keep:
         if args.keep.exists() and any(args.keep.iterdir()):
             raise SystemExit(f"{args.keep} is not empty: --keep wants a new or empty folder")
         args.keep.mkdir(parents=True, exist_ok=True)
-        run(args.keep, scale, args.fraction)
+        run(args.keep, scale, args.fraction, train_options)
         return
     root = Path(tempfile.mkdtemp(prefix="labeler-learning-"))
     try:
-        run(root, scale, args.fraction)
+        run(root, scale, args.fraction, train_options)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -365,10 +365,13 @@ def labeler_group() -> None:
                    "or random frames (the paper's way; near-duplicates flatter it).")
 @click.option("--val-fraction", type=option_type("labeler.val_fraction", float), default=0.2, show_default=True,
               help="Share of the human labels that validates.")
+@click.option("--input", "input_", type=choice_type("labeler.input"), default="persons",
+              show_default=True, help="What the labeler sees: the whole frame, or the box around the persons "
+              "detect found (the whole frame where it found none); predict and relabel cut frames the same way.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
-                          image_size, split, val_fraction, device, seed) -> None:
+                          image_size, split, val_fraction, input_, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
     from .labeler_train import TrainSettings, train
     from .labels import import_labels
@@ -376,7 +379,8 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
     wd = WorkDir(workdir)
     tax, metadata = label_context(wd, taxonomy, movies)
     settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
-                             image_size=image_size, split=split, val_fraction=val_fraction, device=device, seed=seed)
+                             image_size=image_size, split=split, val_fraction=val_fraction, input=input_,
+                             device=device, seed=seed)
     imported = import_labels(wd, labels_file, tax, metadata)
     say(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
     train(wd, settings, tax)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from .batching import prefetched
-from .labeler import LabelerError, LabelerWorker, check_checkpoint, load_rgb
+from .labeler import LabelerError, LabelerWorker, boxes_listed, check_checkpoint, input_of, load_rgb
 from .labels import labelable_frames
 from .runners import LocalRunner
 from .stages import Partition, PartitionResult, Resources, inputs_digest
@@ -61,8 +61,8 @@ class LabelStage(LabelerWorker):
             batch.clear()
             progress(len(rows), len(frames))
 
-        size = self.labeler.image_size
-        loaded = prefetched(todo, lambda f: load_rgb(self.workdir.root / f["jpeg"], size),
+        size, mode = self.labeler.image_size, self.labeler.input
+        loaded = prefetched(todo, lambda f: load_rgb(self.workdir.root / f["jpeg"], size, mode, f["boxes"]),
                             self.loader_threads(self.settings.loader_threads), 2 * self.settings.batch_size)
         unreadable = 0
         for frame, image in loaded:
@@ -107,10 +107,11 @@ def allowed_labels(taxonomy: Taxonomy, metadata: dict | None) -> list[int] | Non
 
 
 def plan_labeling(workdir: WorkDir, checkpoint: Path, taxonomy: Taxonomy,
-                  movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
+                  movie_metadata: dict[str, dict] | None = None, mode: str = "frame") -> list[Partition]:
     """One partition per film with kept frames. A done film is redone when its frames, its human
-    labels, its metadata or the checkpoint changed since."""
-    frames = labelable_frames(workdir)[["frame_id", "movie_id", "jpeg"]]
+    labels, its metadata or the checkpoint changed since, and, for a labeler that sees the persons
+    (`mode`), their boxes."""
+    frames = labelable_frames(workdir)[["frame_id", "movie_id", "jpeg", "boxes"]]
     if frames.empty:
         raise LabelerError(f"{workdir.root}: no frames kept after detection: run `mhmd detect` first")
     human = read_human_labels(workdir)
@@ -119,11 +120,12 @@ def plan_labeling(workdir: WorkDir, checkpoint: Path, taxonomy: Taxonomy,
     done = workdir.done(STAGE)
     partitions = []
     for movie, group in frames.groupby("movie_id", sort=True):
-        listing = group.to_dict("records")
+        listing = [{**f, "boxes": boxes_listed(f["boxes"])} for f in group.to_dict("records")]
         labels = {f["frame_id"]: int(human[f["frame_id"]]) for f in listing if f["frame_id"] in human}
         allowed = allowed_labels(taxonomy, (movie_metadata or {}).get(movie))
-        digest = hashlib.sha256(json.dumps([inputs_digest(group.frame_id.tolist()), sorted(labels.items()), allowed])
-                                .encode()).hexdigest()[:16]
+        seen = [[f["boxes"] for f in listing]] if mode == "persons" else []  # a frame labeler never reads them
+        digest = hashlib.sha256(json.dumps([inputs_digest(group.frame_id.tolist()), sorted(labels.items()), allowed]
+                                           + seen).encode()).hexdigest()[:16]
         workdir.plan(STAGE, movie, {"frames": len(listing), "inputs_digest": digest})
         summary = done.get(movie)
         if summary and summary.get("inputs_digest") == digest and summary.get("checkpoint_sha256") == weights:
@@ -141,7 +143,7 @@ def predict(workdir: WorkDir | str | Path, checkpoint: str | Path, settings: Pre
     movie_metadata: movie_id -> {"era": ..., "nationality": ...} (either may be missing)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     taxonomy = taxonomy or load_taxonomy()
-    check_checkpoint(checkpoint, taxonomy)
-    partitions = plan_labeling(workdir, Path(checkpoint), taxonomy, movie_metadata)
+    config = check_checkpoint(checkpoint, taxonomy)
+    partitions = plan_labeling(workdir, Path(checkpoint), taxonomy, movie_metadata, input_of(config))
     stage = LabelStage(workdir, str(checkpoint), taxonomy, settings or PredictSettings())
     return (runner or LocalRunner()).run(stage, partitions)

@@ -2,10 +2,10 @@
 its input, and `Labeler`, a checkpoint loaded once that labels batches of images.
 
 A checkpoint is CKPT.safetensors (weights) with CKPT.json beside it (config: arch, input size,
-taxonomy hash and names, normalisation, seed, metrics) and CKPT.metrics.json (validation metrics).
-It records the SHA-256 of the taxonomy it was trained on and is refused for any other: class
-index 7 of one taxonomy is not class 7 of another. Training is in labeler_train.py, the label
-stage in label.py.
+input: the whole frame or its persons, taxonomy hash and names, normalisation, seed, metrics) and
+CKPT.metrics.json (validation metrics). It records the SHA-256 of the taxonomy it was trained on
+and is refused for any other: class index 7 of one taxonomy is not class 7 of another. Training is
+in labeler_train.py, the label stage in label.py.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from .devices import fixed_cpu_threads, machine_cores, pick_device
 from .errors import MhmdError
 from .images import load_frame
 from .ranges import CHOICES
+from .shards import BOX_DECIMALS
 from .stages import Resources
 from .tables import label_dir
 from .taxonomy import Taxonomy
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 ARCHS = CHOICES["labeler.arch"]
 MEAN = (0.485, 0.456, 0.406)  # ImageNet normalisation (RGB), recorded in the checkpoint
 STD = (0.229, 0.224, 0.225)
+INPUTS = CHOICES["labeler.input"]
+# Share of the persons' union box added on each side (`persons_box`).
+PERSONS_MARGIN = 0.15
 
 
 class LabelerError(MhmdError):
@@ -115,6 +119,9 @@ def load_checkpoint(checkpoint: str | Path, taxonomy: Taxonomy):
     if not checkpoint.is_file() or not config_path(checkpoint).is_file():
         raise LabelerError(f"{checkpoint}: no such checkpoint (need the .safetensors file and its .json config)")
     config = read_json(config_path(checkpoint))
+    if input_of(config) not in INPUTS:
+        raise LabelerError(f"{config_path(checkpoint)}: input {input_of(config)!r} is not one of {', '.join(INPUTS)}: "
+                           "a checkpoint of another version or an edited config; train the labeler again")
     if config["taxonomy_sha256"] != taxonomy.sha256:
         raise LabelerError(f"{checkpoint} was trained on another taxonomy (SHA-256 {config['taxonomy_sha256'][:12]}..., "
                            f"{len(config['label_names'])} labels) than {taxonomy.source} (SHA-256 {taxonomy.sha256[:12]}..., "
@@ -141,9 +148,46 @@ def fit_rgb(bgr: np.ndarray, size: int) -> np.ndarray:
     return cv2.cvtColor(cv2.resize(bgr, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
 
 
-def load_rgb(path: Path, size: int) -> np.ndarray | None:
+def persons_box(boxes, margin: float = PERSONS_MARGIN) -> tuple[float, float, float, float]:
+    """The union of a frame's person boxes (normalised xyxy, as detect records them), widened by
+    `margin` of its width and height on each side and clamped to the frame; the whole frame when
+    there is no box. The margin keeps what the boxes cut: sleeves and shoulders beside a box, the
+    rest of a uniform below an upper-body or face box (OpenCV's cascades)."""
+    boxes = np.asarray(boxes_listed(boxes), float).reshape(-1, 4)
+    if not len(boxes):
+        return 0.0, 0.0, 1.0, 1.0
+    x0, y0 = boxes[:, :2].min(0)
+    x1, y1 = boxes[:, 2:].max(0)
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    return max(0.0, x0 - dx), max(0.0, y0 - dy), min(1.0, x1 + dx), min(1.0, y1 + dy)
+
+
+def boxes_listed(boxes) -> list[list[float]]:
+    """A frame's person boxes as plain lists, from any of the forms they are read in (a table's
+    nested arrays, a shard's json lists; None or NaN when detect recorded none), rounded as shards
+    keep them: predict (from the tables) and relabel (from the shards) then cut the same pixels."""
+    if boxes is None or isinstance(boxes, float):
+        return []
+    return [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes]
+
+
+def model_input(bgr: np.ndarray, size: int, mode: str, boxes=None) -> np.ndarray:
+    """What the labeler sees of a frame, RGB size x size: the whole frame (`mode` "frame") or its
+    persons (`persons_box`; the whole frame when it has no box). Training and inference both go
+    through here, so a checkpoint always sees frames cut the way it was trained on."""
+    if mode not in INPUTS:
+        raise LabelerError(f"unknown labeler input {mode!r} (available: {', '.join(INPUTS)})")
+    if mode == "persons":
+        height, width = bgr.shape[:2]
+        x0, y0, x1, y1 = persons_box(boxes)
+        left, top = min(int(x0 * width), width - 1), min(int(y0 * height), height - 1)
+        bgr = bgr[top:max(top + 1, round(y1 * height)), left:max(left + 1, round(x1 * width))]
+    return fit_rgb(bgr, size)
+
+
+def load_rgb(path: Path, size: int, mode: str = "frame", boxes=None) -> np.ndarray | None:
     image = load_frame(path)
-    return None if image is None else fit_rgb(image, size)
+    return None if image is None else model_input(image, size, mode, boxes)
 
 
 def normalise(batch, device: str):
@@ -164,12 +208,16 @@ class Labeler:
         import torch
 
         model, self.config = load_checkpoint(checkpoint, taxonomy)
-        self.names, self.image_size = taxonomy.names, self.config["image_size"]
+        self.names, self.image_size, self.input = taxonomy.names, self.config["image_size"], input_of(self.config)
         self.trained = trained_labels(self.config)
         self.device = pick_device(device)
         self.half = self.device.startswith("cuda")  # fp16 on the GPU: twice the throughput, same argmax
         model = model.to(self.device, memory_format=torch.channels_last)
         self.model = model.half() if self.half else model
+
+    def image(self, bgr: np.ndarray, boxes) -> np.ndarray:
+        """A frame (BGR) with its person boxes as this checkpoint sees it."""
+        return model_input(bgr, self.image_size, self.input, boxes)
 
     def predict_batch(self, batch: list[tuple[dict, np.ndarray]], allowed: list[int] | None) -> list[dict]:
         """Rows of PREDICTION_SCHEMA for (frame with frame_id and movie_id, RGB image of the
@@ -193,6 +241,12 @@ class Labeler:
                  "label_id": int(ids[i, 0]), "label_source": "model", "label_confidence": float(confidence[i, 0]),
                  "top3": [names[j] for j in ids[i]], "top3_confidence": confidence[i].tolist()}
                 for i, (frame, _) in enumerate(batch)]
+
+
+def input_of(config: dict) -> str:
+    """What of a frame a checkpoint was trained on (`model_input`); checkpoints written before the
+    choice existed saw whole frames."""
+    return config.get("input", "frame")
 
 
 def trained_labels(config: dict) -> list[int] | None:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .devices import fixed_cpu_threads, pick_device
-from .labeler import (MEAN, STD, LabelerError, build_model, config_path, default_checkpoint, initial_weights,
-                      load_rgb, metrics_path, normalise, save_checkpoint)
+from .labeler import (INPUTS, MEAN, STD, LabelerError, boxes_listed, build_model, config_path, default_checkpoint,
+                      initial_weights, load_rgb, metrics_path, normalise, save_checkpoint)
 from .labeler_split import Split, split_for_validation
 from .logs import bars_disable
 from .tables import DETECT, read_human_labels
@@ -40,6 +40,7 @@ class TrainSettings:
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
     split: str = "films"  # films | frames: how validation frames are chosen (labeler_split.py)
+    input: str = "persons"  # persons | frame: what of a frame the labeler sees (labeler.model_input)
     device: str = "auto"
     seed: int = 0
     workers: int = 0  # DataLoader processes; seeded from the run's generator, so still reproducible
@@ -59,7 +60,8 @@ def labeled_frames(workdir: WorkDir) -> "pd.DataFrame":
     human = read_human_labels(workdir)
     if human is None or human.empty:
         raise LabelerError(f"{workdir.root}: no human labels yet: import a label file first (--labels FILE)")
-    frames = manifest(workdir, before=DETECT)[["frame_id", "movie_id", "timestamp", "jpeg"]].dropna(subset=["jpeg"])
+    frames = manifest(workdir, before=DETECT)[["frame_id", "movie_id", "timestamp", "jpeg", "boxes"]]
+    frames = frames.dropna(subset=["jpeg"])
     labeled = human[["frame_id", "label_id"]].merge(frames, on="frame_id")
     if labeled.empty:
         raise LabelerError(f"{workdir.root}: none of the {len(human)} human-labeled frames has a JPEG here")
@@ -153,10 +155,12 @@ def format_metrics(metrics: dict, names: list[str]) -> str:
 
 # -- data -----------------------------------------------------------------------------------------
 class LabeledFrames:
-    """A torch dataset of (uint8 CHW tensor, class) read from the frames' JPEGs, resized once per read."""
+    """A torch dataset of (uint8 CHW tensor, class) read from the frames' JPEGs, cut as `mode` says
+    (`model_input`: the whole frame or its persons' `boxes`) and resized once per read."""
 
-    def __init__(self, root: Path, jpegs: list[str], targets: list[int], size: int, transform=None):
-        self.root, self.jpegs, self.targets, self.size, self.transform = root, jpegs, targets, size, transform
+    def __init__(self, root: Path, rows: "pd.DataFrame", size: int, mode: str, transform=None):
+        self.root, self.size, self.mode, self.transform = root, size, mode, transform
+        self.jpegs, self.targets, self.boxes = rows.jpeg.tolist(), rows.label_id.tolist(), rows.boxes.tolist()
 
     def __len__(self) -> int:
         return len(self.jpegs)
@@ -164,7 +168,7 @@ class LabeledFrames:
     def __getitem__(self, i: int):
         import torch
 
-        image = load_rgb(self.root / self.jpegs[i], self.size)
+        image = load_rgb(self.root / self.jpegs[i], self.size, self.mode, self.boxes[i])
         if image is None:
             raise LabelerError(f"{self.jpegs[i]}: missing or unreadable frame")
         tensor = torch.from_numpy(image).permute(2, 0, 1)
@@ -200,6 +204,8 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
 def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dict:
     import torch
 
+    if settings.input not in INPUTS:
+        raise LabelerError(f"input {settings.input!r} (--input): not one of {', '.join(INPUTS)}")
     torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
     model = build_model(settings.arch, len(taxonomy))  # an unknown architecture fails before any work
     checkpoint = settings.checkpoint(workdir)
@@ -207,6 +213,7 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     labeled = labeled_frames(workdir)
     if labeled.label_id.max() >= len(taxonomy):
         raise LabelerError(f"human labels use class ids beyond the {len(taxonomy)} labels of {taxonomy.source}")
+    say_frames_without_persons(labeled, settings.input)
     split = split_for_validation(labeled, taxonomy.names, settings.val_fraction, settings.seed, settings.split)
     print(f"validation split: {split.how}\n{split.table()}")
     trained = sorted(labeled.label_id[~split.val].astype(int).unique().tolist())
@@ -228,6 +235,14 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     print(f"checkpoint: {checkpoint} (epoch {best['epoch']}: {best['selected']}); it predicts only the "
           f"{len(trained)} of {len(taxonomy)} labels it was trained on")
     return {**config, "checkpoint": str(checkpoint)}
+
+
+def say_frames_without_persons(labeled: "pd.DataFrame", mode: str) -> None:
+    if mode == "persons":
+        whole = sum(not boxes_listed(boxes) for boxes in labeled.boxes)
+        if whole:
+            log.info(f"notice: {whole} of the {len(labeled)} labelled frames have no person box: "
+                     "the labeler sees them whole")
 
 
 def selection_rule(split: Split, trained: list[int], names: list[str]) -> str | None:
@@ -264,7 +279,7 @@ def checkpoint_config(settings: TrainSettings, taxonomy: Taxonomy, weights_from:
     """What the checkpoint's .json records: how to rebuild and feed the model, and how it was trained."""
     train_rows, val_rows = labeled[~split.val], labeled[split.val]
     return {
-        "arch": settings.arch, "image_size": settings.image_size, "mean": MEAN, "std": STD,
+        "arch": settings.arch, "image_size": settings.image_size, "input": settings.input, "mean": MEAN, "std": STD,
         "taxonomy_sha256": taxonomy.sha256, "taxonomy_source": taxonomy.source, "label_names": taxonomy.names,
         "seed": settings.seed, "settings": settings.to_dict(), "initial_weights": weights_from,
         "labels_digest": labels_digest(labeled), "trained_labels": trained,
@@ -298,7 +313,7 @@ def _loader(workdir: WorkDir, rows: "pd.DataFrame", settings: TrainSettings, dev
             sampler=None):
     import torch
 
-    data = LabeledFrames(workdir.root, rows.jpeg.tolist(), rows.label_id.tolist(), settings.image_size, transform)
+    data = LabeledFrames(workdir.root, rows, settings.image_size, settings.input, transform)
     return torch.utils.data.DataLoader(data, settings.batch_size, sampler=sampler, num_workers=settings.workers,
                                        generator=torch.Generator().manual_seed(settings.seed),
                                        pin_memory=device.startswith("cuda"))

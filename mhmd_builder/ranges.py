@@ -90,6 +90,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "detect.detector": ("yolo", "opencv"),
     "labeler.arch": ("resnet50", "resnet18"),
     "labeler.split": ("films", "frames"),
+    "labeler.input": ("frame", "persons"),
 }
 
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .batching import batched
 from .errors import InputError
-from .labeler import LabelerWorker, check_checkpoint, fit_rgb
+from .labeler import LabelerWorker, check_checkpoint
 from .runners import LocalRunner
 from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, is_remote, label_fields,
                      open_shard, read_index, split_entry, with_json, write_index)
@@ -45,11 +45,11 @@ class RelabelSettings:
     decode_threads: int = 4
 
 
-def _decoded(sample: dict, shard: str, size: int) -> np.ndarray:
+def _decoded(sample: dict, shard: str) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(sample[JPG], np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise RelabelError(f"{shard}: sample {sample[KEY]}: its {JPG} cannot be decoded")
-    return fit_rgb(image, size)
+    return image
 
 
 STAGE = RELABEL
@@ -99,7 +99,9 @@ class RelabelStage(LabelerWorker):
         """(sample to write, old json, new json) for each sample of the batch, labelled in one pass."""
         metas = [json.loads(s[JSON]) for s in batch]
         todo = [i for i, m in enumerate(metas) if self.settings.override_human or m.get("label_source") != "human"]
-        images = list(self.pool.map(lambda i: _decoded(batch[i], shard, self.labeler.image_size), todo))
+        # A sample's json carries the frame's person boxes, so a persons labeler crops them as in predict.
+        images = list(self.pool.map(lambda i: self.labeler.image(_decoded(batch[i], shard), metas[i].get("boxes")),
+                                    todo))
         frames = [{"frame_id": metas[i].get("frame_id"), "movie_id": metas[i].get("movie")} for i in todo]
         predicted = self.labeler.predict_batch(list(zip(frames, images)), None) if todo else []
         new_metas = [dict(m) for m in metas]

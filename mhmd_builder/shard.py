@@ -31,7 +31,7 @@ from .errors import InputError
 from .footage import near_duplicates
 from .manifest import manifest_table
 from .runners import LocalRunner
-from .shards import (JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
+from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
                      is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
@@ -92,7 +92,7 @@ def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
     meta = {
         "frame_id": row.frame_id, "movie": row.movie_id, "timestamp": round(float(row.timestamp), 3),
         "width": int(row.width), "height": int(row.height),
-        "boxes": [[round(float(v), 5) for v in box] for box in boxes],
+        "boxes": [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes],
         **label_fields(label, row.label_source, row.label_confidence),
     }
     if label is None and film and (film.get("era") or film.get("nationality")):

@@ -44,6 +44,7 @@ from .workdir import LOCK, atomic_write_json, json_bytes, read_json
 SPLITS = ("train", "test")
 KEY, JPG, JSON, CLS, MASK = "__key__", "jpg", "json", "cls", "mask.png"
 UNLABELLED = -1  # the `cls` of a frame without a label
+BOX_DECIMALS = 5  # a sample's person boxes (normalised) are rounded to this many decimals
 TAR = ".tar"
 INDEX = "index.json"
 RELABEL_RECORDS = ".relabel"  # `mhmd relabel`'s records in the new shard folder until its index is written

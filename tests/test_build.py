@@ -105,6 +105,7 @@ def test_recipe_values_are_checked_with_the_ranges_of_the_cli(tmp_path, setting,
     ("detect: {detector: yolov5}", "detect.detector: 'yolov5' is not one of yolo, opencv", ["detect", "--detector"]),
     ("labeler: {arch: vit}", "labeler.arch: 'vit' is not one of resnet50, resnet18", ["labeler", "train", "--arch"]),
     ("extract: {decoder: gpu}", "extract.decoder: 'gpu' is not one of auto, cpu, cuda", ["extract", "--decoder"]),
+    ("labeler: {input: face}", "labeler.input: 'face' is not one of frame, persons", ["labeler", "train", "--input"]),
     ("extract: {sampling: {mode: every_frame}}", "extract.sampling.mode: 'every_frame' is not one of fps, "
      "keyframes, scenes", None),
     ("detect: {min_persons: 3, max_persons: 2}", "detect: min_persons (3) is larger than max_persons (2)", None),

@@ -152,3 +152,32 @@ def test_a_film_whose_known_labels_the_labeler_never_saw_fails_alone(trained, tm
                                         japan)}
     assert [m for m, r in results.items() if not r.ok] == [FILMS[0]]
     assert "was among the labeler's training labels: label some of its frames" in results[FILMS[0]].reason
+
+
+def test_predict_shows_a_persons_labeler_each_frame_s_persons_box_and_redoes_a_film_whose_boxes_changed(
+        tmp_path, monkeypatch):
+    from mhmd_builder.images import load_frame
+    from mhmd_builder.labeler import Labeler, model_input
+    from test_labeler import checkpoint_of
+
+    boxes = {movie: [[0.1 * i, 0.2, 0.5 + 0.1 * i, 0.9]] for i, movie in enumerate(FILMS)}
+    work, truth = make_workdir(tmp_path / "work", boxes=boxes)
+    checkpoint = checkpoint_of(build_model("resnet18", len(TAXONOMY)), tmp_path / "p.safetensors", input="persons")
+    seen = {}
+    predict_batch = Labeler.predict_batch
+
+    def recording(self, batch, allowed):
+        seen.update((frame["frame_id"], image) for frame, image in batch)
+        return predict_batch(self, batch, allowed)
+
+    monkeypatch.setattr(Labeler, "predict_batch", recording)
+    settings = PredictSettings(device="cpu", batch_size=16, loader_threads=2)
+    predict(work, checkpoint, settings, TAXONOMY, runner=LocalRunner(1))
+    assert sorted(seen) == sorted(f for f in truth if not f.endswith(REJECTED))
+    for frame_id in (f"{FILMS[0]}-0000", f"{FILMS[-1]}-0005"):
+        movie = frame_id.split("-")[0]
+        frame = load_frame(work.root / f"frames/{movie}/{frame_id}.jpg")
+        assert np.array_equal(seen[frame_id], model_input(frame, 32, "persons", boxes[movie]))
+    boxes[FILMS[1]] = [[0.0, 0.0, 0.3, 0.3]]  # detect ran again and found its persons elsewhere
+    make_workdir(tmp_path / "work", boxes=boxes)
+    assert [r.id for r in predict(work, checkpoint, settings, TAXONOMY, runner=LocalRunner(1))] == [FILMS[1]]

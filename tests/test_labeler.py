@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mhmd_builder.labeler import Labeler, build_model, initial_weights, load_checkpoint, save_checkpoint
+from mhmd_builder.labeler import (Labeler, LabelerError, build_model, fit_rgb, initial_weights, load_checkpoint,
+                                  model_input, persons_box, save_checkpoint)
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.weights import WeightsError
 
@@ -13,9 +14,9 @@ TAXONOMY = load_taxonomy()
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, RGB
 
 
-def checkpoint_of(model, path: Path, image_size: int = 32) -> Path:
+def checkpoint_of(model, path: Path, image_size: int = 32, **config) -> Path:
     save_checkpoint(model, {"arch": "resnet18", "image_size": image_size, "taxonomy_sha256": TAXONOMY.sha256,
-                            "label_names": TAXONOMY.names}, path)
+                            "label_names": TAXONOMY.names, **config}, path)
     return path
 
 
@@ -116,3 +117,47 @@ def test_loader_threads_grow_to_one_per_core_only_for_a_labeler_on_cuda(tmp_path
     assert stage.loader_threads(4) == 4 and stage.loader_threads(64) == 64
     stage.labeler.device = "cuda:0"  # as a worker whose labeler runs on a GPU has it
     assert stage.loader_threads(1) == max(1, machine_cores()) and stage.loader_threads(10_000) == 10_000
+
+
+@pytest.mark.parametrize("boxes, expected", [
+    (None, (0, 0, 1, 1)),  # detect found no person: the whole frame
+    (float("nan"), (0, 0, 1, 1)),  # the manifest's missing value
+    ([], (0, 0, 1, 1)),
+    ([[0.4, 0.4, 0.6, 0.6]], (0.37, 0.37, 0.63, 0.63)),  # 15% of the box's width and height on each side
+    ([[0.1, 0.2, 0.5, 0.6], [0.3, 0.1, 0.7, 0.4]], (0.01, 0.025, 0.79, 0.675)),  # union (0.1, 0.1, 0.7, 0.6)
+    ([[0.0, 0.5, 0.3, 1.0]], (0.0, 0.425, 0.345, 1.0)),  # at the frame's border: clamped
+    (np.array([np.array([0.4, 0.4, 0.6, 0.6], np.float32)], dtype=object), (0.37, 0.37, 0.63, 0.63)),  # as parquet reads
+])
+def test_the_persons_box_is_their_union_widened_by_the_margin_and_clamped_to_the_frame(boxes, expected):
+    assert persons_box(boxes) == pytest.approx(expected, abs=1e-6)
+
+
+def halves() -> np.ndarray:
+    """A 100x200 BGR frame, its left half red, its right half blue."""
+    frame = np.zeros((100, 200, 3), np.uint8)
+    frame[:, :100, 2], frame[:, 100:, 0] = 255, 255
+    return frame
+
+
+def test_a_persons_input_is_the_persons_box_and_a_frame_input_the_whole_frame():
+    frame, right = halves(), [[0.6, 0.1, 0.9, 0.9]]  # widened: x 0.555-0.945, all blue
+    persons = model_input(frame, 32, "persons", right)
+    assert persons.shape == (32, 32, 3) and (persons[..., 2] == 255).all() and (persons[..., 0] == 0).all()
+    whole = model_input(frame, 32, "frame", right)
+    assert np.array_equal(whole, fit_rgb(frame, 32)) and whole[..., 0].max() == 255  # red seen too
+    assert np.array_equal(model_input(frame, 32, "persons", []), whole)
+    edge = model_input(frame, 32, "persons", [[1.0, 1.0, 1.0, 1.0]])  # a box of no size at the corner
+    assert edge.shape == (32, 32, 3) and (edge[..., 2] == 255).all()
+    with pytest.raises(LabelerError, match="unknown labeler input 'face'"):
+        model_input(frame, 32, "face", right)
+
+
+def test_a_checkpoint_sees_frames_as_its_config_says_and_one_with_an_unknown_input_is_refused(tmp_path):
+    model, frame, boxes = build_model("resnet18", len(TAXONOMY)), halves(), [[0.6, 0.1, 0.9, 0.9]]
+    old = Labeler(checkpoint_of(model, tmp_path / "old.safetensors"), TAXONOMY, "cpu")  # before the choice existed
+    assert old.input == "frame" and np.array_equal(old.image(frame, boxes), fit_rgb(frame, 32))
+    persons = Labeler(checkpoint_of(model, tmp_path / "p.safetensors", input="persons"), TAXONOMY, "cpu")
+    assert np.array_equal(persons.image(frame, boxes), model_input(frame, 32, "persons", boxes))
+    checkpoint_of(model, tmp_path / "bad.safetensors", input="face")
+    with pytest.raises(LabelerError, match=r"bad\.json: input 'face' is not one of frame, persons"):
+        load_checkpoint(tmp_path / "bad.safetensors", TAXONOMY)

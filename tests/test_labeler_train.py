@@ -34,10 +34,12 @@ def frame_image(rng, colour) -> np.ndarray:
     return image[:, :, ::-1].copy()
 
 
-def make_workdir(root: Path, films: dict[str, list[str]] | None = None) -> tuple[WorkDir, dict[str, str]]:
+def make_workdir(root: Path, films: dict[str, list[str]] | None = None,
+                 boxes: dict[str, list] | None = None) -> tuple[WorkDir, dict[str, str]]:
     """Extract and detect records for `films` (movie -> the label of each frame; default: FILMS, each
     PER_CLASS frames of every class, interleaved), as the stages write them, and the true label of
-    every frame. The last frame of each film was rejected by detection: it must not be labeled."""
+    every frame. The last frame of each film was rejected by detection: it must not be labeled.
+    `boxes`: each movie's person boxes, the same for all its frames (default: none)."""
     work, truth, rng = WorkDir(root), {}, np.random.default_rng(0)
     names = list(CLASSES)
     films = films or {movie: [names[k % len(names)] for k in range(PER_CLASS * len(names) + 1)] for movie in FILMS}
@@ -52,7 +54,8 @@ def make_workdir(root: Path, films: dict[str, list[str]] | None = None) -> tuple
             truth[frame_id] = name
             frames.append({"frame_id": frame_id, "movie_id": movie, "timestamp": float(k), "width": 160, "height": 90,
                            "kept": True, "reject_reason": None, "flags": [], "jpeg": jpeg})
-            detections.append({"frame_id": frame_id, "movie_id": movie, "persons": int(kept), "boxes": [],
+            detections.append({"frame_id": frame_id, "movie_id": movie, "persons": int(kept),
+                               "boxes": (boxes or {}).get(movie, []),
                                "confidences": [], "largest_person_area": 0.3, "kept": kept,
                                "reject_reason": None if kept else "no_person", "mask": None})
         for stage, rows, schema in (("extract", frames, FRAME_SCHEMA), ("detect", detections, DETECT_SCHEMA)):
@@ -228,3 +231,25 @@ def test_recalibrated_statistics_weigh_each_batch_by_its_frames_and_leave_the_mo
     mean, _ = conv_statistics(model[0], images)
     assert torch.allclose(model[1].running_mean, mean, atol=1e-5)
     assert model[1].momentum == 0.1 and not model.training
+
+
+def test_a_persons_labeler_trains_on_the_persons_box_and_its_checkpoint_says_so(tmp_path):
+    from mhmd_builder.images import load_frame
+    from mhmd_builder.labeler import Labeler, LabelerError, model_input
+    from mhmd_builder.labeler_train import LabeledFrames, labeled_frames
+
+    work, truth = make_workdir(tmp_path / "work", boxes={movie: [[0.5, 0.2, 0.9, 0.8]] for movie in FILMS[1:]})
+    set_human_labels(work, {f: n for f, n in truth.items() if not f.endswith(REJECTED)})
+    rows = labeled_frames(work)
+    frames = LabeledFrames(work.root, rows, 32, "persons")
+    for i in (0, len(rows) - 1):  # a frame of FILMS[0] (no box: whole) and of FILMS[-1] (its box)
+        expected = model_input(load_frame(work.root / rows.jpeg[i]), 32, "persons", rows.boxes[i])
+        assert np.array_equal(frames[i][0].permute(1, 2, 0).numpy(), expected)
+    assert rows.frame_id[0].startswith(FILMS[0]) and not np.array_equal(
+        frames[len(rows) - 1][0], LabeledFrames(work.root, rows, 32, "frame")[len(rows) - 1][0])
+    output = tmp_path / "l.safetensors"
+    with pytest.raises(LabelerError, match="input 'face' \\(--input\\): not one of frame, persons"):
+        train(work, TrainSettings(**SMALL, epochs=1, input="face", output=str(output)), TAXONOMY)
+    assert not output.exists()
+    config = train(work, TrainSettings(**SMALL, epochs=1, input="persons", output=str(output)), TAXONOMY)
+    assert config["input"] == "persons" and Labeler(output, TAXONOMY, "cpu").input == "persons"

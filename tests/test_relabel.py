@@ -9,7 +9,8 @@ import webdataset as wds
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.labeler import Labeler, load_rgb
+from mhmd_builder.images import load_frame
+from mhmd_builder.labeler import Labeler
 from mhmd_builder.labeler_train import TrainSettings, train
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import manifest
@@ -51,10 +52,11 @@ def read_all(folder):
 
 
 def expected_labels(work, checkpoint, frame_ids):
-    """What the checkpoint says of each frame, read from the work directory's own JPEGs."""
+    """What the checkpoint says of each frame, read from the work directory's own JPEGs and boxes."""
     labeler = Labeler(checkpoint, TAXONOMY, "cpu")
-    jpegs = manifest(work).set_index("frame_id").jpeg
-    batch = [({"frame_id": f, "movie_id": ""}, load_rgb(work.root / jpegs[f], labeler.image_size)) for f in frame_ids]
+    frames = manifest(work).set_index("frame_id")
+    batch = [({"frame_id": f, "movie_id": ""}, labeler.image(load_frame(work.root / frames.jpeg[f]), frames.boxes[f]))
+             for f in frame_ids]
     return {row["frame_id"]: row["label"] for row in labeler.predict_batch(batch, None)}
 
 
@@ -158,3 +160,32 @@ def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster, tmp
     for name in files:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
+
+
+def test_a_persons_labeler_sees_each_sample_s_persons_box_from_its_json(labelled, tmp_path, monkeypatch):
+    import cv2
+
+    from mhmd_builder.labeler import build_model, fit_rgb, model_input
+    from mhmd_builder.runners import LocalRunner
+    from test_labeler import checkpoint_of
+
+    _, _, tmp = labelled
+    checkpoint = checkpoint_of(build_model("resnet18", len(TAXONOMY)), tmp_path / "p.safetensors", input="persons")
+    seen, predict_batch = {}, Labeler.predict_batch
+
+    def recording(self, batch, allowed):
+        seen.update((frame["frame_id"], image) for frame, image in batch)
+        return predict_batch(self, batch, allowed)
+
+    monkeypatch.setattr(Labeler, "predict_batch", recording)
+    relabel(tmp / "shards", checkpoint, tmp_path / "new", RelabelSettings(device="cpu", override_human=True),
+            TAXONOMY, LocalRunner(1))
+    _, samples = read_all(tmp / "shards")
+    assert sorted(seen) == sorted(s["__key__"] for s in samples)
+    cropped = 0
+    for sample in samples:
+        frame, boxes = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR), \
+            json.loads(sample["json"])["boxes"]
+        assert np.array_equal(seen[sample["__key__"]], model_input(frame, 32, "persons", boxes))
+        cropped += not np.array_equal(seen[sample["__key__"]], fit_rgb(frame, 32))
+    assert cropped > 0
