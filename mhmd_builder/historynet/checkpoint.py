@@ -1,6 +1,7 @@
 """HistoryNet checkpoints: one safetensors file per checkpoint, written atomically.
 
-Tensors: `generator.*`, `critic.*`, `info_classifier.*` (the networks' state dicts) and, for resuming,
+Tensors: `generator.*`, `critic.*`, `info_classifier.*`, `generator_ema.*` with train's --ema (the networks'
+state dicts) and, for resuming,
 `optim.<name>.<param index>.<key>` (each Adam state tensor). Metadata (safetensors' string map, json
 values): `config` (variant, num_classes, image_size, label names, taxonomy SHA-256, loss weights, the
 run's settings), `progress` (step, epoch, ...) and `param_groups` (the optimisers' hyper-parameters).
@@ -8,6 +9,7 @@ No pickle anywhere: a checkpoint from elsewhere cannot run code.
 """
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ from ..errors import InputError
 from ..workdir import atomic_write_bytes
 from .model import HistoryNetGenerator, Networks, build_networks
 
-NETWORKS = ("generator", "critic", "info_classifier")
+NETWORKS = ("generator", "critic", "info_classifier", "generator_ema")
 
 
 class CheckpointError(InputError):
@@ -69,6 +71,8 @@ def _read(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], di
 
 def _networks(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Networks:
     networks = build_networks(config["variant"], config["num_classes"], config["image_size"], config["width"])
+    if any(k.startswith("generator_ema.") for k in tensors):
+        networks.generator_ema = copy.deepcopy(networks.generator)
     for name in NETWORKS:
         net = getattr(networks, name)
         if net is None:
@@ -112,6 +116,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 
 def load_generator(path: str | Path, device: str = "cpu") -> tuple[HistoryNetGenerator, dict]:
-    """The generator alone, in eval mode on `device`, and the run's config."""
+    """The generator that colours (G's moving average when the run kept one), in eval mode on `device`, and
+    the run's config."""
     checkpoint = load_checkpoint(path)
-    return checkpoint.networks.generator.to(device).eval(), checkpoint.config
+    return colouring_generator(checkpoint.networks).to(device).eval(), checkpoint.config
+
+
+def colouring_generator(networks: Networks) -> HistoryNetGenerator:
+    """G's moving average when the run kept one (--ema), else G."""
+    return networks.generator_ema if networks.generator_ema is not None else networks.generator

@@ -299,6 +299,8 @@ class Networks:
     generator: HistoryNetGenerator
     critic: PatchDiscriminator
     info_classifier: InfoClassifier | None  # None without D2: the loss then has no info term
+    # G's exponential moving average (train's --ema), what evaluation and colorization use when there is one
+    generator_ema: HistoryNetGenerator | None = None
 
 
 def build_networks(variant: str = "historynet", num_classes: int = 42, image_size: int = 224,

@@ -11,6 +11,8 @@ RUNDIR (`out`) holds:
 - `last.safetensors`: the newest of them with the Adam states besides, what `resume` continues from
   (2.3 GB at 224: the states of Adam are twice the networks);
 - `best.safetensors`: the networks of the checkpoint with the lowest validation L2(ab) so far;
+  with `ema` every checkpoint also holds G's exponential moving average, which validation, evaluate and
+  colorize then use;
 - `tensorboard/`: the loss terms every `log_every` steps, and at every checkpoint a grid of validation
   samples (L | predicted colour | ground truth) and the validation L2(ab) of G in eval mode on the first
   `val_samples` validation samples beside grey's (ab = 0) on the same samples (`validation/l2_ab`,
@@ -38,6 +40,7 @@ process and BatchNorm statistics stay per process (no SyncBatchNorm), as with th
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -63,7 +66,8 @@ from ..shards import folder_indexes, indexed_samples, shard_urls, split_beside
 from ..taxonomy import Taxonomy, load_taxonomy
 from ..weights import WeightsError
 from ..workdir import atomic_write_bytes
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint, read_progress, save_checkpoint
+from .checkpoint import (Checkpoint, CheckpointError, colouring_generator, load_checkpoint, read_progress,
+                         save_checkpoint)
 from .data import eval_loader, rgb_from_lab, train_loader, unit_float
 from .losses import INFO_TERMS, LOSS_PRESETS, LossWeights, critic_loss, generator_loss, info_classifier_loss
 from .model import (VARIANTS, GeneratorOutput, Networks, build_networks, check_image_size, check_width,
@@ -92,6 +96,7 @@ class TrainSettings:
     preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
     warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
     info_term: str = "official"  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax
+    ema: float = 0.0  # the decay of G's moving average kept for colouring; 0: none (not the paper's: it keeps none)
     epochs: int = 8  # the paper's
     steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
     epoch_samples: int | None = None  # default: the train shards' count in their folder's index.json
@@ -247,7 +252,7 @@ def load_backbone(nets: Networks, vgg_weights: str) -> str:
 def wrap(nets: Networks, device: str, process: Process) -> Models:
     """The networks on the device (channels_last on CUDA), in DDP wrappers under torchrun."""
     cuda = device.startswith("cuda")
-    for net in (nets.generator, nets.critic, nets.info_classifier):
+    for net in (nets.generator, nets.critic, nets.info_classifier, nets.generator_ema):
         if net is not None:
             net.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format).train()
     if process.world_size == 1:
@@ -433,7 +438,7 @@ class Recorder:
         is the lowest so far."""
         if not self.val_batches:
             return progress
-        measured = validation_l2(nets.generator, self.val_batches, self.device, self.autocast)
+        measured = validation_l2(colouring_generator(nets), self.val_batches, self.device, self.autocast)
         for tag, value in measured.items():
             self.writer.add_scalar(tag, value, progress["step"])
         progress = {**progress, **measured}
@@ -452,7 +457,7 @@ class Recorder:
                                progress=progress)
         save_checkpoint(self.rundir / LAST, nets, config, optimizers, progress)
         if self.val_batch is not None:
-            grid = validation_grid(nets.generator, self.val_batch, self.device, self.autocast)
+            grid = validation_grid(colouring_generator(nets), self.val_batch, self.device, self.autocast)
             self.writer.add_images("validation/L_predicted_truth", grid, step)
         if progress["epoch_step"] and self.keep is not None:
             self.intermediate.append(path)
@@ -488,6 +493,8 @@ def check_settings(settings: TrainSettings) -> None:
             raise HistoryNetError(f"{name} must be at least 1 (got {value})")
     if settings.info_term not in INFO_TERMS:
         raise HistoryNetError(f"unknown info term {settings.info_term!r} (available: {', '.join(INFO_TERMS)})")
+    if not 0 <= settings.ema < 1:
+        raise HistoryNetError(f"ema is a decay in [0, 1) (got {settings.ema}): 0 keeps no moving average")
     if settings.warmup_steps < 0:
         raise HistoryNetError(f"warmup_steps must be 0 or more (got {settings.warmup_steps})")
     if settings.keep_checkpoints is not None and settings.keep_checkpoints < 0:
@@ -568,12 +575,37 @@ def prepared_networks(settings: TrainSettings, process: Process, config: dict,
     """The checkpoint's networks, or new ones with the VGG weights in G0 (on rank 0: DDP copies its weights)."""
     if checkpoint is not None:
         config["vgg_weights"] = checkpoint.config.get("vgg_weights")
-        return checkpoint.networks
+        return with_moving_average(checkpoint.networks, settings.ema)
     torch.manual_seed(settings.seed)  # before the networks: their random initialisation is part of the run
     nets = build_networks(settings.variant, config["num_classes"], settings.image_size, settings.width)
     if process.main:
         config["vgg_weights"] = load_backbone(nets, settings.vgg_weights)
+    return with_moving_average(nets, settings.ema)
+
+
+def with_moving_average(nets: Networks, ema: float) -> Networks:
+    """`nets` with G's moving average when `ema` asks for one (a resumed run keeps its own, a run without
+    one starts it from G), without it otherwise."""
+    if not ema:
+        nets.generator_ema = None
+    elif nets.generator_ema is None:
+        nets.generator_ema = copy.deepcopy(nets.generator)
+    if nets.generator_ema is not None:
+        nets.generator_ema.requires_grad_(False)
     return nets
+
+
+@torch.no_grad()
+def update_moving_average(nets: Networks, decay: float, step: int) -> None:
+    """G's moving average after `step` steps: average <- d * average + (1 - d) * G, on the weights and the
+    BatchNorm statistics alike. d grows from 0.1 to `decay` over the first steps (as timm's ModelEma), so
+    that the average does not keep G's random start for thousands of steps."""
+    d = min(decay, (1 + step) / (10 + step))
+    for average, current in zip(nets.generator_ema.state_dict().values(), nets.generator.state_dict().values()):
+        if average.is_floating_point():
+            average.lerp_(current, 1 - d)
+        else:  # BatchNorm's batch counts
+            average.copy_(current)
 
 
 def prepared_training(settings: TrainSettings, process: Process, device: str, config: dict,
@@ -727,6 +759,8 @@ def train_epochs(run: Run, meter: Meter) -> None:
             terms = train_step(run.models, run.optimizers, run.scalers, batch_tensors(batch, run.device),
                                run.step_weights(), run.settings.info_term, run.autocast)
             run.at.advance()
+            if run.models.nets.generator_ema is not None:
+                update_moving_average(run.models.nets, run.settings.ema, run.at.step)
             meter.bar.update(1)
             after_step(run, meter, terms)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,11 +18,13 @@ from test_colorize import WIDTH
 from test_data import PER_SHARD, make_sample, write_shards
 
 from mhmd_builder.historynet import train as train_module
-from mhmd_builder.historynet.checkpoint import load_checkpoint, read_progress
+from mhmd_builder.historynet.checkpoint import load_checkpoint, load_generator, read_progress
 from mhmd_builder.historynet.data import eval_loader
 from mhmd_builder.historynet.losses import LOSS_PRESETS
 from mhmd_builder.historynet.model import build_networks
-from mhmd_builder.historynet.train import HistoryNetError, TrainSettings, load_backbone, train
+from mhmd_builder.historynet.train import (HistoryNetError, TrainSettings, load_backbone, train,
+                                           update_moving_average, validation_batches, validation_l2,
+                                           with_moving_average)
 from mhmd_builder.shards import make_index, write_index
 from mhmd_builder.taxonomy import load_taxonomy
 
@@ -179,6 +182,45 @@ def test_a_warm_up_trains_g_on_its_supervised_terms_alone_until_the_critics_join
         assert line["critic/total"] != 0 and line["info_classifier/loss"] > 0  # D1 and D2 train all along
 
 
+def test_the_moving_average_decays_from_a_tenth_to_its_decay_and_copies_batch_counts():
+    nets = with_moving_average(build_networks("chromagan", 5, 32, WIDTH), 0.9)
+    average, current = nets.generator_ema.state_dict(), nets.generator.state_dict()
+    weight, mean, count = next(k for k in average if k.endswith("weight")), next(
+        k for k in average if k.endswith("running_mean")), next(k for k in average if k.endswith("num_batches_tracked"))
+    for step, expected in [(0, 0.9), (70, 1 - 71 / 80), (90, 0.1)]:  # d = (1 + step) / (10 + step) until 0.9
+        for key in (weight, mean):
+            average[key].fill_(0.0)
+            current[key].fill_(1.0)
+        current[count].fill_(step)
+        update_moving_average(nets, 0.9, step)
+        for key in (weight, mean):  # the weights and BatchNorm's statistics alike
+            assert torch.allclose(average[key], torch.full_like(average[key], expected)), (step, key)
+        assert int(average[count]) == step
+    assert not any(p.requires_grad for p in nets.generator_ema.parameters())
+
+
+def test_a_run_with_ema_validates_and_colours_with_the_moving_average_and_keeps_it_on_resume(shards, tmp_path):
+    rundir = tmp_path / "run"
+    settings = TrainSettings(shards=str(shards), out=str(rundir), steps=3, epoch_samples=8, ema=0.5, lr=1e-3,
+                             log_every=100, save_every=100, **SMALL)
+    train(settings)
+    last = load_checkpoint(rundir / "last.safetensors")
+    ema, g = last.networks.generator_ema.state_dict(), last.networks.generator.state_dict()
+    assert any(not torch.equal(ema[k], g[k]) for k in g)  # an average, not a copy of G
+    generator, _ = load_generator(rundir / "last.safetensors")
+    assert all(torch.equal(v, ema[k]) for k, v in generator.state_dict().items())  # colorize and evaluate use it
+    val_urls = train_module.validation_shards(settings, train_module.train_shards(settings))
+    measured = validation_l2(generator, validation_batches(val_urls, 42, settings), "cpu", nullcontext)
+    assert last.progress["validation/l2_ab"] == pytest.approx(measured["validation/l2_ab"], rel=1e-6)
+    train(replace(settings, steps=4, resume=True))  # resumed: the average goes on from the checkpoint's
+    resumed = load_checkpoint(rundir / "last.safetensors").networks
+    key = next(k for k in ema if k.endswith("weight"))
+    d = 5 / 14  # step 4's decay, (1 + 4) / (10 + 4), below 0.5
+    expected = d * ema[key] + (1 - d) * resumed.generator.state_dict()[key]
+    assert torch.allclose(resumed.generator_ema.state_dict()[key], expected)
+    assert with_moving_average(resumed, 0.0).generator_ema is None  # --ema 0 drops it
+
+
 def test_a_cpu_run_is_reproducible(shards, tmp_path):
     for name in ("a", "b"):
         train(TrainSettings(shards=str(shards), out=str(tmp_path / name), variant="chromagan", steps=2,
@@ -237,12 +279,14 @@ def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
          r"warmup_steps must be 0 or more \(got -1\)"),
         (TrainSettings(shards=str(shards), out=str(tmp_path / "r11"), epoch_samples=8, **{**SMALL, "image_size": 48}),
          r"image size 48 is not a multiple of 32 \(the paper's is 224\)"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r12"), epoch_samples=8, ema=1.0, **SMALL),
+         r"ema is a decay in \[0, 1\) \(got 1.0\): 0 keeps no moving average"),
     ]
     for settings, message in cases:
         with pytest.raises(HistoryNetError, match=message) as error:
             train(settings)
         assert "\n" not in str(error.value)
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 12))
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 13))
 
 
 def test_vgg_weights_come_from_torchvision_a_file_or_nowhere(tmp_path, monkeypatch):
