@@ -10,6 +10,7 @@ in labeler_train.py, the label stage in label.py.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import cv2
@@ -165,10 +166,17 @@ def persons_box(boxes, margin: float = PERSONS_MARGIN) -> tuple[float, float, fl
 def boxes_listed(boxes) -> list[list[float]]:
     """A frame's person boxes as plain lists, from any of the forms they are read in (a table's
     nested arrays, a shard's json lists; None or NaN when detect recorded none), rounded as shards
-    keep them: predict (from the tables) and relabel (from the shards) then cut the same pixels."""
-    if boxes is None or isinstance(boxes, float):
+    keep them: predict (from the tables) and relabel (from the shards) then cut the same pixels.
+    Anything else (a shard's json is outside input) is refused: LabelerError."""
+    if boxes is None or (isinstance(boxes, float) and math.isnan(boxes)):
         return []
-    return [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes]
+    try:
+        listed = [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes]
+    except (TypeError, ValueError):
+        listed = None
+    if listed is None or any(len(box) != 4 or not all(map(math.isfinite, box)) for box in listed):
+        raise LabelerError(f"person boxes {str(boxes)[:60]!r} are not a list of [x0, y0, x1, y1] numbers")
+    return listed
 
 
 def model_input(bgr: np.ndarray, size: int, mode: str, boxes=None) -> np.ndarray:

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from .batching import batched
 from .errors import InputError
-from .labeler import LabelerWorker, check_checkpoint
+from .labeler import LabelerError, LabelerWorker, boxes_listed, check_checkpoint
 from .runners import LocalRunner
 from .shards import (INDEX, JPG, JSON, KEY, RELABEL_RECORDS, AtomicTar, clear_shard_dir, is_remote, label_fields,
                      open_shard, read_index, split_entry, with_json, write_index)
@@ -50,6 +50,13 @@ def _decoded(sample: dict, shard: str) -> np.ndarray:
     if image is None:
         raise RelabelError(f"{shard}: sample {sample[KEY]}: its {JPG} cannot be decoded")
     return image
+
+
+def _boxes(sample: dict, meta: dict, shard: str) -> list[list[float]]:
+    try:
+        return boxes_listed(meta.get("boxes"))
+    except LabelerError as e:
+        raise RelabelError(f"{shard}: sample {sample[KEY]}: {e}") from None
 
 
 STAGE = RELABEL
@@ -100,8 +107,8 @@ class RelabelStage(LabelerWorker):
         metas = [json.loads(s[JSON]) for s in batch]
         todo = [i for i, m in enumerate(metas) if self.settings.override_human or m.get("label_source") != "human"]
         # A sample's json carries the frame's person boxes, so a persons labeler crops them as in predict.
-        images = list(self.pool.map(lambda i: self.labeler.image(_decoded(batch[i], shard), metas[i].get("boxes")),
-                                    todo))
+        boxes = {i: _boxes(batch[i], metas[i], shard) for i in todo}
+        images = list(self.pool.map(lambda i: self.labeler.image(_decoded(batch[i], shard), boxes[i]), todo))
         frames = [{"frame_id": metas[i].get("frame_id"), "movie_id": metas[i].get("movie")} for i in todo]
         predicted = self.labeler.predict_batch(list(zip(frames, images)), None) if todo else []
         new_metas = [dict(m) for m in metas]

@@ -132,6 +132,13 @@ def test_the_persons_box_is_their_union_widened_by_the_margin_and_clamped_to_the
     assert persons_box(boxes) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("boxes", ["oops", 0.5, 7, {"x0": 0.1}, [[0.1, 0.2, 0.3]], [["a", 0, 1, 1]],
+                                   [[0.1, float("nan"), 0.5, 0.5]], [[0.1, 0.2, float("inf"), 0.5]]])
+def test_boxes_that_are_not_lists_of_four_finite_numbers_are_refused_in_one_line(boxes):
+    with pytest.raises(LabelerError, match=r"person boxes .* are not a list of \[x0, y0, x1, y1\] numbers$"):
+        persons_box(boxes)
+
+
 def halves() -> np.ndarray:
     """A 100x200 BGR frame, its left half red, its right half blue."""
     frame = np.zeros((100, 200, 3), np.uint8)

@@ -147,6 +147,34 @@ def test_relabel_refuses_what_it_cannot_do_and_leaves_the_source_alone(labelled,
         relabel(tmp_path / "gone", checkpoint, tmp_path / "again", RelabelSettings(device="cpu"), TAXONOMY)
 
 
+def test_a_sample_whose_json_boxes_are_malformed_fails_its_shard_in_one_line(labelled, tmp_path):
+    import io
+    import tarfile
+
+    from mhmd_builder.labeler import build_model
+    from test_labeler import checkpoint_of
+
+    _, _, tmp = labelled
+    shutil.copytree(tmp / "shards", tmp_path / "hostile")
+    first = sorted((tmp_path / "hostile").glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad_key = next(m.name for m, _ in members if m.name.endswith(".json")).removesuffix(".json")
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name == f"{bad_key}.json":
+                data = json.dumps({**json.loads(data), "boxes": "oops"}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    checkpoint = checkpoint_of(build_model("resnet18", len(TAXONOMY)), tmp_path / "p.safetensors", input="persons")
+    tars = len(list((tmp_path / "hostile").glob("*.tar")))
+    with pytest.raises(RelabelError, match=f"1 of {tars} shards could not be relabelled; first: {first.name}: "
+                                           f"RelabelError: {first.name}: sample {bad_key}: person boxes 'oops' "
+                                           r"are not a list of \[x0, y0, x1, y1\] numbers$"):
+        relabel(tmp_path / "hostile", checkpoint, tmp_path / "new", RelabelSettings(device="cpu", override_human=True),
+                TAXONOMY)
+
+
 def test_relabel_on_ray_actors_writes_the_same_shards(labelled, ray_cluster, tmp_path):
     from mhmd_builder.runners import RayRunner
 
