@@ -1,7 +1,7 @@
 """HistoryNet learning: does HistoryNet, trained on shards this project builds, colour films it has never
 seen better than grey, and better than a plain L2 regression?
 
-    uv run python benchmarks/historynet_learning.py [--quick] [--steps N] [--keep DIR]
+    uv run python benchmarks/historynet_learning.py [--quick] [--steps N] [--lr LR] [--only TEXT ...] [--keep DIR]
 
 The task is made here, so that colour follows from what lightness shows: films of the two photos of
 persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), each shot its own
@@ -67,6 +67,7 @@ class Scale:
     films: int
     film_seconds: float
     steps: int
+    lr: float = 2e-5  # the paper's; 2e-4 suits these small networks from random weights better (RESULTS.md)
 
 
 # FULL: about 3 CPU-minutes per configuration on a quiet 2-core x86_64 (the 20 of the target: --steps 2500)
@@ -159,7 +160,7 @@ def row(name: str, mean: dict, l2: float, wall: float | None = None, cpu: float 
             "l2_ab": l2, "wall_s": wall, "cpu_s": cpu}
 
 
-def run(root: Path, scale: Scale) -> None:
+def run(root: Path, scale: Scale, configurations: dict[str, tuple[str, ...]]) -> None:
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     work, films_dir, shards, runs = root / "work", root / "films", root / "shards", root / "runs"
@@ -176,12 +177,13 @@ def run(root: Path, scale: Scale) -> None:
             row("train-mean ab", first["mean"], train_mean["validation/l2_ab"])]
     for baseline in rows:
         print(table_line(baseline, rows[0]), flush=True)
-    for name, options in CONFIGURATIONS.items():
+    for name, options in configurations.items():
         rundir = runs / slug(name)
         shutil.rmtree(rundir, ignore_errors=True)  # a kept DIR's earlier run of it
         step, checkpoint = f"train {name}", rundir / "last.safetensors"
         timed(timings, step, mhmd, "historynet", "train", "--shards", str(shards), "-o", str(rundir),
-              "--steps", str(scale.steps), "--save-every", str(scale.steps), *TRAIN_OPTIONS, *options, cpu=cpu)
+              "--steps", str(scale.steps), "--save-every", str(scale.steps), "--lr", str(scale.lr), *TRAIN_OPTIONS,
+              *options, cpu=cpu)
         l2 = held_out_l2(shards, checkpoint)["validation/l2_ab"]
         rows.append(row(name, evaluated(shards, checkpoint)["mean"], l2, timings[step], cpu[step]))
         print(table_line(rows[-1], rows[0]), flush=True)  # each result as it comes: a full run takes hours
@@ -201,7 +203,7 @@ def table_line(r: dict, grey: dict) -> str:
 def report(rows: list[dict], first: dict, scale: Scale, timings: dict[str, float]) -> None:
     grey = rows[0]
     print(f"\nheld-out frames (test split, whole films): {first['images']}; {scale.steps} steps of 16 images at "
-          f"{IMAGE_SIZE} px, width {WIDTH}, on the CPU")
+          f"{IMAGE_SIZE} px, width {WIDTH}, lr {scale.lr}, on the CPU")
     print("| model | PSNR dB | vs grey dB | SSIM | colourfulness | L2(ab) x1e3 | train wall s | train CPU s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -217,14 +219,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, shorter films and fewer steps (a smoke run)")
     parser.add_argument("--steps", type=int, default=None, help="training steps per configuration")
+    parser.add_argument("--lr", type=float, default=Scale.lr, help="every configuration's learning rate "
+                        "(default: the paper's)")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="only the configurations whose name contains one of these")
     parser.add_argument("--keep", type=Path, default=None, help="work in DIR and keep it (default: a temporary one)")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
-    if args.steps:
-        scale = Scale(scale.films, scale.film_seconds, args.steps)
+    scale = Scale(scale.films, scale.film_seconds, args.steps or scale.steps, args.lr)
+    configurations = {name: options for name, options in CONFIGURATIONS.items()
+                      if args.only is None or any(text in name for text in args.only)}
     root = args.keep or Path(tempfile.mkdtemp(prefix="historynet-learning-"))
     try:
-        run(root, scale)
+        run(root, scale, configurations)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
