@@ -96,6 +96,7 @@ class TrainSettings:
     preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
     warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
     info_term: str = "official"  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax
+    critic_weight: float | None = None  # G's weight on D1's term; None: the preset's (not the paper's otherwise)
     ema: float = 0.0  # the decay of G's moving average kept for colouring; 0: none (not the paper's: it keeps none)
     epochs: int = 8  # the paper's
     steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
@@ -493,6 +494,8 @@ def check_settings(settings: TrainSettings) -> None:
             raise HistoryNetError(f"{name} must be at least 1 (got {value})")
     if settings.info_term not in INFO_TERMS:
         raise HistoryNetError(f"unknown info term {settings.info_term!r} (available: {', '.join(INFO_TERMS)})")
+    if settings.critic_weight is not None and settings.critic_weight < 0:
+        raise HistoryNetError(f"critic_weight must be 0 or more (got {settings.critic_weight})")
     if not 0 <= settings.ema < 1:
         raise HistoryNetError(f"ema is a decay in [0, 1) (got {settings.ema}): 0 keeps no moving average")
     if settings.warmup_steps < 0:
@@ -528,8 +531,14 @@ def run_config(settings: TrainSettings, taxonomy: Taxonomy, epoch_samples: int) 
     return {"variant": settings.variant, "num_classes": len(taxonomy), "image_size": settings.image_size,
             "width": settings.width,
             "label_names": taxonomy.names, "taxonomy_sha256": taxonomy.sha256, "preset": settings.preset,
-            "loss_weights": asdict(LOSS_PRESETS[settings.preset]), "epoch_samples": epoch_samples,
+            "loss_weights": asdict(loss_weights(settings)), "epoch_samples": epoch_samples,
             "settings": settings.to_dict()}
+
+
+def loss_weights(settings: TrainSettings) -> LossWeights:
+    """The preset's loss weights, with `critic_weight` instead of its D1 weight when given."""
+    weights = LOSS_PRESETS[settings.preset]
+    return weights if settings.critic_weight is None else replace(weights, wgan=settings.critic_weight)
 
 
 def stream_seed(seed: int, epoch: int, epoch_step: int) -> int:
@@ -668,7 +677,7 @@ class Run:
     logged: dict[str, float] = field(default_factory=dict)  # the terms last logged
 
     def __post_init__(self):
-        self.weights = LOSS_PRESETS[self.settings.preset]
+        self.weights = loss_weights(self.settings)
         # D1 and D2 still train during the warm-up: they judge well from the first step they count
         self.warmup_weights = replace(self.weights, wgan=0.0, info_kl=0.0)
         self.epoch_steps = len(self.loader)  # per process

@@ -182,6 +182,20 @@ def test_a_warm_up_trains_g_on_its_supervised_terms_alone_until_the_critics_join
         assert line["critic/total"] != 0 and line["info_classifier/loss"] > 0  # D1 and D2 train all along
 
 
+def test_a_critic_weight_replaces_the_presets_d1_weight_in_g_s_loss_and_the_config(shards, tmp_path):
+    rundir = tmp_path / "run"
+    train(TrainSettings(shards=str(shards), out=str(rundir), steps=2, epoch_samples=8, critic_weight=0.5, log_every=1,
+                        save_every=100, **SMALL))
+    w = LOSS_PRESETS["paper"]
+    for line in log_lines(rundir):
+        expected = (w.l2_ab * line["generator/l2_ab"] + w.class_kl * line["generator/class_kl"]
+                    + w.parsing_l2 * line["generator/parsing_l2"] + 0.5 * line["generator/wgan"]
+                    + w.info_kl * line["generator/info_kl"])
+        assert line["generator/total"] == pytest.approx(expected, rel=1e-5, abs=1e-7), line["step"]
+        assert abs(line["generator/wgan"]) > 1e-4  # 0.5 instead of 0.1 would show
+    assert load_checkpoint(rundir / "last.safetensors").config["loss_weights"] == {**vars(w), "wgan": 0.5}
+
+
 def test_the_moving_average_decays_from_a_tenth_to_its_decay_and_copies_batch_counts():
     nets = with_moving_average(build_networks("chromagan", 5, 32, WIDTH), 0.9)
     average, current = nets.generator_ema.state_dict(), nets.generator.state_dict()
@@ -281,12 +295,14 @@ def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
          r"image size 48 is not a multiple of 32 \(the paper's is 224\)"),
         (TrainSettings(shards=str(shards), out=str(tmp_path / "r12"), epoch_samples=8, ema=1.0, **SMALL),
          r"ema is a decay in \[0, 1\) \(got 1.0\): 0 keeps no moving average"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r13"), epoch_samples=8, critic_weight=-0.1, **SMALL),
+         r"critic_weight must be 0 or more \(got -0.1\)"),
     ]
     for settings, message in cases:
         with pytest.raises(HistoryNetError, match=message) as error:
             train(settings)
         assert "\n" not in str(error.value)
-    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 13))
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 14))
 
 
 def test_vgg_weights_come_from_torchvision_a_file_or_nowhere(tmp_path, monkeypatch):
