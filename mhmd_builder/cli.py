@@ -532,6 +532,9 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
                    "paper's; D1 and D2 train all along).")
 @click.option("--critic-weight", type=click.FloatRange(min=0), default=None,
               help="G's weight on the critic's (D1's) term instead of the preset's (0.1; not the paper's).")
+@click.option("--info-weight", type=click.FloatRange(min=0), default=None,
+              help="G's weight on the info classifier's (D2's) term instead of the preset's (paper 0.003, official "
+                   "0.002; not the paper's).")
 @click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of G's weights with this decay (e.g. 0.999) for validation, evaluate and "
                    "colorize; 0: none, as the paper (not the paper's).")
@@ -559,7 +562,8 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
               help="Autocast dtype of the training steps (fp16: CUDA only, with loss scaling) [default: fp32 with "
                    "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
-                             no_classifier, preset, info_term, warmup_steps, critic_weight, ema, vgg_weights, image_size, width, workers, save_every,
+                             no_classifier, preset, info_term, warmup_steps, critic_weight, info_weight, ema, vgg_weights, image_size, width,
+                             workers, save_every,
                              keep_checkpoints,
                              log_every, val_shards, val_samples, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
@@ -569,7 +573,8 @@ def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch
         raise click.UsageError("give --epochs or --steps, not both")
     settings = TrainSettings(
         shards=shards, out=rundir, variant=HISTORYNET_VARIANTS[no_parsing, no_classifier], preset=preset,
-        warmup_steps=warmup_steps, info_term=info_term, critic_weight=critic_weight, ema=ema,
+        warmup_steps=warmup_steps, info_term=info_term, critic_weight=critic_weight,
+        info_weight=info_weight, ema=ema,
         epochs=epochs or TrainSettings.epochs, steps=steps, epoch_samples=epoch_samples, batch_size=batch_size,
         lr=lr, image_size=image_size, width=width, device=device, workers=workers, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, vgg_weights=vgg_weights, val_shards=val_shards,

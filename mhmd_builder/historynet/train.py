@@ -97,6 +97,7 @@ class TrainSettings:
     warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
     info_term: str = "official"  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax
     critic_weight: float | None = None  # G's weight on D1's term; None: the preset's (not the paper's otherwise)
+    info_weight: float | None = None  # G's weight on D2's term; None: the preset's (not the paper's otherwise)
     ema: float = 0.0  # the decay of G's moving average kept for colouring; 0: none (not the paper's: it keeps none)
     epochs: int = 8  # the paper's
     steps: int | None = None  # when given, stop after this many steps instead (however many epochs that is)
@@ -494,8 +495,9 @@ def check_settings(settings: TrainSettings) -> None:
             raise HistoryNetError(f"{name} must be at least 1 (got {value})")
     if settings.info_term not in INFO_TERMS:
         raise HistoryNetError(f"unknown info term {settings.info_term!r} (available: {', '.join(INFO_TERMS)})")
-    if settings.critic_weight is not None and settings.critic_weight < 0:
-        raise HistoryNetError(f"critic_weight must be 0 or more (got {settings.critic_weight})")
+    for name in ("critic_weight", "info_weight"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 0:
+            raise HistoryNetError(f"{name} must be 0 or more (got {getattr(settings, name)})")
     if not 0 <= settings.ema < 1:
         raise HistoryNetError(f"ema is a decay in [0, 1) (got {settings.ema}): 0 keeps no moving average")
     if settings.warmup_steps < 0:
@@ -536,9 +538,13 @@ def run_config(settings: TrainSettings, taxonomy: Taxonomy, epoch_samples: int) 
 
 
 def loss_weights(settings: TrainSettings) -> LossWeights:
-    """The preset's loss weights, with `critic_weight` instead of its D1 weight when given."""
+    """The preset's loss weights, with `critic_weight` and `info_weight` instead of its D1 and D2 weights when given."""
     weights = LOSS_PRESETS[settings.preset]
-    return weights if settings.critic_weight is None else replace(weights, wgan=settings.critic_weight)
+    if settings.critic_weight is not None:
+        weights = replace(weights, wgan=settings.critic_weight)
+    if settings.info_weight is not None:
+        weights = replace(weights, info_kl=settings.info_weight)
+    return weights
 
 
 def stream_seed(seed: int, epoch: int, epoch_step: int) -> int:

@@ -186,16 +186,18 @@ def test_a_warm_up_trains_g_on_its_supervised_terms_alone_until_the_critics_join
         assert line["critic/total"] != 0 and line["info_classifier/loss"] > 0  # D1 and D2 train all along
 
 
-def test_a_critic_weight_replaces_the_presets_d1_weight_in_g_s_loss_and_the_config(shards, tmp_path):
+@pytest.mark.parametrize("option, term", [("critic_weight", "wgan"), ("info_weight", "info_kl")])
+def test_a_critic_or_info_weight_replaces_the_presets_weight_in_g_s_loss_and_the_config(shards, tmp_path, option,
+                                                                                          term):
     rundir = tmp_path / "run"
-    train(TrainSettings(shards=str(shards), out=str(rundir), steps=2, epoch_samples=8, critic_weight=0.5, log_every=1,
-                        save_every=100, **SMALL))
+    train(TrainSettings(shards=str(shards), out=str(rundir), steps=2, epoch_samples=8, log_every=1, save_every=100,
+                        **{option: 0.5}, **SMALL))
     w = LOSS_PRESETS["paper"]
     for line in log_lines(rundir):
-        expected = weighted_total(line, replace(w, wgan=0.5))
+        expected = weighted_total(line, replace(w, **{term: 0.5}))
         assert line["generator/total"] == pytest.approx(expected, rel=1e-5, abs=1e-7), line["step"]
-        assert abs(line["generator/wgan"]) > 1e-4  # 0.5 instead of 0.1 would show
-    assert load_checkpoint(rundir / "last.safetensors").config["loss_weights"] == {**vars(w), "wgan": 0.5}
+        assert abs(line[f"generator/{term}"]) > 1e-4  # 0.5 instead of the preset's would show
+    assert load_checkpoint(rundir / "last.safetensors").config["loss_weights"] == {**vars(w), term: 0.5}
 
 
 def test_the_moving_average_decays_from_a_tenth_to_its_decay_and_copies_batch_counts():
@@ -299,6 +301,8 @@ def test_what_cannot_be_trained_is_a_one_line_error(shards, tmp_path):
          r"ema is a decay in \[0, 1\) \(got 1.0\): 0 keeps no moving average"),
         (TrainSettings(shards=str(shards), out=str(tmp_path / "r13"), epoch_samples=8, critic_weight=-0.1, **SMALL),
          r"critic_weight must be 0 or more \(got -0.1\)"),
+        (TrainSettings(shards=str(shards), out=str(tmp_path / "r14"), epoch_samples=8, info_weight=-0.1, **SMALL),
+         r"info_weight must be 0 or more \(got -0.1\)"),
     ]
     for settings, message in cases:
         with pytest.raises(HistoryNetError, match=message) as error:
