@@ -329,18 +329,18 @@ class Trainer:
 
     def __init__(self, nets, device: str, precision: str):
         from mhmd_builder.historynet import train
-        from mhmd_builder.historynet.losses import LOSS_PRESETS
 
         self.train, self.device = train, device
         self.models = train.wrap(nets, device, train.Process())
-        settings = train.TrainSettings(shards=[], out="")
+        settings = train.with_preset_defaults(train.TrainSettings(shards=[], out=""))
         self.optimizers = train.make_optimizers(nets, settings)
         self.scalers = train.loss_scalers(nets, device, precision)
         self.autocast = train.precision_autocast(device, precision)
-        self.weights = LOSS_PRESETS[settings.preset]
+        self.weights, self.info_term = train.loss_weights(settings), settings.info_term
 
     def step(self, x: dict) -> dict[str, float]:
-        terms = self.train.train_step(self.models, self.optimizers, self.scalers, x, self.weights, "official", self.autocast)
+        terms = self.train.train_step(self.models, self.optimizers, self.scalers, x, self.weights, self.info_term,
+                                      self.autocast)
         return {k: float(v) for k, v in terms.items()}
 
 

@@ -522,19 +522,23 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-parsing", is_flag=True, help="Ablation: without the parsing branch (G3).")
 @click.option("--no-classifier", is_flag=True, help="Ablation: without the info classifier (D2).")
-@click.option("--preset", type=click.Choice(["paper", "official", "l2"]), default="paper", show_default=True,
-              help="Loss weights: the paper's eq. 1, the official code's, or L2(ab) alone (a baseline).")
-@click.option("--info-term", type=click.Choice(["official", "softmax"]), default="official", show_default=True,
+@click.option("--preset", type=click.Choice(["recommended", "paper", "official", "l2"]), default="recommended",
+              show_default=True,
+              help="Loss weights, info term and warm-up: the paper's eq. 1, the official code's, L2(ab) alone (a "
+                   "baseline), or recommended (not the paper's: the critics' weights lowered, the softmax info term "
+                   "and a 200-step warm-up, which beat grey and match L2 alone where the paper's did not).")
+@click.option("--info-term", type=click.Choice(["official", "softmax"]), default=None,
               help="How D2's recovery of G2's z is scored: the official code's KL on raw vectors clipped to "
-                   "[1e-7, 1], or the KL between their softmax distributions (not the paper's).")
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+                   "[1e-7, 1], or the KL between their softmax distributions (not the paper's) [default: the "
+                   "preset's: softmax for recommended, else official].")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
               help="G's first steps with its supervised terms only, before the critics' terms join (not the "
-                   "paper's; D1 and D2 train all along).")
+                   "paper's; D1 and D2 train all along) [default: the preset's: 200 for recommended, else 0].")
 @click.option("--critic-weight", type=click.FloatRange(min=0), default=None,
-              help="G's weight on the critic's (D1's) term instead of the preset's (0.1; not the paper's).")
+              help="G's weight on the critic's (D1's) term instead of the preset's (0.1; recommended 0.01).")
 @click.option("--info-weight", type=click.FloatRange(min=0), default=None,
               help="G's weight on the info classifier's (D2's) term instead of the preset's (paper 0.003, official "
-                   "0.002; not the paper's).")
+                   "0.002, recommended 0.0003).")
 @click.option("--ema", type=click.FloatRange(min=0, max=1, max_open=True), default=0.0, show_default=True,
               help="Keep a moving average of G's weights with this decay (e.g. 0.999) for validation, evaluate and "
                    "colorize; 0: none, as the paper (not the paper's).")

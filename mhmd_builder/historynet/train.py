@@ -93,9 +93,9 @@ class TrainSettings:
     shards: str | list[str]  # a brace pattern, a glob, a folder (its train split) or a list of these
     out: str  # RUNDIR
     variant: str = "historynet"  # one of model.VARIANTS
-    preset: str = "paper"  # loss weights: losses.LOSS_PRESETS
-    warmup_steps: int = 0  # G's first steps with its supervised terms only (not the paper's: it has none)
-    info_term: str = "official"  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax
+    preset: str = "recommended"  # loss weights (losses.LOSS_PRESETS), info term and warm-up (PRESET_SCHEDULES)
+    warmup_steps: int | None = None  # G's first steps with its supervised terms only; None: the preset's
+    info_term: str | None = None  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax; None: the preset's
     critic_weight: float | None = None  # G's weight on D1's term; None: the preset's (not the paper's otherwise)
     info_weight: float | None = None  # G's weight on D2's term; None: the preset's (not the paper's otherwise)
     ema: float = 0.0  # the decay of G's moving average kept for colouring; 0: none (not the paper's: it keeps none)
@@ -473,6 +473,28 @@ class Recorder:
 
 
 # -- the run ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PresetSchedule:
+    info_term: str
+    warmup_steps: int
+
+
+# What a preset sets besides its loss weights. The paper and the official code score D2 with the clipped
+# KL on raw vectors and have no warm-up; the recommended preset scores it between softmax distributions
+# and lets the critics' terms join after 200 steps of the supervised terms alone (RESULTS.md).
+PRESET_SCHEDULES = {"paper": PresetSchedule("official", 0), "official": PresetSchedule("official", 0),
+                    "l2": PresetSchedule("official", 0), "recommended": PresetSchedule("softmax", 200)}
+
+
+def with_preset_defaults(settings: TrainSettings) -> TrainSettings:
+    """`settings` with the preset's info term and warm-up where none was given."""
+    schedule = PRESET_SCHEDULES.get(settings.preset)
+    if schedule is None:  # an unknown preset: check_settings names it
+        return settings
+    return replace(settings, info_term=settings.info_term or schedule.info_term,
+                   warmup_steps=schedule.warmup_steps if settings.warmup_steps is None else settings.warmup_steps)
+
+
 def check_settings(settings: TrainSettings) -> None:
     if settings.variant not in VARIANTS:
         raise HistoryNetError(f"unknown variant {settings.variant!r} (available: {', '.join(VARIANTS)})")
@@ -568,6 +590,7 @@ def epoch_sample_count(settings: TrainSettings, urls: list[str], indexes: dict[P
 
 
 def _train(settings: TrainSettings) -> dict:
+    settings = with_preset_defaults(settings)
     check_settings(settings)
     taxonomy = load_taxonomy(settings.taxonomy)
     urls = train_shards(settings)

@@ -16,11 +16,13 @@ from mhmd_builder.historynet.model import GeneratorOutput
 LN3 = math.log(3.0)  # logits (0, ln 3) -> softmax (1/4, 3/4)
 
 
-def test_presets_are_the_papers_and_the_official_codes_weights():
+def test_presets_are_the_papers_the_official_codes_and_the_recommended_weights():
     assert LOSS_PRESETS["paper"] == LossWeights(l2_ab=1.0, class_kl=0.003, parsing_l2=0.003, wgan=0.1, info_kl=0.003)
     assert LOSS_PRESETS["official"] == LossWeights(l2_ab=2.0, class_kl=0.002, parsing_l2=0.002, wgan=0.1,
                                                    info_kl=0.002)
     assert LOSS_PRESETS["l2"] == LossWeights(l2_ab=1.0, class_kl=0.0, parsing_l2=0.0, wgan=0.0, info_kl=0.0)
+    assert LOSS_PRESETS["recommended"] == LossWeights(l2_ab=1.0, class_kl=0.003, parsing_l2=0.003, wgan=0.01,
+                                                      info_kl=0.0003)
     with pytest.raises(dataclasses.FrozenInstanceError):
         LOSS_PRESETS["paper"].wgan = 1.0
 
