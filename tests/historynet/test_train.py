@@ -93,8 +93,10 @@ def test_a_run_writes_checkpoints_logs_and_tensorboard_and_resumes_where_it_stop
     assert_best_is_the_lowest_validation(rundir)
     assert last.config["variant"] == "historynet" and last.config["image_size"] == 32
     assert last.config["num_classes"] == len(load_taxonomy()) == len(last.config["label_names"])
-    assert last.config["preset"] == "paper" and last.config["loss_weights"]["wgan"] == 0.1
+    assert last.config["preset"] == "recommended" and last.config["loss_weights"]["wgan"] == 0.01
     assert last.config["settings"]["steps"] == 4
+    # the preset's info term and warm-up, as the run used them
+    assert (last.config["settings"]["info_term"], last.config["settings"]["warmup_steps"]) == ("softmax", 200)
     assert {name: adam_steps(last, name) for name in ("generator", "critic", "info_classifier")} == \
         {"generator": 4, "critic": 4, "info_classifier": 4}
     step_4 = load_checkpoint(rundir / "checkpoints" / "step-00000004.safetensors")
