@@ -26,7 +26,9 @@ DETECT = ["tests/test_detect.py", "-k", "keep_rule"]
 SHARD = ["tests/test_shard.py", "-k", "split or shuffled or does_not_stop"]
 WORKDIR = ["tests/test_workdir.py"]
 RUNNERS = ["tests/test_runners.py", "-k", "not ray or readme"]
-TRAIN = ["tests/historynet/test_train.py::test_the_defaults_are_the_papers_hyper_parameters", "tests/historynet/test_losses.py"]
+TRAIN = ["tests/historynet/test_train.py::test_the_defaults_are_the_papers_hyper_parameters_with_the_recommended_losses",
+         "tests/historynet/test_train.py::test_each_preset_sets_its_info_term_and_warm_up_unless_they_are_given",
+         "tests/historynet/test_losses.py"]
 EXTRACT = ["tests/test_extract.py", "-k", "millisecond"]
 RELABEL = ["tests/test_relabel.py", "-k", "keeps_images or older_model or override"]
 LABELER = ["tests/test_labeler.py", "-k", "predict_batch"]
@@ -80,7 +82,13 @@ MUTATIONS = [
     ("mhmd_builder/historynet/train.py", "batch_size: int = 16", "batch_size: int = 32", TRAIN),
     ("mhmd_builder/historynet/train.py", "epochs: int = 8", "epochs: int = 10", TRAIN),
     ("mhmd_builder/historynet/train.py", "settings.lr, betas=settings.betas", "settings.lr, betas=(0.9, 0.999)", TRAIN),
-    ("mhmd_builder/historynet/losses.py", "l2_ab=1.0, class_kl=0.003", "l2_ab=1.0, class_kl=0.03", TRAIN),
+    ("mhmd_builder/historynet/losses.py", '"paper": LossWeights(l2_ab=1.0, class_kl=0.003',
+     '"paper": LossWeights(l2_ab=1.0, class_kl=0.03', TRAIN),
+    ("mhmd_builder/historynet/losses.py", "wgan=0.01, info_kl=0.0003", "wgan=0.01, info_kl=0.003", TRAIN),
+    ("mhmd_builder/historynet/train.py", '"recommended": PresetSchedule("softmax", 200)',
+     '"recommended": PresetSchedule("official", 200)', TRAIN),
+    ("mhmd_builder/historynet/train.py", "schedule.warmup_steps if settings.warmup_steps is None else settings.warmup_steps",
+     "settings.warmup_steps or schedule.warmup_steps", TRAIN),
     ("mhmd_builder/historynet/losses.py", "l2_ab=2.0, class_kl=0.002, parsing_l2=0.002",
      "l2_ab=2.0, class_kl=0.002, parsing_l2=0.003", TRAIN),
     ("mhmd_builder/extract.py", "round(timestamp * 1000)", "int(timestamp * 1000)", EXTRACT),
@@ -97,7 +105,7 @@ MUTATIONS = [
     ("mhmd_builder/relabel.py", "split_entry(part.movie.tolist(), part.after.tolist())",
      "split_entry(part.movie.tolist(), part.before.tolist())", RELABEL),
     ("mhmd_builder/labeler.py", "len(allowed)), 1)", "len(allowed)), 1, largest=False)", LABELER),
-    ("mhmd_builder/labeler.py", "if allowed is not None:  # the film", "if False:  # the film", LABELER),
+    ("mhmd_builder/labeler.py", "if allowed is not None:", "if False:", LABELER),
     ("mhmd_builder/labeler.py", "logits.softmax(1).topk(", "logits.sigmoid().topk(", LABELER),
     ("mhmd_builder/labeler.py", "min(3, logits.shape[1] if allowed is None else len(allowed))",
      "min(3, logits.shape[1])", LABELER),
