@@ -137,6 +137,10 @@ def _gradient(image: np.ndarray) -> np.ndarray:
     return cv2.magnitude(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1))
 
 
+def weighted_sum(weight: np.ndarray, values: np.ndarray) -> float:
+    return float(np.sum(weight * values, dtype=np.float64))
+
+
 def blur_sigma(gray: np.ndarray) -> float:
     """Gaussian blur of the frame's edges, in pixels of the fixed-size grey image, by re-blurring
     (Hu and de Haan 2006): a step blurred by s has gradient peak ~1/s, so blurring it again by s0
@@ -149,7 +153,9 @@ def blur_sigma(gray: np.ndarray) -> float:
     reblurred = _gradient(cv2.GaussianBlur(smooth, (0, 0), REBLUR_SIGMA)).ravel()
     weight = grad * grad
     weight *= weight
-    ratio_sq = (float(weight @ grad) / max(float(weight @ reblurred), 1e-12)) ** 2
+    # numpy's own float64 sums, not a BLAS dot: OpenBLAS splits a long float32 dot across threads as the
+    # machine's load allows, and the rounding then differed between two runs of the same frames
+    ratio_sq = (weighted_sum(weight, grad) / max(weighted_sum(weight, reblurred), 1e-12)) ** 2
     if ratio_sq <= 1.0 + 1e-6:  # no edge at all
         return MAX_BLUR
     total_sq = REBLUR_SIGMA ** 2 / (ratio_sq - 1.0)
