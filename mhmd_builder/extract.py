@@ -431,6 +431,7 @@ def _chunk_partitions(film: Partition, geometry: MovieGeometry, settings: Extrac
 
 def _drop_chunk(workdir: WorkDir, chunk: str) -> None:
     workdir.drop(CHUNKS, chunk)
+    workdir.clear_progress(CHUNKS, chunk)
     shutil.rmtree(chunk_frames_dir(workdir, chunk), ignore_errors=True)
 
 
