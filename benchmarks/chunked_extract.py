@@ -83,7 +83,8 @@ def main() -> None:
             if not (made[0].equals(reference[0]) and made[1] == reference[1]):
                 raise SystemExit(f"{name}: not the rows and JPEGs of the undivided extract")
             shutil.rmtree(work)
-    base_wall, base_cpu = statistics.median(walls["undivided, 1 worker"]), statistics.median(cpus["undivided, 1 worker"])
+    base = "undivided, 1 worker"
+    base_wall, base_cpu = statistics.median(walls[base]), statistics.median(cpus[base])
     print(f"\n{args.seconds} s film, 1280x720 {FPS} fps H.264, --fps 1, median of {args.repeats}; "
           f"rows and JPEGs identical in every run")
     print(f"{'run':<28}{'wall s':>8}{'x':>7}{'CPU s':>8}{'x':>7}")

@@ -23,12 +23,13 @@ import xxhash
 from .devices import machine_cores, pick_decoder
 from .errors import InputError
 from .media import (EXACT_SEEK_CONTAINERS, Crop, DecodeStats, MediaError, MovieInfo, Part, Sampling, content_hash,
-                    cuda_decodes, decode_frames, detect_letterbox, find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
+                    cuda_decodes, decode_frames, detect_letterbox, find_movies, movie_id, output_size, probe,
+                    require_ffmpeg, slug)
 from .ranges import RANGES
 from .runners import LocalRunner
 from .quality import DuplicateRuns, FrameVerdict, QualityFilter, QualityThresholds, SCORE_NAMES
 from .tables import EXTRACT, EXTRACT_CHUNKS, FRAME_SCHEMA
-from .stages import Partition, PartitionError, PartitionResult, Resources, record_failure
+from .stages import Partition, PartitionError, PartitionResult, Resources
 from .workdir import WorkDir, writes
 
 STAGE = EXTRACT
@@ -117,23 +118,25 @@ class ExtractStage:
 
         geometry = film_geometry(path, self.settings)
         rows, stats, decoder, fallback = self._decode(path, movie, geometry, None, staging, progress,
-                                                      QualityFilter(self.settings.quality))
+                                                      self.settings.quality)
         if not rows:
             raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
 
         final_frames.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final_frames)
         summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
-                   "decoder": decoder, **_counts(rows), "warnings": _warnings(stats, geometry.end, geometry.span, fallback),
+                   "decoder": decoder, **_counts(rows),
+                   "warnings": _warnings(stats, geometry.end, geometry.span, fallback),
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
         progress(geometry.span, geometry.span)
         return summary
 
     def _decode(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
-                quality: QualityFilter) -> tuple[list[dict], DecodeStats, str, str | None]:
-        """Every sampled frame's row of the film or of its `part`, kept frames' JPEGs written to
-        `folder`; how ffmpeg ended, the decoder that decoded it and why the GPU did not (None)."""
+                quality: QualityThresholds) -> tuple[list[dict], DecodeStats, str, str | None]:
+        """Every sampled frame's row of the film or of its `part` judged by `quality`, kept frames'
+        JPEGs written to `folder`; how ffmpeg ended, the decoder that decoded it and why the GPU
+        did not (None)."""
         decoder, fallback, codec = self.decoder, None, geometry.info.codec
         if decoder == "cuda" and not cuda_decodes(codec):
             decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
@@ -154,15 +157,16 @@ class ExtractStage:
         return "cpu", reason
 
     def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
-              decoder: str, quality: QualityFilter) -> tuple[list[dict], DecodeStats]:
+              decoder: str, quality: QualityThresholds) -> tuple[list[dict], DecodeStats]:
         """Every sampled frame's row from one decoding pass with `decoder`, and how ffmpeg ended."""
         stats = DecodeStats()
         verdicts = self._verdicts(path, movie, geometry, part, stats, progress, decoder, quality)
         return [self._row(v, movie, geometry, folder) for v in verdicts], stats
 
     def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, stats: DecodeStats,
-                  progress, decoder: str, quality: QualityFilter) -> Iterator[FrameVerdict]:
+                  progress, decoder: str, thresholds: QualityThresholds) -> Iterator[FrameVerdict]:
         """Every sampled frame's quality verdict, in time order, from one decoding pass."""
+        quality = QualityFilter(thresholds)
         seen: set[str] = set()
         start, end = geometry.start, geometry.end
         for timestamp, frame in decode_frames(path, self.settings.sampling, geometry.size, geometry.crop, start,
@@ -215,7 +219,7 @@ class ChunkStage(ExtractStage):
         def chunk_progress(done: float, _total: float) -> None:  # seconds of this chunk, not of the film
             progress(done - (begin - geometry.start), max(span, done - (begin - geometry.start)))
 
-        no_runs = QualityFilter(replace(self.settings.quality, max_hash_distance=-1))
+        no_runs = replace(self.settings.quality, max_hash_distance=-1)
         rows, stats, decoder, fallback = self._decode(path, movie, geometry, part, folder, chunk_progress, no_runs)
         if not rows and stats.returncode:
             raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
@@ -449,7 +453,9 @@ def _drop_stale_chunks(workdir: WorkDir, planned: dict[str, list[Partition]]) ->
 
 
 def _film_failed(workdir: WorkDir, film: Partition, reason: str) -> PartitionResult:
+    """Record a film failed, its earlier records gone (a --redo that fails leaves nothing stale)."""
     info = {**film.record, "reason": reason}
+    workdir.begin(STAGE, film.id)
     workdir.mark_failed(STAGE, film.id, info)
     return PartitionResult(film.id, False, reason, info)
 
@@ -473,13 +479,14 @@ def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[
     for movie in planned:  # no film looks done while its chunks write again (a --redo)
         workdir.begin(STAGE, movie)
     ran = {r.id: r for r in runner.run(ChunkStage(workdir, settings), pending)}
+    done = workdir.done(CHUNKS)
     for film in films:
         chunks = planned.get(film.id, [])
         failed = [ran[c.id] for c in chunks if c.id in ran and not ran[c.id].ok]
         if failed:
             results[film.id] = _film_failed(workdir, film, f"chunk {failed[0].id}: {failed[0].reason}")
         elif chunks:
-            results[film.id] = join_chunks(workdir, film, chunks, settings)
+            results[film.id] = join_chunks(workdir, film, chunks, [done[c.id] for c in chunks], settings)
     return results
 
 
@@ -496,14 +503,15 @@ def decide_duplicates(rows: list[dict], max_distance: int) -> list[dict]:
     return rows
 
 
-def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], settings: ExtractSettings) -> PartitionResult:
-    """The film's partition from its done chunks: their rows in time order with duplicate runs
-    decided over the whole film, the kept frames' JPEGs linked into W/frames/<movie> (the chunks
-    keep theirs until the film is committed, so a join killed halfway is simply done again), the
-    film's table and done marker; the chunks' records go last."""
+def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summaries: list[dict],
+                settings: ExtractSettings) -> PartitionResult:
+    """The film's partition from its done chunks (and their done markers' `summaries`): their rows
+    in time order with duplicate runs decided over the whole film, the kept frames' JPEGs linked
+    into W/frames/<movie> (the chunks keep theirs until the film is committed, so a join killed
+    halfway is simply done again), the film's table and done marker; the chunks' records go last."""
     started, movie = time.monotonic(), film.id
-    summaries = [workdir.done(CHUNKS)[c.id] for c in chunks]
-    table = pa.concat_tables([pq.read_table(workdir.table_path(CHUNKS, c.id)) for c in chunks], promote_options="default")
+    tables = [pq.read_table(workdir.table_path(CHUNKS, c.id)) for c in chunks]
+    table = pa.concat_tables(tables, promote_options="default")
     unique = {}
     for row in table.to_pylist():  # two frames within a millisecond on either side of a border: the first
         unique.setdefault(row["frame_id"], row)

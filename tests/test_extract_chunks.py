@@ -70,7 +70,8 @@ def test_chunked_extract_gives_the_rows_jpegs_and_shards_of_an_undivided_one(tmp
     for work in (whole, chunked):
         assert run_cli("shard", "-w", work, "-o", tmp_path / f"{work.name}-shards").exit_code == 0
     tars = sorted((tmp_path / "whole-shards").glob("*.tar"))
-    assert tars and [t.read_bytes() for t in tars] == [(tmp_path / "chunked-shards" / t.name).read_bytes() for t in tars]
+    assert tars and [t.read_bytes() for t in tars] == [
+        (tmp_path / "chunked-shards" / t.name).read_bytes() for t in tars]
 
 
 def test_the_letterbox_is_decided_once_per_film(tmp_path, monkeypatch):
