@@ -113,6 +113,8 @@ def _settings(cls, values, where: str, key: str = ""):
         default, where_key, name_key = getattr(defaults, name), f"{where}.{name}", f"{key}.{name}".lstrip(".")
         if value is None and "None" not in str(known[name].type):
             raise PipelineError(f"{where_key}: needs a value")
+        if default is None and name_key in RANGES:  # a number that may be left out (None): checked as a float
+            default = 0.0
         if value is None or default is None:
             pass
         elif dataclasses.is_dataclass(default):

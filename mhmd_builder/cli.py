@@ -201,6 +201,10 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @click.option("--decoder", type=choice_type("extract.decoder"), default="auto", show_default=True,
               help="Where ffmpeg decodes: cuda (NVIDIA NVDEC; a film it cannot decode fails), cpu, or auto "
                    "(cuda when ffmpeg can use a GPU here, a film it cannot decode decoded again on the CPU).")
+@click.option("--chunk-seconds", type=option_type("extract.chunk_seconds"), default=None,
+              help="Decode each film in chunks of about this many seconds, each by its own ffmpeg: one film's "
+                   "chunks run on several workers at once, and a killed run loses one chunk at most. The frames "
+                   "are those of an undivided decode. Not with --scenes.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Movies decoded at once [default: the machine's cores, {machine_cores()}; "
                    "with --runner ray, what the cluster's CPUs hold].")
@@ -208,8 +212,8 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
 @runner_options
 @quality_options
 def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, scene_max_gap, max_side,
-                    skip_head, skip_tail, crop, jpeg_quality, decoder, workers, redo, runner, ray_address,
-                    **thresholds) -> None:
+                    skip_head, skip_tail, crop, jpeg_quality, decoder, chunk_seconds, workers, redo, runner,
+                    ray_address, **thresholds) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
     if keyframes and scenes:
         raise click.UsageError("--keyframes and --scenes exclude each other")
@@ -217,7 +221,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
     settings = ExtractSettings(
         sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
-        decoder=decoder, quality=with_overrides(QualityThresholds(), thresholds))
+        decoder=decoder, chunk_seconds=chunk_seconds, quality=with_overrides(QualityThresholds(), thresholds))
     outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
     say(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 import cv2
 import pyarrow as pa
+import pyarrow.parquet as pq
 import xxhash
 
-from .devices import pick_decoder
+from .devices import machine_cores, pick_decoder
 from .errors import InputError
-from .media import (Crop, DecodeStats, MediaError, MovieInfo, Sampling, content_hash, cuda_decodes, decode_frames,
-                    detect_letterbox, find_movies, movie_id, output_size, probe, require_ffmpeg, slug)
+from .media import (EXACT_SEEK_CONTAINERS, Crop, DecodeStats, MediaError, MovieInfo, Part, Sampling, content_hash,
+                    cuda_decodes, decode_frames, detect_letterbox, find_movies, movie_id, output_size, probe,
+                    require_ffmpeg, slug)
+from .ranges import RANGES
 from .runners import LocalRunner
-from .quality import FrameVerdict, QualityFilter, QualityThresholds
-from .tables import EXTRACT, FRAME_SCHEMA
-from .stages import Partition, PartitionError, Resources
+from .quality import DuplicateRuns, FrameVerdict, QualityFilter, QualityThresholds, SCORE_NAMES
+from .tables import EXTRACT, EXTRACT_CHUNKS, FRAME_SCHEMA
+from .stages import Partition, PartitionError, PartitionResult, Resources
 from .workdir import WorkDir, writes
 
 STAGE = EXTRACT
+CHUNKS = EXTRACT_CHUNKS
 log = logging.getLogger(__name__)
 # With --decoder cuda under Ray, each worker asks for this share of a GPU: a GPU decodes several
 # films at once (NVDEC engines, no session limit on data-centre GPUs), each worker needing one core
@@ -48,6 +54,10 @@ class ExtractSettings:
     # setting a done movie must share (`_check_same_settings`): it changes where frames are
     # decoded, not which.
     decoder: str = "auto"
+    # Seconds of film each ffmpeg decodes (None: a whole film each): the chunks of one film run at
+    # once on several workers and a killed run loses one chunk at most. Not a setting a done movie
+    # must share either: chunked or not, a film gives the same rows and JPEGs.
+    chunk_seconds: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,39 +116,38 @@ class ExtractStage:
         final_frames = self.workdir.frames_dir(movie)
         shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
 
-        geometry = self._geometry(path)
-        decoder, fallback, codec = self.decoder, None, geometry.info.codec
-        if decoder == "cuda" and not cuda_decodes(codec):
-            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
-        rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
-        if decoder == "cuda" and stats.gpu_refused:  # ffmpeg decoded it on the CPU itself
-            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode this {codec} stream "
-                                                        f"({geometry.info.pix_fmt})")
-        elif decoder == "cuda" and not rows:
-            decoder, fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(stats)}")
-            rows, stats = self._rows(path, movie, geometry, staging, progress, decoder)
+        geometry = film_geometry(path, self.settings)
+        rows, stats, decoder, fallback = self._decode(path, movie, geometry, None, staging, progress,
+                                                      self.settings.quality)
         if not rows:
             raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
 
         final_frames.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final_frames)
         summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
-                   "decoder": decoder, **_counts(rows), "warnings": _warnings(stats, geometry, fallback), "seconds": round(time.monotonic() - started, 3)}
+                   "decoder": decoder, **_counts(rows),
+                   "warnings": _warnings(stats, geometry.end, geometry.span, fallback),
+                   "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
         progress(geometry.span, geometry.span)
         return summary
 
-    def _geometry(self, path: Path) -> "MovieGeometry":
-        """Probe the movie once and decide what is decoded: the time window, the letterbox crop, the size."""
-        try:
-            info = probe(path)
-        except MediaError as e:
-            raise PartitionError(str(e)) from None
-        start, end = _time_window(info.duration, self.settings)
-        crop = (detect_letterbox(path, info, start, end if end is not None else start)
-                if self.settings.crop_letterbox else None)
-        return MovieGeometry(info, start, end, crop, output_size(info, crop, self.settings.max_side),
-                             output_size(info, crop, None))
+    def _decode(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
+                quality: QualityThresholds) -> tuple[list[dict], DecodeStats, str, str | None]:
+        """Every sampled frame's row of the film or of its `part` judged by `quality`, kept frames'
+        JPEGs written to `folder`; how ffmpeg ended, the decoder that decoded it and why the GPU
+        did not (None)."""
+        decoder, fallback, codec = self.decoder, None, geometry.info.codec
+        if decoder == "cuda" and not cuda_decodes(codec):
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
+        rows, stats = self._rows(path, movie, geometry, part, folder, progress, decoder, quality)
+        if decoder == "cuda" and stats.gpu_refused:  # ffmpeg decoded it on the CPU itself
+            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode this {codec} stream "
+                                                        f"({geometry.info.pix_fmt})")
+        elif decoder == "cuda" and not rows:
+            decoder, fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(stats)}")
+            rows, stats = self._rows(path, movie, geometry, part, folder, progress, decoder, quality)
+        return rows, stats, decoder, fallback
 
     def _not_on_gpu(self, movie: str, reason: str) -> tuple[str, str]:
         """A film the GPU cannot decode: PartitionError with --decoder cuda, else ("cpu", reason) and a warning."""
@@ -147,22 +156,22 @@ class ExtractStage:
         log.warning("%s: %s; the CPU decodes it", movie, reason)
         return "cpu", reason
 
-    def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", staging: Path, progress,
-              decoder: str) -> tuple[list[dict], DecodeStats]:
+    def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
+              decoder: str, quality: QualityThresholds) -> tuple[list[dict], DecodeStats]:
         """Every sampled frame's row from one decoding pass with `decoder`, and how ffmpeg ended."""
         stats = DecodeStats()
-        verdicts = self._verdicts(path, movie, geometry, stats, progress, decoder)
-        return [self._row(v, movie, geometry, staging) for v in verdicts], stats
+        verdicts = self._verdicts(path, movie, geometry, part, stats, progress, decoder, quality)
+        return [self._row(v, movie, geometry, folder) for v in verdicts], stats
 
-    def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", stats: DecodeStats,
-                  progress, decoder: str) -> Iterator[FrameVerdict]:
+    def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, stats: DecodeStats,
+                  progress, decoder: str, thresholds: QualityThresholds) -> Iterator[FrameVerdict]:
         """Every sampled frame's quality verdict, in time order, from one decoding pass."""
-        quality = QualityFilter(self.settings.quality)
+        quality = QualityFilter(thresholds)
         seen: set[str] = set()
         start, end = geometry.start, geometry.end
         for timestamp, frame in decode_frames(path, self.settings.sampling, geometry.size, geometry.crop, start,
                                               None if end is None else end - start, stats, geometry.info.demuxer,
-                                              decoder):
+                                              decoder, part):
             fid = frame_id(movie, timestamp)
             if fid in seen:  # two frames within the same millisecond: keep the first
                 continue
@@ -172,16 +181,54 @@ class ExtractStage:
             progress(timestamp - start, max(geometry.span, timestamp - start))
         yield from quality.flush()
 
-    def _row(self, verdict: FrameVerdict, movie: str, geometry: "MovieGeometry", staging: Path) -> dict:
-        """The frame's table row; a kept frame's JPEG is written to the staging folder first."""
+    def _row(self, verdict: FrameVerdict, movie: str, geometry: "MovieGeometry", folder: Path) -> dict:
+        """The frame's table row; a kept frame's JPEG is written to `folder` first."""
         jpeg = data = None
         if verdict.kept:
             name = f"{verdict.meta['frame_id']}.jpg"
             jpeg = f"frames/{movie}/{name}"
             _, buffer = cv2.imencode(".jpg", verdict.frame, [cv2.IMWRITE_JPEG_QUALITY, self.settings.jpeg_quality])
             data = buffer.tobytes()
-            (staging / name).write_bytes(data)
+            (folder / name).write_bytes(data)
         return _verdict_row(verdict, movie, geometry.size, jpeg, data)
+
+
+@dataclass
+class ChunkStage(ExtractStage):
+    """One chunk of a film (`--chunk-seconds`): a time range decoded by its own ffmpeg with the
+    film's geometry (decided once, by the driver), its rows recorded as a partition of
+    W/extract/chunks and its JPEGs written to its own folder there, until `join_chunks` makes the
+    film's partition of them. Duplicate runs are decided only then, over the whole film: a run
+    may cross a border, so every frame that passes the other checks is encoded here."""
+
+    name: str = CHUNKS
+
+    def process(self, partition: Partition, progress) -> dict:
+        started = time.monotonic()
+        info = partition.info
+        path, movie, geometry, part = Path(info["path"]), info["movie_id"], info["geometry"], Part(*info["part"])
+        self.workdir.begin(CHUNKS, partition.id)
+        folder = chunk_frames_dir(self.workdir, partition.id)
+        shutil.rmtree(folder, ignore_errors=True)  # JPEGs of an attempt killed before its commit
+        folder.mkdir(parents=True)
+        sampling = self.settings.sampling
+        begin = geometry.start if part.first is None else sampling.border_time(geometry.start, part.first)
+        end = _chunk_end(geometry, part, sampling)
+        span = 0.0 if end is None else end - begin
+
+        def chunk_progress(done: float, _total: float) -> None:  # seconds of this chunk, not of the film
+            progress(done - (begin - geometry.start), max(span, done - (begin - geometry.start)))
+
+        no_runs = replace(self.settings.quality, max_hash_distance=-1)
+        rows, stats, decoder, fallback = self._decode(path, movie, geometry, part, folder, chunk_progress, no_runs)
+        if not rows and stats.returncode:
+            raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
+        summary = {"inputs": chunk_inputs(info, self.settings), "decoder": decoder, "frames_in": len(rows),
+                   "warnings": _warnings(stats, end, geometry.span, fallback),
+                   "seconds": round(time.monotonic() - started, 3)}
+        self.workdir.commit(CHUNKS, partition.id, _rows_to_table(rows), summary)
+        progress(span, span)
+        return summary
 
 
 @dataclass(frozen=True)
@@ -204,6 +251,19 @@ class MovieGeometry:
                 "frame_size": list(self.size), "source_size": list(self.source_size)}
 
 
+def film_geometry(path: Path, settings: ExtractSettings) -> MovieGeometry:
+    """Probe the movie once and decide what is decoded: the time window, the letterbox crop, the size."""
+    try:
+        info = probe(path)
+    except MediaError as e:
+        raise PartitionError(str(e)) from None
+    start, end = _time_window(info.duration, settings)
+    crop = (detect_letterbox(path, info, start, end if end is not None else start)
+            if settings.crop_letterbox else None)
+    return MovieGeometry(info, start, end, crop, output_size(info, crop, settings.max_side),
+                         output_size(info, crop, None))
+
+
 def _counts(rows: list[dict]) -> dict:
     reasons = Counter(r["reject_reason"] for r in rows if not r["kept"])
     return {"frames_in": len(rows), "frames_out": sum(r["kept"] for r in rows), "rejected": dict(sorted(reasons.items()))}
@@ -213,14 +273,13 @@ def _ffmpeg_detail(stats: DecodeStats) -> str:
     return f" (ffmpeg exit {stats.returncode})" + (f": {stats.error}" if stats.error else "")
 
 
-def _warnings(stats: DecodeStats, geometry: MovieGeometry, fallback: str | None) -> list[str]:
+def _warnings(stats: DecodeStats, end: float | None, span: float, fallback: str | None) -> list[str]:
     """Why the GPU did not decode the film, ffmpeg's own error, and decoding that stopped well
-    before the end (a truncated file)."""
+    before the `end` of what it decoded (a truncated file; `span`: the film's decoded seconds)."""
     warnings = [f"{fallback}; decoded on the CPU"] if fallback else []
     if stats.returncode:
         warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
-    end = geometry.end
-    if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * geometry.span):
+    if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * span):
         warnings.append(f"decoding stopped at {stats.last_time:.1f} s of {end:.1f} s (truncated file?)")
     return warnings
 
@@ -245,8 +304,21 @@ def _check_same_settings(done: dict[str, dict], settings: ExtractSettings) -> No
 
 
 def _compared(settings: dict) -> dict:
-    """The settings a done movie must share, as stored (tuples become lists): all but the decoder."""
-    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k != "decoder"}
+    """The settings a done movie must share, as stored (tuples become lists): all but the decoder
+    and the chunks, which change how a film is decoded, not what comes out."""
+    return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("decoder", "chunk_seconds")}
+
+
+def _check_chunks(settings: ExtractSettings) -> None:
+    """--chunk-seconds: a positive number, and not with scene-cut sampling."""
+    if settings.chunk_seconds is None:
+        return
+    problem = RANGES["extract.chunk_seconds"].problem(settings.chunk_seconds)
+    if problem:
+        raise InputError(f"--chunk-seconds: {problem}")
+    if settings.sampling.mode == "scenes":
+        raise InputError("--chunk-seconds: scene-cut sampling (--scenes) cannot be cut into chunks, since whether "
+                         "a frame is taken depends on the last one taken: leave out one of them")
 
 
 _HASH = re.compile(r"[0-9a-f]{8}")
@@ -301,6 +373,174 @@ def plan_movies(workdir: WorkDir, paths: list[Path]) -> tuple[list[Partition], l
     return list(partitions.values()), outcomes
 
 
+# -- chunks (--chunk-seconds) ---------------------------------------------------------------------
+def chunk_id(movie: str, index: int) -> str:
+    return f"{movie}@{index}"
+
+
+def chunk_frames_dir(workdir: WorkDir, chunk: str) -> Path:
+    """Where a chunk's JPEGs wait for the film's join."""
+    return workdir.stage_dir(CHUNKS) / "frames" / chunk
+
+
+def film_parts(geometry: MovieGeometry, settings: ExtractSettings) -> list[Part]:
+    """A film's chunks in time order, of about `chunk_seconds` each (whole 1/fps slots with fps
+    sampling); one for a film of unknown length or in a container whose seeks are not exact."""
+    sampling, seconds = settings.sampling, settings.chunk_seconds
+    if geometry.end is None or geometry.info.demuxer not in EXACT_SEEK_CONTAINERS:
+        return [Part()]
+    if sampling.mode == "fps":
+        slots = max(1, round(seconds * sampling.fps))
+        borders = [k * slots for k in range(1, math.ceil(geometry.span * sampling.fps / slots))]
+    else:
+        borders = [geometry.start + k * seconds for k in range(1, math.ceil(geometry.span / seconds))]
+    edges = [None, *borders, None]
+    return [Part(first, end) for first, end in zip(edges, edges[1:])]
+
+
+def _chunk_end(geometry: MovieGeometry, part: Part, sampling: Sampling) -> float | None:
+    return geometry.end if part.end is None else sampling.border_time(geometry.start, part.end)
+
+
+def chunk_inputs(info: dict, settings: ExtractSettings) -> dict:
+    """What a done chunk was made from, as its done marker stores it: a chunk is only joined to a
+    film extracted from the same content, window, geometry, borders and settings."""
+    geometry: MovieGeometry = info["geometry"]
+    inputs = {"content_hash": info["content_hash"], "part": info["part"], "window": [geometry.start, geometry.end],
+              **geometry.summary(), "settings": _compared(settings.to_dict())}
+    return json.loads(json.dumps(inputs))
+
+
+def _film_geometries(films: list[Partition], settings: ExtractSettings) -> dict[str, MovieGeometry | PartitionError]:
+    """Each film's geometry (probe, window, letterbox), decided once for all its chunks; the films
+    at once, since each is mostly waiting for ffprobe and ffmpeg."""
+    def geometry(film: Partition) -> MovieGeometry | PartitionError:
+        try:
+            return film_geometry(Path(film.info["path"]), settings)
+        except PartitionError as e:
+            return e
+
+    with ThreadPoolExecutor(machine_cores()) as pool:
+        return dict(zip([f.id for f in films], pool.map(geometry, films)))
+
+
+def _chunk_partitions(film: Partition, geometry: MovieGeometry, settings: ExtractSettings) -> list[Partition]:
+    parts = film_parts(geometry, settings)
+    if geometry.end is not None and geometry.info.demuxer not in EXACT_SEEK_CONTAINERS:
+        log.info("%s: %s seeks are not exact: extracted in one chunk", film.id, geometry.info.demuxer)
+    return [Partition(chunk_id(film.id, k), {**film.info, "movie_id": film.id, "geometry": geometry,
+                                             "part": [part.first, part.end]}, film.record)
+            for k, part in enumerate(parts)]
+
+
+def _drop_chunk(workdir: WorkDir, chunk: str) -> None:
+    workdir.drop(CHUNKS, chunk)
+    workdir.clear_progress(CHUNKS, chunk)
+    shutil.rmtree(chunk_frames_dir(workdir, chunk), ignore_errors=True)
+
+
+def _drop_stale_chunks(workdir: WorkDir, planned: dict[str, list[Partition]]) -> None:
+    """Records of chunks that will never be joined: of films done since (a run killed between a
+    film's commit and the removal of its chunks), or of a film now cut at other borders."""
+    done_films = workdir.done(STAGE)
+    wanted = {c.id for chunks in planned.values() for c in chunks}
+    recorded = {*workdir.done(CHUNKS), *workdir.failed(CHUNKS),
+                *(p.name for p in (workdir.stage_dir(CHUNKS) / "frames").glob("*"))}
+    for chunk in sorted(recorded):
+        movie = chunk.rsplit("@", 1)[0]
+        if movie in done_films or (movie in planned and chunk not in wanted):
+            _drop_chunk(workdir, chunk)
+
+
+def _film_failed(workdir: WorkDir, film: Partition, reason: str) -> PartitionResult:
+    """Record a film failed, its earlier records gone (a --redo that fails leaves nothing stale)."""
+    info = {**film.record, "reason": reason}
+    workdir.begin(STAGE, film.id)
+    workdir.mark_failed(STAGE, film.id, info)
+    return PartitionResult(film.id, False, reason, info)
+
+
+def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[Partition], runner,
+                       redo: bool) -> dict[str, PartitionResult]:
+    """Each film's chunks through the runner (the chunks done with the same inputs in an earlier
+    run kept, unless `redo`), then each film whose chunks are all done joined into its partition."""
+    results: dict[str, PartitionResult] = {}
+    planned: dict[str, list[Partition]] = {}
+    geometries = _film_geometries(films, settings)
+    for film in films:
+        if isinstance(geometries[film.id], PartitionError):
+            results[film.id] = _film_failed(workdir, film, str(geometries[film.id]))
+        else:
+            planned[film.id] = _chunk_partitions(film, geometries[film.id], settings)
+    _drop_stale_chunks(workdir, planned)
+    done = workdir.done(CHUNKS)
+    pending = [c for chunks in planned.values() for c in chunks
+               if redo or done.get(c.id, {}).get("inputs") != chunk_inputs(c.info, settings)]
+    for movie in planned:  # no film looks done while its chunks write again (a --redo)
+        workdir.begin(STAGE, movie)
+    ran = {r.id: r for r in runner.run(ChunkStage(workdir, settings), pending)}
+    done = workdir.done(CHUNKS)
+    for film in films:
+        chunks = planned.get(film.id, [])
+        failed = [ran[c.id] for c in chunks if c.id in ran and not ran[c.id].ok]
+        if failed:
+            results[film.id] = _film_failed(workdir, film, f"chunk {failed[0].id}: {failed[0].reason}")
+        elif chunks:
+            results[film.id] = join_chunks(workdir, film, chunks, [done[c.id] for c in chunks], settings)
+    return results
+
+
+def decide_duplicates(rows: list[dict], max_distance: int) -> list[dict]:
+    """The film's rows (in time order, every check but `duplicate` decided) with its duplicate
+    runs decided from the recorded hashes and sharpness, as the extract pass decides them: a
+    frame that is not the best of its run is rejected and loses its JPEG."""
+    runs = DuplicateRuns(max_distance)
+    verdicts = [FrameVerdict(row, {k: row[k] for k in SCORE_NAMES}, list(row["flags"])) for row in rows]
+    for v in [done for verdict in verdicts for done in runs.push(verdict)] + runs.flush():
+        v.meta.update(flags=v.flags, kept=v.kept, reject_reason=v.reason)
+        if not v.kept:
+            v.meta.update(jpeg=None, jpeg_bytes=None, jpeg_xxh3=None)
+    return rows
+
+
+def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summaries: list[dict],
+                settings: ExtractSettings) -> PartitionResult:
+    """The film's partition from its done chunks (and their done markers' `summaries`): their rows
+    in time order with duplicate runs decided over the whole film, the kept frames' JPEGs linked
+    into W/frames/<movie> (the chunks keep theirs until the film is committed, so a join killed
+    halfway is simply done again), the film's table and done marker; the chunks' records go last."""
+    started, movie = time.monotonic(), film.id
+    tables = [pq.read_table(workdir.table_path(CHUNKS, c.id)) for c in chunks]
+    table = pa.concat_tables(tables, promote_options="default")
+    unique = {}
+    for row in table.to_pylist():  # two frames within a millisecond on either side of a border: the first
+        unique.setdefault(row["frame_id"], row)
+    rows = decide_duplicates(list(unique.values()), settings.quality.max_hash_distance)
+    warnings = list(dict.fromkeys(w for s in summaries for w in s["warnings"]))
+    if not rows:
+        return _film_failed(workdir, film, "no frames decoded" + (f" ({warnings[0]})" if warnings else ""))
+    staging = workdir.begin(STAGE, movie) / "frames"
+    staging.mkdir()
+    kept = {Path(r["jpeg"]).name for r in rows if r["kept"]}
+    for chunk in chunks:
+        for jpeg in chunk_frames_dir(workdir, chunk.id).iterdir():
+            if jpeg.name in kept:
+                os.link(jpeg, staging / jpeg.name)
+    final_frames = workdir.frames_dir(movie)
+    shutil.rmtree(final_frames, ignore_errors=True)
+    final_frames.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final_frames)
+    geometry: MovieGeometry = chunks[0].info["geometry"]
+    seconds = sum(s["seconds"] for s in summaries) + time.monotonic() - started
+    summary = {**film.info, "movie_id": movie, **geometry.summary(), "settings": settings.to_dict(),
+               "decoder": "cuda" if all(s["decoder"] == "cuda" for s in summaries) else "cpu", **_counts(rows),
+               "warnings": warnings, "chunks": len(chunks), "seconds": round(seconds, 3)}
+    workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
+    for chunk in chunks:
+        _drop_chunk(workdir, chunk.id)
+    return PartitionResult(movie, True, None, summary)
+
+
 @writes("workdir")
 def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,
             runner=None, redo: bool = False) -> list[MovieOutcome]:
@@ -308,14 +548,20 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     Movies already done are skipped, so a killed run resumes where it stopped; `redo` extracts
     them again (e.g. with new quality thresholds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
+    settings = settings or ExtractSettings()
+    _check_chunks(settings)
     require_ffmpeg()  # here, not in the workers: an old ffmpeg stops the command, not each movie
-    stage = ExtractStage(workdir, settings or ExtractSettings())
+    stage = ExtractStage(workdir, settings)
     pick_decoder(stage.settings.decoder)  # --decoder cuda without a GPU: one line here, not a failure per movie
     partitions, outcomes = plan_movies(workdir, find_movies(inputs))
     finished = {} if redo else workdir.done(STAGE)
     done = {p.id: finished[p.id] for p in partitions if p.id in finished}
     _check_same_settings(done, stage.settings)
-    results = {r.id: r for r in (runner or LocalRunner()).run(stage, [p for p in partitions if p.id not in done])}
+    todo, runner = [p for p in partitions if p.id not in done], runner or LocalRunner()
+    if settings.chunk_seconds is None:
+        results = {r.id: r for r in runner.run(stage, todo)}
+    else:
+        results = _extract_in_chunks(workdir, settings, todo, runner, redo)
     for p in partitions:
         if p.id in results:
             r = results[p.id]

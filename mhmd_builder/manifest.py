@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .errors import DamagedFileError
 from .filter import current_counts, current_decisions, decided
-from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
+from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path)
 from .workdir import WorkDir, atomic_write_table, changes
 
@@ -33,6 +33,9 @@ def _kept(summaries) -> dict:
 
 def stage_status(workdir: WorkDir, stage: str) -> dict:
     planned, done, failed = workdir.planned(stage), workdir.done(stage), workdir.failed(stage)
+    running = workdir.progress(stage)
+    if stage == EXTRACT:  # a film extracted in chunks runs as its chunks, `<movie>@<k>`
+        running.update(workdir.progress(EXTRACT_CHUNKS))
     return {
         "partitions": {
             "done": len(done),
@@ -45,7 +48,7 @@ def stage_status(workdir: WorkDir, stage: str) -> dict:
         "damaged": workdir.damaged(stage),
         "running": {pid: {"percent": round(100 * p["done"] / p["total"], 1) if p["total"] else 0.0,
                           "seconds_ago": round(time.time() - p["at"], 1)}
-                    for pid, p in workdir.progress(stage).items() if pid not in done and pid not in failed},
+                    for pid, p in running.items() if pid not in done and pid not in failed},
     }
 
 

@@ -43,6 +43,10 @@ VIDEO_EXTENSIONS = {
 # is opened: playlists and file lists (hls, concat) read other files, images and devices (image2,
 # lavfi) are not movies.
 CONTAINERS = ("mov", "matroska", "avi", "mpeg", "mpegts", "asf", "flv", "ogg", "mxf")
+# The containers whose seeks land where asked (their index, or their clusters' times, say where each
+# key frame is), so that a part of a film decoded from its own seek point samples exactly the
+# frames of an undivided decode (measured: MPEG-TS, MPEG-PS and AVI seeks land a key frame late or early).
+EXACT_SEEK_CONTAINERS = ("mov", "matroska")
 _RESTRICTED = {"protocol_whitelist": "file", "format_whitelist": ",".join(CONTAINERS)}  # every ffmpeg input's options
 # What a refused format is, for the failure reason.
 _REFUSED_KINDS = {"hls": "an HLS playlist", "concat": "a concat file list", "dash": "a DASH manifest",
@@ -348,6 +352,25 @@ def detect_letterbox(path: Path, info: MovieInfo, start: float, end: float, samp
 
 # -- decoding -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Part:
+    """A range of a film's window decoded by an ffmpeg of its own (extract's `--chunk-seconds`),
+    which samples there exactly the frames a decode of the whole window samples. `first` and `end`
+    (past the last; None: from the window's start, to its end) count the window's 1/fps slots for
+    fps sampling, whose frame is the first of each slot (a border between two frames of one slot
+    would sample both), and seconds for key frames. Scene cuts cannot be divided: whether a frame
+    is taken depends on the last one taken, which may lie in the part before."""
+
+    first: float | None = None
+    end: float | None = None
+
+
+# How far before a part's first frame its ffmpeg seeks, and how far past its end it reads: the
+# sampling filter draws the exact borders; this only keeps ffmpeg's own rounding of the seek
+# (to its time base's ticks) from cutting a frame the filter would take.
+BORDER_MARGIN = 0.05
+
+
+@dataclass(frozen=True)
 class Sampling:
     """How frames are chosen: `fps` (uniform in time), `keyframes` or `scenes`."""
 
@@ -356,19 +379,39 @@ class Sampling:
     scene_threshold: float = 0.3
     scene_max_gap: float = 10.0
 
-    def select_filter(self) -> str | None:
+    def select_filter(self, origin: float = 0.0, until: float | None = None, part: Part | None = None) -> str | None:
+        """ffmpeg's select expression. `origin`: where the window starts (the first slot of fps
+        sampling), `until`: where it ends (exclusive), `part`: the part of it decoded."""
+        if self.mode not in ("fps", "keyframes", "scenes"):
+            raise ValueError(f"unknown sampling mode {self.mode!r}")
+        if part is not None and self.mode == "scenes":
+            raise ValueError("scene-cut sampling cannot be divided into parts")
+        terms = [] if until is None else [f"lt(t,{until!r})"]
         if self.mode == "fps":
             # The first frame of every 1/fps-second slot: exact source timestamps, no duplicates.
             # (+0.001 of a slot so that t*fps = 0.9999999 for a frame exactly on a slot edge counts.)
-            slot = f"floor(%s*{self.fps}+0.001)"
-            return f"isnan(prev_selected_t)+gte({slot % 't'}-{slot % 'prev_selected_t'},1)"
-        if self.mode == "scenes":
+            slot = f"floor((%s-{origin!r})*{self.fps!r}+0.001)"
+            terms.insert(0, f"(isnan(prev_selected_t)+gte({slot % 't'}-{slot % 'prev_selected_t'},1))")
+            terms += _bounds(slot % "t", part)
+        elif self.mode == "scenes":
             # The first frame of every shot, and one every scene_max_gap seconds inside long shots.
-            return (f"isnan(prev_selected_t)+gt(scene,{self.scene_threshold})"
-                    f"+gte(t-prev_selected_t,{self.scene_max_gap})")
-        if self.mode == "keyframes":
-            return None  # the decoder itself skips every non-key frame
-        raise ValueError(f"unknown sampling mode {self.mode!r}")
+            terms.insert(0, f"(isnan(prev_selected_t)+gt(scene,{self.scene_threshold})"
+                            f"+gte(t-prev_selected_t,{self.scene_max_gap}))")
+        else:  # key frames: the decoder itself skips every other frame
+            terms += _bounds("t", part)
+        return "*".join(terms) or None
+
+    def border_time(self, origin: float, bound: float) -> float:
+        """Where a part's bound lies in the film: where its slot starts (fps), or the time itself."""
+        return origin + (bound - 0.001) / self.fps if self.mode == "fps" else bound
+
+
+def _bounds(value: str, part: Part | None) -> list[str]:
+    """The select terms that keep `value` (a slot or a time) within the part's bounds."""
+    if part is None:
+        return []
+    return ([] if part.first is None else [f"gte({value},{part.first!r})"]) + (
+        [] if part.end is None else [f"lt({value},{part.end!r})"])
 
 
 def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tuple[int, int]:
@@ -399,8 +442,10 @@ class DecodeStats:
 
 def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: Crop | None = None,
                   start: float = 0.0, duration: float | None = None, stats: DecodeStats | None = None,
-                  demuxer: str | None = None, decoder: str = "cpu") -> Iterator[tuple[float, np.ndarray]]:
-    """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame.
+                  demuxer: str | None = None, decoder: str = "cpu",
+                  part: Part | None = None) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield (timestamp in seconds from the movie's start, BGR frame) for every sampled frame of
+    the window of `duration` seconds (None: to the end) from `start`, or of its `part`.
 
     One ffmpeg process decodes, samples, crops and scales; Python only receives the frames it
     keeps. `stats` (optional) is filled with ffmpeg's exit code and last error line; `demuxer` (the
@@ -411,17 +456,19 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
     require_ffmpeg()
     stats = stats or DecodeStats()
     width, height = size
+    until = None if duration is None else start + duration
+    seek, stop = _decoded_span(sampling, start, until, part)
     in_args: dict = {}
-    if start > 0:
-        in_args["ss"] = start
-    if duration is not None:
-        in_args["t"] = duration
+    if seek > 0:
+        in_args["ss"] = seek
+    if stop is not None:
+        in_args["t"] = stop - seek + BORDER_MARGIN
     if sampling.mode == "keyframes":
         in_args["skip_frame"] = "nokey"
     if decoder == "cuda":
         in_args["hwaccel"] = "cuda"
     stream = _input(path, demuxer, **in_args).video
-    select = sampling.select_filter()
+    select = sampling.select_filter(start, until, part)
     if select:
         stream = stream.filter("select", select)
     if crop:
@@ -429,7 +476,9 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
     stream = stream.filter("scale", width, height, flags="area").filter("setsar", 1).filter("showinfo")
     cmd = (
         stream.output("pipe:", format="rawvideo", pix_fmt="bgr24", fps_mode="passthrough")
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "info")
+        # -copyts -start_at_zero: frames keep the film's own times wherever the decode starts
+        # (else they count from the seek point), so a part's times and slots are the whole film's.
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "info", "-copyts", "-start_at_zero")
         .compile()
     )
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -447,8 +496,8 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
             t = times.get()
             if t is None:  # stderr closed before this frame's line: should not happen
                 break
-            stats.last_time = start + t
-            yield start + t, np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+            stats.last_time = t
+            yield t, np.frombuffer(buf, np.uint8).reshape(height, width, 3)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -457,6 +506,17 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
         reader.join()
         errors = [ln for ln in tail if "error" in ln.lower() or "invalid" in ln.lower()]
         stats.error = errors[-1] if errors else (tail[-1] if tail else None)
+
+
+def _decoded_span(sampling: Sampling, start: float, until: float | None,
+                  part: Part | None) -> tuple[float, float | None]:
+    """Where ffmpeg seeks to and reads until (None: the end) to decode the window from `start`
+    until `until`, or its `part`."""
+    if part is None:
+        return start, until
+    seek = start if part.first is None else max(start, sampling.border_time(start, part.first) - BORDER_MARGIN)
+    ends = [t for t in (until, None if part.end is None else sampling.border_time(start, part.end)) if t is not None]
+    return seek, min(ends, default=None)
 
 
 def _read_exactly(pipe, n: int) -> bytes | None:

@@ -3,6 +3,7 @@ the tables that are not partitions live. Stage modules write them; `manifest.py`
 so it needs no stage module.
 
     extract  W/extract/parts/<movie>.parquet   FRAME_SCHEMA plus one float column per quality score
+             W/extract/chunks/parts/<movie>@<k>.parquet the same, for chunk k of a film until it is joined
     filter   W/filter/decisions.parquet        the keep decisions of the last `mhmd filter`
     detect   W/detect/parts/<movie>.parquet    DETECT_SCHEMA
     parsing  W/parsing/attached.parquet        frame_id, movie_id, parsing (the PNG's path)
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 EXTRACT, FILTER, DETECT, PARSING, LABEL, SAMPLE, SHARD, RELABEL = (
     "extract", "filter", "detect", "parsing", "label", "sample", "shard", "relabel")
+# Where extract keeps the chunks of films it decodes in time ranges (`--chunk-seconds`) until every
+# chunk of a film is done and joined into the film's own partition: W/extract/chunks/{parts,tmp,progress,frames}.
+EXTRACT_CHUNKS = f"{EXTRACT}/chunks"
 FUNNEL = (EXTRACT, DETECT, LABEL, SHARD)  # the partitioned stages of a work directory, in the order frames pass them
 
 FRAME_SCHEMA = pa.schema([

@@ -12,7 +12,7 @@ import pytest
 
 from mhmd_builder import media
 from mhmd_builder.logs import LOG_NAME
-from mhmd_builder.media import (CONTAINERS, VIDEO_EXTENSIONS, Crop, MediaError, Sampling, decode_frames,
+from mhmd_builder.media import (CONTAINERS, VIDEO_EXTENSIONS, Crop, MediaError, Part, Sampling, decode_frames,
                                 detect_letterbox, ffmpeg_release, find_movies, movie_id, output_size, probe, slug)
 
 from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
@@ -304,3 +304,16 @@ def test_nvdecs_refusal_of_a_stream_is_noted_from_ffmpegs_warning():
     plain = media.DecodeStats()
     media._read_stderr(io.BytesIO(refused.splitlines(keepends=True)[1]), queue.Queue(), deque(), plain)
     assert not plain.gpu_refused
+
+
+@pytest.mark.parametrize("sampling,bounds", [(Sampling("fps", 2.5), [7, 12]), (Sampling("keyframes"), [2.5, 4.2])])
+def test_parts_of_a_window_sample_the_frames_the_whole_window_samples(tmp_path, sampling, bounds):
+    """B-frames, 23.976 fps, a window from 0.3 s: each part decoded from its own seek point."""
+    movie = make_movie(tmp_path / "m.mp4", seconds=6, rate="24000/1001",
+                       codec=["-c:v", "libx264", "-preset", "veryfast", "-g", "30", "-pix_fmt", "yuv420p"])
+    window = {"start": 0.3, "duration": 5.4}
+    whole = [(t, f.tobytes()) for t, f in decode_frames(movie, sampling, (64, 48), **window)]
+    edges = [None, *bounds, None]
+    parts = [(t, f.tobytes()) for first, end in zip(edges, edges[1:])
+             for t, f in decode_frames(movie, sampling, (64, 48), part=Part(first, end), **window)]
+    assert len(whole) >= 4 and parts == whole

@@ -1,0 +1,104 @@
+"""Benchmark: `mhmd extract --chunk-seconds` against an undivided extract of the same film.
+
+    uv run python benchmarks/chunked_extract.py [--seconds 600] [--chunks 60] [--repeats 1] [--keep DIR]
+
+Makes a film with ffmpeg (testsrc2, 1280x720 at 24 fps, H.264 with a 10 s GOP, a minute encoded
+once and repeated), then runs each
+of these `--repeats` times, round-robin, each in a fresh work directory:
+  1. `mhmd extract F -w W --workers 1`                         the undivided film
+  2. `mhmd extract F -w W --workers 1 --chunk-seconds C`       goal: <= 1.05 x (1), wall and CPU
+  3. `mhmd extract F -w W --workers 2 --chunk-seconds C`       the chunks of one film on two workers
+and checks that every run made the same rows and JPEGs as (1). Prints the median wall and CPU
+seconds (user + system of the whole process tree) and the ratios to (1).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from commands import mhmd, timed
+
+FPS = 24
+# A 10 s GOP (240 frames) as benchmarks/extract.py encodes; ultrafast, since making the film at
+# veryfast takes longer than every extract below on 2 shared cores.
+ENCODE = ["-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-g", "240", "-an"]
+COMPARED = ["frame_id", "timestamp", "kept", "reject_reason", "jpeg_xxh3"]
+
+
+def make_film(folder: Path, seconds: int) -> Path:
+    """A minute of film encoded once and copied end to end (`-c copy`) to `seconds`: the decoder's
+    work per second is the same as for a film encoded whole, in a tenth of the time to make it."""
+    path = folder / f"film-720p-{seconds}s.mp4"
+    if not path.exists():
+        print(f"generating {path.name} ...", flush=True)
+        minute, listing, part = folder / "minute.mp4", folder / "minutes.txt", path.with_suffix(".part.mp4")
+        subprocess.run(["ffmpeg", "-y", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+                        f"testsrc2=size=1280x720:rate={FPS}", "-t", "60", *ENCODE, str(minute)], check=True)
+        listing.write_text(f"file '{minute.name}'\n" * -(-seconds // 60))
+        subprocess.run(["ffmpeg", "-y", "-nostdin", "-v", "error", "-f", "concat", "-i", str(listing), "-c", "copy",
+                        "-t", str(seconds), str(part)], check=True)
+        part.rename(path)
+    return path
+
+
+def rows(work: Path) -> pd.DataFrame:
+    [table] = work.glob("extract/parts/*.parquet")
+    return pd.read_parquet(table, columns=COMPARED)
+
+
+def jpegs(work: Path) -> str:
+    digest = hashlib.sha256()
+    for jpeg in sorted(work.glob("frames/*/*.jpg")):
+        digest.update(jpeg.name.encode() + jpeg.read_bytes())
+    return digest.hexdigest()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=600, help="the film's length")
+    parser.add_argument("--chunks", type=float, nargs="+", default=[60.0], help="--chunk-seconds values to time")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--keep", type=Path, help="a folder to keep the film in (reused when there)")
+    args = parser.parse_args()
+    scratch = Path(tempfile.mkdtemp(prefix="mhmd-chunks-"))
+    film = make_film(args.keep or scratch, args.seconds)
+    runs = {"undivided, 1 worker": ["--workers", "1"]}
+    for chunk in args.chunks:
+        for workers in (1, 2):
+            runs[f"chunks of {chunk:g} s, {workers} worker{'s' * (workers > 1)}"] = [
+                "--workers", str(workers), "--chunk-seconds", str(chunk)]
+    walls: dict[str, list[float]] = {name: [] for name in runs}
+    cpus: dict[str, list[float]] = {name: [] for name in runs}
+    reference = None
+    for i in range(args.repeats):
+        for k, (name, options) in enumerate(runs.items()):
+            work = scratch / f"work-{i}-{k}"
+            timing, cpu = {}, {}
+            timed(timing, name, mhmd, "extract", str(film), "-w", str(work), "--fps", "1", *options, cpu=cpu)
+            walls[name].append(timing[name])
+            cpus[name].append(cpu[name])
+            made = (rows(work), jpegs(work))
+            reference = reference or made
+            if not (made[0].equals(reference[0]) and made[1] == reference[1]):
+                raise SystemExit(f"{name}: not the rows and JPEGs of the undivided extract")
+            shutil.rmtree(work)
+    base = "undivided, 1 worker"
+    base_wall, base_cpu = statistics.median(walls[base]), statistics.median(cpus[base])
+    print(f"\n{args.seconds} s film, 1280x720 {FPS} fps H.264, --fps 1, median of {args.repeats}; "
+          f"rows and JPEGs identical in every run")
+    print(f"{'run':<28}{'wall s':>8}{'x':>7}{'CPU s':>8}{'x':>7}")
+    for name in runs:
+        wall, cpu = statistics.median(walls[name]), statistics.median(cpus[name])
+        print(f"{name:<28}{wall:8.1f}{wall / base_wall:7.3f}{cpu:8.1f}{cpu / base_cpu:7.3f}")
+    shutil.rmtree(scratch)
+
+
+if __name__ == "__main__":
+    main()

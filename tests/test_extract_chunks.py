@@ -1,0 +1,136 @@
+"""extract --chunk-seconds: a film decoded in time ranges gives the rows, JPEGs and shards of an
+undivided extract, duplicate runs included, and a killed run loses one chunk at most."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mhmd_builder.cli import main
+from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder.errors import InputError
+from mhmd_builder.media import Sampling
+from mhmd_builder.runners import LocalRunner
+from mhmd_builder.workdir import WorkDir
+
+from conftest import make_movie
+
+MHMD = [sys.executable, "-m", "mhmd_builder.cli"]
+COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "kept", "reject_reason", "flags", "jpeg",
+           "jpeg_bytes", "jpeg_xxh3", "phash_hi", "phash_lo", "sharpness"]
+# Frames 3 s to 7 s frozen (at 25 fps): one duplicate run across the border at 5 s of 2.5 s chunks.
+FREEZE = "split[a][b];[a][b]freezeframes=first=75:last=175:replace=75"
+
+GOP_1S = ["-c:v", "libx264", "-g", "25", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]  # a key frame a second
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def rows(work: Path) -> pd.DataFrame:
+    return WorkDir(work).read_table("extract")[COLUMNS]
+
+
+def jpegs(work: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.glob("frames/*/*.jpg"))}
+
+
+def assert_same_extract(ours: Path, reference: Path) -> None:
+    pd.testing.assert_frame_equal(rows(ours), rows(reference), check_exact=True)
+    assert jpegs(ours) == jpegs(reference)
+    chunks = ours / "extract" / "chunks"
+    assert not [*chunks.glob("parts/*"), *chunks.glob("frames/*")]  # joined, then removed
+
+
+@pytest.mark.parametrize("name,options,chunks", [
+    ("film.mp4", ["--fps", "2", "--skip-head", "0.3"], 5),
+    ("film.mkv", ["--keyframes"], 5),
+    ("film.ts", ["--fps", "2"], 1),  # MPEG-TS seeks land a key frame off: one chunk, still the same frames
+])
+def test_chunked_extract_gives_the_rows_jpegs_and_shards_of_an_undivided_one(tmp_path, name, options, chunks):
+    film = make_movie(tmp_path / name, seconds=12, size="320x240", vf=FREEZE, codec=GOP_1S)
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    assert run_cli("extract", film, "-w", whole, *options).exit_code == 0
+    result = run_cli("extract", film, "-w", chunked, *options, "--chunk-seconds", 2.5, "--workers", 2)
+    assert result.exit_code == 0, result.output
+    assert_same_extract(chunked, whole)
+    [summary] = WorkDir(chunked).done("extract").values()
+    assert summary["chunks"] == chunks
+    # The frozen run from 3 s to 7 s crosses the border at 5 s: one frame of it at most is kept, not
+    # one on each side as runs decided chunk by chunk would keep.
+    frozen = rows(chunked).query("3 <= timestamp < 7")
+    assert len(frozen) >= 4 and frozen.kept.sum() <= 1 and set(frozen.reject_reason.dropna()) == {"duplicate"}
+    for work in (whole, chunked):
+        assert run_cli("shard", "-w", work, "-o", tmp_path / f"{work.name}-shards").exit_code == 0
+    tars = sorted((tmp_path / "whole-shards").glob("*.tar"))
+    assert tars and [t.read_bytes() for t in tars] == [
+        (tmp_path / "chunked-shards" / t.name).read_bytes() for t in tars]
+
+
+def test_the_letterbox_is_decided_once_per_film(tmp_path, monkeypatch):
+    """Every chunk crops the film's bars, found on frames spread over the whole film: a chunk alone
+    (its frames all dark at the top) would crop more."""
+    film = make_movie(tmp_path / "scope.mp4", seconds=6, size="320x240",
+                      vf="drawbox=x=0:y=0:w=320:h=52:color=black:t=fill:enable='lt(t,3)',"
+                         "drawbox=x=0:y=188:w=320:h=52:color=black:t=fill", codec=GOP_1S)
+    work = WorkDir(tmp_path / "work")
+    calls = []
+    import mhmd_builder.extract as extract_module
+    real = extract_module.detect_letterbox
+    monkeypatch.setattr(extract_module, "detect_letterbox", lambda *a, **k: calls.append(a) or real(*a, **k))
+    [outcome] = extract([film], work, ExtractSettings(max_side=None, chunk_seconds=2.0), LocalRunner(1))
+    assert outcome.status == "done" and outcome.summary["chunks"] == 3 and len(calls) == 1
+    assert outcome.summary["crop"] == {"x": 0, "y": 0, "w": 320, "h": 188}
+    assert set(work.read_table("extract").height) == {188}
+
+
+@pytest.mark.timeout(300)
+def test_a_run_killed_inside_a_chunk_resumes_with_only_the_unfinished_chunks(tmp_path):
+    film = make_movie(tmp_path / "long.mp4", seconds=16, size="320x240", vf=FREEZE, codec=GOP_1S)
+    args = ["extract", str(film), "--fps", "25", "--chunk-seconds", "2", "--workers", "1"]
+    reference = tmp_path / "reference"
+    assert run_cli("extract", film, "-w", reference, "--fps", 25).exit_code == 0
+    work = tmp_path / "work"
+    chunks = work / "extract" / "chunks"
+    proc = subprocess.Popen([*MHMD, *args, "-w", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    # inside a chunk: one chunk committed, the next one's JPEGs being written
+    while len(list(chunks.glob("parts/*.done"))) < 2 or len(list(chunks.glob("frames/*/*.jpg"))) <= 2 * 50:
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_at_kill = len(list(chunks.glob("parts/*.done")))
+    assert 2 <= done_at_kill < 8
+    status = json.loads(run_cli("status", "-w", work, "--json").output)["extract"]
+    assert status["partitions"] == {"done": 0, "failed": 0, "pending": 1}  # one film, whatever its chunks
+
+    again = subprocess.run([*MHMD, *args, "-w", str(work)], capture_output=True, text=True, check=True)
+    assert f"extract/chunks: {8 - done_at_kill}/{8 - done_at_kill} partitions, 0 failed" in again.stderr
+    assert_same_extract(work, reference)
+    status = json.loads(run_cli("status", "-w", work, "--json").output)["extract"]
+    assert status["partitions"] == {"done": 1, "failed": 0, "pending": 0}
+    assert status["frames_in"] == len(rows(reference))
+
+
+def test_chunk_seconds_must_be_positive_and_not_with_scene_cuts(tmp_path):
+    film = make_movie(tmp_path / "a.mp4", seconds=1)
+    for bad in ("0", "-5", "nan"):
+        result = run_cli("extract", film, "-w", tmp_path / "w", "--chunk-seconds", bad)
+        assert result.exit_code == 2 and "--chunk-seconds" in result.output
+    scenes = run_cli("extract", film, "-w", tmp_path / "w", "--scenes", "--chunk-seconds", 60)
+    assert scenes.exit_code == 1 and scenes.output.count("\n") == 1
+    assert scenes.output.startswith("Error: --chunk-seconds: scene-cut sampling (--scenes) cannot be cut into chunks")
+    with pytest.raises(InputError, match=r"^--chunk-seconds: 0 is not in the range 0 < x$"):
+        extract([film], tmp_path / "w", ExtractSettings(chunk_seconds=0))
+    with pytest.raises(InputError, match="scene-cut sampling"):
+        extract([film], tmp_path / "w", ExtractSettings(sampling=Sampling("scenes"), chunk_seconds=10))
+    assert not (tmp_path / "w" / "extract").exists()
