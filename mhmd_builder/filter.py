@@ -57,27 +57,34 @@ def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.
     frames = workdir.read_arrow(EXTRACT, damaged, columns=["frame_id", "kept", "reject_reason", "flags", "jpeg"])
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
-    decisions = decided(workdir, frames)
+    decisions = with_decisions(frames, fresh_decisions(workdir))
     needs = pc.and_(decisions["kept"], pc.is_null(decisions["jpeg"]))
     return decisions.append_column("needs_extraction", needs).select(DECISION_COLUMNS).to_pandas()
 
 
-def decided(workdir: WorkDir, frames: pa.Table) -> pa.Table:
-    """`frames` (extract rows of done partitions) with the current decisions in `kept`,
-    `reject_reason` and `flags` (`current_decisions`), in Arrow: what a whole-dataset reader
-    that read the extract tables already asks, without reading them again."""
+def fresh_decisions(workdir: WorkDir) -> pa.Table | None:
+    """The last filter's decisions (frame_id, movie_id, kept, reject_reason, flags) of the movies
+    not extracted again since; None when there was no filter."""
     path = decisions_path(workdir)
     if not path.exists():
-        return frames
+        return None
     filtered = pq.read_table(path, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags",
                                             "extract_fingerprint"])
     prints = filtered.group_by(["movie_id", "extract_fingerprint"]).aggregate([]).to_pylist()
     fresh = [p["movie_id"] for p in prints if workdir.is_done(EXTRACT, p["movie_id"])
              and _fingerprint(workdir.table_path(EXTRACT, p["movie_id"])) == p["extract_fingerprint"]]
-    filtered = filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string())))
-    at = pc.index_in(frames["frame_id"], value_set=filtered["frame_id"].combine_chunks())
+    return filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string()))).drop_columns(
+        "extract_fingerprint")
+
+
+def with_decisions(frames: pa.Table, decisions: pa.Table | None) -> pa.Table:
+    """`frames` with `kept`, `reject_reason` and `flags` of their rows in `decisions`
+    (`fresh_decisions`, or some movies' rows of it), matched by frame_id."""
+    if decisions is None:
+        return frames
+    at = pc.index_in(frames["frame_id"], value_set=decisions["frame_id"].combine_chunks())
     for name in ("kept", "reject_reason", "flags"):
-        column = pc.if_else(pc.is_valid(at), filtered[name].take(at), frames[name])
+        column = pc.if_else(pc.is_valid(at), decisions[name].take(at), frames[name])
         frames = frames.set_column(frames.schema.get_field_index(name), name, column)
     return frames
 

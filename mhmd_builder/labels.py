@@ -43,7 +43,12 @@ def labelable_frames(workdir: WorkDir) -> "pd.DataFrame":
 
 
 def passed_detection(frames: "pd.DataFrame") -> "pd.DataFrame":
-    return frames[frames.kept.fillna(False).astype(bool) & frames.persons.notna()].reset_index(drop=True)
+    return frames[passed_detection_mask(frames)].reset_index(drop=True)
+
+
+def passed_detection_mask(frames: "pd.DataFrame") -> "pd.Series":
+    """Which of the manifest's frames passed detection."""
+    return frames.kept.fillna(False).astype(bool) & frames.persons.notna()
 
 
 # -- problems, reported all together --------------------------------------------------------------

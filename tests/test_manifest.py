@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from mhmd_builder import manifest as manifest_module
 from mhmd_builder.filter import current_decisions, refilter
+from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import export_manifest, format_status, status
 from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.tables import MANIFEST_COLUMNS
@@ -210,3 +211,25 @@ def test_the_manifest_takes_each_stages_row_of_a_frame_that_reached_it(synthetic
     unseen = frames.drop(index=detected.index)
     assert len(unseen) and unseen.kept.all() and unseen.persons.isna().all() and unseen.label.isna().all()
     assert frames.reject_reason.isin(["no_person"]).sum() == (~detected.kept).sum()
+
+
+def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_copy):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))  # decisions of the filter
+    frames = manifest_module.manifest_table(work)
+    kept = frames.filter(frames["kept"]).to_pandas()
+    mixed = kept.sample(frac=1, random_state=0)  # shard records mix films
+    for i, tar in enumerate(mixed.iloc[start:start + 500] for start in range(0, len(mixed), 500)):
+        work.commit("shard", f"train-{i:06d}", pa.table({"frame_id": tar.frame_id, "movie_id": tar.movie_id,
+                                                         "split": ["train"] * len(tar), "shard": [f"{i}"] * len(tar)}),
+                    {"frames_in": len(tar), "frames_out": len(tar)})
+    write_human_labels(work, pd.DataFrame({"frame_id": kept.frame_id[:50], "label": kept.label[:50], "label_id": 0,
+                                           "source": "people.csv", "line": range(50)}))
+    whole = manifest_module.manifest_table(work)
+    movies = list(manifest_module.manifest_by_movie(work))
+    assert [m["movie_id"][0].as_py() for m in movies] == sorted(work.done("extract"))
+    assert pa.concat_tables(movies).equals(whole)
+    assert whole["split"].null_count == len(whole) - len(kept)
+    columns = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
+    assert pa.concat_tables(manifest_module.manifest_by_movie(work, columns=columns)).equals(
+        manifest_module.manifest_table(work, columns=columns))
