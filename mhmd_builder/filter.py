@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
-from .tables import EXTRACT, FILTER, decisions_path, movie_paths
+from .tables import EXTRACT, FILTER, decisions_path, movie_paths, rows_by_movie
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json, writes
 
 STAGE = FILTER
@@ -159,47 +160,71 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     """Re-decide every extracted frame with new thresholds, from the recorded scores (no decoding),
     and record the decisions as the filter stage's own table. Returns a summary: counts, frames
     newly rejected and accepted, and which movies must be extracted again (frames now kept that
-    never had a JPEG encoded) with the command that does it."""
+    never had a JPEG encoded) with the command that does it. Movie by movie: one extract table's
+    rows are held at a time, and the decisions in Arrow."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
-    frames = workdir.read_table("extract")
-    if frames is None:
+    movies = sorted(workdir.marked_done(EXTRACT))
+    if not movies:
         raise InputError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
-    before = current_decisions(workdir).set_index("frame_id")["kept"]
-    decisions = decide(frames, thresholds)
-    jpeg = frames.set_index("frame_id")["jpeg"]
-    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
-    prints = {m: _fingerprint(workdir.table_path("extract", m)) for m in decisions["movie_id"].unique()}
-    decisions["extract_fingerprint"] = decisions["movie_id"].map(prints)
-    table = pa.Table.from_pandas(decisions, preserve_index=False, schema=pa.schema([
-        ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()),
-        ("reject_reason", pa.string()), ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()),
-        ("extract_fingerprint", pa.string())]))
-    atomic_write_table(decisions_path(workdir), table)
+    earlier = rows_by_movie(fresh_decisions(workdir))
+    tables, counts, changed = [], {}, Counter()
+    for movie in movies:
+        table = workdir.read_partition(EXTRACT, movie)
+        decisions = _movie_decisions(workdir, movie, table.to_pandas(), thresholds)
+        was_kept = _kept_before(table, earlier.get(movie)).reindex(decisions["frame_id"]).fillna(False)
+        was_kept = was_kept.astype(bool).to_numpy()
+        changed.update(newly_rejected=int((was_kept & ~decisions["kept"]).sum()),
+                       newly_accepted=int((~was_kept & decisions["kept"]).sum()))
+        tables.append(pa.Table.from_pandas(decisions, preserve_index=False, schema=DECISIONS_SCHEMA))
+        counts.update(_movie_counts(decisions))
+    atomic_write_table(decisions_path(workdir), pa.concat_tables(tables))
 
-    was_kept = before.reindex(decisions["frame_id"]).fillna(False).astype(bool).to_numpy()
-    stale = decisions[decisions["needs_extraction"]].groupby("movie_id").size()
+    stale = {movie: int(n) for movie, n in ((m, c["needs_extraction"]) for m, c in counts.items()) if n}
+    rejected = sum((Counter(c["rejected"]) for c in counts.values()), Counter())
     summary = {
-        "frames": len(decisions),
-        "kept": int(decisions["kept"].sum()),
-        "rejected": {r: int(n) for r, n in decisions["reject_reason"].value_counts().sort_index().items()},
-        "newly_rejected": int((was_kept & ~decisions["kept"]).sum()),
-        "newly_accepted": int((~was_kept & decisions["kept"]).sum()),
-        "needs_extraction": {m: int(n) for m, n in stale.items()},
-        "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
+        "frames": sum(table.num_rows for table in tables),
+        "kept": sum(c["frames_out"] for c in counts.values()),
+        "rejected": dict(sorted(rejected.items())),
+        "newly_rejected": changed["newly_rejected"],
+        "newly_accepted": changed["newly_accepted"],
+        "needs_extraction": stale,
+        "reextract_commands": reextract_commands(workdir, list(stale), thresholds),
         "thresholds": thresholds.to_dict(),
         "output": str(decisions_path(workdir)),
-        "movies": _movie_counts(decisions),
+        "movies": {movie: {k: v for k, v in c.items() if k != "needs_extraction"} for movie, c in counts.items()},
     }
     atomic_write_json(_summary_path(workdir), summary)
     return summary
 
 
+DECISIONS_SCHEMA = pa.schema([
+    ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()), ("reject_reason", pa.string()),
+    ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()), ("extract_fingerprint", pa.string())])
+
+
+def _movie_decisions(workdir: WorkDir, movie: str, frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
+    """One movie's decisions (`decide`) with `needs_extraction` and the fingerprint of its extract table."""
+    decisions = decide(frames, thresholds)
+    jpeg = frames.set_index("frame_id")["jpeg"]
+    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
+    decisions["extract_fingerprint"] = _fingerprint(workdir.table_path(EXTRACT, movie))
+    return decisions
+
+
+def _kept_before(frames: pa.Table, earlier: pa.Table | None) -> pd.Series:
+    """frame_id -> kept of one movie's extract rows under the current decisions (`current_decisions`)."""
+    frames = with_decisions(frames.select(["frame_id", "kept", "reject_reason", "flags"]), earlier)
+    return frames.select(["frame_id", "kept"]).to_pandas().set_index("frame_id")["kept"]
+
+
 def _movie_counts(decisions: pd.DataFrame) -> dict[str, dict]:
     """Per movie: the extract table decided on (its fingerprint), frames kept and rejected by
-    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again."""
+    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again; and
+    the frames kept that were never encoded (`needs_extraction`, not written to the summary's movies)."""
     return {movie: {"extract_fingerprint": group["extract_fingerprint"].iat[0],
                     "frames_out": int(group["kept"].sum()),
-                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()}}
+                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()},
+                    "needs_extraction": int(group["needs_extraction"].sum())}
             for movie, group in decisions.groupby("movie_id", sort=True)}
 
 

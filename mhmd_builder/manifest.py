@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 from .errors import DamagedFileError
 from .filter import current_counts, current_decisions, fresh_decisions, with_decisions
 from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
-                     human_labels_path, parsing_table_path)
+                     human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_write_table, changes
 
 
@@ -166,9 +165,9 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
     frames, not every frame. A damaged record of a stage before `before` raises when it is reached."""
     refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
     damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
-    decisions = _per_movie(fresh_decisions(workdir))
-    shards = _per_movie(workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "movie_id", "split"]))
-    parsing, human = _per_movie(_parsing(workdir)), _human_labels(workdir)
+    decisions = rows_by_movie(fresh_decisions(workdir))
+    shards = rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "movie_id", "split"]))
+    parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
     for movie in sorted(workdir.marked_done(EXTRACT)):
         frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
         if frames is None:
@@ -199,17 +198,6 @@ def _human_labels(workdir: WorkDir) -> pa.Table | None:
 def _parsing(workdir: WorkDir) -> pa.Table | None:
     path = parsing_table_path(workdir)
     return pq.read_table(path, columns=["frame_id", "movie_id", "parsing"]) if path.exists() else None
-
-
-def _per_movie(rows: pa.Table | None) -> dict[str, pa.Table]:
-    """`rows` cut by movie_id (slices of one sorted copy); nothing for None."""
-    if rows is None or not rows.num_rows:
-        return {}
-    rows = rows.sort_by("movie_id")
-    runs = pc.value_counts(rows["movie_id"])  # in the order met, i.e. sorted
-    ends = np.cumsum(runs.field("counts").to_numpy())
-    return {movie: rows.slice(end - n, n) for movie, end, n in
-            zip(runs.field("values").to_pylist(), ends.tolist(), runs.field("counts").to_pylist())}
 
 
 def _assemble(frames: pa.Table, later: _Later) -> pa.Table:
