@@ -11,8 +11,8 @@ import shlex
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -22,6 +22,9 @@ from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds
 from .tables import EXTRACT, FILTER, decisions_path, movie_paths, rows_by_movie
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json, writes
 
+if TYPE_CHECKING:  # pandas costs seconds to import: `mhmd status` (current_counts) does not need it
+    import pandas as pd
+
 STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
 
@@ -29,6 +32,8 @@ DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extract
 def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     """The decisions the extract pass would have made with these thresholds, from the recorded
     scores of `frames` (extract table rows): frame_id, movie_id, kept, reject_reason, flags."""
+    import pandas as pd
+
     missing = [name for name in SCORE_NAMES if name not in frames]
     if missing:
         raise InputError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
@@ -55,6 +60,8 @@ def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.
     the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
     `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie). A damaged extract
     partition raises, or is left out when given a list `damaged` (`WorkDir.read_table`)."""
+    import pandas as pd
+
     frames = workdir.read_arrow(EXTRACT, damaged, columns=["frame_id", "kept", "reject_reason", "flags", "jpeg"])
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})

@@ -12,8 +12,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -23,6 +23,9 @@ from .filter import current_counts, current_decisions, fresh_decisions, with_dec
 from .tables import (DETECT, EXTRACT, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_write_table, changes
+
+if TYPE_CHECKING:  # pandas costs seconds to import, which `mhmd status` does not need
+    import pandas as pd
 
 
 
