@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
-from .tables import EXTRACT, FILTER, decisions_path, movie_paths
+from .tables import EXTRACT, FILTER, decisions_path, movie_paths, rows_by_movie
 from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json, writes
+
+if TYPE_CHECKING:  # pandas costs seconds to import: `mhmd status` (current_counts) does not need it
+    import pandas as pd
 
 STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
@@ -28,6 +32,8 @@ DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extract
 def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     """The decisions the extract pass would have made with these thresholds, from the recorded
     scores of `frames` (extract table rows): frame_id, movie_id, kept, reject_reason, flags."""
+    import pandas as pd
+
     missing = [name for name in SCORE_NAMES if name not in frames]
     if missing:
         raise InputError(f"the extract table has no {', '.join(missing)} scores: re-extract with this version")
@@ -54,30 +60,39 @@ def current_decisions(workdir: WorkDir, damaged: list[str] | None = None) -> pd.
     the last `mhmd filter` for the movies it saw (unless extracted again since), else extract's.
     `needs_extraction`: kept, but no JPEG was ever encoded (re-extract the movie). A damaged extract
     partition raises, or is left out when given a list `damaged` (`WorkDir.read_table`)."""
+    import pandas as pd
+
     frames = workdir.read_arrow(EXTRACT, damaged, columns=["frame_id", "kept", "reject_reason", "flags", "jpeg"])
     if frames is None:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in DECISION_COLUMNS})
-    decisions = decided(workdir, frames)
+    decisions = with_decisions(frames, fresh_decisions(workdir))
     needs = pc.and_(decisions["kept"], pc.is_null(decisions["jpeg"]))
     return decisions.append_column("needs_extraction", needs).select(DECISION_COLUMNS).to_pandas()
 
 
-def decided(workdir: WorkDir, frames: pa.Table) -> pa.Table:
-    """`frames` (extract rows of done partitions) with the current decisions in `kept`,
-    `reject_reason` and `flags` (`current_decisions`), in Arrow: what a whole-dataset reader
-    that read the extract tables already asks, without reading them again."""
+def fresh_decisions(workdir: WorkDir) -> pa.Table | None:
+    """The last filter's decisions (frame_id, movie_id, kept, reject_reason, flags) of the movies
+    not extracted again since; None when there was no filter."""
     path = decisions_path(workdir)
     if not path.exists():
-        return frames
+        return None
     filtered = pq.read_table(path, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags",
                                             "extract_fingerprint"])
     prints = filtered.group_by(["movie_id", "extract_fingerprint"]).aggregate([]).to_pylist()
     fresh = [p["movie_id"] for p in prints if workdir.is_done(EXTRACT, p["movie_id"])
              and _fingerprint(workdir.table_path(EXTRACT, p["movie_id"])) == p["extract_fingerprint"]]
-    filtered = filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string())))
-    at = pc.index_in(frames["frame_id"], value_set=filtered["frame_id"].combine_chunks())
+    return filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string()))).drop_columns(
+        "extract_fingerprint")
+
+
+def with_decisions(frames: pa.Table, decisions: pa.Table | None) -> pa.Table:
+    """`frames` with `kept`, `reject_reason` and `flags` of their rows in `decisions`
+    (`fresh_decisions`, or some movies' rows of it), matched by frame_id."""
+    if decisions is None:
+        return frames
+    at = pc.index_in(frames["frame_id"], value_set=decisions["frame_id"].combine_chunks())
     for name in ("kept", "reject_reason", "flags"):
-        column = pc.if_else(pc.is_valid(at), filtered[name].take(at), frames[name])
+        column = pc.if_else(pc.is_valid(at), decisions[name].take(at), frames[name])
         frames = frames.set_column(frames.schema.get_field_index(name), name, column)
     return frames
 
@@ -152,47 +167,71 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     """Re-decide every extracted frame with new thresholds, from the recorded scores (no decoding),
     and record the decisions as the filter stage's own table. Returns a summary: counts, frames
     newly rejected and accepted, and which movies must be extracted again (frames now kept that
-    never had a JPEG encoded) with the command that does it."""
+    never had a JPEG encoded) with the command that does it. Movie by movie: one extract table's
+    rows are held at a time, and the decisions in Arrow."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
-    frames = workdir.read_table("extract")
-    if frames is None:
+    movies = sorted(workdir.marked_done(EXTRACT))
+    if not movies:
         raise InputError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
-    before = current_decisions(workdir).set_index("frame_id")["kept"]
-    decisions = decide(frames, thresholds)
-    jpeg = frames.set_index("frame_id")["jpeg"]
-    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
-    prints = {m: _fingerprint(workdir.table_path("extract", m)) for m in decisions["movie_id"].unique()}
-    decisions["extract_fingerprint"] = decisions["movie_id"].map(prints)
-    table = pa.Table.from_pandas(decisions, preserve_index=False, schema=pa.schema([
-        ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()),
-        ("reject_reason", pa.string()), ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()),
-        ("extract_fingerprint", pa.string())]))
-    atomic_write_table(decisions_path(workdir), table)
+    earlier = rows_by_movie(fresh_decisions(workdir))
+    tables, counts, changed = [], {}, Counter()
+    for movie in movies:
+        table = workdir.read_partition(EXTRACT, movie)
+        decisions = _movie_decisions(workdir, movie, table.to_pandas(), thresholds)
+        was_kept = _kept_before(table, earlier.get(movie)).reindex(decisions["frame_id"]).fillna(False)
+        was_kept = was_kept.astype(bool).to_numpy()
+        changed.update(newly_rejected=int((was_kept & ~decisions["kept"]).sum()),
+                       newly_accepted=int((~was_kept & decisions["kept"]).sum()))
+        tables.append(pa.Table.from_pandas(decisions, preserve_index=False, schema=DECISIONS_SCHEMA))
+        counts.update(_movie_counts(decisions))
+    atomic_write_table(decisions_path(workdir), pa.concat_tables(tables))
 
-    was_kept = before.reindex(decisions["frame_id"]).fillna(False).astype(bool).to_numpy()
-    stale = decisions[decisions["needs_extraction"]].groupby("movie_id").size()
+    stale = {movie: int(n) for movie, n in ((m, c["needs_extraction"]) for m, c in counts.items()) if n}
+    rejected = sum((Counter(c["rejected"]) for c in counts.values()), Counter())
     summary = {
-        "frames": len(decisions),
-        "kept": int(decisions["kept"].sum()),
-        "rejected": {r: int(n) for r, n in decisions["reject_reason"].value_counts().sort_index().items()},
-        "newly_rejected": int((was_kept & ~decisions["kept"]).sum()),
-        "newly_accepted": int((~was_kept & decisions["kept"]).sum()),
-        "needs_extraction": {m: int(n) for m, n in stale.items()},
-        "reextract_commands": reextract_commands(workdir, list(stale.index), thresholds),
+        "frames": sum(table.num_rows for table in tables),
+        "kept": sum(c["frames_out"] for c in counts.values()),
+        "rejected": dict(sorted(rejected.items())),
+        "newly_rejected": changed["newly_rejected"],
+        "newly_accepted": changed["newly_accepted"],
+        "needs_extraction": stale,
+        "reextract_commands": reextract_commands(workdir, list(stale), thresholds),
         "thresholds": thresholds.to_dict(),
         "output": str(decisions_path(workdir)),
-        "movies": _movie_counts(decisions),
+        "movies": {movie: {k: v for k, v in c.items() if k != "needs_extraction"} for movie, c in counts.items()},
     }
     atomic_write_json(_summary_path(workdir), summary)
     return summary
 
 
+DECISIONS_SCHEMA = pa.schema([
+    ("frame_id", pa.string()), ("movie_id", pa.string()), ("kept", pa.bool_()), ("reject_reason", pa.string()),
+    ("flags", pa.list_(pa.string())), ("needs_extraction", pa.bool_()), ("extract_fingerprint", pa.string())])
+
+
+def _movie_decisions(workdir: WorkDir, movie: str, frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
+    """One movie's decisions (`decide`) with `needs_extraction` and the fingerprint of its extract table."""
+    decisions = decide(frames, thresholds)
+    jpeg = frames.set_index("frame_id")["jpeg"]
+    decisions["needs_extraction"] = decisions["kept"] & jpeg.reindex(decisions["frame_id"]).isna().to_numpy()
+    decisions["extract_fingerprint"] = _fingerprint(workdir.table_path(EXTRACT, movie))
+    return decisions
+
+
+def _kept_before(frames: pa.Table, earlier: pa.Table | None) -> pd.Series:
+    """frame_id -> kept of one movie's extract rows under the current decisions (`current_decisions`)."""
+    frames = with_decisions(frames.select(["frame_id", "kept", "reject_reason", "flags"]), earlier)
+    return frames.select(["frame_id", "kept"]).to_pandas().set_index("frame_id")["kept"]
+
+
 def _movie_counts(decisions: pd.DataFrame) -> dict[str, dict]:
     """Per movie: the extract table decided on (its fingerprint), frames kept and rejected by
-    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again."""
+    reason: what `mhmd status` counts (`current_counts`) without reading the decisions again; and
+    the frames kept that were never encoded (`needs_extraction`, not written to the summary's movies)."""
     return {movie: {"extract_fingerprint": group["extract_fingerprint"].iat[0],
                     "frames_out": int(group["kept"].sum()),
-                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()}}
+                    "rejected": {r: int(n) for r, n in group["reject_reason"].value_counts().sort_index().items()},
+                    "needs_extraction": int(group["needs_extraction"].sum())}
             for movie, group in decisions.groupby("movie_id", sort=True)}
 
 

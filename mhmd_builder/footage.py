@@ -45,7 +45,11 @@ def share(a: np.ndarray, b: np.ndarray) -> float:
 
 def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
     """Groups of near-duplicate movies (each sorted, the groups in order of their first id)."""
-    prints = fingerprints(frames)
+    return duplicate_groups(fingerprints(frames))
+
+
+def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
+    """`near_duplicates` of the movies' fingerprints (`fingerprints`, of one movie or several)."""
     movies = sorted(prints)
     group = {movie: {movie} for movie in movies}
     for i, a in enumerate(movies):

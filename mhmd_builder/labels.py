@@ -17,11 +17,12 @@ from urllib.parse import unquote
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import InputError, listing
 from .images import read_regular_file
-from .manifest import manifest
-from .tables import EXTRACT, HUMAN_SCHEMA, LABEL, human_labels_path, movie_paths, read_human_labels
+from .manifest import manifest, manifest_by_movie
+from .tables import EXTRACT, HUMAN_SCHEMA, LABEL, MANIFEST_COLUMNS, human_labels_path, movie_paths, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_table, writes
 
@@ -43,7 +44,12 @@ def labelable_frames(workdir: WorkDir) -> "pd.DataFrame":
 
 
 def passed_detection(frames: "pd.DataFrame") -> "pd.DataFrame":
-    return frames[frames.kept.fillna(False).astype(bool) & frames.persons.notna()].reset_index(drop=True)
+    return frames[passed_detection_mask(frames)].reset_index(drop=True)
+
+
+def passed_detection_mask(frames: "pd.DataFrame") -> "pd.Series":
+    """Which of the manifest's frames passed detection."""
+    return frames.kept.fillna(False).astype(bool) & frames.persons.notna()
 
 
 # -- problems, reported all together --------------------------------------------------------------
@@ -439,7 +445,7 @@ def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
 
     path, problems = Path(path), []
     entries, unlabelled = _read_label_file(path, problems)
-    everything = manifest(workdir, before=LABEL)
+    everything = _named_frames(workdir, [entry.frame_id for entry in entries])
     frames, everything = passed_detection(everything).set_index("frame_id"), everything.set_index("frame_id")
     existing = read_human_labels(workdir)
     existing = existing.set_index("frame_id") if existing is not None else None
@@ -471,6 +477,22 @@ def import_labels(workdir: WorkDir, path: str | Path, taxonomy: Taxonomy,
     if problems:
         raise LabelFileError(path, problems)
     return _merge(workdir, existing, pd.DataFrame(rows, columns=HUMAN_SCHEMA.names), source, unlabelled)
+
+
+# What a label file's frames are checked against: the manifest's columns (of the extract tables' first).
+EXTRACT_COLUMNS = ["frame_id", "movie_id", "kept", "reject_reason", "flags"]
+NAMED_COLUMNS = ["frame_id", "movie_id", "kept", "persons", "reject_reason"]
+
+
+def _named_frames(workdir: WorkDir, frame_ids: list[str | None]) -> "pd.DataFrame":
+    """The manifest's rows of these frames (those it has), read one movie at a time: a label file
+    names a few of the frames, and only theirs are held."""
+    wanted = pa.array(sorted({fid for fid in frame_ids if isinstance(fid, str)}), pa.string())
+    rows = [movie.filter(pc.is_in(movie["frame_id"], value_set=wanted)).select(NAMED_COLUMNS)
+            for movie in manifest_by_movie(workdir, before=LABEL, columns=EXTRACT_COLUMNS)]
+    if not rows:
+        return pa.table({name: pa.array([], MANIFEST_COLUMNS[name]) for name in NAMED_COLUMNS}).to_pandas()
+    return pa.concat_tables(rows, promote_options="default").to_pandas()
 
 
 def _merge(workdir: WorkDir, existing, new, source: str, unlabelled: int) -> dict:

@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import DamagedFileError
-from .filter import current_counts, current_decisions, decided
+from .filter import current_counts, current_decisions, fresh_decisions, with_decisions
 from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
-                     human_labels_path, parsing_table_path)
+                     human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_write_table, changes
+
+if TYPE_CHECKING:  # pandas costs seconds to import, which `mhmd status` does not need
+    import pandas as pd
 
 
 
@@ -150,9 +155,63 @@ def _build(workdir: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
     frames = workdir.read_arrow(EXTRACT, damaged[EXTRACT], columns)
     if frames is None:
         return pa.table({name: pa.array([], kind) for name, kind in MANIFEST_COLUMNS.items()}), damaged
-    frames = decided(workdir, frames)
-    detections = workdir.read_arrow(DETECT, damaged[DETECT])
-    if detections is not None:
+    later = _Later(decisions=fresh_decisions(workdir), detections=workdir.read_arrow(DETECT, damaged[DETECT]),
+                   human=_human_labels(workdir), predicted=workdir.read_arrow(LABEL, damaged[LABEL]),
+                   shards=workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "split"]),
+                   parsing=_parsing(workdir))
+    frames = _assemble(frames, later)
+    return frames.sort_by([("movie_id", "ascending"), ("timestamp", "ascending")]), damaged
+
+
+def manifest_by_movie(workdir: WorkDir, before: str | None = None,
+                      columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """`manifest_table` one movie at a time, in the manifest's order: each movie's rows built from
+    its own partitions and its rows of the whole-dataset tables (the filter's decisions, the shard
+    records, the parsing maps: read once and cut per movie), so that a command holds one movie's
+    frames, not every frame. A damaged record of a stage before `before` raises when it is reached."""
+    refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
+    damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
+    decisions = rows_by_movie(fresh_decisions(workdir))
+    shards = rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "movie_id", "split"]))
+    parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
+    for movie in sorted(workdir.marked_done(EXTRACT)):
+        frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
+        if frames is None:
+            continue
+        later = _Later(decisions=decisions.get(movie), human=human, shards=shards.get(movie),
+                       parsing=parsing.get(movie), detections=workdir.read_partition(DETECT, movie, damaged[DETECT]),
+                       predicted=workdir.read_partition(LABEL, movie, damaged[LABEL]))
+        yield _assemble(frames, later).sort_by([("timestamp", "ascending")])
+
+
+@dataclass
+class _Later:
+    """What later stages (and the filter, people, parsing) recorded of the frames being assembled:
+    Arrow tables, each None when there is none."""
+    decisions: pa.Table | None
+    detections: pa.Table | None
+    human: pa.Table | None
+    predicted: pa.Table | None
+    shards: pa.Table | None
+    parsing: pa.Table | None
+
+
+def _human_labels(workdir: WorkDir) -> pa.Table | None:
+    path = human_labels_path(workdir)
+    return pq.read_table(path, columns=["frame_id", "label"]) if path.exists() else None
+
+
+def _parsing(workdir: WorkDir) -> pa.Table | None:
+    path = parsing_table_path(workdir)
+    return pq.read_table(path, columns=["frame_id", "movie_id", "parsing"]) if path.exists() else None
+
+
+def _assemble(frames: pa.Table, later: _Later) -> pa.Table:
+    """Extract rows (of one movie or all) with the current decisions and every later record of
+    them matched by frame_id, as the manifest's columns (the contract's first, scores after)."""
+    frames = with_decisions(frames, later.decisions)
+    if later.detections is not None:
+        detections = later.detections
         # Detection saw the frames kept after quality: its rows of others are from earlier decisions.
         at = pc.if_else(frames["kept"], _matched(frames, detections), pa.scalar(None, pa.int32()))
         for name in ("persons", "boxes", "confidences", "largest_person_area", "mask"):
@@ -161,20 +220,16 @@ def _build(workdir: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
         frames = _put(frames, "kept", pc.and_(frames["kept"], pc.invert(rejected)))
         frames = _put(frames, "reject_reason", pc.if_else(rejected, detections["reject_reason"].take(at),
                                                           frames["reject_reason"]))
-    frames = _with_labels(workdir, frames, damaged[LABEL])
-    shards = workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "split"])
-    if shards is not None:
-        frames = _put(frames, "split", shards["split"].take(_matched(frames, shards)))
-    parsing = parsing_table_path(workdir)
-    if parsing.exists():
-        attached = pq.read_table(parsing, columns=["frame_id", "parsing"])
-        frames = _put(frames, "parsing", attached["parsing"].take(_matched(frames, attached)))
+    frames = _with_labels(frames, later.human, later.predicted)
+    if later.shards is not None:
+        frames = _put(frames, "split", later.shards["split"].take(_matched(frames, later.shards)))
+    if later.parsing is not None:
+        frames = _put(frames, "parsing", later.parsing["parsing"].take(_matched(frames, later.parsing)))
     for name in MANIFEST_COLUMNS:
         if name not in frames.column_names:
             frames = frames.append_column(name, pa.nulls(len(frames)))
     extra = [c for c in frames.column_names if c not in MANIFEST_COLUMNS]
-    frames = frames.select(list(MANIFEST_COLUMNS) + extra)
-    return frames.sort_by([("movie_id", "ascending"), ("timestamp", "ascending")]), damaged
+    return frames.select(list(MANIFEST_COLUMNS) + extra)
 
 
 def _matched(frames: pa.Table, rows: pa.Table) -> pa.Array:
@@ -189,17 +244,14 @@ def _put(frames: pa.Table, name: str, column) -> pa.Table:
     return frames.append_column(name, column)
 
 
-def _with_labels(workdir: WorkDir, frames: pa.Table, damaged: list[str]) -> pa.Table:
+def _with_labels(frames: pa.Table, human: pa.Table | None, predicted: pa.Table | None) -> pa.Table:
     """label, label_source, label_confidence: the labeler's output where it ran, else the human
     labels imported so far."""
-    human = human_labels_path(workdir)
-    if human.exists():
-        human = pq.read_table(human, columns=["frame_id", "label"])
+    if human is not None:
         label = human["label"].take(_matched(frames, human))
         frames = _put(frames, "label", label)
         frames = _put(frames, "label_source", pc.if_else(pc.is_valid(label), "human", pa.scalar(None, pa.string())))
         frames = _put(frames, "label_confidence", pc.if_else(pc.is_valid(label), 1.0, pa.scalar(None, pa.float64())))
-    predicted = workdir.read_arrow(LABEL, damaged)
     if predicted is not None:
         at = _matched(frames, predicted)
         found = pc.is_valid(at)

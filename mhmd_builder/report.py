@@ -21,8 +21,9 @@ import os
 import platform
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -37,9 +38,9 @@ from . import __version__
 from .detect import REASONS as PERSON_REASONS
 from .errors import InputError
 from .labeler import config_path, default_checkpoint, metrics_path
-from .labels import passed_detection
+from .labels import passed_detection_mask
 from .shards import INDEX, JPG, JSON, has_index, open_shard, read_index
-from .manifest import manifest
+from .manifest import manifest_by_movie
 from .media import Crop, Sampling, decode_frames
 from .quality import REASONS as QUALITY_REASONS
 from .tables import EXTRACT, FUNNEL, movie_paths, read_human_labels
@@ -186,11 +187,11 @@ def in_threads(function, items: list) -> list:
         return list(pool.map(function, items))
 
 
-def evenly(frames: pd.DataFrame, n: int) -> pd.DataFrame:
-    """At most n rows spread evenly over the frames (in manifest order: over films, then time)."""
-    if len(frames) <= n:
-        return frames
-    return frames.iloc[np.unique(np.linspace(0, len(frames) - 1, n).round().astype(int))]
+def evenly(total: int, n: int) -> np.ndarray:
+    """The positions of at most n of `total` rows, spread evenly over them."""
+    if total <= n:
+        return np.arange(total)
+    return np.unique(np.linspace(0, total - 1, n).round().astype(int))
 
 
 # -- funnel ---------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ STEPS = ("sampled", "kept after quality", "kept after persons", "labeled", "in s
 
 def funnel_masks(frames: pd.DataFrame) -> dict[str, pd.Series]:
     """Per step, which frames reached it."""
-    after_persons = frames.frame_id.isin(passed_detection(frames).frame_id)
+    after_persons = passed_detection_mask(frames)
     return {
         "sampled": pd.Series(True, index=frames.index),
         "kept after quality": ~frames.reject_reason.isin(QUALITY_REASONS),
@@ -209,12 +210,12 @@ def funnel_masks(frames: pd.DataFrame) -> dict[str, pd.Series]:
     }
 
 
-def funnel_section(workdir: WorkDir, frames: pd.DataFrame) -> Section:
-    masks = funnel_masks(frames)
-    counts = {step: int(mask.sum()) for step, mask in masks.items()}
-    ran = {"kept after persons": bool(workdir.done("detect")), "labeled": frames.label.notna().any(),
+def funnel_section(workdir: WorkDir, tally: "Tally") -> Section:
+    counts = {step: sum(steps[step] for steps in tally.steps.values()) for step in STEPS}
+    sampled = counts["sampled"]
+    ran = {"kept after persons": bool(workdir.done("detect")), "labeled": tally.any_label,
            "in shards": bool(workdir.done("shard"))}
-    rows = [([esc(step), number(n), f"{100 * n / len(frames):.1f}%", "" if ran.get(step, True) else "not run yet"],
+    rows = [([esc(step), number(n), f"{100 * n / sampled:.1f}%", "" if ran.get(step, True) else "not run yet"],
              {"step": step, "frames": n}) for step, n in counts.items()]
     figure = new_figure(7, 2.4)
     axes = figure.add_subplot()
@@ -223,12 +224,11 @@ def funnel_section(workdir: WorkDir, frames: pd.DataFrame) -> Section:
         axes.text(counts[step], y, f" {counts[step]:,}", va="center", fontsize=8)
     axes.set_xlabel("frames")
     body = table(["step", "frames", "of sampled", "note"], rows) + plot_img(figure, "the funnel")
-    body += reasons_table(frames) + films_table(workdir, frames, masks) + failures(workdir)
+    body += reasons_table(tally, sampled) + films_table(workdir, tally) + failures(workdir)
     return Section("funnel", "Funnel", body)
 
 
-def reason_order(frames: pd.DataFrame) -> list[str]:
-    present = set(frames.reject_reason.dropna())
+def reason_order(present: set[str]) -> list[str]:
     known = [r for r in QUALITY_REASONS + PERSON_REASONS if r in present]
     return known + sorted(present - set(known))
 
@@ -237,24 +237,22 @@ def reason_stage(reason: str) -> str:
     return "quality" if reason in QUALITY_REASONS else "persons" if reason in PERSON_REASONS else "other"
 
 
-def reasons_table(frames: pd.DataFrame) -> str:
-    counts = frames.reject_reason.value_counts()
-    rows = [([esc(r), esc(reason_stage(r)), number(counts[r]), f"{100 * counts[r] / len(frames):.1f}%"],
-             {"reason": r, "frames": int(counts[r])}) for r in reason_order(frames)]
+def reasons_table(tally: "Tally", sampled: int) -> str:
+    counts = tally.reasons()
+    rows = [([esc(r), esc(reason_stage(r)), number(counts[r]), f"{100 * counts[r] / sampled:.1f}%"],
+             {"reason": r, "frames": counts[r]}) for r in reason_order(set(counts))]
     if not rows:
         return note("No frame was rejected.")
     return "<h3>Rejected frames per reason</h3>" + table(["reason", "stage", "frames", "of sampled"], rows)
 
 
-def films_table(workdir: WorkDir, frames: pd.DataFrame, masks: dict[str, pd.Series]) -> str:
+def films_table(workdir: WorkDir, tally: "Tally") -> str:
     files = {movie: path.name for movie, path in movie_paths(workdir).items()}
-    steps = pd.DataFrame({step: mask for step, mask in masks.items()}).groupby(frames.movie_id).sum()
-    reasons = reason_order(frames)
-    per_reason = pd.crosstab(frames.movie_id, frames.reject_reason).reindex(steps.index, fill_value=0)
+    reasons = reason_order(set(tally.reasons()))
     rows = []
-    for movie, counts in steps.iterrows():
+    for movie, steps in tally.steps.items():
         cells = [f"{esc(movie)}<br><small>{esc(files.get(movie, ''))}</small>"]
-        cells += [number(counts[s]) for s in STEPS] + [number(per_reason.at[movie, r]) for r in reasons]
+        cells += [number(steps[s]) for s in STEPS] + [number(tally.rejected[movie][r]) for r in reasons]
         rows.append((cells, {"movie": movie}))
     return "<h3>Per film</h3>" + table(["film", *STEPS, *reasons], rows)
 
@@ -265,6 +263,90 @@ def failures(workdir: WorkDir) -> str:
         return ""
     rows = [([esc(stage), esc(pid), esc(reason)], {"stage": stage}) for stage, pid, reason in failed]
     return "<h3>Failed partitions</h3>" + table(["stage", "partition", "reason"], rows)
+
+
+# -- the work directory's frames, movie by movie ----------------------------------------------------
+# The manifest is read one movie at a time, twice: once to count (Tally), once to pick the example
+# frames the counts place (spread_examples); never whole, so the page costs the same memory at any size.
+REPORT_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "kept", "reject_reason", "flags", "jpeg"]
+HUE = ("hue",)  # the example group of kept frames with a JPEG, for the hue histogram
+
+
+def movie_frames(workdir: WorkDir) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each movie's manifest rows (of the columns the page uses), in the manifest's order."""
+    for table in manifest_by_movie(workdir, columns=REPORT_COLUMNS):
+        if table.num_rows:
+            yield table["movie_id"][0].as_py(), table.to_pandas()
+
+
+def example_groups(frames: pd.DataFrame) -> dict[tuple, pd.Series]:
+    """Masks of the frames the page shows examples of: kept with a JPEG (HUE), those that passed
+    detection per label ("label", name; None: not labeled) and the rejected per reason ("reason", r)."""
+    passed = passed_detection_mask(frames)
+    groups = {HUE: frames.kept.fillna(False).astype(bool) & frames.jpeg.notna(),
+              ("label", None): passed & frames.label.isna()}
+    groups.update({("label", label): passed & (frames.label == label) for label in frames.label[passed].dropna().unique()})
+    groups.update({("reason", reason): frames.reject_reason == reason for reason in frames.reject_reason.dropna().unique()})
+    return groups
+
+
+@dataclass
+class Tally:
+    """What the page counts of a work directory's frames, summed movie by movie: per movie (in the
+    manifest's order) the frames that reached each funnel step, that were rejected per reason and
+    that fall in each example group (`example_groups`); the labels and label sources of the frames
+    that passed detection; whether any frame has a label."""
+    steps: dict[str, Counter] = field(default_factory=dict)
+    rejected: dict[str, Counter] = field(default_factory=dict)
+    groups: dict[str, Counter] = field(default_factory=dict)
+    labels: Counter = field(default_factory=Counter)
+    sources: Counter = field(default_factory=Counter)
+    any_label: bool = False
+
+    @classmethod
+    def of(cls, workdir: WorkDir) -> "Tally":
+        tally = cls()
+        for movie, frames in movie_frames(workdir):
+            tally.add(movie, frames)
+        return tally
+
+    def add(self, movie: str, frames: pd.DataFrame) -> None:
+        masks = funnel_masks(frames)
+        self.steps[movie] = Counter({step: int(mask.sum()) for step, mask in masks.items()})
+        self.rejected[movie] = Counter(frames.reject_reason.dropna())
+        self.groups[movie] = Counter({key: int(mask.sum()) for key, mask in example_groups(frames).items()})
+        labeled = frames[masks["labeled"]]
+        self.labels.update(labeled.label)
+        self.sources.update(labeled.label_source.dropna())
+        self.any_label |= bool(frames.label.notna().any())
+
+    def total(self, step: str) -> int:
+        return sum(steps[step] for steps in self.steps.values())
+
+    def reasons(self) -> Counter:
+        """Frames rejected per reason, over every movie."""
+        return sum(self.rejected.values(), Counter())
+
+    def group_size(self, key: tuple) -> int:
+        return sum(groups[key] for groups in self.groups.values())
+
+
+def spread_examples(workdir: WorkDir, tally: Tally, wanted: dict[tuple, int]) -> dict[tuple, pd.DataFrame]:
+    """Per example group, `wanted` of its frames spread evenly over the whole group in the manifest's
+    order (over films, then time): their places come from the tally, their rows from a second pass."""
+    places = {key: evenly(tally.group_size(key), n) for key, n in wanted.items()}
+    found: dict[tuple, list[pd.DataFrame]] = {key: [] for key in wanted}
+    before = Counter()  # per group, its frames in the movies passed
+    for movie, frames in movie_frames(workdir):
+        groups = example_groups(frames)
+        for key, at in places.items():
+            size = tally.groups.get(movie, Counter())[key]
+            here = at[(at >= before[key]) & (at < before[key] + size)] - before[key]
+            if len(here) and key in groups:
+                group = frames[groups[key]]
+                found[key].append(group.iloc[here[here < len(group)]])  # fewer: changed since the tally
+            before[key] += size
+    return {key: pd.concat(parts) if parts else pd.DataFrame(columns=REPORT_COLUMNS) for key, parts in found.items()}
 
 
 # -- labels (the paper's Table 1) -----------------------------------------------------------------
@@ -314,18 +396,16 @@ def label_table(counts: Counter, taxonomy: Taxonomy) -> str:
     return table(["era", *nations, "era total"], rows) + text
 
 
-def labels_section(frames: pd.DataFrame, taxonomy: Taxonomy, workdir: WorkDir) -> Section:
-    labeled = passed_detection(frames).dropna(subset=["label"])
-    if labeled.empty:
+def labels_section(tally: "Tally", taxonomy: Taxonomy, workdir: WorkDir) -> Section:
+    if not tally.labels:
         human = read_human_labels(workdir)
         why = ("no frame is labeled yet: label the sample (`mhmd sample`, `mhmd labels import`) and run the labeler"
                if human is None else "human labels were imported, but none is on a frame that passed detection")
         return Section("labels", "Labels", note(why))
-    sources = labeled.label_source.value_counts()
-    text = (f"<p>By people: {sources.get('human', 0):,}; by the labeler: {sources.get('model', 0):,}. "
+    text = (f"<p>By people: {tally.sources['human']:,}; by the labeler: {tally.sources['model']:,}. "
             f"Cells: garment, this dataset's frames (share), the paper's images (share); taxonomy "
             f"{esc(taxonomy.source)}.</p>")
-    return Section("labels", "Labels (the paper's Table 1)", text + label_table(Counter(labeled.label), taxonomy))
+    return Section("labels", "Labels (the paper's Table 1)", text + label_table(tally.labels, taxonomy))
 
 
 # -- hue ------------------------------------------------------------------------------------------
@@ -394,27 +474,32 @@ def grid(workdir: WorkDir, films: dict[str, dict], rows: pd.DataFrame, captions)
                                           for image, row in zip(images, rows.itertuples())) + "</div>"
 
 
-def samples_section(workdir: WorkDir, films: dict[str, dict], frames: pd.DataFrame, taxonomy: Taxonomy) -> Section:
-    kept = passed_detection(frames)
-    if kept.empty:
+def samples_section(workdir: WorkDir, films: dict[str, dict], tally: "Tally", examples: dict[tuple, pd.DataFrame],
+                    taxonomy: Taxonomy) -> Section:
+    if not tally.total("kept after persons"):
         return Section("samples", "Samples per label", note("no frame has passed detection yet"))
-    body, present = "", set(kept.label)
-    for label in [name for name in taxonomy.names if name in present] + [None]:
-        group = kept[kept.label == label] if label else kept[kept.label.isna()]
-        if len(group):
-            title = label or "not labeled"
-            body += f"<h3>{esc(title)} ({len(group):,} frames)</h3>" + grid(workdir, films, evenly(group, PER_LABEL),
-                                                                            caption)
+    body = ""
+    for label in shown_labels(tally, taxonomy):
+        title = label or "not labeled"
+        body += f"<h3>{esc(title)} ({tally.group_size(('label', label)):,} frames)</h3>" + grid(
+            workdir, films, examples[("label", label)], caption)
     return Section("samples", "Samples per label", body)
 
 
-def rejected_section(workdir: WorkDir, films: dict[str, dict], frames: pd.DataFrame) -> Section:
+def shown_labels(tally: "Tally", taxonomy: Taxonomy) -> list[str | None]:
+    """The labels of the taxonomy that frames which passed detection carry, in its order, then None
+    (not labeled) when such frames are left."""
+    return [label for label in [*taxonomy.names, None] if tally.group_size(("label", label))]
+
+
+def rejected_section(workdir: WorkDir, films: dict[str, dict], tally: "Tally",
+                     examples: dict[tuple, pd.DataFrame]) -> Section:
     body = note("Frames rejected for quality have no JPEG (extract encodes only the frames it keeps): their "
                 "thumbnails are decoded again from the film, when it is still where it was extracted from.")
-    for reason in reason_order(frames):
-        group = frames[frames.reject_reason == reason]
-        body += f"<h3>{esc(reason)} ({len(group):,} frames)</h3>" + grid(
-            workdir, films, evenly(group, PER_REASON), lambda row: f"{row.frame_id} at {row.timestamp:.2f} s")
+    reasons = tally.reasons()
+    for reason in reason_order(set(reasons)):
+        body += f"<h3>{esc(reason)} ({reasons[reason]:,} frames)</h3>" + grid(
+            workdir, films, examples[("reason", reason)], lambda row: f"{row.frame_id} at {row.timestamp:.2f} s")
     return Section("rejected", "Rejected frames", body)
 
 
@@ -548,23 +633,24 @@ def shards_section(folder: Path | None, index: dict | None) -> Section:
 
 
 def workdir_sections(workdir: WorkDir, taxonomy: Taxonomy, recipe: str | Path | None) -> list[Section]:
-    frames = manifest(workdir)
-    if frames.empty:
+    tally = Tally.of(workdir)
+    if not tally.steps:
         raise ReportError(f"{workdir.root}: no extracted frames here: run `mhmd extract` or `mhmd build` first "
                           "(or give a shard folder, one with index.json)")
     paths = movie_paths(workdir)  # where each film is now
     films = {movie: {**summary, "path": str(paths[movie])} for movie, summary in workdir.done(EXTRACT).items()}
-    kept = frames[frames.kept.fillna(False).astype(bool) & frames.jpeg.notna()]
-    hue_rows = evenly(kept, HUE_FRAMES)
+    wanted = {HUE: HUE_FRAMES, **{("label", label): PER_LABEL for label in shown_labels(tally, taxonomy)},
+              **{("reason", reason): PER_REASON for reason in tally.reasons()}}
+    examples = spread_examples(workdir, tally, wanted)
     hue_images = in_threads(lambda row: small_image(read_bytes(workdir.root / row.jpeg), max(row.width, row.height)),
-                            list(hue_rows.itertuples()))
+                            list(examples[HUE].itertuples()))
     folder, index = shard_index(workdir)
     return [
-        funnel_section(workdir, frames),
-        labels_section(frames, taxonomy, workdir),
-        hue_section(hue_images, f"kept frames (evenly spread over the {len(kept):,} kept)"),
-        samples_section(workdir, films, frames, taxonomy),
-        rejected_section(workdir, films, frames),
+        funnel_section(workdir, tally),
+        labels_section(tally, taxonomy, workdir),
+        hue_section(hue_images, f"kept frames (evenly spread over the {tally.group_size(HUE):,} kept)"),
+        samples_section(workdir, films, tally, examples, taxonomy),
+        rejected_section(workdir, films, tally, examples),
         labeler_section(default_checkpoint(workdir)),
         shards_section(folder, index),
         settings_section(workdir_settings(workdir, taxonomy, index, recipe), recipe),

@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .errors import InputError
-from .labels import PARTS, labelable_frames
+from .labels import PARTS, passed_detection
+from .manifest import manifest_by_movie
 from .tables import LABEL, read_human_labels
 from .taxonomy import Taxonomy
 from .workdir import WorkDir, atomic_write_bytes
@@ -34,14 +38,26 @@ CSV_COLUMNS = ["frame_id", "image", "movie_id", "timestamp", "label", *PARTS]
 FORMATS = ("csv", "label-studio")
 
 
-def _candidates(workdir: WorkDir) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """All frames that passed detection, and those of them nobody has labelled yet."""
-    frames = labelable_frames(workdir)
-    if frames.empty:
-        raise InputError(f"{workdir.root}: no frame has passed detection yet: run `mhmd detect` first")
+# The manifest's columns a sample is drawn from (no score, no list), of the extract tables' first.
+EXTRACT_COLUMNS = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
+COLUMNS = ["frame_id", "movie_id", "timestamp", "kept", "persons", "jpeg", "label_confidence"]
+
+
+def _films(workdir: WorkDir) -> Iterator[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Per film with frames that passed detection, in the manifest's order: those frames, and those
+    of them nobody has labelled yet. One film's frames at a time (`manifest_by_movie`); InputError
+    when no frame has passed detection."""
     human = read_human_labels(workdir)
-    labelled = set(human.frame_id) if human is not None else set()
-    return frames, frames[~frames.frame_id.isin(labelled)]
+    labelled = pa.array(human.frame_id.unique() if human is not None else [], pa.string())
+    found = False
+    for table in manifest_by_movie(workdir, before=LABEL, columns=EXTRACT_COLUMNS):
+        frames = table.select(COLUMNS).append_column("labelled", pc.is_in(table["frame_id"], value_set=labelled))
+        frames = passed_detection(frames.to_pandas())
+        if len(frames):
+            found = True
+            yield frames.drop(columns="labelled"), frames[~frames.labelled].drop(columns="labelled")
+    if not found:
+        raise InputError(f"{workdir.root}: no frame has passed detection yet: run `mhmd detect` first")
 
 
 def sample_frames(workdir: WorkDir, fraction: float = 0.01, seed: int = 0, minimum: int = 1,
@@ -51,15 +67,17 @@ def sample_frames(workdir: WorkDir, fraction: float = 0.01, seed: int = 0, minim
     The same work directory and seed give the same sample."""
     if not 0 < fraction <= 1:
         raise InputError(f"fraction must be in (0, 1], not {fraction}")
-    frames, open_frames = _candidates(workdir)
     picks = []
-    for movie, film in open_frames.groupby("movie_id", sort=True):
-        share = int(fraction * (frames.movie_id == movie).sum() + 0.5)  # of the whole film: rounds add up
+    for frames, film in _films(workdir):
+        if film.empty:
+            continue
+        movie = film.movie_id.iat[0]
+        share = int(fraction * len(frames) + 0.5)  # of the whole film: rounds add up
         count = min(len(film), max(minimum, share))
         # One generator per film: adding a film to the work directory leaves the others' picks alone.
         rng = np.random.default_rng([seed, zlib.crc32(movie.encode())])
         picks.append(_spread(film, count, rng))
-    return _to_sample(workdir, pd.concat(picks) if picks else open_frames.iloc[:0], movie_metadata)
+    return _to_sample(workdir, pd.concat(picks) if picks else pd.DataFrame(columns=COLUMNS), movie_metadata)
 
 
 def _spread(film: pd.DataFrame, count: int, rng: np.random.Generator) -> pd.DataFrame:
@@ -74,7 +92,7 @@ def uncertain_frames(workdir: WorkDir, count: int, movie_metadata: dict[str, dic
     predictions = workdir.read_table(LABEL)
     if predictions is None:
         raise InputError(f"{workdir.root}: no model labels yet: run `mhmd labeler predict` first")
-    _, open_frames = _candidates(workdir)
+    open_frames = pd.concat([film for _, film in _films(workdir)])
     model = predictions[predictions.label_source == "model"][["frame_id", "label_confidence"]]
     picked = (open_frames.drop(columns="label_confidence", errors="ignore").merge(model, on="frame_id")
               .sort_values(["label_confidence", "frame_id"]).head(count))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +29,8 @@ import pyarrow.compute as pc
 import xxhash
 
 from .errors import InputError
-from .footage import near_duplicates
-from .manifest import manifest_table
+from .footage import duplicate_groups, fingerprints
+from .manifest import manifest_by_movie
 from .runners import LocalRunner
 from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
                      is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
@@ -37,7 +38,7 @@ from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, cl
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import WorkDir, writes
+from .workdir import WorkDir, atomic_write_bytes, writes
 
 STAGE = SHARD
 # What shard reads of the extract tables: the samples' json and files, the keep decisions and the
@@ -45,6 +46,10 @@ STAGE = SHARD
 FINGERPRINT_COLUMNS = ["movie_id", "flags", "phash_hi", "phash_lo"]
 EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_reason", "jpeg", "jpeg_bytes",
                    "jpeg_xxh3", *FINGERPRINT_COLUMNS]
+# What a sample is made of (`_spec`): the columns of the frames to shard held while planning.
+SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes", "label", "label_source",
+                  "label_confidence", "jpeg", "jpeg_bytes", "jpeg_xxh3", "mask", "parsing"]
+SPEC_ROWS = 4096  # frames turned into pandas at once while planning
 
 
 @dataclass(frozen=True)
@@ -179,7 +184,7 @@ class ShardStage:
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
         staging = self.workdir.begin(STAGE, partition.id)
-        specs, name = partition.info["samples"], partition.info["tar"]
+        specs, name = json.loads(samples_path(self.workdir, partition.id).read_bytes()), partition.info["tar"]
         path = staging / name if is_remote(self.out) else self.out / name
         with AtomicTar(path) as tar:
             for i, spec in enumerate(specs):
@@ -203,31 +208,77 @@ def _sample_bytes(spec: dict) -> int:
     return sum(size + 1024 for size in members)
 
 
-def plan_tars(frames: pd.DataFrame, root: Path, out: Path | str, settings: ShardSettings, taxonomy: Taxonomy,
+def kept_frames(workdir: WorkDir) -> tuple[pa.Table, list[list[str]]]:
+    """The frames to shard (kept, with a JPEG), of the columns their samples are made of, sorted by
+    frame_id, and the groups of near-duplicate films (of the films with such frames); read movie by
+    movie (`manifest_by_movie`), so that only these rows and each film's hashes are held."""
+    kept, prints = [], {}
+    for movie in manifest_by_movie(workdir, before=STAGE, columns=EXTRACT_COLUMNS):  # its own records are redone here
+        if "jpeg" not in movie.column_names:  # an extract table of an earlier version: nothing to shard
+            continue
+        rows = movie.filter(pc.and_(movie["kept"], pc.is_valid(movie["jpeg"])))
+        if rows.num_rows:
+            kept.append(rows.select([c for c in SAMPLE_COLUMNS if c in rows.column_names]))
+            prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])
+                                       .to_pandas()))
+    if not kept:
+        return pa.table({"frame_id": pa.array([], pa.string()), "movie_id": pa.array([], pa.string())}), []
+    frames = pa.concat_tables(kept, promote_options="default").sort_by("frame_id")
+    for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
+        if column not in frames.column_names:
+            frames = frames.append_column(column, pa.nulls(frames.num_rows))
+    return frames, duplicate_groups(prints)
+
+
+def samples_path(workdir: WorkDir, partition: str) -> Path:
+    """W/shard/samples/<tar>.json: the specs of the samples a tar holds, as planned; its writer reads
+    them there, so that no process holds every sample's spec."""
+    return workdir.stage_dir(STAGE) / "samples" / f"{partition}.json"
+
+
+def plan_tars(frames: pa.Table, workdir: WorkDir, out: Path | str, settings: ShardSettings, taxonomy: Taxonomy,
               movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
-    """Consecutive tars per split: a new one when the last holds `maxcount` samples or would pass
-    `maxsize` bytes. Each partition's digest covers its samples, their files' sizes and OUT."""
+    """Consecutive tars per split (`frames`' split column, in frame_id order, shuffled): a new one when
+    the last holds `maxcount` samples or would pass `maxsize` bytes. Each tar's specs go to its
+    samples file (`samples_path`) as soon as it is full; the partition says where, its split, sample
+    count and digest (of its specs and OUT)."""
+    folder = samples_path(workdir, "").parent
+    shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
+    folder.mkdir(parents=True)
     partitions = []
     for split in SPLITS:
-        part = frames[frames.split == split]
-        part = part.iloc[np.random.default_rng(settings.seed).permutation(len(part))]  # mix films and scenes
-        tars: list[list[dict]] = []
-        size = 0
-        for row in part.itertuples():
-            spec = _spec(row, str(root), taxonomy, (movie_metadata or {}).get(row.movie_id))
+        part = frames.filter(pc.equal(frames["split"], split))
+        order = np.random.default_rng(settings.seed).permutation(part.num_rows)  # mix films and scenes
+        specs: list[dict] = []
+        size = tars = 0
+        for spec in _specs(part, order, str(workdir.root), taxonomy, movie_metadata or {}):
             spec_bytes = _sample_bytes(spec)
-            if not tars or len(tars[-1]) >= settings.maxcount or size + spec_bytes > settings.maxsize:
-                tars.append([])
-                size = 0
-            tars[-1].append(spec)
+            if specs and (len(specs) >= settings.maxcount or size + spec_bytes > settings.maxsize):
+                partitions.append(_planned_tar(workdir, out, tar_name(split, tars), split, specs))
+                specs, size, tars = [], 0, tars + 1
+            specs.append(spec)
             size += spec_bytes
-        for i, specs in enumerate(tars):
-            digest = hashlib.sha256(json.dumps([str(out), specs]).encode()).hexdigest()[:16]
-            name = tar_name(split, i)
-            partitions.append(Partition(Path(name).stem, {"split": split, "tar": name, "samples": specs,
-                                                          "digest": digest},
-                                        record={"split": split, "samples": len(specs)}))
+        if specs:
+            partitions.append(_planned_tar(workdir, out, tar_name(split, tars), split, specs))
     return partitions
+
+
+def _specs(part: pa.Table, order: np.ndarray, root: str, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
+    """The specs of a split's frames in `order`, made from a few thousand rows in pandas at a time."""
+    for start in range(0, len(order), SPEC_ROWS):
+        for row in part.take(order[start:start + SPEC_ROWS]).to_pandas().itertuples():
+            yield _spec(row, root, taxonomy, movie_metadata.get(row.movie_id))
+
+
+def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, specs: list[dict]) -> Partition:
+    """The partition of the tar `name`, its specs written to its samples file; its digest is that of
+    json.dumps([str(out), specs]), of which the specs' text is a part."""
+    text = json.dumps(specs)
+    digest = hashlib.sha256(f"[{json.dumps(str(out))}, {text}]".encode()).hexdigest()[:16]
+    pid = Path(name).stem
+    atomic_write_bytes(samples_path(workdir, pid), text.encode())
+    return Partition(pid, {"split": split, "tar": name, "count": len(specs), "digest": digest},
+                     record={"split": split, "samples": len(specs)})
 
 
 def _up_to_date(partition: Partition, done: dict | None, sizes: dict[str, int]) -> bool:
@@ -247,21 +298,17 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), shard_output(out)
-    sampled = manifest_table(workdir, before=STAGE, columns=EXTRACT_COLUMNS)  # its own records are redone here
-    kept = (sampled.filter(pc.and_(sampled["kept"], pc.is_valid(sampled["jpeg"])))
-            if "jpeg" in sampled.column_names else sampled.slice(0, 0))  # no jpeg column: nothing extracted
-    if not kept.num_rows:
+    frames, groups = kept_frames(workdir)
+    if not frames.num_rows:
         raise InputError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
-    films = sampled.filter(pc.is_in(sampled["movie_id"], value_set=pc.unique(kept["movie_id"])))
-    groups = near_duplicates(films.select([c for c in FINGERPRINT_COLUMNS if c in films.column_names]).to_pandas())
-    frames = kept.sort_by("frame_id").to_pandas()
-    del sampled, kept, films  # the kept frames alone from here on, in pandas
-    for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
-        if column not in frames:
-            frames[column] = None
-    frames["split"] = frames.movie_id.map(split_films(frames, settings.test_fraction, settings.seed, groups))
+    split = split_films(frames.select(["movie_id"]).to_pandas(), settings.test_fraction, settings.seed, groups)
+    at = pc.index_in(frames["movie_id"], value_set=pa.array(list(split), pa.string()))
+    frames = frames.append_column("split", pa.array(list(split.values()), pa.string()).take(at))
+    splits = {name: split_entry(part["movie_id"].to_pylist(), part["label"].to_pylist())
+              for name, part in ((s, frames.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
+    partitions = plan_tars(frames, workdir, out, settings, taxonomy, movie_metadata)
+    del frames  # the writers fork from here: they inherit no frame table
 
-    partitions = plan_tars(frames, workdir.root, out, settings, taxonomy, movie_metadata)
     planned = {p.id for p in partitions}
     for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
         workdir.drop(STAGE, stale)  # tars of an earlier, larger plan
@@ -269,16 +316,13 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), sizes)]
     clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
     for p in partitions:
-        workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": len(p.info["samples"]),
-                                   "digest": p.info["digest"]})
+        workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": p.info["count"], "digest": p.info["digest"]})
     load_webdataset()  # before the writers fork (ShardStage's start method): they then need no import of their own
     failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
     if failures:
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")
     index = make_index(asdict(settings), taxonomy.sha256,
-                       [(p.info["tar"], p.info["split"], len(p.info["samples"])) for p in partitions],
-                       {split: split_entry(part.movie_id.tolist(), part.label.tolist())
-                        for split, part in ((s, frames[frames.split == s]) for s in SPLITS)}, groups)
+                       [(p.info["tar"], p.info["split"], p.info["count"]) for p in partitions], splits, groups)
     write_index(out, index)
     return index

@@ -14,6 +14,7 @@ so it needs no stage module.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from contextlib import suppress
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .workdir import WorkDir
 
@@ -113,6 +115,18 @@ def movie_paths(workdir: WorkDir) -> dict[str, Path]:
     paths = {movie: Path(summary["path"]) for movie, summary in workdir.done(EXTRACT).items()}
     paths.update({movie: Path(plan["path"]) for movie, plan in workdir.planned(EXTRACT).items() if "path" in plan})
     return paths
+
+
+def rows_by_movie(rows: pa.Table | None) -> dict[str, pa.Table]:
+    """A whole-dataset table's rows (it has a movie_id column) cut per movie: slices of one copy
+    sorted by movie_id, for a reader that goes movie by movie. Nothing for None."""
+    if rows is None or not rows.num_rows:
+        return {}
+    rows = rows.sort_by("movie_id")
+    runs = pc.value_counts(rows["movie_id"])  # in the order met: sorted
+    counts = runs.field("counts").to_pylist()
+    starts = itertools.accumulate(counts, initial=0)
+    return {movie: rows.slice(start, n) for movie, start, n in zip(runs.field("values").to_pylist(), starts, counts)}
 
 
 def decisions_path(workdir: WorkDir) -> Path:

@@ -357,28 +357,33 @@ class WorkDir:
                    columns: list[str] | None = None) -> pa.Table | None:
         """`read_table` as one Arrow table, of `columns` only (those a partition has; the others
         are null in its rows) when given: a whole-dataset reader reads no column it does not use."""
-        tables = []
-        for part in self._parts(stage, columns):
-            if isinstance(part, pa.Table):
-                tables.append(part)
-            elif damaged is None:
-                raise part
-            else:
-                damaged.append(str(part))
+        tables = [self.read_partition(stage, pid, damaged, columns) for pid in self.marked_done(stage)]
+        tables = [table for table in tables if table is not None]
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
-    def _parts(self, stage: str, columns: list[str] | None = None) -> Iterator[pa.Table | DamagedFileError]:
-        """Each partition with a done marker, in order: its table (`columns` of it that it has),
-        or the error naming its marker or table when either does not read."""
-        for pid, record in self._markers(stage, "done").items():
-            if record is None:
-                yield _redo(stage, self._marker(stage, pid, "done"), "damaged record (not a json object)")
-                continue
-            path = self.table_path(stage, pid)
+    def marked_done(self, stage: str) -> list[str]:
+        """Every partition with a done marker, whether it reads or not, in the order of the markers' names."""
+        return [path.name[: -len(".done")] for path in sorted(self.parts_dir(stage).glob("*.done"))]
+
+    def read_partition(self, stage: str, partition: str, damaged: list[str] | None = None,
+                       columns: list[str] | None = None) -> pa.Table | None:
+        """One partition's table (`columns` of it that it has); None when it has no done marker.
+        When its marker or table does not read: DamagedFileError naming the file, or, given a list
+        `damaged`, that line appended to it and None."""
+        marker = self._marker(stage, partition, "done")
+        if not marker.exists():
+            return None
+        error = None
+        if _record(marker) is None:
+            error = _redo(stage, marker, "damaged record (not a json object)")
+        else:
+            path = self.table_path(stage, partition)
             try:
                 with pq.ParquetFile(path) as file:
-                    table = file.read(None if columns is None else [c for c in columns if c in file.schema_arrow.names])
-            except (pa.ArrowException, OSError) as error:
-                yield _redo(stage, path, _damage(error))
-                continue
-            yield table
+                    return file.read(None if columns is None else [c for c in columns if c in file.schema_arrow.names])
+            except (pa.ArrowException, OSError) as problem:
+                error = _redo(stage, path, _damage(problem))
+        if damaged is None:
+            raise error
+        damaged.append(str(error))
+        return None

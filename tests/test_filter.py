@@ -14,11 +14,12 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.filter import current_decisions, recorded_thresholds, refilter
+from mhmd_builder.filter import current_decisions, decide, recorded_thresholds, refilter
 from mhmd_builder.errors import DamagedFileError
 from mhmd_builder.manifest import export_manifest, status
 from mhmd_builder.quality import REASONS, SCORE_NAMES, QualityThresholds
 from mhmd_builder.runners import LocalRunner
+from mhmd_builder.tables import decisions_path
 from mhmd_builder.workdir import WorkDir
 
 from conftest import make_movie
@@ -175,3 +176,20 @@ def test_mhmd_filter_on_an_empty_work_directory_says_what_to_run(tmp_path):
     result = CliRunner().invoke(main, ["filter", "-w", str(tmp_path / "empty"), "--min-colorfulness", "5"])
     assert result.exit_code == 1 and "no extracted movies yet: run `mhmd extract` first" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_the_filter_decided_movie_by_movie_is_that_of_the_whole_extract_table(synthetic_copy):
+    """Decided one extract table at a time, the decisions and counts are those of the whole table."""
+    work = synthetic_copy
+    before = current_decisions(work).set_index("frame_id").kept
+    thresholds = QualityThresholds(min_colorfulness=1.5, min_sharpness=0)  # the grayscale frames kept now
+    summary = refilter(work, thresholds)
+    whole = decide(work.read_table("extract"), thresholds)
+    written = pd.read_parquet(decisions_path(work))
+    assert written.frame_id.tolist() == whole.frame_id.tolist() and written.kept.tolist() == whole.kept.tolist()
+    assert written.reject_reason.fillna("").tolist() == whole.reject_reason.fillna("").tolist()
+    assert [list(f) for f in written["flags"]] == [list(f) for f in whole["flags"]]
+    now = written.set_index("frame_id").kept
+    assert summary["newly_accepted"] == int((now & ~before.reindex(now.index)).sum()) > 0
+    assert summary["kept"] == int(now.sum()) and summary["frames"] == len(whole) == 3000
+    assert sum(summary["needs_extraction"].values()) == int(written.needs_extraction.sum()) > 0

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 
 from mhmd_builder import manifest as manifest_module
 from mhmd_builder.filter import current_decisions, refilter
+from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import export_manifest, format_status, status
 from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.tables import MANIFEST_COLUMNS
@@ -118,9 +119,9 @@ def test_the_manifest_is_built_once_per_state_of_the_work_directory(tmp_path, mo
 
 
 def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_run, tmp_path, monkeypatch):
-    """A build resumed after it finished: labels import, the labeler's check, the label stage's
-    planning read the manifest, and no table changed in between: one build of it serves the three
-    (each reader used to build its own); shard reads its own, of the extract columns it uses only."""
+    """A build resumed after it finished: the labeler's check and the label stage's planning read
+    the manifest, and no table changed in between: one build of it serves both (each reader used to
+    build its own); labels import and shard read it movie by movie (`manifest_by_movie`), no whole one."""
     import shutil
     from dataclasses import replace
 
@@ -138,7 +139,7 @@ def test_a_resumed_build_builds_the_manifest_only_when_its_tables_changed(demo_r
     result = build(pipeline, sorted((out / "films").iterdir()), WorkDir(out / "work"), out / "shards",
                    labels=str(out / "labels.csv"))
     assert not result.failures and result.index
-    assert len(builds) == 2 and builds[0] is None and builds[1] is not None, builds
+    assert builds == [None], builds
 
 
 def test_status_names_damaged_records_and_tables_as_pending(tmp_path):
@@ -210,3 +211,25 @@ def test_the_manifest_takes_each_stages_row_of_a_frame_that_reached_it(synthetic
     unseen = frames.drop(index=detected.index)
     assert len(unseen) and unseen.kept.all() and unseen.persons.isna().all() and unseen.label.isna().all()
     assert frames.reject_reason.isin(["no_person"]).sum() == (~detected.kept).sum()
+
+
+def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_copy):
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))  # decisions of the filter
+    frames = manifest_module.manifest_table(work)
+    kept = frames.filter(frames["kept"]).to_pandas()
+    mixed = kept.sample(frac=1, random_state=0)  # shard records mix films
+    for i, tar in enumerate(mixed.iloc[start:start + 500] for start in range(0, len(mixed), 500)):
+        work.commit("shard", f"train-{i:06d}", pa.table({"frame_id": tar.frame_id, "movie_id": tar.movie_id,
+                                                         "split": ["train"] * len(tar), "shard": [f"{i}"] * len(tar)}),
+                    {"frames_in": len(tar), "frames_out": len(tar)})
+    write_human_labels(work, pd.DataFrame({"frame_id": kept.frame_id[:50], "label": kept.label[:50], "label_id": 0,
+                                           "source": "people.csv", "line": range(50)}))
+    whole = manifest_module.manifest_table(work)
+    movies = list(manifest_module.manifest_by_movie(work))
+    assert [m["movie_id"][0].as_py() for m in movies] == sorted(work.done("extract"))
+    assert pa.concat_tables(movies).equals(whole)
+    assert whole["split"].null_count == len(whole) - len(kept)
+    columns = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
+    assert pa.concat_tables(manifest_module.manifest_by_movie(work, columns=columns)).equals(
+        manifest_module.manifest_table(work, columns=columns))

@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from mhmd_builder import report
 from mhmd_builder.build import PIPELINES
+from mhmd_builder.filter import refilter
 from mhmd_builder.labeler import default_checkpoint, metrics_path
 from mhmd_builder.manifest import manifest, status
+from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import ReportError, write_report
 from mhmd_builder.taxonomy import MHMD_TOTAL, load_taxonomy
 from mhmd_builder.workdir import WorkDir
@@ -173,3 +176,32 @@ def test_the_page_renders_offline_in_chromium(demo_report, tmp_path):
     assert image.shape[:2] == (3000, 1200)
     colours = np.unique(image.reshape(-1, 3) // 16, axis=0)
     assert image.std() > 20 and len(colours) > 50 and (image.min(axis=2) < 200).mean() > 0.05
+
+
+def test_a_work_directory_is_counted_and_sampled_movie_by_movie_as_a_whole(synthetic_copy, tmp_path):
+    """The page counts and picks its examples one movie at a time: the same numbers and the same
+    frames as from the whole manifest at once."""
+    work = synthetic_copy
+    refilter(work, QualityThresholds())  # the decisions of a filter
+    frames = manifest(work)
+    text = write_report(work.root, tmp_path / "r.html").read_text()
+    masks = report.funnel_masks(frames)
+    assert {step: int(a["frames"]) for step, a in attrs(text, "step").items()} == \
+        {step: int(mask.sum()) for step, mask in masks.items()}
+    assert {reason: int(a["frames"]) for reason, a in attrs(text, "reason").items()} == \
+        frames.reject_reason.value_counts().to_dict()
+    assert list(attrs(text, "movie")) == sorted(frames.movie_id.unique())
+    labeled = frames[masks["labeled"]]
+    assert {name: int(a["frames"]) for name, a in attrs(text, "label").items() if int(a["frames"])} == \
+        Counter(labeled.label)
+
+    tally = report.Tally.of(work)
+    groups = report.example_groups(frames)
+    wanted = {key: 7 for key in groups}
+    examples = report.spread_examples(work, tally, wanted)
+    for key, mask in groups.items():
+        group = frames[mask]
+        assert tally.group_size(key) == len(group)
+        expected = group.iloc[np.unique(np.linspace(0, len(group) - 1, 7).round().astype(int))] if len(group) > 7 \
+            else group
+        assert examples[key].frame_id.tolist() == expected.frame_id.tolist(), key

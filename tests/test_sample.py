@@ -284,3 +284,30 @@ def test_the_labeling_round_trip_through_the_command_line(films, tmp_path, monke
     kept = frames[frames.kept]
     assert kept.label.notna().all() and set(kept.label_source) == {"human", "model"}
     assert (kept[kept.label_source == "human"].label_confidence == 1.0).all()
+
+
+def test_the_sample_drawn_film_by_film_is_that_of_the_whole_manifest(synthetic_copy):
+    """Read one film at a time, the sample is the one drawn from all the frames at once: per film
+    its share of the frames that passed detection, spread over the open ones (not labelled yet)."""
+    import zlib
+
+    import pandas as pd
+
+    from mhmd_builder import sample as sample_module
+    from mhmd_builder.labels import write_human_labels
+
+    work = synthetic_copy
+    frames = labelable_frames(work)
+    labelled = frames.iloc[::7]
+    write_human_labels(work, pd.DataFrame({"frame_id": labelled.frame_id, "label": labelled.label, "label_id": 0,
+                                           "source": "people.csv", "line": range(len(labelled))}))
+    open_frames = frames[~frames.frame_id.isin(set(labelled.frame_id))]
+    expected = []
+    for movie, film in open_frames.groupby("movie_id", sort=True):
+        count = min(len(film), max(1, int(0.05 * (frames.movie_id == movie).sum() + 0.5)))
+        rng = np.random.default_rng([3, zlib.crc32(movie.encode())])
+        expected += sample_module._spread(film, count, rng).frame_id.tolist()
+    drawn = sample_frames(work, fraction=0.05, seed=3)
+    assert drawn.frame_id.tolist() == expected and not set(expected) & set(labelled.frame_id)
+    assert uncertain_frames(work, 20).frame_id.tolist() == open_frames.sort_values(
+        ["label_confidence", "frame_id"]).frame_id.head(20).tolist()

@@ -31,7 +31,7 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import ShardSettings, plan_tars, shard, split_films
+from mhmd_builder.shard import ShardSettings, _spec, plan_tars, samples_path, shard, split_films
 from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -457,8 +457,9 @@ def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
                            label_source=None, label_confidence=None, split="train")
 
     def order(seed: int) -> list[str]:
-        [tar] = plan_tars(frames, tmp_path, tmp_path / "out", ShardSettings(seed=seed), load_taxonomy())
-        return [spec["movie_id"] for spec in tar.info["samples"]]
+        work = WorkDir(tmp_path)
+        [tar] = plan_tars(pa.Table.from_pandas(frames), work, tmp_path / "out", ShardSettings(seed=seed), load_taxonomy())
+        return [spec["movie_id"] for spec in json.loads(samples_path(work, tar.id).read_text())]
 
     films = order(0)
     assert sorted(films) == sorted(frames.movie_id)
@@ -536,3 +537,25 @@ def test_shard_holds_each_frame_kept_with_a_jpeg_once_and_no_other(synthetic_cop
     written = work.read_table("shard")
     assert sorted(written.frame_id) == sorted(wanted.frame_id)
     assert sum(entry["count"] for entry in index["shards"]) == len(wanted)
+
+
+def test_the_plan_made_movie_by_movie_is_the_whole_manifests(synthetic_copy, tmp_path):
+    """Each tar's samples, planned from one movie's frames at a time and read by its writer from
+    its samples file, are those of the plan made from the whole manifest at once: the kept frames
+    with a JPEG in frame_id order, split by film, shuffled by the seed, cut every `maxcount`."""
+    work, taxonomy = synthetic_copy, load_taxonomy()
+    index = shard(work, tmp_path / "shards", ShardSettings(maxcount=300), runner=LocalRunner(1))
+    frames = manifest(work).assign(parsing=None)
+    kept = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id")
+    split = kept.movie_id.map(split_films(kept, ShardSettings().test_fraction, 0, index["near_duplicates"]))
+    for name in ("train", "test"):
+        part = kept[split == name]
+        part = part.iloc[np.random.default_rng(0).permutation(len(part))]
+        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.itertuples()]
+        tars = [entry for entry in index["shards"] if entry["split"] == name]
+        planned = [json.loads(samples_path(work, Path(tar["name"]).stem).read_text()) for tar in tars]
+        assert [len(specs) for specs in planned] == [tar["count"] for tar in tars] == \
+            [min(300, len(whole) - start) for start in range(0, len(whole), 300)]
+        assert [spec for specs in planned for spec in specs] == json.loads(json.dumps(whole))
+    written = work.read_table("shard")
+    assert sorted(written.frame_id) == sorted(kept.frame_id)
