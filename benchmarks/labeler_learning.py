@@ -3,7 +3,8 @@ it has never seen?
 
     uv run python benchmarks/labeler_learning.py [--quick] [--keep DIR | --rerun DIR] [--fraction 0.01]
                                                  [--seed S] [--input frame|persons] [--epochs N]
-                                                 [--image-size PX]
+                                                 [--image-size PX] [--pseudo-label-rounds N]
+                                                 [--pseudo-label-per-class N] [--pseudo-label-confidence P]
 
 The task is made here, so every frame's truth is known. Films are made with ffmpeg from the photos
 of persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), one MHMD
