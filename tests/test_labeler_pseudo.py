@@ -64,3 +64,15 @@ def test_the_cli_refuses_pseudo_label_settings_out_of_range(option, value, tmp_p
     result = CliRunner().invoke(main, ["labeler", "train", "-w", str(tmp_path), "--labels", str(labels),
                                        option, value])
     assert result.exit_code == 2 and option in result.output
+
+
+def test_a_recipe_sets_self_training_and_its_ranges_hold_there_too(tmp_path):
+    from mhmd_builder.build import PipelineError, load_pipeline
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("labeler: {pseudo_label_rounds: 2, pseudo_label_confidence: 0.8}\n")
+    labeler = load_pipeline(recipe).labeler
+    assert (labeler.pseudo_label_rounds, labeler.pseudo_label_per_class, labeler.pseudo_label_confidence) == (2, 10, 0.8)
+    recipe.write_text("labeler: {pseudo_label_rounds: -1}\n")
+    with pytest.raises(PipelineError, match="labeler.pseudo_label_rounds: -1 is not in the range 0 <= x"):
+        load_pipeline(recipe)
