@@ -3,7 +3,8 @@ it has never seen?
 
     uv run python benchmarks/labeler_learning.py [--quick] [--keep DIR | --rerun DIR] [--fraction 0.01]
                                                  [--seed S] [--input frame|persons] [--epochs N]
-                                                 [--image-size PX]
+                                                 [--image-size PX] [--pseudo-label-rounds N]
+                                                 [--pseudo-label-per-class N] [--pseudo-label-confidence P]
 
 The task is made here, so every frame's truth is known. Films are made with ffmpeg from the photos
 of persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), one MHMD
@@ -268,6 +269,12 @@ def report(films: list[Film], movies: dict[str, Film], manifest: pd.DataFrame, h
     print(f"| total | {sum(timings.values()):.0f} |")
 
 
+def passed_on(args: argparse.Namespace, *names: str) -> tuple[str, ...]:
+    """labeler train's options for the arguments among `names` that were given."""
+    given = [(name, getattr(args, name)) for name in names if getattr(args, name) is not None]
+    return tuple(part for name, value in given for part in ("--" + name.replace("_", "-"), str(value)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a quarter of the film seconds, 3 films per label")
@@ -281,11 +288,15 @@ def main() -> None:
     parser.add_argument("--input", choices=("frame", "persons"), help="labeler train's --input (default: its own)")
     parser.add_argument("--epochs", type=int, help="labeler train's --epochs (default: the scale's)")
     parser.add_argument("--image-size", type=int, help="labeler train's --image-size (default: 112)")
+    parser.add_argument("--pseudo-label-rounds", type=int, help="labeler train's --pseudo-label-rounds")
+    parser.add_argument("--pseudo-label-per-class", type=int, help="labeler train's --pseudo-label-per-class")
+    parser.add_argument("--pseudo-label-confidence", type=float, help="labeler train's --pseudo-label-confidence")
     args = parser.parse_args()
     scale = QUICK if args.quick else FULL
     train_options = ("--seed", str(args.seed), *(("--input", args.input) if args.input else ()),
                      *(("--epochs", str(args.epochs)) if args.epochs else ()),
-                     *(("--image-size", str(args.image_size)) if args.image_size else ()))
+                     *(("--image-size", str(args.image_size)) if args.image_size else ()),
+                     *passed_on(args, "pseudo_label_rounds", "pseudo_label_per_class", "pseudo_label_confidence"))
     if args.rerun:
         rerun(args.rerun, scale, train_options)
         return

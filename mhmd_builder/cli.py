@@ -372,10 +372,18 @@ def labeler_group() -> None:
 @click.option("--input", "input_", type=choice_type("labeler.input"), default="persons",
               show_default=True, help="What the labeler sees: the whole frame, or the box around the persons "
               "detect found (the whole frame where it found none); predict and relabel cut frames the same way.")
+@click.option("--pseudo-label-rounds", type=option_type("labeler.pseudo_label_rounds", int), default=0,
+              show_default=True, help="Self-training: train again N times on the human labels plus the unlabelled "
+              "kept frames the last round was surest of (never of a validating film); for few labels.")
+@click.option("--pseudo-label-per-class", type=option_type("labeler.pseudo_label_per_class", int), default=10,
+              show_default=True, help="At most this many pseudo-labelled frames per label and round.")
+@click.option("--pseudo-label-confidence", type=option_type("labeler.pseudo_label_confidence", float),
+              default=0.9, show_default=True, help="The least confidence a pseudo label needs.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--seed", type=int, default=0, show_default=True)
 def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, weights, epochs, batch_size,
-                          image_size, split, val_fraction, input_, device, seed) -> None:
+                          image_size, split, val_fraction, input_, pseudo_label_rounds, pseudo_label_per_class,
+                          pseudo_label_confidence, device, seed) -> None:
     """Import --labels, train the labeler on every human label, print and save its validation metrics."""
     from .labeler_train import TrainSettings, train
     from .labels import import_labels
@@ -384,7 +392,8 @@ def labeler_train_command(workdir, labels_file, taxonomy, movies, arch, output, 
     tax, metadata = label_context(wd, taxonomy, movies)
     settings = TrainSettings(arch=arch, output=output, weights=weights, epochs=epochs, batch_size=batch_size,
                              image_size=image_size, split=split, val_fraction=val_fraction, input=input_,
-                             device=device, seed=seed)
+                             pseudo_label_rounds=pseudo_label_rounds, pseudo_label_per_class=pseudo_label_per_class,
+                             pseudo_label_confidence=pseudo_label_confidence, device=device, seed=seed)
     imported = import_labels(wd, labels_file, tax, metadata)
     say(f"imported {imported['labelled']} labels ({imported['new']} new) from {labels_file}")
     train(wd, settings, tax)

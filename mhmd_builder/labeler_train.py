@@ -16,6 +16,7 @@ import numpy as np
 from .devices import fixed_cpu_threads, pick_device
 from .labeler import (INPUTS, MEAN, STD, LabelerError, boxes_listed, build_model, config_path, default_checkpoint,
                       initial_weights, load_rgb, metrics_path, normalise, save_checkpoint)
+from .labeler_pseudo import confident_per_class, unlabelled_pool
 from .labeler_split import Split, split_for_validation
 from .logs import bars_disable
 from .tables import DETECT, read_human_labels
@@ -44,6 +45,12 @@ class TrainSettings:
     device: str = "auto"
     seed: int = 0
     workers: int = 0  # DataLoader processes; seeded from the run's generator, so still reproducible
+    # Self-training (labeler_pseudo.py): rounds of training again on the human labels plus the
+    # unlabelled frames the last round was surest of, at most per_class per label, each at least
+    # that confident.
+    pseudo_label_rounds: int = 0
+    pseudo_label_per_class: int = 10
+    pseudo_label_confidence: float = 0.9
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,18 +93,18 @@ def checkpoint_is_current(workdir: WorkDir, settings: TrainSettings, taxonomy: T
 
 
 class BalancedSampler:
-    """Each epoch, as many draws as frames, the same number from every class (the remainder from
-    classes picked at random), each class's frames in shuffled rounds: none is drawn again before
-    all of its class have been. The paper's classes differ 829x: a class-weighted loss would scale a
+    """Each epoch, as many draws as frames (or `draws`), the same number from every class (the
+    remainder from classes picked at random), each class's frames in shuffled rounds: none is drawn
+    again before all of its class have been. The paper's classes differ 829x: a class-weighted loss would scale a
     rare class's few gradients by hundreds (noisy steps), while sampling shows its frames more
     often, each time differently augmented. Drawing with replacement instead left about a third of
     the frames out of each epoch, which costs dearly when there are 14 of them."""
 
-    def __init__(self, targets: np.ndarray, seed: int):
+    def __init__(self, targets: np.ndarray, seed: int, draws: int | None = None):
         self.rng = np.random.default_rng(seed)
         self.classes = [np.flatnonzero(targets == c) for c in np.unique(targets)]
         self.queues = [np.zeros(0, int) for _ in self.classes]  # each class's frames left in this round
-        self.draws = len(targets)
+        self.draws = draws or len(targets)
 
     def __len__(self) -> int:
         return self.draws
@@ -202,12 +209,11 @@ def train(workdir: WorkDir | str | Path, settings: TrainSettings | None = None,
 
 
 def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dict:
-    import torch
+    import pandas as pd
 
     if settings.input not in INPUTS:
         raise LabelerError(f"input {settings.input!r} (--input): not one of {', '.join(INPUTS)}")
-    torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
-    model = build_model(settings.arch, len(taxonomy))  # an unknown architecture fails before any work
+    model, weights_from = fresh_model(settings, len(taxonomy))  # an unknown architecture fails before any work
     checkpoint = settings.checkpoint(workdir)
     device = pick_device(settings.device)
     labeled = labeled_frames(workdir)
@@ -217,17 +223,22 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     split = split_for_validation(labeled, taxonomy.names, settings.val_fraction, settings.seed, settings.split)
     print(f"validation split: {split.how}\n{split.table()}")
     trained = sorted(labeled.label_id[~split.val].astype(int).unique().tolist())
-    weights_from = start_from_initial_weights(model, settings)
-    model.to(device)
-    train_loader, calibration_loader, val_loader = data_loaders(workdir, labeled, split.val, settings, device)
     selection = selection_rule(split, trained, taxonomy.names)
-    best, best_state = fit(model, (train_loader, calibration_loader, val_loader), settings, device, taxonomy.names,
-                           selection is None)
+    human_train, val_rows = labeled[~split.val], labeled[split.val]
+    best = train_round(model, workdir, human_train, val_rows, settings, device, taxonomy.names, selection is None,
+                       len(human_train))
+    pseudo_rounds = []
+    if settings.pseudo_label_rounds:
+        pool = unlabelled_pool(workdir, labeled, split.val)
+        for round_number in range(1, settings.pseudo_label_rounds + 1):
+            pseudo = pseudo_labels(model, workdir, pool, trained, settings, device)
+            model, _ = fresh_model(settings, len(taxonomy))  # from the start again: no drift from round to round
+            best = train_round(model, workdir, pd.concat([human_train, pseudo], ignore_index=True), val_rows,
+                               settings, device, taxonomy.names, selection is None, len(human_train))
+            pseudo_rounds.append(pseudo_round_summary(round_number, pool, pseudo, best, taxonomy.names))
     best.update(split=split.how, selected=selection or "the best validation macro-F1 (ties: the later epoch)",
                 majority=majority_baseline(labeled, split.val, taxonomy.names))
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    config = checkpoint_config(settings, taxonomy, weights_from, labeled, split, trained, best)
+    config = checkpoint_config(settings, taxonomy, weights_from, labeled, split, trained, best, pseudo_rounds)
     save_checkpoint(model, config, checkpoint)
     atomic_write_json(metrics_path(checkpoint), best)
     print(format_metrics(best, taxonomy.names))
@@ -235,6 +246,53 @@ def _train(workdir: WorkDir, settings: TrainSettings, taxonomy: Taxonomy) -> dic
     print(f"checkpoint: {checkpoint} (epoch {best['epoch']}: {best['selected']}); it predicts only the "
           f"{len(trained)} of {len(taxonomy)} labels it was trained on")
     return {**config, "checkpoint": str(checkpoint)}
+
+
+def fresh_model(settings: TrainSettings, classes: int):
+    """(the model as training starts it: seeded random initialisation, then `settings.weights`; where
+    the weights came from). The same every time for the same settings."""
+    import torch
+
+    torch.manual_seed(settings.seed)  # before the model: its random initialisation is part of the run
+    model = build_model(settings.arch, classes)
+    return model, start_from_initial_weights(model, settings)
+
+
+def train_round(model, workdir: WorkDir, train_rows: "pd.DataFrame", val_rows: "pd.DataFrame",
+                settings: TrainSettings, device: str, names: list[str], select_best: bool, epoch_draws: int) -> dict:
+    """Fit `model` (moved to `device`) on `train_rows`, `epoch_draws` frames an epoch, and leave it at
+    the kept epoch; that epoch's validation metrics. A self-training round draws as many as the
+    first, on the human labels alone: pseudo labels take the place of repeats, so a round costs
+    what the first does and takes as many steps (more steps learnt the few films' backgrounds)."""
+    loaders = data_loaders(workdir, train_rows, val_rows, settings, device, epoch_draws)
+    model.to(device)
+    best, best_state = fit(model, loaders, settings, device, names, select_best)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return best
+
+
+def pseudo_labels(model, workdir: WorkDir, pool: "pd.DataFrame", trained: list[int], settings: TrainSettings,
+                  device: str) -> "pd.DataFrame":
+    """`pool`'s frames the model is sure of, labelled as it predicts them (confident_per_class)."""
+    label_ids, confidences = predict_with_confidence(model, _loader(workdir, pool, settings, device), trained,
+                                                     device)
+    pseudo = confident_per_class(pool, label_ids, confidences, settings.pseudo_label_per_class,
+                                 settings.pseudo_label_confidence)
+    log.info(f"pseudo labels: {len(pseudo)} of {len(pool)} unlabelled frames, at most "
+             f"{settings.pseudo_label_per_class} per label at confidence {settings.pseudo_label_confidence} or more")
+    return pseudo.drop(columns="confidence")
+
+
+def pseudo_round_summary(round_number: int, pool: "pd.DataFrame", pseudo: "pd.DataFrame", best: dict,
+                         names: list[str]) -> dict:
+    """What the checkpoint's config records of a self-training round."""
+    per_label = pseudo.label_id.value_counts().sort_index()
+    log.info(f"pseudo-label round {round_number}: validation accuracy {best['accuracy']:.3f}, "
+             f"macro-F1 {best['macro_f1']:.3f}")
+    return {"round": round_number, "pool_frames": int(len(pool)), "pseudo_frames": int(len(pseudo)),
+            "per_label": {names[i]: int(n) for i, n in per_label.items()},
+            "val_accuracy": best["accuracy"], "val_macro_f1": best["macro_f1"], "epoch": best["epoch"]}
 
 
 def say_frames_without_persons(labeled: "pd.DataFrame", mode: str) -> None:
@@ -275,7 +333,7 @@ def warn_if_no_better_than_majority(metrics: dict) -> None:
 
 
 def checkpoint_config(settings: TrainSettings, taxonomy: Taxonomy, weights_from: str, labeled: "pd.DataFrame",
-                      split: Split, trained: list[int], best: dict) -> dict:
+                      split: Split, trained: list[int], best: dict, pseudo_rounds: list[dict]) -> dict:
     """What the checkpoint's .json records: how to rebuild and feed the model, and how it was trained."""
     train_rows, val_rows = labeled[~split.val], labeled[split.val]
     return {
@@ -285,7 +343,7 @@ def checkpoint_config(settings: TrainSettings, taxonomy: Taxonomy, weights_from:
         "labels_digest": labels_digest(labeled), "trained_labels": trained,
         "train_frames": int(len(train_rows)), "val_frames": int(len(val_rows)),
         "val_movies": sorted(set(val_rows.movie_id) - set(train_rows.movie_id)),
-        "split": split.per_class,
+        "split": split.per_class, "pseudo_label_rounds": pseudo_rounds,
         "metrics": {k: v for k, v in best.items() if k != "confusion"},
     }
 
@@ -298,14 +356,13 @@ def start_from_initial_weights(model, settings: TrainSettings) -> str:
     return weights_from
 
 
-def data_loaders(workdir: WorkDir, labeled: "pd.DataFrame", val_mask: np.ndarray, settings: TrainSettings,
-                 device: str):
+def data_loaders(workdir: WorkDir, train_rows: "pd.DataFrame", val_rows: "pd.DataFrame", settings: TrainSettings,
+                 device: str, epoch_draws: int):
     """(training loader: augmented, class-balanced; the training frames as they are, once each, for
     BatchNorm's statistics; validation loader: the frames as they are)."""
-    train_rows, val_rows = labeled[~val_mask], labeled[val_mask]
     targets = train_rows.label_id.to_numpy(int)
     train_loader = _loader(workdir, train_rows, settings, device, train_transform(settings.image_size),
-                           BalancedSampler(targets, settings.seed))
+                           BalancedSampler(targets, settings.seed, epoch_draws))
     return train_loader, _loader(workdir, train_rows, settings, device), _loader(workdir, val_rows, settings, device)
 
 
@@ -398,3 +455,19 @@ def evaluate(model, loader, device: str) -> tuple[np.ndarray, np.ndarray]:
             predicted.append(model(normalise(images, device)).argmax(1).cpu().numpy())
             truth.append(targets.numpy())
     return np.concatenate(truth), np.concatenate(predicted)
+
+
+def predict_with_confidence(model, loader, trained: list[int], device: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class, its softmax probability) of every frame of `loader`, among the `trained`
+    classes only, as `labeler predict` gives them."""
+    import torch
+
+    model.eval()
+    allowed = torch.tensor(trained, device=device)
+    ids, confidences = [np.zeros(0, int)], [np.zeros(0)]
+    with torch.inference_mode():
+        for images, _ in loader:
+            confidence, best = model(normalise(images, device))[:, allowed].softmax(1).max(1)
+            ids.append(allowed[best].cpu().numpy())
+            confidences.append(confidence.cpu().numpy())
+    return np.concatenate(ids), np.concatenate(confidences)

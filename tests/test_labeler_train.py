@@ -121,6 +121,12 @@ def test_the_sampler_draws_every_class_equally_and_no_frame_twice_before_the_res
     assert list(BalancedSampler(targets, seed=0)) == list(BalancedSampler(targets, seed=0))
 
 
+def test_the_sampler_draws_as_many_as_asked_an_epoch_whatever_the_number_of_frames():
+    targets = np.array([0] * 10 + [1] * 2 + [2])
+    sampler = BalancedSampler(targets, seed=0, draws=6)
+    assert len(sampler) == 6 and [sorted(np.bincount(targets[list(sampler)])) for _ in range(2)] == [[2, 2, 2]] * 2
+
+
 def test_training_augmentation_keeps_the_hue_of_every_colour_the_labels_are_told_apart_by():
     import torch
 
