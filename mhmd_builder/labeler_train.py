@@ -24,6 +24,9 @@ from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
 
 log = logging.getLogger(__name__)
+# Validation frames every trained label needs before the best epoch is picked on them: with one, a
+# label's F1 is 0 or 1 and the "best" epoch a coin flip (the learning benchmark's 7 frames of 6 labels).
+MIN_VALIDATION_FRAMES = 2
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -304,16 +307,26 @@ def say_frames_without_persons(labeled: "pd.DataFrame", mode: str) -> None:
 
 
 def selection_rule(split: Split, trained: list[int], names: list[str]) -> str | None:
-    """None when validation scores every class training saw, so that its best epoch means something;
-    else why the last epoch is kept (the one-cycle schedule ends with the smallest steps)."""
-    validated = {r["label_id"] for r in split.per_class if r["val_frames"]}
-    unscored = [names[c] for c in trained if c not in validated]
-    if not unscored:
+    """None when validation scores every class training saw on MIN_VALIDATION_FRAMES frames or more, so
+    that its best epoch means something; else why the last epoch is kept (the one-cycle schedule ends
+    with the smallest steps)."""
+    frames = {r["label_id"]: r["val_frames"] for r in split.per_class}
+    unscored = [names[c] for c in trained if not frames.get(c)]
+    thin = [names[c] for c in trained if 0 < frames.get(c, 0) < MIN_VALIDATION_FRAMES]
+    if unscored:
+        reason = (f"the last epoch: validation has no frame of {len(unscored)} of the {len(trained)} trained labels "
+                  f"({listed(unscored)}), so it cannot pick an epoch")
+    elif thin:
+        reason = (f"the last epoch: validation has fewer than {MIN_VALIDATION_FRAMES} frames of {len(thin)} of the "
+                  f"{len(trained)} trained labels ({listed(thin)}), too few to pick an epoch")
+    else:
         return None
-    reason = (f"the last epoch: validation has no frame of {len(unscored)} of the {len(trained)} trained labels "
-              f"({', '.join(unscored[:5])}{', ...' if len(unscored) > 5 else ''}), so it cannot pick an epoch")
     log.info(f"notice: keeping {reason}")
     return reason
+
+
+def listed(labels: list[str]) -> str:
+    return f"{', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''}"
 
 
 def majority_baseline(labeled: "pd.DataFrame", val: np.ndarray, names: list[str]) -> dict:

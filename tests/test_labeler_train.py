@@ -9,8 +9,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from mhmd_builder.labeler_train import (BalancedSampler, TrainSettings, classification_metrics, majority_baseline,
-                                        train, train_transform, warn_if_no_better_than_majority)
+from mhmd_builder.labeler_split import Split
+from mhmd_builder.labeler_train import (MIN_VALIDATION_FRAMES, BalancedSampler, TrainSettings, classification_metrics,
+                                        majority_baseline, selection_rule, train, train_transform,
+                                        warn_if_no_better_than_majority)
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.tables import DETECT_SCHEMA, FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -194,6 +196,19 @@ def test_training_is_reproducible_and_keeps_the_last_epoch_when_validation_canno
     assert len(runs[0]["trained_labels"]) == 4 and runs[0]["val_movies"] == []
     assert runs[0]["metrics"] == runs[1]["metrics"]
     assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("val_frames, kept", [
+    ((2, 3), None),  # every trained label validated on MIN_VALIDATION_FRAMES or more: the best epoch
+    ((2, 1), "fewer than 2 frames of 1 of the 2 trained labels (b)"),  # one frame: F1 0 or 1, a coin flip
+    ((0, 1), "no frame of 1 of the 2 trained labels (a)"),  # unscored comes first
+])
+def test_the_best_epoch_is_picked_only_when_validation_has_enough_frames_of_every_trained_label(val_frames, kept):
+    assert MIN_VALIDATION_FRAMES == 2
+    split = Split(val=np.array([]), how="", per_class=[{"label_id": i, "val_frames": n}
+                                                       for i, n in enumerate(val_frames)])
+    reason = selection_rule(split, [0, 1], ["a", "b"])
+    assert reason is None if kept is None else (reason.startswith("the last epoch") and kept in reason)
 
 
 def conv_statistics(conv, images: np.ndarray) -> tuple:
