@@ -33,6 +33,7 @@ EXTRACT = ["tests/test_extract.py", "-k", "millisecond"]
 RELABEL = ["tests/test_relabel.py", "-k", "keeps_images or older_model or override"]
 LABELER = ["tests/test_labeler.py", "-k", "predict_batch"]
 LABEL = ["tests/test_label.py", "-k", "every_kept_frame"]
+SELECTION = ["tests/test_labeler_train.py", "-k", "best_epoch_is_picked"]
 
 # (file, the exact original text (one occurrence; a line, or two for a swap), its replacement, tests)
 MUTATIONS = [
@@ -106,6 +107,8 @@ MUTATIONS = [
      "split_entry(part.movie.tolist(), part.before.tolist())", RELABEL),
     ("mhmd_builder/labeler.py", "len(allowed)), 1)", "len(allowed)), 1, largest=False)", LABELER),
     ("mhmd_builder/labeler.py", "if allowed is not None:", "if False:", LABELER),
+    ("mhmd_builder/labeler_train.py", "0 < frames.get(c, 0) < MIN_VALIDATION_FRAMES",
+     "0 < frames.get(c, 0) <= MIN_VALIDATION_FRAMES", SELECTION),
     ("mhmd_builder/labeler.py", "logits.softmax(1).topk(", "logits.sigmoid().topk(", LABELER),
     ("mhmd_builder/labeler.py", "min(3, logits.shape[1] if allowed is None else len(allowed))",
      "min(3, logits.shape[1])", LABELER),
