@@ -17,7 +17,6 @@ from typing import Iterator
 
 import cv2
 import pyarrow as pa
-import pyarrow.parquet as pq
 import xxhash
 
 from .devices import machine_cores, pick_decoder
@@ -510,7 +509,7 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summ
     into W/frames/<movie> (the chunks keep theirs until the film is committed, so a join killed
     halfway is simply done again), the film's table and done marker; the chunks' records go last."""
     started, movie = time.monotonic(), film.id
-    tables = [pq.read_table(workdir.table_path(CHUNKS, c.id)) for c in chunks]
+    tables = [workdir.read_partition(CHUNKS, c.id) for c in chunks]  # DamagedFileError names a damaged one
     table = pa.concat_tables(tables, promote_options="default")
     unique = {}
     for row in table.to_pylist():  # two frames within a millisecond on either side of a border: the first
