@@ -579,10 +579,9 @@ HISTORYNET_VARIANTS = {(False, False): "historynet", (True, False): "no_parsing"
               help="Autocast dtype of the training steps (fp16: CUDA only, with loss scaling) [default: fp32 with "
                    "--preset official (as the official code) and on the CPU; bf16 on CUDA, fp16 without bf16].")
 def historynet_train_command(shards, rundir, epochs, steps, epoch_samples, batch_size, lr, device, no_parsing,
-                             no_classifier, preset, info_term, warmup_steps, critic_weight, info_weight, ema, vgg_weights, image_size, width,
-                             workers, save_every,
-                             keep_checkpoints,
-                             log_every, val_shards, val_samples, taxonomy, seed, resume, precision) -> None:
+                             no_classifier, preset, info_term, warmup_steps, critic_weight, info_weight, ema,
+                             vgg_weights, image_size, width, workers, save_every, keep_checkpoints, log_every,
+                             val_shards, val_samples, taxonomy, seed, resume, precision) -> None:
     """Train HistoryNet (or one of its ablations) on shards; under torchrun, one process per GPU."""
     from .historynet.train import TrainSettings, train
 

@@ -95,7 +95,8 @@ class TrainSettings:
     variant: str = "historynet"  # one of model.VARIANTS
     preset: str = "recommended"  # loss weights (losses.LOSS_PRESETS), info term and warm-up (PRESET_SCHEDULES)
     warmup_steps: int | None = None  # G's first steps with its supervised terms only; None: the preset's
-    info_term: str | None = None  # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax; None: the preset's
+    # losses.INFO_TERMS: the official clipped KL on raw vectors, or softmax; None: the preset's
+    info_term: str | None = None
     critic_weight: float | None = None  # G's weight on D1's term; None: the preset's (not the paper's otherwise)
     info_weight: float | None = None  # G's weight on D2's term; None: the preset's (not the paper's otherwise)
     ema: float = 0.0  # the decay of G's moving average kept for colouring; 0: none (not the paper's: it keeps none)
