@@ -16,7 +16,9 @@ does) measures per-file costs, the part of shard that grows with N.
 Peak memory: the largest sum of the proportional set sizes (PSS, Linux) of the command's process
 and all its descendants, sampled every 50 ms with psutil: a page shared by forked writers counts
 once in the sum (RSS would count it in each), so this is the memory the tree holds; a peak shorter
-than 50 ms can be missed. The fit: the exponent b of time ~ N^b and memory ~ N^b (least squares on logs) over
+than 50 ms can be missed. CPU seconds: user + system of the command's whole process tree, from the
+kernel's accounting of waited-for children (a loaded machine inflates them far less than wall time).
+The fit: the exponent b of time ~ N^b and memory ~ N^b (least squares on logs) over
 the sizes run (1 is linear, 0 flat; fixed costs flatten it at small N), and the value at the paper's
 size on the least-squares straight line. `status` runs twice: on the fresh work directory, and
 last, after a filter and the shards ("status, built").
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -151,9 +154,16 @@ def tree_pss(process: psutil.Process) -> int:
     return total
 
 
-def measured(args: list[str], cwd: Path) -> tuple[float, int]:
-    """Run a command; its wall time (s) and the peak PSS of its process tree (bytes)."""
-    started = time.perf_counter()
+def children_cpu() -> float:
+    """CPU seconds (user + system) of every ended process this one has waited for, and theirs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measured(args: list[str], cwd: Path) -> tuple[float, int, float]:
+    """Run a command; its wall time (s), the peak PSS of its process tree (bytes) and the CPU seconds of
+    the tree (its forked writers included: each waits for its own children, so their time reaches us)."""
+    cpu_before, started = children_cpu(), time.perf_counter()
     child = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     process, peak = psutil.Process(child.pid), 0
     stop = threading.Event()
@@ -175,7 +185,7 @@ def measured(args: list[str], cwd: Path) -> tuple[float, int]:
     sampler.join()
     if child.returncode:
         raise SystemExit(f"{' '.join(args)} failed ({child.returncode}):\n{stderr.decode()[-2000:]}")
-    return seconds, peak
+    return seconds, peak, children_cpu() - cpu_before
 
 
 def filled_labels(todo: Path, out: Path) -> None:
@@ -186,7 +196,7 @@ def filled_labels(todo: Path, out: Path) -> None:
     sample.to_csv(out, index=False)
 
 
-def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int]]:
+def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int, float]]:
     started = time.perf_counter()
     work = make_workdir(root, frames, films)
     print(f"\n{frames} frames over {films} films: work directory made in {time.perf_counter() - started:.0f} s")
@@ -206,9 +216,11 @@ def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int]
         if name == "labels import":
             filled_labels(root / "todo.csv", root / "labelled.csv")
         results[name] = measured([MHMD, "-q", *args], root)
-        print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB", flush=True)
+        print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB "
+              f"{results[name][2]:8.1f} CPU s", flush=True)
     results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"], root)
-    print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB   "
+    print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
+          f"{results['tar cf'][2]:8.1f} CPU s   "
           f"shard / tar cf: {results['shard'][0] / results['tar cf'][0]:.2f}x", flush=True)
     return results
 
@@ -241,17 +253,17 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 runs[n] = run_size(Path(tmp), n, args.films)
     sizes = list(runs)
-    print(f"\n| command | {' | '.join(f'N={n:,}: s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
+    print(f"\n| command | {' | '.join(f'N={n:,}: s / CPU s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
           f"| at N={PAPER:,} (linear): s / MiB |")
     print(f"|---|{'---:|' * len(sizes)}---:|---:|---:|")
     for name in runs[sizes[0]]:
         seconds, memory = [runs[n][name][0] for n in sizes], [runs[n][name][1] / 2**20 for n in sizes]
-        cells = [f"{t:.1f} / {m:.0f}" for t, m in zip(seconds, memory)]
+        cells = [f"{t:.1f} / {runs[n][name][2]:.1f} / {m:.0f}" for n, t, m in zip(sizes, seconds, memory)]
         print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
               f"| {linear(sizes, seconds):.0f} / {linear(sizes, memory):.0f} |")
     for n in sizes:
-        print(f"N={n:,}: shard / tar cf = {runs[n]['shard'][0] / runs[n]['tar cf'][0]:.2f}x")
-
+        shard, tar = runs[n]["shard"], runs[n]["tar cf"]
+        print(f"N={n:,}: shard / tar cf = {shard[0] / tar[0]:.2f}x wall, {shard[2] / max(tar[2], 1e-3):.2f}x CPU")
 
 if __name__ == "__main__":
     main()
