@@ -196,7 +196,7 @@ def filled_labels(todo: Path, out: Path) -> None:
     sample.to_csv(out, index=False)
 
 
-def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int, float]]:
+def run_size(root: Path, frames: int, films: int, only: list[str] | None = None) -> dict[str, tuple[float, int, float]]:
     started = time.perf_counter()
     work = make_workdir(root, frames, films)
     print(f"\n{frames} frames over {films} films: work directory made in {time.perf_counter() - started:.0f} s")
@@ -213,11 +213,15 @@ def run_size(root: Path, frames: int, films: int) -> dict[str, tuple[float, int,
     }
     results = {}
     for name, args in steps.items():
+        if only and name not in only:
+            continue
         if name == "labels import":
             filled_labels(root / "todo.csv", root / "labelled.csv")
         results[name] = measured([MHMD, "-q", *args], root)
         print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB "
               f"{results[name][2]:8.1f} CPU s", flush=True)
+    if "shard" not in results:
+        return results
     results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"], root)
     print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
           f"{results['tar cf'][2]:8.1f} CPU s   "
@@ -241,6 +245,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000], help="Sampled frames per run.")
     parser.add_argument("--films", type=int, default=20)
     parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
+    parser.add_argument("--only", nargs="+", metavar="COMMAND", default=None,
+                        help='Run only these commands, e.g. "status" "manifest export" (labels import needs sample).')
     args = parser.parse_args()
     runs = {}
     for n in args.sizes:
@@ -248,10 +254,10 @@ def main() -> None:
             root = args.keep / f"n{n}"
             shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True)
-            runs[n] = run_size(root, n, args.films)
+            runs[n] = run_size(root, n, args.films, args.only)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                runs[n] = run_size(Path(tmp), n, args.films)
+                runs[n] = run_size(Path(tmp), n, args.films, args.only)
     sizes = list(runs)
     print(f"\n| command | {' | '.join(f'N={n:,}: s / CPU s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
           f"| at N={PAPER:,} (linear): s / MiB |")
@@ -261,7 +267,7 @@ def main() -> None:
         cells = [f"{t:.1f} / {runs[n][name][2]:.1f} / {m:.0f}" for n, t, m in zip(sizes, seconds, memory)]
         print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
               f"| {linear(sizes, seconds):.0f} / {linear(sizes, memory):.0f} |")
-    for n in sizes:
+    for n in sizes if "tar cf" in runs[sizes[0]] else []:
         shard, tar = runs[n]["shard"], runs[n]["tar cf"]
         print(f"N={n:,}: shard / tar cf = {shard[0] / tar[0]:.2f}x wall, {shard[2] / max(tar[2], 1e-3):.2f}x CPU")
 

@@ -22,7 +22,7 @@ from .errors import DamagedFileError
 from .filter import current_counts, current_decisions, fresh_decisions, with_decisions
 from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path, rows_by_movie)
-from .workdir import WorkDir, atomic_write_table, changes
+from .workdir import WorkDir, atomic_table_writer, changes
 
 if TYPE_CHECKING:  # pandas costs seconds to import, which `mhmd status` does not need
     import pandas as pd
@@ -265,9 +265,48 @@ def _with_labels(frames: pa.Table, human: pa.Table | None, predicted: pa.Table |
 
 
 def export_manifest(workdir: WorkDir, out: str) -> int:
-    """Write the manifest as Parquet with the contract's column types; returns the row count."""
-    table = manifest_table(workdir)  # written as it is built: no pandas frame
+    """Write the manifest as Parquet with the contract's column types; returns the row count.
+    Movie by movie (`manifest_by_movie`), a row group each, into one file that has the columns of
+    `manifest_table` (`_export_schema`): no pandas frame, and never the whole manifest held."""
+    schema, rows = _export_schema(workdir), 0
+    with atomic_table_writer(Path(out), schema) as writer:
+        for table in manifest_by_movie(workdir):
+            writer.write_table(pa.table([table[field.name].cast(field.type) if field.name in table.column_names
+                                         else pa.nulls(table.num_rows, field.type) for field in schema], schema=schema))
+            rows += table.num_rows
+    return rows
+
+
+def _export_schema(workdir: WorkDir) -> pa.Schema:
+    """The columns `manifest_table` would have, with the contract's types, from the tables'
+    footers: the manifest of empty tables of every stage's columns. One movie's rows cannot tell:
+    a movie not detected yet has no boxes, which other movies' rows have."""
+    frames = _no_rows([workdir.table_path(EXTRACT, pid) for pid in workdir.marked_done(EXTRACT)])
+    if frames is None:
+        return pa.schema(MANIFEST_COLUMNS.items())
+    partitions = {stage: [workdir.table_path(stage, pid) for pid in workdir.marked_done(stage)]
+                  for stage in (DETECT, LABEL, SHARD)}
+    later = _Later(decisions=None, detections=_no_rows(partitions[DETECT]),  # decisions add no column
+                   human=_no_rows([human_labels_path(workdir)], ["frame_id", "label"]),
+                   predicted=_no_rows(partitions[LABEL]), shards=_no_rows(partitions[SHARD], ["frame_id", "split"]),
+                   parsing=_no_rows([parsing_table_path(workdir)], ["frame_id", "movie_id", "parsing"]))
+    schema = _assemble(frames, later).schema
     for name, kind in MANIFEST_COLUMNS.items():
-        table = _put(table, name, table[name].cast(kind))
-    atomic_write_table(Path(out), table)
-    return table.num_rows
+        schema = schema.set(schema.get_field_index(name), pa.field(name, kind))
+    return schema
+
+
+def _no_rows(paths: list[Path], columns: list[str] | None = None) -> pa.Table | None:
+    """An empty table of the Parquet files' columns (`columns` of them), their schemas unified as
+    `WorkDir.read_arrow` concatenates them; None when none reads (a damaged one is refused where
+    its rows are read)."""
+    schemas = []
+    for path in paths:
+        try:
+            schemas.append(pq.read_schema(path))
+        except (pa.ArrowException, OSError):
+            continue
+    if not schemas:
+        return None
+    table = pa.unify_schemas(schemas, promote_options="default").remove_metadata().empty_table()
+    return table.select([c for c in columns if c in table.column_names]) if columns else table

@@ -91,6 +91,15 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
         pq.write_table(table, tmp)
 
 
+@contextmanager
+def atomic_table_writer(path: Path, schema: pa.Schema) -> Iterator[pq.ParquetWriter]:
+    """`atomic_write_table` a piece at a time (each `write_table` a row group or more), so that a
+    writer of a whole-dataset table never holds all of it: renamed into place when the block succeeds."""
+    _changed()
+    with _temporary_sibling(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        yield writer
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 

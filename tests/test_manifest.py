@@ -233,3 +233,28 @@ def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_cop
     columns = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
     assert pa.concat_tables(manifest_module.manifest_by_movie(work, columns=columns)).equals(
         manifest_module.manifest_table(work, columns=columns))
+
+
+def test_the_export_written_movie_by_movie_is_the_whole_manifest(synthetic_copy, tmp_path):
+    """Each movie's rows are written as they are built; the file is still the whole manifest's table,
+    with its columns where one movie has no record of a later stage (not detected, not labelled,
+    not sharded), and with the contract's types."""
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))
+    movies = sorted(work.done("extract"))
+    for stage in ("detect", "label"):  # the first movie as if detect had not reached it yet
+        (work.parts_dir(stage) / f"{movies[0]}.done").unlink()
+    (work.parts_dir("label") / f"{movies[1]}.done").unlink()
+    kept = manifest_module.manifest(work).query("kept and movie_id == @movies[2]")
+    work.commit("shard", "train-000000", pa.table({"frame_id": kept.frame_id, "movie_id": kept.movie_id,
+                                                   "split": ["train"] * len(kept), "shard": ["0"] * len(kept)}),
+                {"frames_in": len(kept), "frames_out": len(kept)})
+    whole = manifest_module.manifest_table(work)
+    for name, kind in MANIFEST_COLUMNS.items():
+        whole = whole.set_column(whole.schema.get_field_index(name), name, whole[name].cast(kind))
+    out = tmp_path / "m.parquet"
+    assert export_manifest(work, str(out)) == whole.num_rows == 3000
+    written = pq.read_table(out)
+    assert written.schema.equals(whole.schema) and written.equals(whole)
+    assert pq.ParquetFile(out).num_row_groups == len(movies)  # one movie's rows at a time
+    assert written["boxes"].null_count < 3000 and written["split"].null_count == 3000 - len(kept)

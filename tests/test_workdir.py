@@ -1,11 +1,12 @@
 import errno
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mhmd_builder import workdir
 from mhmd_builder.errors import DamagedFileError
-from mhmd_builder.workdir import WorkDir, atomic_write_bytes, atomic_write_table
+from mhmd_builder.workdir import WorkDir, atomic_table_writer, atomic_write_bytes, atomic_write_table
 
 
 def test_atomic_write_leaves_no_temporary_file(tmp_path):
@@ -65,6 +66,19 @@ def test_a_write_that_fails_leaves_neither_a_partial_file_nor_its_temporary(tmp_
     with pytest.raises(OSError):
         atomic_write_table(tmp_path / "a" / "t.parquet", pa.table({"x": [1]}))
     assert target.read_bytes() == b"one" and [p.name for p in target.parent.iterdir()] == ["b.bin"]
+
+
+def test_a_table_written_in_pieces_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "t.parquet"
+    with atomic_table_writer(target, pa.schema([("x", pa.int64())])) as writer:
+        writer.write_table(pa.table({"x": [1, 2]}))
+        writer.write_table(pa.table({"x": [3]}))
+        assert not target.exists()  # renamed into place at the end only
+    assert pq.read_table(target)["x"].to_pylist() == [1, 2, 3]
+    with pytest.raises(KeyboardInterrupt), atomic_table_writer(target, pa.schema([("x", pa.int64())])) as writer:
+        writer.write_table(pa.table({"x": [4]}))
+        raise KeyboardInterrupt
+    assert pq.read_table(target)["x"].to_pylist() == [1, 2, 3] and [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
 
 
 def test_a_failed_partition_frees_its_staging_before_writing_its_record(tmp_path, monkeypatch):
