@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from .errors import InputError
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
-from .tables import EXTRACT, FILTER, decisions_path, movie_paths, rows_by_movie
-from .workdir import WorkDir, atomic_write_json, atomic_write_table, read_json, writes
+from .tables import EXTRACT, FILTER, decisions_path, movie_paths
+from .workdir import WorkDir, atomic_table_writer, atomic_write_json, read_json, writes
 
 if TYPE_CHECKING:  # pandas costs seconds to import: `mhmd status` (current_counts) does not need it
     import pandas as pd
@@ -74,15 +74,55 @@ def fresh_decisions(workdir: WorkDir) -> pa.Table | None:
     """The last filter's decisions (frame_id, movie_id, kept, reject_reason, flags) of the movies
     not extracted again since; None when there was no filter."""
     path = decisions_path(workdir)
-    if not path.exists():
-        return None
-    filtered = pq.read_table(path, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags",
-                                            "extract_fingerprint"])
+    return _fresh(workdir, pq.read_table(path, columns=_READ)) if path.exists() else None
+
+
+_READ = ["frame_id", "movie_id", "kept", "reject_reason", "flags", "extract_fingerprint"]
+
+
+def _fresh(workdir: WorkDir, filtered: pa.Table) -> pa.Table:
+    """The rows of `filtered` (rows of the decisions file) of the movies whose extract table is
+    still the one decided on, without the fingerprint."""
     prints = filtered.group_by(["movie_id", "extract_fingerprint"]).aggregate([]).to_pylist()
     fresh = [p["movie_id"] for p in prints if workdir.is_done(EXTRACT, p["movie_id"])
              and _fingerprint(workdir.table_path(EXTRACT, p["movie_id"])) == p["extract_fingerprint"]]
     return filtered.filter(pc.is_in(filtered["movie_id"], value_set=pa.array(fresh, pa.string()))).drop_columns(
         "extract_fingerprint")
+
+
+class MovieDecisions:
+    """`fresh_decisions` one movie at a time (`of`), read from the decisions file's row groups that
+    hold the movie (by their movie_id statistics): the filter writes a row group per movie, and an
+    earlier version's larger groups are read once for the movies they hold in a row, so a reader
+    going movie by movie in order never holds every frame's decision."""
+
+    def __init__(self, workdir: WorkDir):
+        path = decisions_path(workdir)
+        self.workdir, self.file = workdir, pq.ParquetFile(path) if path.exists() else None
+        groups = self.file.num_row_groups if self.file else 0
+        self.ranges = [_movie_range(self.file.metadata.row_group(i)) for i in range(groups)]
+        self.read: tuple[list[int], pa.Table | None] = ([], None)  # the row groups read last, their rows
+
+    def of(self, movie: str) -> pa.Table | None:
+        """The movie's fresh decisions; None when the last filter did not decide on it (or there was none)."""
+        groups = [i for i, (low, high) in enumerate(self.ranges) if low is None or low <= movie <= high]
+        if not groups:
+            return None
+        if groups != self.read[0]:
+            self.read = groups, None  # the old rows go before the new are read
+            self.read = groups, self.file.read_row_groups(groups, columns=_READ)
+        rows = self.read[1]
+        rows = _fresh(self.workdir, rows.filter(pc.equal(rows["movie_id"], movie)))
+        return rows if rows.num_rows else None
+
+
+def _movie_range(group: pq.RowGroupMetaData) -> tuple[str | None, str | None]:
+    """The least and greatest movie_id of a row group; (None, None) when it has no statistics (any movie)."""
+    for i in range(group.num_columns):
+        column = group.column(i)
+        if column.path_in_schema == "movie_id" and column.statistics is not None and column.statistics.has_min_max:
+            return column.statistics.min, column.statistics.max
+    return None, None
 
 
 def with_decisions(frames: pa.Table, decisions: pa.Table | None) -> pa.Table:
@@ -168,28 +208,30 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     and record the decisions as the filter stage's own table. Returns a summary: counts, frames
     newly rejected and accepted, and which movies must be extracted again (frames now kept that
     never had a JPEG encoded) with the command that does it. Movie by movie: one extract table's
-    rows are held at a time, and the decisions in Arrow."""
+    rows and decisions are held at a time."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     movies = sorted(workdir.marked_done(EXTRACT))
     if not movies:
         raise InputError(f"{workdir.root}: no extracted movies yet: run `mhmd extract` first")
-    earlier = rows_by_movie(fresh_decisions(workdir))
-    tables, counts, changed = [], {}, Counter()
-    for movie in movies:
-        table = workdir.read_partition(EXTRACT, movie)
-        decisions = _movie_decisions(workdir, movie, table.to_pandas(), thresholds)
-        was_kept = _kept_before(table, earlier.get(movie)).reindex(decisions["frame_id"]).fillna(False)
-        was_kept = was_kept.astype(bool).to_numpy()
-        changed.update(newly_rejected=int((was_kept & ~decisions["kept"]).sum()),
-                       newly_accepted=int((~was_kept & decisions["kept"]).sum()))
-        tables.append(pa.Table.from_pandas(decisions, preserve_index=False, schema=DECISIONS_SCHEMA))
-        counts.update(_movie_counts(decisions))
-    atomic_write_table(decisions_path(workdir), pa.concat_tables(tables))
+    earlier, frames, counts, changed = MovieDecisions(workdir), 0, {}, Counter()
+    # Written as decided, a row group per movie (what MovieDecisions reads); the file read for the
+    # earlier decisions is replaced only once the new one is whole.
+    with atomic_table_writer(decisions_path(workdir), DECISIONS_SCHEMA) as writer:
+        for movie in movies:
+            table = workdir.read_partition(EXTRACT, movie)
+            decisions = _movie_decisions(workdir, movie, table.to_pandas(), thresholds)
+            was_kept = _kept_before(table, earlier.of(movie)).reindex(decisions["frame_id"]).fillna(False)
+            was_kept = was_kept.astype(bool).to_numpy()
+            changed.update(newly_rejected=int((was_kept & ~decisions["kept"]).sum()),
+                           newly_accepted=int((~was_kept & decisions["kept"]).sum()))
+            writer.write_table(pa.Table.from_pandas(decisions, preserve_index=False, schema=DECISIONS_SCHEMA))
+            frames += len(decisions)
+            counts.update(_movie_counts(decisions))
 
     stale = {movie: int(n) for movie, n in ((m, c["needs_extraction"]) for m, c in counts.items()) if n}
     rejected = sum((Counter(c["rejected"]) for c in counts.values()), Counter())
     summary = {
-        "frames": sum(table.num_rows for table in tables),
+        "frames": frames,
         "kept": sum(c["frames_out"] for c in counts.values()),
         "rejected": dict(sorted(rejected.items())),
         "newly_rejected": changed["newly_rejected"],

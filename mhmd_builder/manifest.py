@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import DamagedFileError
-from .filter import current_counts, current_decisions, fresh_decisions, with_decisions
+from .filter import MovieDecisions, current_counts, current_decisions, fresh_decisions, with_decisions
 from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
                      human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_table_writer, changes
@@ -166,19 +166,19 @@ def _build(workdir: WorkDir, columns: list[str] | None = None) -> tuple[pa.Table
 def manifest_by_movie(workdir: WorkDir, before: str | None = None,
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """`manifest_table` one movie at a time, in the manifest's order: each movie's rows built from
-    its own partitions and its rows of the whole-dataset tables (the filter's decisions, the shard
-    records, the parsing maps: read once and cut per movie), so that a command holds one movie's
+    its own partitions and its rows of the whole-dataset tables (the filter's decisions, read per
+    movie: `MovieDecisions`; the shard records and the parsing maps, read once and cut per movie), so that a command holds one movie's
     frames, not every frame. A damaged record of a stage before `before` raises when it is reached."""
     refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
     damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
-    decisions = rows_by_movie(fresh_decisions(workdir))
+    decisions = MovieDecisions(workdir)
     shards = rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "movie_id", "split"]))
     parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
     for movie in sorted(workdir.marked_done(EXTRACT)):
         frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
         if frames is None:
             continue
-        later = _Later(decisions=decisions.get(movie), human=human, shards=shards.get(movie),
+        later = _Later(decisions=decisions.of(movie), human=human, shards=shards.get(movie),
                        parsing=parsing.get(movie), detections=workdir.read_partition(DETECT, movie, damaged[DETECT]),
                        predicted=workdir.read_partition(LABEL, movie, damaged[LABEL]))
         yield _assemble(frames, later).sort_by([("timestamp", "ascending")])

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import ExtractSettings, extract
-from mhmd_builder.filter import current_decisions, decide, recorded_thresholds, refilter
+from mhmd_builder.filter import MovieDecisions, current_decisions, decide, fresh_decisions, recorded_thresholds, refilter
 from mhmd_builder.errors import DamagedFileError
 from mhmd_builder.manifest import export_manifest, status
 from mhmd_builder.quality import REASONS, SCORE_NAMES, QualityThresholds
@@ -193,3 +193,31 @@ def test_the_filter_decided_movie_by_movie_is_that_of_the_whole_extract_table(sy
     assert summary["newly_accepted"] == int((now & ~before.reindex(now.index)).sum()) > 0
     assert summary["kept"] == int(now.sum()) and summary["frames"] == len(whole) == 3000
     assert sum(summary["needs_extraction"].values()) == int(written.needs_extraction.sum()) > 0
+
+
+def test_the_decisions_read_per_movie_are_the_whole_files_rows_of_it(synthetic_copy):
+    """The filter writes a row group per movie, which a reader going movie by movie reads alone; a
+    file an earlier version wrote whole (one row group) gives the same rows; a movie extracted
+    again since the filter has none, as in `fresh_decisions`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = synthetic_copy
+    refilter(work, QualityThresholds(min_colorfulness=0))
+    movies = sorted(work.done("extract"))
+    assert pq.ParquetFile(decisions_path(work)).num_row_groups == len(movies)
+    work.commit("extract", movies[1], pq.read_table(work.table_path("extract", movies[1])).slice(1),
+                work.done("extract")[movies[1]])  # extracted again: another table
+    whole = fresh_decisions(work)
+    assert set(whole["movie_id"].to_pylist()) == set(movies) - {movies[1]}
+
+    def per_movie(decisions):
+        return {movie: decisions.of(movie) for movie in [*movies, "film9999"]}
+
+    for _ in ("as written", "as an earlier version wrote it"):
+        got = per_movie(MovieDecisions(work))
+        assert got[movies[1]] is None and got["film9999"] is None
+        for movie in set(movies) - {movies[1]}:
+            assert got[movie].equals(whole.filter(pa.compute.equal(whole["movie_id"], movie))), movie
+        pq.write_table(pq.read_table(decisions_path(work)), decisions_path(work))  # one row group
+        assert pq.ParquetFile(decisions_path(work)).num_row_groups == 1
