@@ -6,6 +6,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dataclasses import fields
 
@@ -14,13 +15,14 @@ import click
 from . import __version__, logs
 from .devices import machine_cores
 from .errors import MhmdError, storage_error
-from .extract import ExtractSettings, MovieOutcome, extract
-from .media import Sampling
 from .quality import QualityThresholds, with_overrides
 from .ranges import choice_type, option_type
 from .runners import make_runner
 from .shards import INDEX, format_index, require_index
 from .workdir import WorkDir
+
+if TYPE_CHECKING:  # extract (cv2, numpy) is imported by its command: `mhmd status` need not pay for it
+    from .extract import MovieOutcome
 
 log = logging.getLogger("mhmd_builder.cli")  # not __name__, which is __main__ under `python -m`
 COMMAND_LINE = "mhmd.command_line"  # ctx.meta key: the arguments `mhmd` was given, for the log
@@ -215,6 +217,9 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
                     skip_head, skip_tail, crop, jpeg_quality, decoder, chunk_seconds, workers, redo, runner,
                     ray_address, **thresholds) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
+    from .extract import ExtractSettings, extract
+    from .media import Sampling
+
     if keyframes and scenes:
         raise click.UsageError("--keyframes and --scenes exclude each other")
     mode = "keyframes" if keyframes else "scenes" if scenes else "fps"

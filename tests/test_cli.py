@@ -81,3 +81,16 @@ def test_extract_creates_its_work_directory(movies, tmp_path):
     work = tmp_path / "new" / "w"
     assert mhmd("extract", str(movies), "-w", str(work)).exit_code == 0
     assert (work / LOG_NAME).is_file()
+
+
+def test_status_imports_no_stage_of_frames_nor_pandas(synthetic_copy):
+    """`mhmd status` reads json markers: importing extract (ffmpeg, xxhash), pandas or torch would
+    cost it more than its reading does."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from mhmd_builder.cli import main\n"
+            f"main(['status', '-w', {str(synthetic_copy.root)!r}], standalone_mode=False)\n"
+            "print(sorted(m for m in ('mhmd_builder.extract', 'mhmd_builder.media', 'pandas', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "[]" and "extract" in out
