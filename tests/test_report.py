@@ -199,8 +199,8 @@ def test_a_work_directory_is_counted_and_sampled_movie_by_movie_as_a_whole(synth
     groups = report.example_groups(frames)
     wanted = {key: 7 for key in groups}
     examples = report.spread_examples(work, tally, wanted)
-    for key, mask in groups.items():
-        group = frames[mask]
+    for key, positions in groups.items():
+        group = frames.iloc[positions]
         assert tally.group_size(key) == len(group)
         expected = group.iloc[np.unique(np.linspace(0, len(group) - 1, 7).round().astype(int))] if len(group) > 7 \
             else group
