@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import InputError
-from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge
+from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge_columns
 from .tables import EXTRACT, FILTER, decisions_path, movie_paths
 from .workdir import WorkDir, atomic_table_writer, atomic_write_json, read_json, writes
 
@@ -41,9 +41,10 @@ def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     for movie, group in frames.sort_values(["movie_id", "timestamp"], kind="stable").groupby("movie_id", sort=False):
         runs = DuplicateRuns(thresholds.max_hash_distance)
         verdicts = []
-        for fid, *values in zip(group["frame_id"], *(group[name].to_numpy() for name in SCORE_NAMES)):
-            scores = dict(zip(SCORE_NAMES, values))
-            verdicts += runs.push(FrameVerdict({"frame_id": fid}, scores, judge(scores, thresholds)))
+        scores = {name: group[name].to_numpy() for name in SCORE_NAMES}
+        flags = judge_columns(scores, thresholds)
+        for fid, *values, failed in zip(group["frame_id"].tolist(), *scores.values(), flags):
+            verdicts += runs.push(FrameVerdict({"frame_id": fid}, dict(zip(SCORE_NAMES, values)), failed))
         verdicts += runs.flush()
         rows += [(v.meta["frame_id"], movie, v.kept, v.reason, v.flags) for v in verdicts]
     return pd.DataFrame(rows, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags"])

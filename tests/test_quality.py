@@ -10,7 +10,7 @@ import pytest
 
 from mhmd_builder.demo import person_scene
 from mhmd_builder.quality import (REASONS, SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityFilter, QualityThresholds,
-                                  judge, score_frame)
+                                  judge, judge_columns, score_frame)
 
 DEFAULT = QualityThresholds()
 NO_DUPLICATES = QualityThresholds(max_hash_distance=-1)
@@ -213,6 +213,19 @@ def test_each_default_threshold_keeps_a_frame_at_it_and_rejects_one_just_past_it
     assert judge({**GOOD, score: default}, DEFAULT) == []  # the threshold itself still passes
     assert judge({**GOOD, score: default - side * EPS}, DEFAULT) == []
     assert judge({**GOOD, score: default + side * EPS}, DEFAULT) == [reason]
+
+
+def test_frames_judged_as_columns_get_what_each_gets_alone():
+    """`mhmd filter` judges a film's recorded scores as columns: every edge of every check (at the
+    threshold, just past it, NaN, several checks failed at once) gives the one-frame verdict, and
+    each frame its own list (DuplicateRuns appends "duplicate" to one frame's)."""
+    frames = [dict(GOOD)] + [{**GOOD, score: value} for score, default, side, _ in EDGES
+                             for value in (default, default + side * EPS, float("nan"))]
+    frames.append({**GOOD, "colorfulness": 5.0, "mean_luma": 10.0, "short_side": 100.0})
+    flags = judge_columns({name: np.array([f[name] for f in frames]) for name in GOOD}, DEFAULT)
+    assert flags == [judge(f, DEFAULT) for f in frames] and ["grayscale", "dark", "low_resolution"] in flags
+    flags[0].append("duplicate")
+    assert flags[1] == [] and judge(frames[1], DEFAULT) == []
 
 
 def test_a_colourless_frame_is_grayscale_not_tinted():
