@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # pandas costs seconds to import: `mhmd status` (current_coun
 
 STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
+RUN_SCORES = ("phash_hi", "phash_lo", "sharpness")  # what DuplicateRuns reads of a verdict's scores
 
 
 def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
@@ -41,10 +42,12 @@ def decide(frames: pd.DataFrame, thresholds: QualityThresholds) -> pd.DataFrame:
     for movie, group in frames.sort_values(["movie_id", "timestamp"], kind="stable").groupby("movie_id", sort=False):
         runs = DuplicateRuns(thresholds.max_hash_distance)
         verdicts = []
-        scores = {name: group[name].to_numpy() for name in SCORE_NAMES}
-        flags = judge_columns(scores, thresholds)
-        for fid, *values, failed in zip(group["frame_id"].tolist(), *scores.values(), flags):
-            verdicts += runs.push(FrameVerdict({"frame_id": fid}, dict(zip(SCORE_NAMES, values)), failed))
+        flags = judge_columns({name: group[name].to_numpy() for name in SCORE_NAMES}, thresholds)
+        # A verdict carries the scores its duplicate run compares, not all twelve: a dict a frame.
+        run_scores = (group[name].tolist() for name in RUN_SCORES)
+        for fid, hi, lo, sharp, failed in zip(group["frame_id"].tolist(), *run_scores, flags):
+            scores = {"phash_hi": hi, "phash_lo": lo, "sharpness": sharp}
+            verdicts += runs.push(FrameVerdict({"frame_id": fid}, scores, failed))
         verdicts += runs.flush()
         rows += [(v.meta["frame_id"], movie, v.kept, v.reason, v.flags) for v in verdicts]
     return pd.DataFrame(rows, columns=["frame_id", "movie_id", "kept", "reject_reason", "flags"])
