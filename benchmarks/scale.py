@@ -2,7 +2,7 @@
 `filter`, `sample`, `labels import`, `shard` and `report` on synthetic work directories of N frames,
 with a growth fit, and `mhmd shard` against `tar cf` of the same JPEGs in the same run.
 
-    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR]
+    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR] [--only COMMAND ...]
 
 The work directory is written through the stages' own table schemas (`tables.py`) and the work
 directory's own commit (`WorkDir.commit`: table, then done marker with the stage's counts), as
@@ -260,13 +260,14 @@ def main() -> None:
                 runs[n] = run_size(Path(tmp), n, args.films, args.only)
     sizes = list(runs)
     print(f"\n| command | {' | '.join(f'N={n:,}: s / CPU s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
-          f"| at N={PAPER:,} (linear): s / MiB |")
+          f"| at N={PAPER:,} (linear): s / CPU s / MiB |")
     print(f"|---|{'---:|' * len(sizes)}---:|---:|---:|")
     for name in runs[sizes[0]]:
         seconds, memory = [runs[n][name][0] for n in sizes], [runs[n][name][1] / 2**20 for n in sizes]
+        cpu = [runs[n][name][2] for n in sizes]
         cells = [f"{t:.1f} / {runs[n][name][2]:.1f} / {m:.0f}" for n, t, m in zip(sizes, seconds, memory)]
         print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
-              f"| {linear(sizes, seconds):.0f} / {linear(sizes, memory):.0f} |")
+              f"| {linear(sizes, seconds):.0f} / {linear(sizes, cpu):.0f} / {linear(sizes, memory):.0f} |")
     for n in sizes if "tar cf" in runs[sizes[0]] else []:
         shard, tar = runs[n]["shard"], runs[n]["tar cf"]
         print(f"N={n:,}: shard / tar cf = {shard[0] / tar[0]:.2f}x wall, {shard[2] / max(tar[2], 1e-3):.2f}x CPU")
