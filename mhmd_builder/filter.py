@@ -27,6 +27,8 @@ if TYPE_CHECKING:  # pandas costs seconds to import: `mhmd status` (current_coun
 
 STAGE = FILTER
 DECISION_COLUMNS = ["frame_id", "kept", "reject_reason", "flags", "needs_extraction"]
+# The extract columns a decision reads: not the flags, whose lists pandas makes an array a frame of.
+DECIDED_ON = ["frame_id", "movie_id", "timestamp", "jpeg", *SCORE_NAMES]
 RUN_SCORES = ("phash_hi", "phash_lo", "sharpness")  # what DuplicateRuns reads of a verdict's scores
 
 
@@ -223,7 +225,8 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     with atomic_table_writer(decisions_path(workdir), DECISIONS_SCHEMA) as writer:
         for movie in movies:
             table = workdir.read_partition(EXTRACT, movie)
-            decisions = _movie_decisions(workdir, movie, table.to_pandas(), thresholds)
+            decided_on = table.select([name for name in DECIDED_ON if name in table.column_names])
+            decisions = _movie_decisions(workdir, movie, decided_on.to_pandas(), thresholds)
             was_kept = _kept_before(table, earlier.of(movie)).reindex(decisions["frame_id"]).fillna(False)
             was_kept = was_kept.astype(bool).to_numpy()
             changed.update(newly_rejected=int((was_kept & ~decisions["kept"]).sum()),
