@@ -27,10 +27,10 @@ def test_problem_listings_are_capped():
 
 
 def test_a_full_disk_ends_a_command_with_one_line_and_no_temporary_file(tmp_path, monkeypatch):
-    def no_space(table, where):
+    def no_space(where, schema):  # the export writes through a ParquetWriter, a movie at a time
         raise OSError(errno.ENOSPC, "No space left on device", str(where))
 
-    monkeypatch.setattr(workdir.pq, "write_table", no_space)
+    monkeypatch.setattr(workdir.pq, "ParquetWriter", no_space)
     out = tmp_path / "out" / "manifest.parquet"
     (tmp_path / "w").mkdir()  # an empty work directory: its manifest has no rows, but is written
     result = CliRunner().invoke(main, ["manifest", "export", "-w", str(tmp_path / "w"), "-o", str(out)])
