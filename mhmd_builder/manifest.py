@@ -167,8 +167,9 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """`manifest_table` one movie at a time, in the manifest's order: each movie's rows built from
     its own partitions and its rows of the whole-dataset tables (the filter's decisions, read per
-    movie: `MovieDecisions`; the shard records and the parsing maps, read once and cut per movie), so that a command holds one movie's
-    frames, not every frame. A damaged record of a stage before `before` raises when it is reached."""
+    movie: `MovieDecisions`; the shard records and the parsing maps, read once and cut per movie),
+    so that a command holds one movie's frames, not every frame. A damaged record of a stage
+    before `before` raises when it is reached."""
     refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
     damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
     decisions = MovieDecisions(workdir)

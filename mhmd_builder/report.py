@@ -288,11 +288,12 @@ def example_groups(frames: pd.DataFrame) -> dict[tuple, np.ndarray]:
     labeled = frames.label.notna().to_numpy()
     groups = {HUE: np.flatnonzero(frames.kept.fillna(False).astype(bool).to_numpy() & frames.jpeg.notna().to_numpy()),
               ("label", None): np.flatnonzero(passed & ~labeled)}
-    for kind, column, rows in (("label", "label", passed & labeled), ("reason", "reject_reason",
-                                                                     frames.reject_reason.notna().to_numpy())):
+    for kind, column, rows in (("label", "label", passed & labeled),
+                               ("reason", "reject_reason", frames.reject_reason.notna().to_numpy())):
         at = np.flatnonzero(rows)
-        groups.update({(kind, value): at[i] for value, i in frames[column].iloc[at].groupby(
-            frames[column].iloc[at].to_numpy(), sort=False).indices.items()})
+        values = frames[column].iloc[at]
+        positions = values.groupby(values.to_numpy(), sort=False).indices  # value -> positions in `values`
+        groups.update({(kind, value): at[i] for value, i in positions.items()})
     return groups
 
 
