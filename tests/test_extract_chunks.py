@@ -88,6 +88,9 @@ def assert_same_shards(ours: Path, reference: Path) -> None:
     # A key frame on the first frame of every other 1 s slot (a plain border a frame before it):
     # each border moves a slot past it, where the chunk's seek lands on it.
     ("film.mp4", GOP_1S, Sampling("fps", 1.0), 0.0, [3, 5, 7, 9, 11]),
+    # From 0.001 s, every slot starts exactly on a frame and the plain borders exactly on key frames:
+    # each moves a slot on, and the frame on a slot's border is that slot's in every chunk.
+    ("film.mp4", GOP_1S, Sampling("fps", 1.0), 0.001, [3, 5, 7, 9, 11]),
     # Plain borders 0.1 s past the key frames: too close for ffmpeg's seek by decoding time in
     # Matroska (SEEK_SLACK), so each moves a slot on.
     ("film.mkv", GOP_1S_B, Sampling("fps", 2.0), 0.1, [5, 9, 13, 17, 21]),
