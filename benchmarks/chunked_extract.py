@@ -1,6 +1,7 @@
 """Benchmark: `mhmd extract --chunk-seconds` against an undivided extract of the same film.
 
-    uv run python benchmarks/chunked_extract.py [--seconds 600] [--chunks 60] [--repeats 1] [--keep DIR]
+    uv run python benchmarks/chunked_extract.py [--seconds 600] [--chunks 60] [--workers 1 2] [--repeats 1]
+        [--keep DIR]
 
 Makes a film with ffmpeg (testsrc2, 1280x720 at 24 fps, H.264 with a 10 s GOP, a minute encoded
 once and repeated), then runs each
@@ -8,6 +9,7 @@ of these `--repeats` times, round-robin, each in a fresh work directory:
   1. `mhmd extract F -w W --workers 1`                         the undivided film
   2. `mhmd extract F -w W --workers 1 --chunk-seconds C`       goal: <= 1.05 x (1), wall and CPU
   3. `mhmd extract F -w W --workers 2 --chunk-seconds C`       the chunks of one film on two workers
+(2 and 3 for each of `--workers`, 1 and 2 unless told)
 and checks that every run made the same rows and JPEGs as (1). Prints the median wall and CPU
 seconds (user + system of the whole process tree) and the ratios to (1).
 """
@@ -64,6 +66,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=600, help="the film's length")
     parser.add_argument("--chunks", type=float, nargs="+", default=[60.0], help="--chunk-seconds values to time")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--workers of the chunked runs")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="a folder to keep the film in (reused when there)")
     args = parser.parse_args()
@@ -71,7 +74,7 @@ def main() -> None:
     film = make_film(args.keep or scratch, args.seconds)
     runs = {"undivided, 1 worker": ["--workers", "1"]}
     for chunk in args.chunks:
-        for workers in (1, 2):
+        for workers in args.workers:
             runs[f"chunks of {chunk:g} s, {workers} worker{'s' * (workers > 1)}"] = [
                 "--workers", str(workers), "--chunk-seconds", str(chunk)]
     walls: dict[str, list[float]] = {name: [] for name in runs}
@@ -84,6 +87,7 @@ def main() -> None:
             timed(timing, name, mhmd, "extract", str(film), "-w", str(work), "--fps", "1", *options, cpu=cpu)
             walls[name].append(timing[name])
             cpus[name].append(cpu[name])
+            print(f"{name}: {cpu[name]:.2f} CPU s", flush=True)
             made = (rows(work), jpegs(work))
             reference = reference or made
             if not (made[0].equals(reference[0]) and made[1] == reference[1]):

@@ -21,9 +21,9 @@ import xxhash
 
 from .devices import machine_cores, pick_decoder
 from .errors import InputError
-from .media import (EXACT_SEEK_CONTAINERS, Crop, DecodeStats, MediaError, MovieInfo, Part, Sampling, content_hash,
-                    cuda_decodes, decode_frames, detect_letterbox, find_movies, movie_id, output_size, probe,
-                    require_ffmpeg, slug)
+from .media import (BORDER_MARGIN, EXACT_SEEK_CONTAINERS, SEEK_SLACK, Crop, DecodeStats, MediaError, MovieInfo,
+                    Part, Sampling, content_hash, cuda_decodes, decode_frames, detect_letterbox, find_movies,
+                    key_frames_at, movie_id, output_size, probe, require_ffmpeg, slug)
 from .ranges import RANGES
 from .runners import LocalRunner
 from .quality import DuplicateRuns, FrameVerdict, QualityFilter, QualityThresholds, SCORE_NAMES
@@ -382,19 +382,41 @@ def chunk_frames_dir(workdir: WorkDir, chunk: str) -> Path:
     return workdir.stage_dir(CHUNKS) / "frames" / chunk
 
 
-def film_parts(geometry: MovieGeometry, settings: ExtractSettings) -> list[Part]:
+def film_parts(geometry: MovieGeometry, settings: ExtractSettings, path: Path) -> list[Part]:
     """A film's chunks in time order, of about `chunk_seconds` each (whole 1/fps slots with fps
-    sampling); one for a film of unknown length or in a container whose seeks are not exact."""
+    sampling, placed after key frames: `_after_key_frames`); one for a film of unknown length or in
+    a container whose seeks are not exact. With key-frame sampling a border stays a plain time:
+    its chunk decodes the key frame before it, wherever it lies."""
     sampling, seconds = settings.sampling, settings.chunk_seconds
     if geometry.end is None or geometry.info.demuxer not in EXACT_SEEK_CONTAINERS:
         return [Part()]
     if sampling.mode == "fps":
         slots = max(1, round(seconds * sampling.fps))
-        borders = [k * slots for k in range(1, math.ceil(geometry.span * sampling.fps / slots))]
+        plain = [k * slots for k in range(1, math.ceil(geometry.span * sampling.fps / slots))]
+        borders = _after_key_frames(path, geometry, sampling, seconds, plain)
     else:
         borders = [geometry.start + k * seconds for k in range(1, math.ceil(geometry.span / seconds))]
     edges = [None, *borders, None]
     return [Part(first, end) for first, end in zip(edges, edges[1:])]
+
+
+def _after_key_frames(path: Path, geometry: MovieGeometry, sampling: Sampling, seconds: float,
+                      borders: list[int]) -> list[int]:
+    """Each fps border (a slot) moved to just after the key frame that a chunk starting a slot
+    later would seek to (`Sampling.first_slot_after`): then the chunk's seek lands on that key frame
+    and the chunk decodes at most a slot and SEEK_SLACK it throws away, not up to a GOP; a key
+    frame just past a border moves it a slot on, no further. A border stays where the film has no
+    usable key-frame index (`key_frames_at`: None) or that key frame lies over half a chunk away
+    (GOPs that long, an index of one key frame): a chunk stays between half and 1.5 `seconds`."""
+    times = [sampling.border_time(geometry.start, b) for b in borders]
+    seeks = [sampling.border_time(geometry.start, b + 1) - BORDER_MARGIN - SEEK_SLACK for b in borders]
+    keys = key_frames_at(path, geometry.info.demuxer, seeks)
+    if keys is None:
+        log.info("%s: no usable key-frame index: its chunks are cut at plain times", path.name)
+        return borders
+    moved = [sampling.first_slot_after(geometry.start, key) if abs(key - time) <= seconds / 2 else border
+             for border, time, key in zip(borders, times, keys)]
+    return sorted({b for b in moved if 0 < b < geometry.span * sampling.fps})
 
 
 def _chunk_end(geometry: MovieGeometry, part: Part, sampling: Sampling) -> float | None:
@@ -410,21 +432,21 @@ def chunk_inputs(info: dict, settings: ExtractSettings) -> dict:
     return json.loads(json.dumps(inputs))
 
 
-def _film_geometries(films: list[Partition], settings: ExtractSettings) -> dict[str, MovieGeometry | PartitionError]:
-    """Each film's geometry (probe, window, letterbox), decided once for all its chunks; the films
-    at once, since each is mostly waiting for ffprobe and ffmpeg."""
-    def geometry(film: Partition) -> MovieGeometry | PartitionError:
+def _films_in_chunks(films: list[Partition], settings: ExtractSettings) -> dict[str, list[Partition] | PartitionError]:
+    """Each film's chunks, cut from its geometry (probe, window, letterbox: decided once for all its
+    chunks) and key frames; the films at once, since each is mostly waiting for ffprobe and ffmpeg."""
+    def chunks(film: Partition) -> list[Partition] | PartitionError:
         try:
-            return film_geometry(Path(film.info["path"]), settings)
+            return _chunk_partitions(film, film_geometry(Path(film.info["path"]), settings), settings)
         except PartitionError as e:
             return e
 
     with ThreadPoolExecutor(machine_cores()) as pool:
-        return dict(zip([f.id for f in films], pool.map(geometry, films)))
+        return dict(zip([f.id for f in films], pool.map(chunks, films)))
 
 
 def _chunk_partitions(film: Partition, geometry: MovieGeometry, settings: ExtractSettings) -> list[Partition]:
-    parts = film_parts(geometry, settings)
+    parts = film_parts(geometry, settings, Path(film.info["path"]))
     if geometry.end is not None and geometry.info.demuxer not in EXACT_SEEK_CONTAINERS:
         log.info("%s: %s seeks are not exact: extracted in one chunk", film.id, geometry.info.demuxer)
     return [Partition(chunk_id(film.id, k), {**film.info, "movie_id": film.id, "geometry": geometry,
@@ -465,12 +487,12 @@ def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[
     run kept, unless `redo`), then each film whose chunks are all done joined into its partition."""
     results: dict[str, PartitionResult] = {}
     planned: dict[str, list[Partition]] = {}
-    geometries = _film_geometries(films, settings)
+    chunked = _films_in_chunks(films, settings)
     for film in films:
-        if isinstance(geometries[film.id], PartitionError):
-            results[film.id] = _film_failed(workdir, film, str(geometries[film.id]))
+        if isinstance(chunked[film.id], PartitionError):
+            results[film.id] = _film_failed(workdir, film, str(chunked[film.id]))
         else:
-            planned[film.id] = _chunk_partitions(film, geometries[film.id], settings)
+            planned[film.id] = chunked[film.id]
     _drop_stale_chunks(workdir, planned)
     done = workdir.done(CHUNKS)
     pending = [c for chunks in planned.values() for c in chunks

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
+import json
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ CONTAINERS = ("mov", "matroska", "avi", "mpeg", "mpegts", "asf", "flv", "ogg", "
 # frames of an undivided decode (measured: MPEG-TS, MPEG-PS and AVI seeks land a key frame late or early).
 EXACT_SEEK_CONTAINERS = ("mov", "matroska")
 _RESTRICTED = {"protocol_whitelist": "file", "format_whitelist": ",".join(CONTAINERS)}  # every ffmpeg input's options
+_RESTRICTED_ARGS = [arg for key, value in _RESTRICTED.items() for arg in (f"-{key}", value)]  # as command-line options
 # What a refused format is, for the failure reason.
 _REFUSED_KINDS = {"hls": "an HLS playlist", "concat": "a concat file list", "dash": "a DASH manifest",
                   "image2": "an image or image sequence"}
@@ -242,8 +244,7 @@ def _refusal(path: Path, stderr: bytes) -> str:
     restricted as before, which demuxer its probe chose)."""
     if b"Format not on whitelist" not in stderr:
         return f"not a readable movie: {_one_line(stderr, path)}"
-    restricted = [arg for key, value in _RESTRICTED.items() for arg in (f"-{key}", value)]
-    debug = subprocess.run(["ffprobe", "-v", "debug", *restricted, str(path)], stdin=subprocess.DEVNULL,
+    debug = subprocess.run(["ffprobe", "-v", "debug", *_RESTRICTED_ARGS, str(path)], stdin=subprocess.DEVNULL,
                            capture_output=True).stderr
     found = re.search(rb"Format (\S+) probed with", debug)
     name = found.group(1).decode() if found else "unknown"
@@ -368,6 +369,15 @@ class Part:
 # sampling filter draws the exact borders; this only keeps ffmpeg's own rounding of the seek
 # (to its time base's ticks) from cutting a frame the filter would take.
 BORDER_MARGIN = 0.05
+# ffmpeg's -ss seeks this much earlier still in a container it seeks by decoding time (its guess of
+# a B-frame delay, 3/23 s; measured with B-frames: Matroska lands on the key frame before one for
+# a seek up to 0.13 s past it, MP4 seeks by presentation time): a part placed after a key frame
+# (`Sampling.first_slot_after`) starts this much further from it, so that its seek lands on it.
+SEEK_SLACK = 0.15
+# How long looking up a film's key frames may take (`key_frames_at`: a seek and one packet per
+# time, 0.07 s of CPU for the 119 borders of a 2-hour MP4); a container without an index may be
+# read end to end to find them.
+KEY_FRAME_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -405,6 +415,12 @@ class Sampling:
         """Where a part's bound lies in the film: where its slot starts (fps), or the time itself."""
         return origin + (bound - 0.001) / self.fps if self.mode == "fps" else bound
 
+    def first_slot_after(self, origin: float, key_frame: float) -> int:
+        """The first fps slot whose border lies far enough past `key_frame` (BORDER_MARGIN and
+        SEEK_SLACK) that a part starting there seeks to that key frame (or a later one), not to the
+        one before it: the inverse of `border_time`, rounded up."""
+        return math.ceil((key_frame + BORDER_MARGIN + SEEK_SLACK - origin) * self.fps + 0.001)
+
 
 def _bounds(value: str, part: Part | None) -> list[str]:
     """The select terms that keep `value` (a slot or a time) within the part's bounds."""
@@ -412,6 +428,30 @@ def _bounds(value: str, part: Part | None) -> list[str]:
         return []
     return ([] if part.first is None else [f"gte({value},{part.first!r})"]) + (
         [] if part.end is None else [f"lt({value},{part.end!r})"])
+
+
+def key_frames_at(path: Path, demuxer: str, times: list[float]) -> list[float] | None:
+    """Where a seek to each of `times` (film seconds, as `decode_frames` counts them) lands: the
+    time of the key frame at or before it by the container's index, as a part's ffmpeg finds it.
+    One ffprobe seeks to each time in turn and reads one video packet, so a long film costs no
+    more than a short one. None when ffprobe fails, takes over KEY_FRAME_TIMEOUT, or answers
+    anything but one key frame per time. The seeks read the container's clock, which starts at
+    the film's start or a few frames from it: a key frame that close before a time may be missed
+    for the one before it, which is never wrong, only further back."""
+    if not times:  # no intervals: ffprobe would read every packet
+        return []
+    intervals = ",".join(f"{t!r}%+#1" for t in times)  # seek to t, read one packet
+    try:
+        out = subprocess.run(["ffprobe", "-v", "error", *_RESTRICTED_ARGS, "-f", demuxer, "-select_streams", "v:0",
+                              "-show_entries", "packet=pts_time,flags:format=start_time", "-of", "json",
+                              "-read_intervals", intervals, str(path)],
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=KEY_FRAME_TIMEOUT, check=True)
+        answer = json.loads(out.stdout)
+        packets, start = answer.get("packets", []), float(answer["format"].get("start_time", 0.0))
+        keys = [float(p["pts_time"]) - start for p in packets if p.get("flags", "").startswith("K")]
+    except (subprocess.SubprocessError, OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return keys if len(keys) == len(packets) == len(times) and all(map(math.isfinite, keys)) else None
 
 
 def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tuple[int, int]:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.extract import ExtractSettings, extract
+from mhmd_builder import extract as extract_module
+from mhmd_builder.extract import ExtractSettings, extract, film_geometry, film_parts
 from mhmd_builder.errors import InputError
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
@@ -28,6 +30,10 @@ COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "kept", "reje
 FREEZE = "split[a][b];[a][b]freezeframes=first=75:last=175:replace=75"
 
 GOP_1S = ["-c:v", "libx264", "-g", "25", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]  # a key frame a second
+# Key frames at whole seconds and nowhere else, with B-frames; and a film with one key frame.
+B_FRAMES = ["-c:v", "libx264", "-preset", "veryfast", "-bf", "2", "-pix_fmt", "yuv420p"]
+GOP_1S_B = [*B_FRAMES, "-x264-params", "keyint=25:min-keyint=25:scenecut=0"]
+ONE_KEY_FRAME = [*B_FRAMES, "-x264-params", "keyint=infinite:scenecut=0"]
 
 
 def run_cli(*args):
@@ -67,11 +73,49 @@ def test_chunked_extract_gives_the_rows_jpegs_and_shards_of_an_undivided_one(tmp
     # one on each side as runs decided chunk by chunk would keep.
     frozen = rows(chunked).query("3 <= timestamp < 7")
     assert len(frozen) >= 4 and frozen.kept.sum() <= 1 and set(frozen.reject_reason.dropna()) == {"duplicate"}
-    for work in (whole, chunked):
-        assert run_cli("shard", "-w", work, "-o", tmp_path / f"{work.name}-shards").exit_code == 0
-    tars = sorted((tmp_path / "whole-shards").glob("*.tar"))
+    assert_same_shards(chunked, whole)
+
+
+def assert_same_shards(ours: Path, reference: Path) -> None:
+    for work in (ours, reference):
+        assert run_cli("shard", "-w", work, "-o", work.with_name(f"{work.name}-shards")).exit_code == 0
+    tars = sorted(reference.with_name(f"{reference.name}-shards").glob("*.tar"))
     assert tars and [t.read_bytes() for t in tars] == [
-        (tmp_path / "chunked-shards" / t.name).read_bytes() for t in tars]
+        (ours.with_name(f"{ours.name}-shards") / t.name).read_bytes() for t in tars]
+
+
+@pytest.mark.parametrize("name,codec,sampling,skip_head,borders", [
+    # A key frame on the first frame of every other 1 s slot (a plain border a frame before it):
+    # each border moves a slot past it, where the chunk's seek lands on it.
+    ("film.mp4", GOP_1S, Sampling("fps", 1.0), 0.0, [3, 5, 7, 9, 11]),
+    # From 0.001 s, every slot starts exactly on a frame and the plain borders exactly on key frames:
+    # each moves a slot on, and the frame on a slot's border is that slot's in every chunk.
+    ("film.mp4", GOP_1S, Sampling("fps", 1.0), 0.001, [3, 5, 7, 9, 11]),
+    # Plain borders 0.1 s past the key frames: too close for ffmpeg's seek by decoding time in
+    # Matroska (SEEK_SLACK), so each moves a slot on.
+    ("film.mkv", GOP_1S_B, Sampling("fps", 2.0), 0.1, [5, 9, 13, 17, 21]),
+    # One key frame, over half a chunk before every border: plain borders.
+    ("film.mp4", ONE_KEY_FRAME, Sampling("fps", 1.0), 0.0, [2, 4, 6, 8, 10]),
+])
+def test_borders_after_key_frames_give_the_rows_jpegs_and_shards_of_an_undivided_extract(
+        tmp_path, name, codec, sampling, skip_head, borders):
+    film = make_movie(tmp_path / name, seconds=12, size="320x240", vf=FREEZE, codec=codec)
+    settings = ExtractSettings(sampling=sampling, skip_head=skip_head, chunk_seconds=2.0)
+    parts = film_parts(film_geometry(film, settings), settings, film)
+    assert [p.first for p in parts] == [None, *borders]
+    whole, chunked = tmp_path / "whole", tmp_path / "chunked"
+    extract([film], whole, replace(settings, chunk_seconds=None), LocalRunner(1))
+    extract([film], chunked, settings, LocalRunner(1))
+    assert_same_extract(chunked, whole)
+    assert_same_shards(chunked, whole)
+
+
+def test_a_film_without_a_usable_key_frame_index_is_cut_at_plain_borders(tmp_path, monkeypatch):
+    """key_frames_at's None: ffprobe failed, timed out or answered other than one key frame a time."""
+    film = make_movie(tmp_path / "film.mp4", seconds=12, size="320x240", codec=GOP_1S)
+    settings = ExtractSettings(sampling=Sampling("fps", 1.0), chunk_seconds=2.0)
+    monkeypatch.setattr(extract_module, "key_frames_at", lambda *args: None)
+    assert [p.first for p in film_parts(film_geometry(film, settings), settings, film)] == [None, 2, 4, 6, 8, 10]
 
 
 def test_the_letterbox_is_decided_once_per_film(tmp_path, monkeypatch):

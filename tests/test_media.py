@@ -317,3 +317,34 @@ def test_parts_of_a_window_sample_the_frames_the_whole_window_samples(tmp_path, 
     parts = [(t, f.tobytes()) for first, end in zip(edges, edges[1:])
              for t, f in decode_frames(movie, sampling, (64, 48), part=Part(first, end), **window)]
     assert len(whole) >= 4 and parts == whole
+
+
+# Key frames at whole seconds only (no scene-cut key frames), B-frames: MP4 seeks by presentation time.
+KEY_EVERY_SECOND = ["-c:v", "libx264", "-preset", "veryfast", "-bf", "2", "-pix_fmt", "yuv420p",
+                    "-x264-params", "keyint=25:min-keyint=25:scenecut=0"]
+
+
+@pytest.mark.parametrize("extra", [[], ["-movflags", "frag_keyframe+empty_moov"]])  # fragmented: starts at 0.08 s
+def test_key_frames_at_gives_the_key_frame_a_seek_lands_on_in_film_time(tmp_path, extra):
+    movie = make_movie(tmp_path / "m.mp4", seconds=4, codec=KEY_EVERY_SECOND, extra=extra)
+    times = [0.0, 0.5, 2.0, 2.96, 3.5]
+    assert media.key_frames_at(movie, "mov", times) == pytest.approx([0.0, 0.0, 2.0, 2.0, 3.0], abs=1e-6)
+    assert media.key_frames_at(movie, "mov", []) == []
+
+
+def test_key_frames_at_is_none_for_what_ffprobe_cannot_answer_in_time(tmp_path, monkeypatch):
+    movie = make_movie(tmp_path / "m.mp4", seconds=2, codec=KEY_EVERY_SECOND)
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\0\0\0\x18ftypmp42" + b"x" * 1000)
+    assert media.key_frames_at(junk, "mov", [1.0]) is None
+    monkeypatch.setattr(media, "KEY_FRAME_TIMEOUT", 1e-4)
+    assert media.key_frames_at(movie, "mov", [1.0]) is None
+
+
+@pytest.mark.parametrize("origin,fps", [(0.0, 1.0), (0.3, 2.5), (1.0, 25.0), (0.0, 24000 / 1001)])
+def test_the_first_slot_after_a_key_frame_seeks_to_it_and_the_slot_before_does_not(origin, fps):
+    sampling = Sampling("fps", fps)
+    slack = media.BORDER_MARGIN + media.SEEK_SLACK
+    for key in (origin, origin + 3.0, origin + 3.0 + 0.5 / fps, 7.123, origin + 10.0 - slack):
+        slot = sampling.first_slot_after(origin, key)
+        assert sampling.border_time(origin, slot) - slack >= key > sampling.border_time(origin, slot - 1) - slack
