@@ -1,16 +1,16 @@
 """Stage 5: the kept frames as WebDataset shards (`train-000000.tar`, `test-000000.tar`; the format,
 its tar writer and index.json are in shards.py).
 
-Split by film (no film in both splits), samples shuffled across films within a split, written with
-webdataset's own TarWriter. Output is deterministic (sorted inputs, seeded shuffles, fixed tar
-metadata: the same inputs and seed give byte-identical tars) and atomic (each tar is written under
-a temporary name and renamed; `index.json` comes last). To an object store (`s3://bucket/prefix`),
-each tar is written whole in the partition's staging folder (W/shard/tmp/) and then uploaded under
-its name, which the store publishes only once complete.
+Split by film (no film in both splits), samples shuffled across films within a split, written as
+webdataset's own TarWriter writes them (shards.AtomicTar). Output is deterministic (sorted inputs,
+seeded shuffles, fixed tar metadata: the same inputs and seed give byte-identical tars) and atomic
+(each tar is written under a temporary name and renamed; `index.json` comes last). To an object
+store (`s3://bucket/prefix`), each tar is written whole in the partition's staging folder
+(W/shard/tmp/) and then uploaded under its name, which the store publishes only once complete.
 
-Every tar is one partition of the shard stage: tars are written in parallel (webdataset's writer
-is pure Python, about 40 us a member: one process cannot keep up with the disk), and a rerun
-rewrites only the tars whose samples changed, or that are missing.
+Every tar is one partition of the shard stage: tars are written in parallel (the writer is pure
+Python: one process cannot keep up with the disk), and a rerun rewrites only the tars whose samples
+changed, or that are missing.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
 from .runners import LocalRunner
 from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
-                     is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
+                     is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
@@ -173,8 +173,8 @@ class ShardStage:
     workdir: WorkDir
     out: Path | str
     name: str = STAGE
-    # Forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA;
-    # a spawned writer would spend seconds importing.
+    # Forked writers: plain file work with what the parent imported, no threads or CUDA; a spawned
+    # writer would spend a second or two importing.
     resources: Resources = field(default_factory=lambda: Resources(start_method="fork"))
     unit: str = "samples"
 
@@ -317,7 +317,6 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
     for p in partitions:
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": p.info["count"], "digest": p.info["digest"]})
-    load_webdataset()  # before the writers fork (ShardStage's start method): they then need no import of their own
     failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
     if failures:
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
