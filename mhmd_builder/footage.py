@@ -11,6 +11,8 @@ minutes (the share of the film that was left) is.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -35,12 +37,31 @@ def fingerprints(frames: pd.DataFrame) -> dict[str, np.ndarray]:
 def share(a: np.ndarray, b: np.ndarray) -> float:
     """The share of a's hashes (QUERY_HASHES of them at most, evenly spread) within MAX_DISTANCE
     bits of one of b's."""
-    query = a[np.linspace(0, len(a) - 1, min(len(a), QUERY_HASHES)).astype(int)]
+    return float(np.mean(_nearest(_queries(a), b) <= MAX_DISTANCE))
+
+
+def reaches(a: np.ndarray, b: np.ndarray) -> bool:
+    """share(a, b) >= MIN_SHARE, from the fewest queries that can rule it out first: most pairs of
+    films share no frame, and a query costs a pass over all of b's hashes."""
+    query = _queries(a)
+    first = len(query) - math.ceil(MIN_SHARE * len(query)) + 1  # all of these missing rules it out
+    hits = int(np.sum(_nearest(query[:first], b) <= MAX_DISTANCE))
+    if (len(query) - first + hits) / len(query) < MIN_SHARE:
+        return False
+    return (hits + int(np.sum(_nearest(query[first:], b) <= MAX_DISTANCE))) / len(query) >= MIN_SHARE
+
+
+def _queries(a: np.ndarray) -> np.ndarray:
+    return a[np.linspace(0, len(a) - 1, min(len(a), QUERY_HASHES)).astype(int)]
+
+
+def _nearest(query: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distance in bits from each query hash to the nearest of b's."""
     nearest = np.full(len(query), 64)
     for start in range(0, len(b), CHUNK):
         distances = np.bitwise_count(query[:, None] ^ b[None, start:start + CHUNK])
         nearest = np.minimum(nearest, distances.min(axis=1))
-    return float(np.mean(nearest <= MAX_DISTANCE))
+    return nearest
 
 
 def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
@@ -54,8 +75,7 @@ def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
     group = {movie: {movie} for movie in movies}
     for i, a in enumerate(movies):
         for b in movies[i + 1:]:
-            if group[a] is not group[b] and share(prints[a], prints[b]) >= MIN_SHARE \
-                    and share(prints[b], prints[a]) >= MIN_SHARE:
+            if group[a] is not group[b] and reaches(prints[a], prints[b]) and reaches(prints[b], prints[a]):
                 merged = group[a] | group[b]
                 group.update({movie: merged for movie in merged})
     return [list(g) for g in sorted({tuple(sorted(g)) for g in group.values() if len(g) > 1})]
