@@ -551,7 +551,7 @@ def test_the_plan_made_movie_by_movie_is_the_whole_manifests(synthetic_copy, tmp
     for name in ("train", "test"):
         part = kept[split == name]
         part = part.iloc[np.random.default_rng(0).permutation(len(part))]
-        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.itertuples()]
+        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.to_dict("records")]
         tars = [entry for entry in index["shards"] if entry["split"] == name]
         planned = [json.loads(samples_path(work, Path(tar["name"]).stem).read_text()) for tar in tars]
         assert [len(specs) for specs in planned] == [tar["count"] for tar in tars] == \
