@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # The same picture re-encoded or scaled stays within a few bits of 64; a frame sampled a fraction of
 # a second off (a cut does not keep the sampling instants) moves a few more; unrelated frames differ
@@ -25,13 +27,16 @@ QUERY_HASHES = 256  # hashes of one movie looked up in the other: bounds the cos
 CHUNK = 8192  # hashes of the other movie compared at once: bounds the memory
 
 
-def fingerprints(frames: pd.DataFrame) -> dict[str, np.ndarray]:
-    """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags)."""
-    if "phash_hi" not in frames:
+def fingerprints(frames: pa.Table) -> dict[str, np.ndarray]:
+    """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags; null
+    flags, unknown, do not pass)."""
+    if "phash_hi" not in frames.column_names:
         return {}
-    passed = frames[frames["flags"].map(lambda flags: isinstance(flags, (list, np.ndarray)) and len(flags) == 0)]
-    hashes = (passed.phash_hi.astype(np.uint64) << np.uint64(32)) | passed.phash_lo.astype(np.uint64)
-    return {movie: np.unique(h.to_numpy()) for movie, h in hashes.groupby(passed.movie_id)}
+    passed = frames.filter(pc.equal(pc.list_value_length(frames["flags"]), 0))
+    hi, lo = (passed[name].to_numpy(zero_copy_only=False).astype(np.uint64) for name in ("phash_hi", "phash_lo"))
+    hashes = (hi << np.uint64(32)) | lo
+    movies, which = np.unique(passed["movie_id"].to_numpy(zero_copy_only=False), return_inverse=True)
+    return {movie: np.unique(hashes[which == i]) for i, movie in enumerate(movies)}
 
 
 def share(a: np.ndarray, b: np.ndarray) -> float:
@@ -66,7 +71,8 @@ def _nearest(query: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
     """Groups of near-duplicate movies (each sorted, the groups in order of their first id)."""
-    return duplicate_groups(fingerprints(frames))
+    columns = [c for c in ("movie_id", "flags", "phash_hi", "phash_lo") if c in frames]
+    return duplicate_groups(fingerprints(pa.Table.from_pandas(frames[columns], preserve_index=False)))
 
 
 def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
