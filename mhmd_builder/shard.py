@@ -225,11 +225,21 @@ def kept_frames(workdir: WorkDir) -> tuple[pa.Table, list[list[str]]]:
             prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])))
     if not kept:
         return pa.table({"frame_id": pa.array([], pa.string()), "movie_id": pa.array([], pa.string())}), []
-    frames = pa.concat_tables(kept, promote_options="default").sort_by("frame_id")
+    frames = pa.concat_tables(kept, promote_options="default")
+    del kept, rows  # the table holds their columns now: sorted one at a time, they go one at a time
+    frames = _sorted_by(frames, "frame_id")
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames.column_names:
             frames = frames.append_column(column, pa.nulls(frames.num_rows))
     return frames, duplicate_groups(prints)
+
+
+def _sorted_by(frames: pa.Table, key: str) -> pa.Table:
+    """`frames` sorted by `key` (as Table.sort_by), a column at a time: the table is never held twice."""
+    order = pc.sort_indices(frames[key])
+    for i, name in enumerate(frames.column_names):
+        frames = frames.set_column(i, name, frames[name].take(order))
+    return frames
 
 
 def samples_path(workdir: WorkDir, partition: str) -> Path:
@@ -307,8 +317,9 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     split = split_films(frames.select(["movie_id"]).to_pandas(), settings.test_fraction, settings.seed, groups)
     at = pc.index_in(frames["movie_id"], value_set=pa.array(list(split), pa.string()))
     frames = frames.append_column("split", pa.array(list(split.values()), pa.string()).take(at))
+    labels = frames.select(["movie_id", "label"])  # of each split, not a copy of all its columns
     splits = {name: split_entry(part["movie_id"].to_pylist(), part["label"].to_pylist())
-              for name, part in ((s, frames.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
+              for name, part in ((s, labels.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
     partitions = plan_tars(frames, workdir, out, settings, taxonomy, movie_metadata)
     del frames  # the writers fork from here: they inherit no frame table
     pa.default_memory_pool().release_unused()
