@@ -31,7 +31,8 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import ShardSettings, _spec, plan_tars, samples_path, shard, split_films
+from mhmd_builder.shard import READ_BYTES, ShardSettings, _read_member, _spec, plan_tars, samples_path, shard, split_films
+from mhmd_builder.stages import PartitionError
 from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -390,6 +391,18 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert "1 tars could not be written" in message
     left = [p.name for p in (tmp_path / "s").iterdir()]
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
+
+
+def test_a_member_file_is_read_whole_or_named_with_what_is_wrong(tmp_path):
+    large = bytes(range(256)) * (3 * READ_BYTES // 256 + 7)  # several reads, the last one short
+    for name, data in (("large.png", large), ("empty.jpg", b""), ("exact.jpg", b"x" * READ_BYTES)):
+        (tmp_path / name).write_bytes(data)
+        assert _read_member("mask.png", str(tmp_path / name)) == data
+    with pytest.raises(PartitionError, match=f"^{tmp_path}/gone.jpg: missing: re-extract its film"):
+        _read_member("jpg", str(tmp_path / "gone.jpg"))
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(PartitionError, match=r"folder.png: unreadable \(Is a directory\): write it again"):
+        _read_member("mask.png", str(tmp_path / "folder.png"))
 
 
 def damage(jpeg, how: str) -> None:
