@@ -252,7 +252,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000], help="Sampled frames per run.")
     parser.add_argument("--films", type=int, default=20)
     parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
-    parser.add_argument("--reuse", action="store_true", help="Use the work directories --keep holds from an earlier run.")
+    parser.add_argument("--reuse", action="store_true",
+                        help="Use the work directories --keep holds from an earlier run.")
     parser.add_argument("--commands", nargs="+", default=[*STEPS, "tar cf"], choices=[*STEPS, "tar cf"],
                         help="Run only these (a command that needs an earlier one's output needs it run too).")
     args = parser.parse_args()

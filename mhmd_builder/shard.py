@@ -114,7 +114,8 @@ def _spec(row: dict, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
     was in every sample, and a rerun writes such a tar again."""
     meta = sample_json(row, taxonomy, film)
     target = row["parsing"] if isinstance(row["parsing"], str) else row["mask"]
-    files = {JPG: os.path.join(root, row["jpeg"]), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
+    files = {JPG: os.path.join(root, row["jpeg"]),
+             **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
     spec = {"key": row["frame_id"], "movie_id": row["movie_id"], "json": encode_json(meta).decode(),
             "cls": class_index(meta["label_id"]), "files": files,
             "sizes": {k: _size(path) for k, path in files.items()}}
@@ -300,7 +301,8 @@ def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, specs
     text = json.dumps(specs)
     digest = hashlib.sha256(f"[{json.dumps(str(out))}, {text}]".encode()).hexdigest()[:16]
     pid = Path(name).stem
-    samples_path(workdir, pid).write_bytes(text.encode())  # not synced: every plan writes them again before a writer reads
+    # Not synced: every plan writes them again before a writer reads them.
+    samples_path(workdir, pid).write_bytes(text.encode())
     return Partition(pid, {"split": split, "tar": name, "count": len(specs), "digest": digest},
                      record={"split": split, "samples": len(specs)})
 

@@ -15,9 +15,10 @@ labels, so every reader decodes it to the same type. Tars written before had no 
 unlabelled frame: `sample_label` reads both.
 
 - writing: `AtomicTar` (the bytes of webdataset's TarWriter with fixed metadata, so the same samples
-  give the same bytes, under a temporary name until complete; its headers built from one of tarfile's,
-  `member_header`, since tarfile's own building was most of a tar's time), `sample_members` / `with_json` (a sample as a tar
-  holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
+  give the same bytes, under a temporary name until complete; its headers made from one of
+  tarfile's, `member_header`, since tarfile's own building was most of a tar's time),
+  `sample_members` / `with_json` (a sample as a tar holds it), `encode_json`, `label_fields`,
+  `clear_shard_dir`;
 - object storage (`s3://bucket/prefix`, through fsspec): `shard_output`, `is_remote`, `upload_tar`,
   `folder_sizes`; `clear_shard_dir` and `write_index` take a URL too;
 - reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list), `sample_label`;

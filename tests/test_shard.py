@@ -31,7 +31,8 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import READ_BYTES, ShardSettings, _read_member, _spec, plan_tars, samples_path, shard, split_films
+from mhmd_builder.shard import (READ_BYTES, ShardSettings, _read_member, _spec, plan_tars, samples_path, shard,
+                                split_films)
 from mhmd_builder.stages import PartitionError
 from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
