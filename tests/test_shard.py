@@ -514,9 +514,12 @@ RAY_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(INFO|WARNING) ")  
 def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_as_never_interrupted(tmp_path, runner):
     """Ctrl-C as a terminal sends it, to the whole process group, while the writers (processes, or
     Ray actors of a local Ray instance the command started) are halfway through their tars."""
-    work = many_frames(tmp_path / "work", films=2, frames=10_000)
+    # Two tars of 30,000 samples, about a second each (60,000 links to one JPEG: ext4 allows 65,000):
+    # a tar finished before the interrupt reaches a Ray actor (at its next progress report) would
+    # leave a done tar.
+    work = many_frames(tmp_path / "work", films=2, frames=30_000)
     args = [sys.executable, "-m", "mhmd_builder.cli", "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
-            "--maxcount", "10000", "--test-fraction", "0"]  # a writer per core: two here
+            "--maxcount", "30000", "--test-fraction", "0"]  # a writer per core: two here
     args += ["--runner", "ray", "--ray-address", "local"] if runner == "ray" else []
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -533,7 +536,7 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     assert not list(work.parts_dir("shard").glob("*.done")) and not list(work.parts_dir("shard").glob("*.failed"))
 
     subprocess.run(args, check=True, capture_output=True)
-    shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
+    shard(work, tmp_path / "reference", ShardSettings(maxcount=30_000, test_fraction=0.0), runner=LocalRunner(1))
     names = sorted(p.name for p in (tmp_path / "reference").iterdir())
     assert names == ["index.json", "train-000000.tar", "train-000001.tar", "train.wids.json"]  # no test split
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
