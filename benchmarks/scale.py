@@ -2,7 +2,8 @@
 `filter`, `sample`, `labels import`, `shard` and `report` on synthetic work directories of N frames,
 with a growth fit, and `mhmd shard` against `tar cf` of the same JPEGs in the same run.
 
-    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR] [--only COMMAND ...]
+    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR [--reuse]]
+                                      [--commands shard "tar cf"]
 
 The work directory is written through the stages' own table schemas (`tables.py`) and the work
 directory's own commit (`WorkDir.commit`: table, then done marker with the stage's counts), as
@@ -56,6 +57,8 @@ LINKS_PER_JPEG = 50_000  # ext4 allows 65,000 links to one file
 GOOD_SCORES = {"colorfulness": 30.0, "chroma": 20.0, "chroma_spread": 10.0, "hue_concentration": 0.3,
                "sharpness": 50.0, "blur_sigma": 1.0, "mean_luma": 120.0, "black_fraction": 0.05,
                "white_fraction": 0.02, "short_side": 480.0}
+# The commands run at each size, in this order ("status, built": status again after filter and shard).
+STEPS = ("status", "manifest export", "filter", "sample", "labels import", "shard", "report", "status, built")
 
 
 def tiny_jpeg() -> bytes:
@@ -196,36 +199,40 @@ def filled_labels(todo: Path, out: Path) -> None:
     sample.to_csv(out, index=False)
 
 
-def run_size(root: Path, frames: int, films: int, only: list[str] | None = None) -> dict[str, tuple[float, int, float]]:
+def run_size(root: Path, frames: int, films: int, commands: list[str]) -> dict[str, tuple[float, int, float]]:
+    """Time `commands` (every one of STEPS and "tar cf" by default) on the work directory of `frames`
+    frames in root/work, made unless it is there (--reuse)."""
     started = time.perf_counter()
-    work = make_workdir(root, frames, films)
-    print(f"\n{frames} frames over {films} films: work directory made in {time.perf_counter() - started:.0f} s")
+    work = WorkDir(root / "work") if (root / "work").is_dir() else make_workdir(root, frames, films)
+    print(f"\n{frames} frames over {films} films: work directory ready in {time.perf_counter() - started:.0f} s")
     w = str(work.root)
-    steps = {
-        "status": ["status", "-w", w],
-        "manifest export": ["manifest", "export", "-w", w, "-o", str(root / "manifest.parquet")],
-        "filter": ["filter", "-w", w],
-        "sample": ["sample", "-w", w, "--fraction", "0.01", "-o", str(root / "todo.csv")],
-        "labels import": ["labels", "import", str(root / "labelled.csv"), "-w", w],
-        "shard": ["shard", "-w", w, "-o", str(root / "shards")],
-        "report": ["report", "-w", w, "-o", str(root / "report.html")],
-        "status, built": ["status", "-w", w],  # after a filter and the shards: what status reads then
-    }
+    steps = dict(zip(STEPS, [
+        ["status", "-w", w],
+        ["manifest", "export", "-w", w, "-o", str(root / "manifest.parquet")],
+        ["filter", "-w", w],
+        ["sample", "-w", w, "--fraction", "0.01", "-o", str(root / "todo.csv")],
+        ["labels", "import", str(root / "labelled.csv"), "-w", w],
+        ["shard", "-w", w, "-o", str(root / "shards")],
+        ["report", "-w", w, "-o", str(root / "report.html")],
+        ["status", "-w", w],  # after a filter and the shards: what status reads then
+    ]))
     results = {}
     for name, args in steps.items():
-        if only and name not in only:
+        if name not in commands:
             continue
+        if name == "shard":  # written whole, even on a reused work directory
+            shutil.rmtree(root / "shards", ignore_errors=True)
         if name == "labels import":
             filled_labels(root / "todo.csv", root / "labelled.csv")
         results[name] = measured([MHMD, "-q", *args], root)
         print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB "
               f"{results[name][2]:8.1f} CPU s", flush=True)
-    if "shard" not in results:
-        return results
-    results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"], root)
-    print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
-          f"{results['tar cf'][2]:8.1f} CPU s   "
-          f"shard / tar cf: {results['shard'][0] / results['tar cf'][0]:.2f}x", flush=True)
+    if "tar cf" in commands:
+        results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"],
+                                     root)
+        (root / "plain.tar").unlink()
+        print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
+              f"{results['tar cf'][2]:8.1f} CPU s", flush=True)
     return results
 
 
@@ -245,19 +252,22 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000], help="Sampled frames per run.")
     parser.add_argument("--films", type=int, default=20)
     parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
-    parser.add_argument("--only", nargs="+", metavar="COMMAND", default=None,
-                        help='Run only these commands, e.g. "status" "manifest export" (labels import needs sample).')
+    parser.add_argument("--reuse", action="store_true",
+                        help="Use the work directories --keep holds from an earlier run.")
+    parser.add_argument("--commands", nargs="+", default=[*STEPS, "tar cf"], choices=[*STEPS, "tar cf"],
+                        help="Run only these (a command that needs an earlier one's output needs it run too).")
     args = parser.parse_args()
     runs = {}
     for n in args.sizes:
         if args.keep:
             root = args.keep / f"n{n}"
-            shutil.rmtree(root, ignore_errors=True)
-            root.mkdir(parents=True)
-            runs[n] = run_size(root, n, args.films, args.only)
+            if not args.reuse:
+                shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True, exist_ok=True)
+            runs[n] = run_size(root, n, args.films, args.commands)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                runs[n] = run_size(Path(tmp), n, args.films, args.only)
+                runs[n] = run_size(Path(tmp), n, args.films, args.commands)
     sizes = list(runs)
     print(f"\n| command | {' | '.join(f'N={n:,}: s / CPU s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
           f"| at N={PAPER:,} (linear): s / CPU s / MiB |")
@@ -265,10 +275,10 @@ def main() -> None:
     for name in runs[sizes[0]]:
         seconds, memory = [runs[n][name][0] for n in sizes], [runs[n][name][1] / 2**20 for n in sizes]
         cpu = [runs[n][name][2] for n in sizes]
-        cells = [f"{t:.1f} / {runs[n][name][2]:.1f} / {m:.0f}" for n, t, m in zip(sizes, seconds, memory)]
+        cells = [f"{t:.1f} / {c:.1f} / {m:.0f}" for t, c, m in zip(seconds, cpu, memory)]
         print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
               f"| {linear(sizes, seconds):.0f} / {linear(sizes, cpu):.0f} / {linear(sizes, memory):.0f} |")
-    for n in sizes if "tar cf" in runs[sizes[0]] else []:
+    for n in sizes if {"shard", "tar cf"} <= set(args.commands) else []:
         shard, tar = runs[n]["shard"], runs[n]["tar cf"]
         print(f"N={n:,}: shard / tar cf = {shard[0] / tar[0]:.2f}x wall, {shard[2] / max(tar[2], 1e-3):.2f}x CPU")
 

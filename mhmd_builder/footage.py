@@ -11,8 +11,12 @@ minutes (the share of the film that was left) is.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # The same picture re-encoded or scaled stays within a few bits of 64; a frame sampled a fraction of
 # a second off (a cut does not keep the sampling instants) moves a few more; unrelated frames differ
@@ -23,29 +27,52 @@ QUERY_HASHES = 256  # hashes of one movie looked up in the other: bounds the cos
 CHUNK = 8192  # hashes of the other movie compared at once: bounds the memory
 
 
-def fingerprints(frames: pd.DataFrame) -> dict[str, np.ndarray]:
-    """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags)."""
-    if "phash_hi" not in frames:
+def fingerprints(frames: pa.Table) -> dict[str, np.ndarray]:
+    """movie_id -> the distinct hashes (uint64) of its frames that passed quality (no flags; null
+    flags, unknown, do not pass)."""
+    if "phash_hi" not in frames.column_names:
         return {}
-    passed = frames[frames["flags"].map(lambda flags: isinstance(flags, (list, np.ndarray)) and len(flags) == 0)]
-    hashes = (passed.phash_hi.astype(np.uint64) << np.uint64(32)) | passed.phash_lo.astype(np.uint64)
-    return {movie: np.unique(h.to_numpy()) for movie, h in hashes.groupby(passed.movie_id)}
+    passed = frames.filter(pc.equal(pc.list_value_length(frames["flags"]), 0))
+    hi, lo = (passed[name].to_numpy(zero_copy_only=False).astype(np.uint64) for name in ("phash_hi", "phash_lo"))
+    hashes = (hi << np.uint64(32)) | lo
+    movies, which = np.unique(passed["movie_id"].to_numpy(zero_copy_only=False), return_inverse=True)
+    return {movie: np.unique(hashes[which == i]) for i, movie in enumerate(movies)}
 
 
 def share(a: np.ndarray, b: np.ndarray) -> float:
     """The share of a's hashes (QUERY_HASHES of them at most, evenly spread) within MAX_DISTANCE
     bits of one of b's."""
-    query = a[np.linspace(0, len(a) - 1, min(len(a), QUERY_HASHES)).astype(int)]
+    return float(np.mean(_nearest(_queries(a), b) <= MAX_DISTANCE))
+
+
+def reaches(a: np.ndarray, b: np.ndarray) -> bool:
+    """share(a, b) >= MIN_SHARE, from the fewest queries that can rule it out first: most pairs of
+    films share no frame, and a query costs a pass over all of b's hashes."""
+    query = _queries(a)
+    first = len(query) - math.ceil(MIN_SHARE * len(query)) + 1  # all of these missing rules it out
+    hits = int(np.sum(_nearest(query[:first], b) <= MAX_DISTANCE))
+    if (len(query) - first + hits) / len(query) < MIN_SHARE:
+        return False
+    return (hits + int(np.sum(_nearest(query[first:], b) <= MAX_DISTANCE))) / len(query) >= MIN_SHARE
+
+
+def _queries(a: np.ndarray) -> np.ndarray:
+    return a[np.linspace(0, len(a) - 1, min(len(a), QUERY_HASHES)).astype(int)]
+
+
+def _nearest(query: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The distance in bits from each query hash to the nearest of b's."""
     nearest = np.full(len(query), 64)
     for start in range(0, len(b), CHUNK):
         distances = np.bitwise_count(query[:, None] ^ b[None, start:start + CHUNK])
         nearest = np.minimum(nearest, distances.min(axis=1))
-    return float(np.mean(nearest <= MAX_DISTANCE))
+    return nearest
 
 
 def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
     """Groups of near-duplicate movies (each sorted, the groups in order of their first id)."""
-    return duplicate_groups(fingerprints(frames))
+    columns = [c for c in ("movie_id", "flags", "phash_hi", "phash_lo") if c in frames]
+    return duplicate_groups(fingerprints(pa.Table.from_pandas(frames[columns], preserve_index=False)))
 
 
 def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
@@ -54,8 +81,7 @@ def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
     group = {movie: {movie} for movie in movies}
     for i, a in enumerate(movies):
         for b in movies[i + 1:]:
-            if group[a] is not group[b] and share(prints[a], prints[b]) >= MIN_SHARE \
-                    and share(prints[b], prints[a]) >= MIN_SHARE:
+            if group[a] is not group[b] and reaches(prints[a], prints[b]) and reaches(prints[b], prints[a]):
                 merged = group[a] | group[b]
                 group.update({movie: merged for movie in merged})
     return [list(g) for g in sorted({tuple(sorted(g)) for g in group.values() if len(g) > 1})]

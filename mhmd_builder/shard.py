@@ -1,19 +1,20 @@
 """Stage 5: the kept frames as WebDataset shards (`train-000000.tar`, `test-000000.tar`; the format,
 its tar writer and index.json are in shards.py).
 
-Split by film (no film in both splits), samples shuffled across films within a split, written with
-webdataset's own TarWriter. Output is deterministic (sorted inputs, seeded shuffles, fixed tar
-metadata: the same inputs and seed give byte-identical tars) and atomic (each tar is written under
-a temporary name and renamed; `index.json` comes last). To an object store (`s3://bucket/prefix`),
-each tar is written whole in the partition's staging folder (W/shard/tmp/) and then uploaded under
-its name, which the store publishes only once complete.
+Split by film (no film in both splits), samples shuffled across films within a split, written as
+webdataset's own TarWriter writes them (shards.AtomicTar). Output is deterministic (sorted inputs,
+seeded shuffles, fixed tar metadata: the same inputs and seed give byte-identical tars) and atomic
+(each tar is written under a temporary name and renamed; `index.json` comes last). To an object
+store (`s3://bucket/prefix`), each tar is written whole in the partition's staging folder
+(W/shard/tmp/) and then uploaded under its name, which the store publishes only once complete.
 
-Every tar is one partition of the shard stage: tars are written in parallel (webdataset's writer
-is pure Python, about 40 us a member: one process cannot keep up with the disk), and a rerun
-rewrites only the tars whose samples changed, or that are missing.
+Every tar is one partition of the shard stage: tars are written in parallel (the writer is pure
+Python: one process cannot keep up with the disk), and a rerun rewrites only the tars whose samples
+changed, or that are missing.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -33,12 +34,12 @@ from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
 from .runners import LocalRunner
 from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
-                     is_remote, label_fields, load_webdataset, make_index, sample_members, shard_output, split_entry,
+                     is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import SHARD
 from .taxonomy import Taxonomy, load_taxonomy
-from .workdir import WorkDir, atomic_write_bytes, writes
+from .workdir import WorkDir, writes
 
 STAGE = SHARD
 # What shard reads of the extract tables: the samples' json and files, the keep decisions and the
@@ -49,7 +50,7 @@ EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_r
 # What a sample is made of (`_spec`): the columns of the frames to shard held while planning.
 SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes", "label", "label_source",
                   "label_confidence", "jpeg", "jpeg_bytes", "jpeg_xxh3", "mask", "parsing"]
-SPEC_ROWS = 4096  # frames turned into pandas at once while planning
+SPEC_ROWS = 4096  # frames turned into Python rows at once while planning
 
 
 @dataclass(frozen=True)
@@ -89,34 +90,36 @@ def split_films(frames: pd.DataFrame, test_fraction: float, seed: int,
     return split
 
 
-def sample_json(row, taxonomy: Taxonomy, film: dict | None = None) -> dict:
-    """A sample's json. An unlabelled frame of a film whose era / nationality are known (movie
-    metadata) carries those, with label_source "movie"."""
-    label = taxonomy.by_name(row.label) if isinstance(row.label, str) else None
-    boxes = row.boxes if isinstance(row.boxes, (list, np.ndarray)) else []
+def sample_json(row: dict, taxonomy: Taxonomy, film: dict | None = None) -> dict:
+    """A sample's json, of a row of SAMPLE_COLUMNS (Arrow's, or pandas', with NaN for null). An
+    unlabelled frame of a film whose era / nationality are known (movie metadata) carries those, with
+    label_source "movie"."""
+    label = taxonomy.by_name(row["label"]) if isinstance(row["label"], str) else None
+    boxes = row["boxes"] if isinstance(row["boxes"], (list, np.ndarray)) else []
     meta = {
-        "frame_id": row.frame_id, "movie": row.movie_id, "timestamp": round(float(row.timestamp), 3),
-        "width": int(row.width), "height": int(row.height),
+        "frame_id": row["frame_id"], "movie": row["movie_id"], "timestamp": round(float(row["timestamp"]), 3),
+        "width": int(row["width"]), "height": int(row["height"]),
         "boxes": [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes],
-        **label_fields(label, row.label_source, row.label_confidence),
+        **label_fields(label, row["label_source"], row["label_confidence"]),
     }
     if label is None and film and (film.get("era") or film.get("nationality")):
         meta.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
     return meta
 
 
-def _spec(row, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
+def _spec(row: dict, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
     """What a sample's members are made of: the json written out, `cls`, the files' paths and sizes
     (plain strings and os.path: this runs once per frame, in one process). `cls` is UNLABELLED, not
     None, for an unlabelled frame: the digest then differs from that of a tar written before `cls`
     was in every sample, and a rerun writes such a tar again."""
     meta = sample_json(row, taxonomy, film)
-    target = row.parsing if isinstance(row.parsing, str) else row.mask
-    files = {JPG: os.path.join(root, row.jpeg), **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
-    spec = {"key": row.frame_id, "movie_id": row.movie_id, "json": encode_json(meta).decode(),
+    target = row["parsing"] if isinstance(row["parsing"], str) else row["mask"]
+    files = {JPG: os.path.join(root, row["jpeg"]),
+             **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
+    spec = {"key": row["frame_id"], "movie_id": row["movie_id"], "json": encode_json(meta).decode(),
             "cls": class_index(meta["label_id"]), "files": files,
             "sizes": {k: _size(path) for k, path in files.items()}}
-    size, digest = getattr(row, "jpeg_bytes", None), getattr(row, "jpeg_xxh3", None)
+    size, digest = row.get("jpeg_bytes"), row.get("jpeg_xxh3")
     if isinstance(digest, str):  # not recorded by earlier versions: not checked (and their tars' digests stay)
         spec["written"] = [int(size), digest]
     return spec
@@ -135,10 +138,22 @@ _REMEDY = {JPG: "re-extract its film (`mhmd extract --redo`)",
            MASK: "write it again (`mhmd detect --masks` or `mhmd parsing attach`)"}
 
 
+READ_BYTES = 1 << 18  # a frame's JPEG (about 60 KB) in one read
+
+
 def _read_member(member: str, path: str) -> bytes:
-    """A member file's bytes; PartitionError naming the file when it is missing or unreadable."""
+    """A member file's bytes; PartitionError naming the file when it is missing or unreadable.
+    os.read until the end: open() adds an ioctl, two fstats and a seek to each file, which cost
+    as much as the read of a small one."""
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            chunks = [os.read(fd, READ_BYTES)]
+            while chunks[-1]:
+                chunks.append(os.read(fd, READ_BYTES))
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
     except OSError as error:
         reason = "missing" if isinstance(error, FileNotFoundError) else f"unreadable ({error.strerror or error})"
         raise PartitionError(f"{path}: {reason}: {_REMEDY[member]}") from None
@@ -173,8 +188,8 @@ class ShardStage:
     workdir: WorkDir
     out: Path | str
     name: str = STAGE
-    # Forked writers: plain file work with what the parent imported (webdataset), no threads or CUDA;
-    # a spawned writer would spend seconds importing.
+    # Forked writers: plain file work with what the parent imported, no threads or CUDA; a spawned
+    # writer would spend a second or two importing.
     resources: Resources = field(default_factory=lambda: Resources(start_method="fork"))
     unit: str = "samples"
 
@@ -219,15 +234,24 @@ def kept_frames(workdir: WorkDir) -> tuple[pa.Table, list[list[str]]]:
         rows = movie.filter(pc.and_(movie["kept"], pc.is_valid(movie["jpeg"])))
         if rows.num_rows:
             kept.append(rows.select([c for c in SAMPLE_COLUMNS if c in rows.column_names]))
-            prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])
-                                       .to_pandas()))
+            prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])))
     if not kept:
         return pa.table({"frame_id": pa.array([], pa.string()), "movie_id": pa.array([], pa.string())}), []
-    frames = pa.concat_tables(kept, promote_options="default").sort_by("frame_id")
+    frames = pa.concat_tables(kept, promote_options="default")
+    del kept, rows  # the table holds their columns now: sorted one at a time, they go one at a time
+    frames = _sorted_by(frames, "frame_id")
     for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
         if column not in frames.column_names:
             frames = frames.append_column(column, pa.nulls(frames.num_rows))
     return frames, duplicate_groups(prints)
+
+
+def _sorted_by(frames: pa.Table, key: str) -> pa.Table:
+    """`frames` sorted by `key` (as Table.sort_by), a column at a time: the table is never held twice."""
+    order = pc.sort_indices(frames[key])
+    for i, name in enumerate(frames.column_names):
+        frames = frames.set_column(i, name, frames[name].take(order))
+    return frames
 
 
 def samples_path(workdir: WorkDir, partition: str) -> Path:
@@ -247,11 +271,11 @@ def plan_tars(frames: pa.Table, workdir: WorkDir, out: Path | str, settings: Sha
     folder.mkdir(parents=True)
     partitions = []
     for split in SPLITS:
-        part = frames.filter(pc.equal(frames["split"], split))
-        order = np.random.default_rng(settings.seed).permutation(part.num_rows)  # mix films and scenes
+        rows = np.flatnonzero(pc.equal(frames["split"], split).to_numpy(zero_copy_only=False))
+        order = rows[np.random.default_rng(settings.seed).permutation(len(rows))]  # mix films and scenes
         specs: list[dict] = []
         size = tars = 0
-        for spec in _specs(part, order, str(workdir.root), taxonomy, movie_metadata or {}):
+        for spec in _specs(frames, order, str(workdir.root), taxonomy, movie_metadata or {}):
             spec_bytes = _sample_bytes(spec)
             if specs and (len(specs) >= settings.maxcount or size + spec_bytes > settings.maxsize):
                 partitions.append(_planned_tar(workdir, out, tar_name(split, tars), split, specs))
@@ -263,11 +287,12 @@ def plan_tars(frames: pa.Table, workdir: WorkDir, out: Path | str, settings: Sha
     return partitions
 
 
-def _specs(part: pa.Table, order: np.ndarray, root: str, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
-    """The specs of a split's frames in `order`, made from a few thousand rows in pandas at a time."""
+def _specs(frames: pa.Table, order: np.ndarray, root: str, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
+    """The specs of `frames`' rows in `order` (row numbers), made from a few thousand rows at a time
+    (Python dicts straight from Arrow: pandas rows cost more)."""
     for start in range(0, len(order), SPEC_ROWS):
-        for row in part.take(order[start:start + SPEC_ROWS]).to_pandas().itertuples():
-            yield _spec(row, root, taxonomy, movie_metadata.get(row.movie_id))
+        for row in frames.take(order[start:start + SPEC_ROWS]).to_pylist():
+            yield _spec(row, root, taxonomy, movie_metadata.get(row["movie_id"]))
 
 
 def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, specs: list[dict]) -> Partition:
@@ -276,7 +301,8 @@ def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, specs
     text = json.dumps(specs)
     digest = hashlib.sha256(f"[{json.dumps(str(out))}, {text}]".encode()).hexdigest()[:16]
     pid = Path(name).stem
-    atomic_write_bytes(samples_path(workdir, pid), text.encode())
+    # Not synced: every plan writes them again before a writer reads them.
+    samples_path(workdir, pid).write_bytes(text.encode())
     return Partition(pid, {"split": split, "tar": name, "count": len(specs), "digest": digest},
                      record={"split": split, "samples": len(specs)})
 
@@ -304,10 +330,12 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     split = split_films(frames.select(["movie_id"]).to_pandas(), settings.test_fraction, settings.seed, groups)
     at = pc.index_in(frames["movie_id"], value_set=pa.array(list(split), pa.string()))
     frames = frames.append_column("split", pa.array(list(split.values()), pa.string()).take(at))
+    labels = frames.select(["movie_id", "label"])  # of each split, not a copy of all its columns
     splits = {name: split_entry(part["movie_id"].to_pylist(), part["label"].to_pylist())
-              for name, part in ((s, frames.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
+              for name, part in ((s, labels.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
     partitions = plan_tars(frames, workdir, out, settings, taxonomy, movie_metadata)
     del frames  # the writers fork from here: they inherit no frame table
+    pa.default_memory_pool().release_unused()
 
     planned = {p.id for p in partitions}
     for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
@@ -317,8 +345,11 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
     for p in partitions:
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": p.info["count"], "digest": p.info["digest"]})
-    load_webdataset()  # before the writers fork (ShardStage's start method): they then need no import of their own
-    failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
+    gc.freeze()  # a forked writer's collections then never touch, and copy, the pages of this heap
+    try:
+        failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
+    finally:
+        gc.unfreeze()
     if failures:
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")

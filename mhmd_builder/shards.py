@@ -14,17 +14,19 @@ split, scikit-learn's semi-supervised estimators): never a class index, and an i
 labels, so every reader decodes it to the same type. Tars written before had no `cls` for an
 unlabelled frame: `sample_label` reads both.
 
-- writing: `AtomicTar` (webdataset's TarWriter with fixed metadata, so the same samples give the same
-  bytes, under a temporary name until complete), `sample_members` / `with_json` (a sample as a tar
-  holds it), `encode_json`, `label_fields`, `clear_shard_dir`;
+- writing: `AtomicTar` (the bytes of webdataset's TarWriter with fixed metadata, so the same samples
+  give the same bytes, under a temporary name until complete; its headers made from one of
+  tarfile's, `member_header`, since tarfile's own building was most of a tar's time),
+  `sample_members` / `with_json` (a sample as a tar holds it), `encode_json`, `label_fields`,
+  `clear_shard_dir`;
 - object storage (`s3://bucket/prefix`, through fsspec): `shard_output`, `is_remote`, `upload_tar`,
   `folder_sizes`; `clear_shard_dir` and `write_index` take a URL too;
 - reading: `open_shard`, `shard_urls` (the tars of a folder, pattern or list), `sample_label`;
 - indexes: `INDEX`, `read_index` / `write_index` (the wids indexes too: `wids_index`), `make_index`
   and its parts, the lookups that HistoryNet and the CLI make in an index.
 
-webdataset imports torch (seconds): it is imported here only when a tar is opened or written, so
-that reading an index stays fast (`load_webdataset`).
+webdataset imports torch (seconds): it is imported here only when a tar is read, so that reading an
+index, or writing tars, stays fast (`load_webdataset`).
 """
 from __future__ import annotations
 
@@ -111,34 +113,67 @@ def with_json(sample: dict, meta: dict) -> dict:
 
 
 # -- writing --------------------------------------------------------------------------------------
+# A member as webdataset's TarWriter(user="mhmd", group="mhmd", mtime=0) writes it, in GNU format (tarfile
+# builds GNU headers for less than PAX ones; webdataset 1.0 takes a `format` but never hands it on).
+_MEMBER = {"mode": 0o444, "uname": "mhmd", "gname": "mhmd", "mtime": 0}
+_ERRORS = "surrogateescape"  # tarfile's, for names that are not valid in its encoding
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    """tarfile's own GNU header(s) of a member."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    for field, value in _MEMBER.items():
+        setattr(info, field, value)
+    return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, _ERRORS)
+
+
+# Members differ only in their name (bytes 0-100), size (124-136) and checksum (148-156, the sum of
+# the header's bytes with those 8 taken as spaces): the header of an empty name and size, built once.
+_BLANK = _tarfile_header("", 0)
+_BLANK_SUM = sum(_BLANK[:124]) + sum(_BLANK[136:148]) + 8 * ord(" ") + sum(_BLANK[156:])
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The header tarfile writes for a member `name` of `size` bytes: _BLANK with both filled in and
+    its checksum made again (tarfile's own code costs more than the member's bytes in a tar of JPEGs);
+    a name over 100 bytes (GNU puts it in a `././@LongLink` member first) is left to tarfile."""
+    encoded = name.encode(tarfile.ENCODING, _ERRORS)
+    if len(encoded) > tarfile.LENGTH_NAME:
+        return _tarfile_header(name, size)
+    size_field = tarfile.itn(size, 12, tarfile.GNU_FORMAT)
+    checksum = _BLANK_SUM + sum(encoded) + sum(size_field)
+    return b"".join((encoded, bytes(tarfile.LENGTH_NAME - len(encoded)), _BLANK[100:124], size_field,
+                     _BLANK[136:148], b"%06o\0 " % checksum, _BLANK[156:]))
+
+
 class AtomicTar:
-    """One tar written with webdataset's TarWriter under a hidden temporary name and renamed on a
-    clean exit (removed on an error): no partial tar is ever visible under its final name."""
+    """One tar written under a hidden temporary name and renamed on a clean exit (removed on an
+    error): no partial tar is ever visible under its final name. Its bytes are those webdataset's
+    TarWriter writes (fixed owner and times: the same samples give the same bytes), headers built
+    by `member_header` (tests/test_shards.py compares the two byte for byte)."""
 
     def __init__(self, path: Path):
         self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
-        wds = load_webdataset()  # before the temporary file exists: the first import takes seconds (torch)
         self.file = open(self.temp, "wb", buffering=1 << 20)
-        try:
-            # Samples are bytes already (no encoder pass); fixed owner and mtime make the bytes depend
-            # on the samples alone.
-            self.writer = wds.TarWriter(self.file, user="mhmd", group="mhmd", mtime=0, encoder=False)
-        except BaseException:  # stopped (Ctrl-C, SIGTERM) before `with` could clean up: no stray temporary
-            self.file.close()
-            self.temp.unlink(missing_ok=True)
-            raise
-        # GNU headers cost less to build than PAX ones (Python's default; webdataset 1.0 accepts a
-        # `format` but never hands it to tarfile), and members are copied in one piece, not 16 KiB ones.
-        self.writer.tarstream.format = tarfile.GNU_FORMAT
-        self.writer.tarstream.copybufsize = 1 << 20
 
     def write(self, sample: dict) -> None:
-        """Write a sample (sample_members); a key with a dot is refused, since it would be read back
-        as another key and member."""
-        if "." in sample[KEY]:
-            raise InputError(f"{self.path}: sample key {sample[KEY]!r} holds a dot: a key must be a plain "
-                             "frame id")
-        self.writer.write(sample)
+        """Write a sample (sample_members) as TarWriter does: its members in sorted order, named
+        `<key>.<member>`, those starting with "_" left out; a key with a dot is refused, since it
+        would be read back as another key and member."""
+        key = sample[KEY]
+        if "." in key:
+            raise InputError(f"{self.path}: sample key {key!r} holds a dot: a key must be a plain frame id")
+        for member in sorted(sample):
+            if member[0] != "_":
+                self._add(f"{key}.{member}", sample[member])
+
+    def _add(self, name: str, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"{name}: a member is bytes, not {type(data).__name__}")
+        self.file.write(member_header(name, len(data)))
+        self.file.write(data)
+        self.file.write(bytes(-len(data) % tarfile.BLOCKSIZE))
 
     def __enter__(self) -> "AtomicTar":
         return self
@@ -147,7 +182,9 @@ class AtomicTar:
         self.close(keep=error_type is None)
 
     def close(self, keep: bool = True) -> None:
-        self.writer.close()
+        """Two zero blocks end the tar, and zeros fill its last record, as tarfile closes one."""
+        end = self.file.tell() + 2 * tarfile.BLOCKSIZE
+        self.file.write(bytes(2 * tarfile.BLOCKSIZE - end % -tarfile.RECORDSIZE))
         self.file.close()
         if keep:
             os.replace(self.temp, self.path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from . import shipped
@@ -48,17 +49,19 @@ class Taxonomy:
         return [label.name for label in self.labels]
 
     def by_name(self, name: str) -> Label | None:
-        return self._index().get(name)
+        return self._index.get(name)
 
     def find(self, era: str, nationality: str, garment: str) -> Label | None:
-        return self._index().get(f"{era}/{nationality}/{garment}")
+        return self._index.get(f"{era}/{nationality}/{garment}")
 
     def consistent_with(self, era: str | None = None, nationality: str | None = None) -> list[int]:
         """Ids of the labels a frame can have when its film's era and/or nationality are known."""
         return [label.id for label in self.labels
                 if (era is None or label.era == era) and (nationality is None or label.nationality == nationality)]
 
+    @cached_property
     def _index(self) -> dict[str, Label]:
+        """name -> label, made once (the labels are a tuple): shard looks up a label for every frame."""
         return {label.name: label for label in self.labels}
 
 

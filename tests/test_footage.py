@@ -1,10 +1,12 @@
 import json
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import extract
-from mhmd_builder.footage import near_duplicates
+from mhmd_builder.footage import MAX_DISTANCE, MIN_SHARE, near_duplicates, reaches, share
 from mhmd_builder.manifest import manifest
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, shard
@@ -47,3 +49,18 @@ def _samples(work: WorkDir, split: str) -> list[dict]:
     """The shard stage's records of the last shard run: which frame of which movie went to `split`."""
     table = work.read_table("shard")
     return table[table.split == split].to_dict("records")
+
+
+@pytest.mark.parametrize("near", [0, 64, 191, 192, 193, 256])
+@pytest.mark.parametrize("where", ["first", "last", "spread"])
+def test_reaches_is_share_at_the_threshold_wherever_the_near_hashes_are(near, where):
+    rng = np.random.default_rng(near)
+    a = np.unique(rng.integers(0, 2**63, 300, dtype=np.uint64))[:256]  # 256 queries: all of a, in order
+    picked = {"first": np.arange(near), "last": np.arange(256 - near, 256),
+              "spread": np.sort(rng.permutation(256)[:near])}[where]
+    flips = np.uint64(0b1111111111) << np.uint64(7)  # 10 bits: still near (MAX_DISTANCE)
+    far = rng.integers(0, 2**63, 5000, dtype=np.uint64)
+    far = far[[np.bitwise_count(a ^ h).min() > MAX_DISTANCE for h in far]]
+    b = np.concatenate([a[picked] ^ flips, far])
+    assert share(a, b) == near / 256
+    assert reaches(a, b) == (near >= 192) == (share(a, b) >= MIN_SHARE)

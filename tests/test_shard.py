@@ -31,7 +31,9 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import ShardSettings, _spec, plan_tars, samples_path, shard, split_films
+from mhmd_builder.shard import (READ_BYTES, ShardSettings, _read_member, _spec, plan_tars, samples_path, shard,
+                                split_films)
+from mhmd_builder.stages import PartitionError
 from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
@@ -392,6 +394,18 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
 
 
+def test_a_member_file_is_read_whole_or_named_with_what_is_wrong(tmp_path):
+    large = bytes(range(256)) * (3 * READ_BYTES // 256 + 7)  # several reads, the last one short
+    for name, data in (("large.png", large), ("empty.jpg", b""), ("exact.jpg", b"x" * READ_BYTES)):
+        (tmp_path / name).write_bytes(data)
+        assert _read_member("mask.png", str(tmp_path / name)) == data
+    with pytest.raises(PartitionError, match=f"^{tmp_path}/gone.jpg: missing: re-extract its film"):
+        _read_member("jpg", str(tmp_path / "gone.jpg"))
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(PartitionError, match=r"folder.png: unreadable \(Is a directory\): write it again"):
+        _read_member("mask.png", str(tmp_path / "folder.png"))
+
+
 def damage(jpeg, how: str) -> None:
     """Cut a file short, or flip one byte in its middle (same size)."""
     data = bytearray(jpeg.read_bytes())
@@ -500,9 +514,12 @@ RAY_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(INFO|WARNING) ")  
 def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_as_never_interrupted(tmp_path, runner):
     """Ctrl-C as a terminal sends it, to the whole process group, while the writers (processes, or
     Ray actors of a local Ray instance the command started) are halfway through their tars."""
-    work = many_frames(tmp_path / "work", films=2, frames=10_000)
+    # Two tars of 30,000 samples, about a second each (60,000 links to one JPEG: ext4 allows 65,000):
+    # a tar finished before the interrupt reaches a Ray actor (at its next progress report) would
+    # leave a done tar.
+    work = many_frames(tmp_path / "work", films=2, frames=30_000)
     args = [sys.executable, "-m", "mhmd_builder.cli", "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
-            "--maxcount", "10000", "--test-fraction", "0"]  # a writer per core: two here
+            "--maxcount", "30000", "--test-fraction", "0"]  # a writer per core: two here
     args += ["--runner", "ray", "--ray-address", "local"] if runner == "ray" else []
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -519,7 +536,7 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     assert not list(work.parts_dir("shard").glob("*.done")) and not list(work.parts_dir("shard").glob("*.failed"))
 
     subprocess.run(args, check=True, capture_output=True)
-    shard(work, tmp_path / "reference", ShardSettings(maxcount=10_000, test_fraction=0.0), runner=LocalRunner(1))
+    shard(work, tmp_path / "reference", ShardSettings(maxcount=30_000, test_fraction=0.0), runner=LocalRunner(1))
     names = sorted(p.name for p in (tmp_path / "reference").iterdir())
     assert names == ["index.json", "train-000000.tar", "train-000001.tar", "train.wids.json"]  # no test split
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == names
@@ -551,7 +568,7 @@ def test_the_plan_made_movie_by_movie_is_the_whole_manifests(synthetic_copy, tmp
     for name in ("train", "test"):
         part = kept[split == name]
         part = part.iloc[np.random.default_rng(0).permutation(len(part))]
-        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.itertuples()]
+        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.to_dict("records")]
         tars = [entry for entry in index["shards"] if entry["split"] == name]
         planned = [json.loads(samples_path(work, Path(tar["name"]).stem).read_text()) for tar in tars]
         assert [len(specs) for specs in planned] == [tar["count"] for tar in tars] == \

@@ -55,6 +55,61 @@ def test_a_tar_written_twice_is_byte_identical_and_reads_back_member_for_member(
         assert tar.getnames()[:3] == ["film-0123abcd_0.cls", "film-0123abcd_0.jpg", "film-0123abcd_0.json"]
 
 
+def webdataset_tar(path, items) -> bytes:
+    """`items` written by webdataset's own TarWriter, as AtomicTar's bytes promise: owner mhmd, time 0,
+    no encoder, GNU headers."""
+    import webdataset
+
+    with open(path, "wb") as file:
+        writer = webdataset.TarWriter(file, user="mhmd", group="mhmd", mtime=0, encoder=False)
+        writer.tarstream.format = tarfile.GNU_FORMAT
+        for sample in items:
+            writer.write(sample)
+        writer.close()
+    return path.read_bytes()
+
+
+def odd_samples() -> list[dict]:
+    """Samples at the header's edges: keys of other scripts, spaces and slashes, names of 100 bytes
+    and over (a GNU long-name member), empty members, sizes around a block and a large one, a
+    non-ASCII member name, and a "_" member that is not written."""
+    edge = "k" * (100 - len(".json"))  # `<key>.json` exactly 100 bytes: the longest name kept in the header
+    return [
+        {"__key__": "film-0123abcd_0", "jpg": b"", "json": b"{}", "cls": b"-1"},
+        {"__key__": "fïlm ü/ß_1", "jpg": b"\xff" * 511, "json": b"x" * 512, "cls": b"7", "mask.png": b"p" * 513},
+        {"__key__": edge, "jpg": b"a" * 1024, "json": b"{}", "cls": b"0"},
+        {"__key__": edge + "k", "jpg": b"b", "json": b"{}", "cls": b"0"},  # `.json` at 101 bytes
+        {"__key__": "é" * 80 + "_long", "jpg": bytes(range(256)) * 12_000, "json": b"{}", "cls": b"3"},
+        {"__key__": "film-0123abcd_9", "__url__": b"not written", "jpg": b"c" * 3, "json": b"{}", "cls": b"1",
+         "émask.png": b"q"},
+    ]
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 30])
+def test_atomic_tar_writes_the_bytes_of_webdatasets_tar_writer(tmp_path, count):
+    items = odd_samples() + samples(count)
+    ours = write_tar(tmp_path / "ours.tar", items)
+    assert ours == webdataset_tar(tmp_path / "theirs.tar", items)
+    assert len(ours) % tarfile.RECORDSIZE == 0
+    read = list(open_shard(tmp_path / "ours.tar"))  # the real reader
+    assert [s["__key__"] for s in read] == [s["__key__"] for s in items]
+    for got, want in zip(read, items):
+        assert {k: v for k, v in got.items() if not k.startswith("__")} == \
+            {k: v for k, v in want.items() if not k.startswith("__")}
+    with tarfile.open(tmp_path / "ours.tar") as tar:  # the long name read back whole by tarfile too
+        assert f"{'é' * 80}_long.jpg" in tar.getnames()
+
+
+def test_an_empty_tar_is_that_of_webdataset(tmp_path):
+    assert write_tar(tmp_path / "ours.tar", []) == webdataset_tar(tmp_path / "theirs.tar", [])
+
+
+def test_a_member_that_is_not_bytes_is_refused_and_no_tar_is_left(tmp_path):
+    with pytest.raises(TypeError, match="film_0.json: a member is bytes, not str"):
+        write_tar(tmp_path / "train-000000.tar", [{"__key__": "film_0", "json": "{}"}])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_key_with_a_dot_is_refused_and_no_tar_is_left(tmp_path):
     dotted = {**samples(1)[0], "__key__": "film.mp4_0"}
     with pytest.raises(InputError, match="'film.mp4_0' holds a dot"):
@@ -124,8 +179,11 @@ def test_clear_shard_dir_keeps_what_it_is_told_and_refuses_other_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "train-000001.tar"]
 
 
-def test_reading_an_index_does_not_import_webdataset():
-    # webdataset imports torch (seconds): the report and the CLI read indexes without it
-    code = ("import sys; from mhmd_builder import cli, report, shard, shards; "
+def test_reading_an_index_or_writing_a_tar_does_not_import_webdataset(tmp_path):
+    # webdataset imports torch (seconds, 0.4 GB): the report and the CLI read indexes, and shard
+    # writes its tars, without it
+    code = ("import sys; from pathlib import Path; from mhmd_builder import cli, report, shard, shards; "
+            f"tar = shards.AtomicTar(Path({str(tmp_path / 'a.tar')!r})); tar.write({samples(1)[0]!r}); tar.close(); "
             "assert 'webdataset' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+    assert (tmp_path / "a.tar").stat().st_size == tarfile.RECORDSIZE
