@@ -1,10 +1,10 @@
 """Benchmark: `mhmd extract --chunk-seconds` against an undivided extract of the same film.
 
     uv run python benchmarks/chunked_extract.py [--seconds 600] [--chunks 60] [--workers 1 2] [--repeats 1]
-        [--keep DIR]
+        [--height 720] [--preset ultrafast] [--keep DIR]
 
-Makes a film with ffmpeg (testsrc2, 1280x720 at 24 fps, H.264 with a 10 s GOP, a minute encoded
-once and repeated), then runs each
+Makes a film with ffmpeg (testsrc2, 16:9 at `--height` lines (1280x720 unless told), 24 fps, H.264
+at x264's `--preset` with a 10 s GOP, a minute encoded once and repeated), then runs each
 of these `--repeats` times, round-robin, each in a fresh work directory:
   1. `mhmd extract F -w W --workers 1`                         the undivided film
   2. `mhmd extract F -w W --workers 1 --chunk-seconds C`       goal: <= 1.05 x (1), wall and CPU
@@ -28,21 +28,23 @@ import pandas as pd
 from commands import mhmd, timed
 
 FPS = 24
-# A 10 s GOP (240 frames) as benchmarks/extract.py encodes; ultrafast, since making the film at
-# veryfast takes longer than every extract below on 2 shared cores.
-ENCODE = ["-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "20", "-g", "240", "-an"]
+# A 10 s GOP (240 frames) as benchmarks/extract.py encodes. ultrafast by default, since making the
+# film at veryfast takes longer than every extract below on 2 shared cores; it also makes the
+# cheapest stream to decode (no CABAC, no B-frames), where a chunk's fixed costs weigh most.
+ENCODE = ["-pix_fmt", "yuv420p", "-c:v", "libx264", "-crf", "20", "-g", "240", "-an"]
 COMPARED = ["frame_id", "timestamp", "kept", "reject_reason", "jpeg_xxh3"]
 
 
-def make_film(folder: Path, seconds: int) -> Path:
+def make_film(folder: Path, seconds: int, height: int = 720, preset: str = "ultrafast") -> Path:
     """A minute of film encoded once and copied end to end (`-c copy`) to `seconds`: the decoder's
     work per second is the same as for a film encoded whole, in a tenth of the time to make it."""
-    path = folder / f"film-720p-{seconds}s.mp4"
+    path = folder / f"film-{height}p-{preset}-{seconds}s.mp4"
     if not path.exists():
         print(f"generating {path.name} ...", flush=True)
         minute, listing, part = folder / "minute.mp4", folder / "minutes.txt", path.with_suffix(".part.mp4")
         subprocess.run(["ffmpeg", "-y", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
-                        f"testsrc2=size=1280x720:rate={FPS}", "-t", "60", *ENCODE, str(minute)], check=True)
+                        f"testsrc2=size={height * 16 // 9}x{height}:rate={FPS}", "-t", "60", *ENCODE, "-preset", preset,
+                        str(minute)], check=True)
         listing.write_text(f"file '{minute.name}'\n" * -(-seconds // 60))
         subprocess.run(["ffmpeg", "-y", "-nostdin", "-v", "error", "-f", "concat", "-i", str(listing), "-c", "copy",
                         "-t", str(seconds), str(part)], check=True)
@@ -68,10 +70,12 @@ def main() -> None:
     parser.add_argument("--chunks", type=float, nargs="+", default=[60.0], help="--chunk-seconds values to time")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--workers of the chunked runs")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--height", type=int, default=720, help="the film's lines (16:9)")
+    parser.add_argument("--preset", default="ultrafast", help="x264's preset for the film")
     parser.add_argument("--keep", type=Path, help="a folder to keep the film in (reused when there)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="mhmd-chunks-"))
-    film = make_film(args.keep or scratch, args.seconds)
+    film = make_film(args.keep or scratch, args.seconds, args.height, args.preset)
     runs = {"undivided, 1 worker": ["--workers", "1"]}
     for chunk in args.chunks:
         for workers in args.workers:
@@ -95,7 +99,8 @@ def main() -> None:
             shutil.rmtree(work)
     base = "undivided, 1 worker"
     base_wall, base_cpu = statistics.median(walls[base]), statistics.median(cpus[base])
-    print(f"\n{args.seconds} s film, 1280x720 {FPS} fps H.264, --fps 1, median of {args.repeats}; "
+    print(f"\n{args.seconds} s film, {args.height * 16 // 9}x{args.height} {FPS} fps H.264 ({args.preset}), --fps 1, "
+          f"median of {args.repeats}; "
           f"rows and JPEGs identical in every run")
     print(f"{'run':<28}{'wall s':>8}{'x':>7}{'CPU s':>8}{'x':>7}")
     for name in runs:
