@@ -2,8 +2,8 @@
 `filter`, `sample`, `labels import`, `shard` and `report` on synthetic work directories of N frames,
 with a growth fit, and `mhmd shard` against `tar cf` of the same JPEGs in the same run.
 
-    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20] [--keep DIR [--reuse]]
-                                      [--commands shard "tar cf"]
+    uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20 | --frames-per-film K]
+                                      [--jpeg-kb KB] [--keep DIR [--reuse]] [--commands shard "tar cf"]
 
 The work directory is written through the stages' own table schemas (`tables.py`) and the work
 directory's own commit (`WorkDir.commit`: table, then done marker with the stage's counts), as
@@ -12,7 +12,11 @@ extract, detect and labeler predict leave it: of every sampled frame 60% pass qu
 1,353,166 kept of ~3.4 M sampled; every frame that passed detection has a model label. Every kept
 JPEG is a hard link to one tiny real JPEG (a new one every 50,000 links: ext4 allows 65,000), so
 the JPEG bytes are small and `tar cf --hard-dereference` (each link stored as a whole file, as shard
-does) measures per-file costs, the part of shard that grows with N.
+does) measures per-file costs, the part of shard that grows with N; `--jpeg-kb 60` links to a JPEG
+of a real 640 px frame's size instead, where the bytes written weigh as they do in a real build.
+`--films` is the same at every size (a film's frames grow with N); `--frames-per-film` makes the
+films grow instead, as a collection of ever more films of a film's length does (23,130: the paper's
+~3.4 M sampled frames over its 147 films).
 
 Peak memory: the largest sum of the proportional set sizes (PSS, Linux) of the command's process
 and all its descendants, sampled every 50 ms with psutil: a page shared by forked writers counts
@@ -67,6 +71,16 @@ def tiny_jpeg() -> bytes:
     return cv2.imencode(".jpg", image)[1].tobytes()
 
 
+def jpeg_of_size(kilobytes: float) -> bytes:
+    """A real JPEG of about `kilobytes` (at least): seeded noise, the smallest 16:9 picture reaching it."""
+    rng = np.random.default_rng(0)
+    for height in range(16, 4096, 8):
+        data = cv2.imencode(".jpg", rng.integers(0, 256, (height, height * 16 // 9, 3), np.uint8))[1].tobytes()
+        if len(data) >= kilobytes * 1024:
+            return data
+    raise SystemExit(f"--jpeg-kb {kilobytes}: too large")
+
+
 class Linker:
     """Hard links to one real JPEG, a new copy of it every LINKS_PER_JPEG links."""
 
@@ -82,12 +96,12 @@ class Linker:
         self.count += 1
 
 
-def make_workdir(root: Path, frames: int, films: int, seed: int = 0) -> WorkDir:
+def make_workdir(root: Path, frames: int, films: int, seed: int = 0, data: bytes | None = None) -> WorkDir:
     """A work directory of `frames` sampled frames over `films` films, extracted, detected and labelled."""
     import xxhash
 
     work, rng, taxonomy = WorkDir(root / "work"), np.random.default_rng(seed), load_taxonomy()
-    data = tiny_jpeg()
+    data = data or tiny_jpeg()
     linker, digest = Linker(root / "jpeg-sources", data), xxhash.xxh3_64_hexdigest(data)
     extract_settings, detect_settings = ExtractSettings().to_dict(), DetectSettings().to_dict()
     for f, n in enumerate(np.diff(np.linspace(0, frames, films + 1).astype(int))):
@@ -199,11 +213,12 @@ def filled_labels(todo: Path, out: Path) -> None:
     sample.to_csv(out, index=False)
 
 
-def run_size(root: Path, frames: int, films: int, commands: list[str]) -> dict[str, tuple[float, int, float]]:
+def run_size(root: Path, frames: int, films: int, commands: list[str],
+             jpeg: bytes | None = None) -> dict[str, tuple[float, int, float]]:
     """Time `commands` (every one of STEPS and "tar cf" by default) on the work directory of `frames`
     frames in root/work, made unless it is there (--reuse)."""
     started = time.perf_counter()
-    work = WorkDir(root / "work") if (root / "work").is_dir() else make_workdir(root, frames, films)
+    work = WorkDir(root / "work") if (root / "work").is_dir() else make_workdir(root, frames, films, data=jpeg)
     print(f"\n{frames} frames over {films} films: work directory ready in {time.perf_counter() - started:.0f} s")
     w = str(work.root)
     steps = dict(zip(STEPS, [
@@ -250,24 +265,29 @@ def linear(sizes: list[int], values: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 60_000], help="Sampled frames per run.")
-    parser.add_argument("--films", type=int, default=20)
+    parser.add_argument("--films", type=int, default=20, help="Films at every size.")
+    parser.add_argument("--frames-per-film", type=int, default=None,
+                        help="Films in proportion to the size instead: N / this, rounded (at least 1).")
+    parser.add_argument("--jpeg-kb", type=float, default=None, help="Link JPEGs of about this size (default ~1 KB).")
     parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
     parser.add_argument("--reuse", action="store_true",
                         help="Use the work directories --keep holds from an earlier run.")
     parser.add_argument("--commands", nargs="+", default=[*STEPS, "tar cf"], choices=[*STEPS, "tar cf"],
                         help="Run only these (a command that needs an earlier one's output needs it run too).")
     args = parser.parse_args()
+    jpeg = jpeg_of_size(args.jpeg_kb) if args.jpeg_kb else None
     runs = {}
     for n in args.sizes:
+        films = max(1, round(n / args.frames_per_film)) if args.frames_per_film else args.films
         if args.keep:
             root = args.keep / f"n{n}"
             if not args.reuse:
                 shutil.rmtree(root, ignore_errors=True)
             root.mkdir(parents=True, exist_ok=True)
-            runs[n] = run_size(root, n, args.films, args.commands)
+            runs[n] = run_size(root, n, films, args.commands, jpeg)
         else:
             with tempfile.TemporaryDirectory() as tmp:
-                runs[n] = run_size(Path(tmp), n, args.films, args.commands)
+                runs[n] = run_size(Path(tmp), n, films, args.commands, jpeg)
     sizes = list(runs)
     print(f"\n| command | {' | '.join(f'N={n:,}: s / CPU s / MiB' for n in sizes)} | time ~ N^b | memory ~ N^b "
           f"| at N={PAPER:,} (linear): s / CPU s / MiB |")
