@@ -180,6 +180,7 @@ def children_cpu() -> float:
 def measured(args: list[str], cwd: Path) -> tuple[float, int, float]:
     """Run a command; its wall time (s), the peak PSS of its process tree (bytes) and the CPU seconds of
     the tree (its forked writers included: each waits for its own children, so their time reaches us)."""
+    os.sync()  # the bytes an earlier command left in the page cache are written before this one is timed
     cpu_before, started = children_cpu(), time.perf_counter()
     child = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     process, peak = psutil.Process(child.pid), 0
