@@ -30,6 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
@@ -272,11 +273,16 @@ REPORT_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "kept"
 HUE = ("hue",)  # the example group of kept frames with a JPEG, for the hue histogram
 
 
-def movie_frames(workdir: WorkDir) -> Iterator[tuple[str, pd.DataFrame]]:
+def movie_tables(workdir: WorkDir) -> Iterator[tuple[str, pa.Table]]:
     """Each movie's manifest rows (of the columns the page uses), in the manifest's order."""
     for table in manifest_by_movie(workdir, columns=REPORT_COLUMNS):
         if table.num_rows:
-            yield table["movie_id"][0].as_py(), table.to_pandas()
+            yield table["movie_id"][0].as_py(), table
+
+
+def movie_frames(workdir: WorkDir) -> Iterator[tuple[str, pd.DataFrame]]:
+    for movie, table in movie_tables(workdir):
+        yield movie, table.to_pandas()
 
 
 def example_groups(frames: pd.DataFrame) -> dict[tuple, np.ndarray]:
@@ -342,18 +348,21 @@ def spread_examples(workdir: WorkDir, tally: Tally, wanted: dict[tuple, int]) ->
     """Per example group, `wanted` of its frames spread evenly over the whole group in the manifest's
     order (over films, then time): their places come from the tally, their rows from a second pass."""
     places = {key: evenly(tally.group_size(key), n) for key, n in wanted.items()}
-    found: dict[tuple, list[pd.DataFrame]] = {key: [] for key in wanted}
+    found: dict[tuple, list[pa.Table]] = {key: [] for key in wanted}
     before = Counter()  # per group, its frames in the movies passed
-    for movie, frames in movie_frames(workdir):
-        groups = example_groups(frames)
+    for movie, table in movie_tables(workdir):
+        groups = example_groups(table.to_pandas())
         for key, at in places.items():
             size = tally.groups.get(movie, Counter())[key]
             here = at[(at >= before[key]) & (at < before[key] + size)] - before[key]
             if len(here) and key in groups:
-                group = frames.iloc[groups[key]]
-                found[key].append(group.iloc[here[here < len(group)]])  # fewer: changed since the tally
+                group = groups[key]
+                # Taken in Arrow, which copies the rows: pandas' rows of list columns are views of the
+                # whole film's buffers, which an example kept every film of (a few MB a film).
+                found[key].append(table.take(group[here[here < len(group)]]))  # fewer: changed since the tally
             before[key] += size
-    return {key: pd.concat(parts) if parts else pd.DataFrame(columns=REPORT_COLUMNS) for key, parts in found.items()}
+    return {key: pd.concat([part.to_pandas() for part in parts]) if parts else pd.DataFrame(columns=REPORT_COLUMNS)
+            for key, parts in found.items()}
 
 
 # -- labels (the paper's Table 1) -----------------------------------------------------------------
