@@ -5,6 +5,7 @@ it has never seen?
                                                  [--seed S] [--input frame|persons] [--epochs N]
                                                  [--image-size PX] [--pseudo-label-rounds N]
                                                  [--pseudo-label-per-class N] [--pseudo-label-confidence P]
+                                                 [--weights none|imagenet|FILE]
 
 The task is made here, so every frame's truth is known. Films are made with ffmpeg from the photos
 of persons inside ultralytics' package (mhmd_builder.demo's `Segment` and `make_film`), one MHMD
@@ -235,7 +236,6 @@ def train_and_score(root: Path, films: list[Film], human: list[dict], scale: Sca
                     timings: dict[str, float]) -> None:
     work, labelled, exported = root / "work", root / "labels.csv", root / "manifest.parquet"
     checkpoint = work / "label" / "labeler.safetensors"
-    print("notice: ResNet-18 from random weights: ImageNet weights cannot be downloaded here")
     timed(timings, "labeler train", mhmd, "labeler", "train", "-w", str(work), "--labels", str(labelled),
           *TRAIN_OPTIONS, "--epochs", str(scale.epochs), *train_options, "-o", str(checkpoint))
     timed(timings, "labeler predict", mhmd, "labeler", "predict", "-w", str(work), "--checkpoint", str(checkpoint))
@@ -244,7 +244,9 @@ def train_and_score(root: Path, films: list[Film], human: list[dict], scale: Sca
     movies = films_by_movie(work, films)
     held_out = {m for m, film in movies.items() if film.held_out}
     manifest = pd.read_parquet(exported)
-    report(films, movies, manifest, human, held_out, read_json(checkpoint.with_suffix(".json")), timings)
+    config = read_json(checkpoint.with_suffix(".json"))
+    print(f"labeler's initial weights: {config['initial_weights']}")
+    report(films, movies, manifest, human, held_out, config, timings)
 
 
 def report(films: list[Film], movies: dict[str, Film], manifest: pd.DataFrame, human: list[dict],
@@ -288,6 +290,8 @@ def main() -> None:
     parser.add_argument("--input", choices=("frame", "persons"), help="labeler train's --input (default: its own)")
     parser.add_argument("--epochs", type=int, help="labeler train's --epochs (default: the scale's)")
     parser.add_argument("--image-size", type=int, help="labeler train's --image-size (default: 112)")
+    parser.add_argument("--weights", help="labeler train's --weights (default none, random: ImageNet's cannot be "
+                        "downloaded here): imagenet, or a local copy of torchvision's file")
     parser.add_argument("--pseudo-label-rounds", type=int, help="labeler train's --pseudo-label-rounds")
     parser.add_argument("--pseudo-label-per-class", type=int, help="labeler train's --pseudo-label-per-class")
     parser.add_argument("--pseudo-label-confidence", type=float, help="labeler train's --pseudo-label-confidence")
@@ -296,7 +300,8 @@ def main() -> None:
     train_options = ("--seed", str(args.seed), *(("--input", args.input) if args.input else ()),
                      *(("--epochs", str(args.epochs)) if args.epochs else ()),
                      *(("--image-size", str(args.image_size)) if args.image_size else ()),
-                     *passed_on(args, "pseudo_label_rounds", "pseudo_label_per_class", "pseudo_label_confidence"))
+                     *passed_on(args, "weights", "pseudo_label_rounds", "pseudo_label_per_class",
+                               "pseudo_label_confidence"))
     if args.rerun:
         rerun(args.rerun, scale, train_options)
         return
