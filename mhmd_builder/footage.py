@@ -51,7 +51,7 @@ def reaches(a: np.ndarray, b: np.ndarray) -> bool:
     query = _queries(a)
     first = len(query) - math.ceil(MIN_SHARE * len(query)) + 1  # all of these missing rules it out
     hits = int(np.sum(_nearest(query[:first], b) <= MAX_DISTANCE))
-    if (len(query) - first + hits) / len(query) < MIN_SHARE:
+    if not hits:
         return False
     return (hits + int(np.sum(_nearest(query[first:], b) <= MAX_DISTANCE))) / len(query) >= MIN_SHARE
 

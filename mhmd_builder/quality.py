@@ -233,7 +233,7 @@ def judge_columns(scores: dict[str, np.ndarray], t: QualityThresholds) -> list[l
     recorded frame, and the checks of one frame at a time cost it a third of its time."""
     failed = failed_checks(scores, t)
     rows = np.stack([failed[reason] for reason in REASONS[:-1]], axis=1).tolist()
-    return [[reason for reason, fails in zip(REASONS, row) if fails] if any(row) else [] for row in rows]
+    return [[reason for reason, fails in zip(REASONS[:-1], row) if fails] if any(row) else [] for row in rows]
 
 
 def _rank(v: FrameVerdict) -> tuple[bool, float]:

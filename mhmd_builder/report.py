@@ -212,7 +212,7 @@ def funnel_masks(frames: pd.DataFrame) -> dict[str, pd.Series]:
 
 
 def funnel_section(workdir: WorkDir, tally: "Tally") -> Section:
-    counts = {step: sum(steps[step] for steps in tally.steps.values()) for step in STEPS}
+    counts = {step: tally.total(step) for step in STEPS}
     sampled = counts["sampled"]
     ran = {"kept after persons": bool(workdir.done("detect")), "labeled": tally.any_label,
            "in shards": bool(workdir.done("shard"))}
