@@ -169,11 +169,13 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
     its own partitions and its rows of the whole-dataset tables (the filter's decisions, read per
     movie: `MovieDecisions`; the shard records and the parsing maps, read once and cut per movie),
     so that a command holds one movie's frames, not every frame. A damaged record of a stage
-    before `before` raises when it is reached."""
+    before `before` raises when it is reached. A caller of a stage (`before`: every stage is shard
+    or before it) gets no split: the shard records, out of date once it runs, are not read."""
     refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
     damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
     decisions = MovieDecisions(workdir)
-    shards = rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD], columns=["frame_id", "movie_id", "split"]))
+    shards = {} if before else rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD],
+                                                                columns=["frame_id", "movie_id", "split"]))
     parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
     for movie in sorted(workdir.marked_done(EXTRACT)):
         frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)

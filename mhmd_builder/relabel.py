@@ -149,7 +149,7 @@ def relabel(shard_dir: str | Path, checkpoint: str | Path, out: str | Path,
     labels = rows[["before", "after"]].astype(object).where(rows[["before", "after"]].notna(), None)  # NaN -> None
     changes = Counter(zip(labels.before, labels.after))
     in_split = {split: rows[rows.split == split] for split in index["splits"]}
-    new_index = {**index, "splits": {split: split_entry(part.movie.tolist(), part.after.tolist())
+    new_index = {**index, "splits": {split: split_entry(Counter(part.movie), Counter(part.after))
                                      for split, part in in_split.items()},
                  "relabel": {"source": str(shard_dir), "checkpoint": str(checkpoint),
                              "checkpoint_sha256": sha256_of(Path(checkpoint)),

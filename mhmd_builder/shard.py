@@ -1,8 +1,9 @@
 """Stage 5: the kept frames as WebDataset shards (`train-000000.tar`, `test-000000.tar`; the format,
 its tar writer and index.json are in shards.py).
 
-Split by film (no film in both splits), samples shuffled across films within a split, written as
-webdataset's own TarWriter writes them (shards.AtomicTar). Output is deterministic (sorted inputs,
+Split by film (no film in both splits), samples shuffled across films within a split (in the order
+of a seeded hash of their frame ids: the plan spills the frames into buckets of that order and holds
+one at a time), written as webdataset's own TarWriter writes them (shards.AtomicTar). Output is deterministic (sorted inputs,
 seeded shuffles, fixed tar metadata: the same inputs and seed give byte-identical tars) and atomic
 (each tar is written under a temporary name and renamed; `index.json` comes last). To an object
 store (`s3://bucket/prefix`), each tar is written whole in the partition's staging folder
@@ -17,9 +18,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +40,7 @@ from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, cl
                      is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
-from .tables import SHARD
+from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, writes
 
@@ -51,6 +54,13 @@ EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_r
 SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes", "label", "label_source",
                   "label_confidence", "jpeg", "jpeg_bytes", "jpeg_xxh3", "mask", "parsing"]
 SPEC_ROWS = 4096  # frames turned into Python rows at once while planning
+# The plan's shuffle (`spill_kept_frames`): the frames to shard, with their shuffle keys, in bucket
+# files of about this many frames (~0.5 KB each in memory), one held at a time.
+SHUFFLE_BUCKET_ROWS = 250_000
+_TYPES = {**MANIFEST_COLUMNS, **dict(zip(FRAME_SCHEMA.names, FRAME_SCHEMA.types)),
+          **dict(zip(DETECT_SCHEMA.names, DETECT_SCHEMA.types)), "parsing": pa.string()}
+SPILL_SCHEMA = pa.schema([*((name, _TYPES[name]) for name in SAMPLE_COLUMNS), ("key", pa.uint64())])
+SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")  # a third of the bytes, for little CPU
 
 
 @dataclass(frozen=True)
@@ -62,14 +72,14 @@ class ShardSettings:
     seed: int = 0
 
 
-def split_films(frames: pd.DataFrame, test_fraction: float, seed: int,
+def split_films(counts: dict[str, int], test_fraction: float, seed: int,
                 groups: list[list[str]] = ()) -> dict[str, str]:
-    """movie_id -> "train" | "test". Films are drawn in a seeded order; each goes to test while the
+    """movie_id -> "train" | "test", of each film's number of frames. Films are drawn in a seeded order; each goes to test while the
     test split stays within test_fraction of the frames (the first drawn always does, so a test split
     exists whenever there are two films or more; the last film is never taken: train stays non-empty).
     A group of near-duplicate films (`groups`) is one film: drawn with its first member drawn, all
     of it in the same split; without groups the split is what it was before groups existed."""
-    counts = frames.groupby("movie_id").size().sort_index()
+    counts = pd.Series(counts, dtype=np.int64).sort_index()
     split = {movie: "train" for movie in counts.index}
     unit_of = {movie: group[0] for group in groups for movie in group if movie in split}
     units = counts.groupby(lambda movie: unit_of.get(movie, movie)).sum()
@@ -223,35 +233,76 @@ def _sample_bytes(spec: dict) -> int:
     return sum(size + 1024 for size in members)
 
 
-def kept_frames(workdir: WorkDir) -> tuple[pa.Table, list[list[str]]]:
-    """The frames to shard (kept, with a JPEG), of the columns their samples are made of, sorted by
-    frame_id, and the groups of near-duplicate films (of the films with such frames); read movie by
-    movie (`manifest_by_movie`), so that only these rows and each film's hashes are held."""
-    kept, prints = [], {}
-    for movie in manifest_by_movie(workdir, before=STAGE, columns=EXTRACT_COLUMNS):  # its own records are redone here
-        if "jpeg" not in movie.column_names:  # an extract table of an earlier version: nothing to shard
-            continue
-        rows = movie.filter(pc.and_(movie["kept"], pc.is_valid(movie["jpeg"])))
-        if rows.num_rows:
-            kept.append(rows.select([c for c in SAMPLE_COLUMNS if c in rows.column_names]))
+@dataclass
+class KeptFrames:
+    """What the plan learns of the frames to shard (kept, with a JPEG) from one pass over the movies:
+    the frames themselves spilled to bucket files (`spill_kept_frames`), and per film their count
+    and labels; the groups of near-duplicate films."""
+
+    buckets: list[Path]  # Arrow IPC streams of SPILL_SCHEMA, in the order of their shuffle keys
+    counts: dict[str, int] = field(default_factory=dict)  # movie_id -> frames
+    labels: dict[str, Counter] = field(default_factory=dict)  # movie_id -> its frames' labels
+    groups: list[list[str]] = field(default_factory=list)
+
+
+def shuffle_keys(frame_ids: list[str], seed: int) -> np.ndarray:
+    """Each frame's place in its split (uint64; ties, which never happen in practice, go by frame_id):
+    a seeded hash of its id, so that sorting by it shuffles the split, whatever order the frames come
+    in and however they are cut into buckets."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(frame_id.encode(), seed) for frame_id in frame_ids), np.uint64,
+                       len(frame_ids))
+
+
+def spill_kept_frames(workdir: WorkDir, folder: Path, seed: int) -> KeptFrames:
+    """Reads the movies once (`manifest_by_movie`) and writes their frames to shard, as SPILL_SCHEMA
+    rows with their shuffle key, into bucket files by the key's first bits: each bucket holds about
+    SHUFFLE_BUCKET_ROWS frames, so that the plan holds one bucket, not every frame, at a time."""
+    bits = _bucket_bits(workdir)
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+    kept, prints = KeptFrames(buckets=[folder / f"{b:05d}.arrow" for b in range(1 << bits)]), {}
+    try:
+        for movie in manifest_by_movie(workdir, before=STAGE, columns=EXTRACT_COLUMNS):  # its own records are redone here
+            if "jpeg" not in movie.column_names:  # an extract table of an earlier version: nothing to shard
+                continue
+            rows = _spill_rows(movie.filter(pc.and_(movie["kept"], pc.is_valid(movie["jpeg"]))), seed)
+            if not rows.num_rows:
+                continue
+            movie_id = rows["movie_id"][0].as_py()
+            kept.counts[movie_id], kept.labels[movie_id] = rows.num_rows, Counter(rows["label"].to_pylist())
             prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])))
-    if not kept:
-        return pa.table({"frame_id": pa.array([], pa.string()), "movie_id": pa.array([], pa.string())}), []
-    frames = pa.concat_tables(kept, promote_options="default")
-    del kept, rows  # the table holds their columns now: sorted one at a time, they go one at a time
-    frames = _sorted_by(frames, "frame_id")
-    for column in ("boxes", "mask", "parsing", "label", "label_source", "label_confidence"):
-        if column not in frames.column_names:
-            frames = frames.append_column(column, pa.nulls(frames.num_rows))
-    return frames, duplicate_groups(prints)
+            bucket = rows["key"].to_numpy() >> np.uint64(64 - bits) if bits else np.zeros(rows.num_rows, np.uint64)
+            for b in np.unique(bucket):
+                if b not in writers:
+                    writers[b] = pa.ipc.new_stream(kept.buckets[b], SPILL_SCHEMA, options=SPILL_OPTIONS)
+                writers[b].write_table(rows.filter(bucket == b))
+    finally:
+        for writer in writers.values():
+            writer.close()
+    kept.buckets = [path for b, path in enumerate(kept.buckets) if b in writers]
+    kept.groups = duplicate_groups(prints)
+    return kept
 
 
-def _sorted_by(frames: pa.Table, key: str) -> pa.Table:
-    """`frames` sorted by `key` (as Table.sort_by), a column at a time: the table is never held twice."""
-    order = pc.sort_indices(frames[key])
-    for i, name in enumerate(frames.column_names):
-        frames = frames.set_column(i, name, frames[name].take(order))
-    return frames
+def _bucket_bits(workdir: WorkDir) -> int:
+    """log2 of the number of buckets: enough for SHUFFLE_BUCKET_ROWS frames each, from the frames
+    extract kept (its done markers' counts: more than shard keeps after detection, never fewer)."""
+    frames = sum(int(summary.get("frames_out", 0)) for summary in workdir.done(EXTRACT).values())
+    return max(0, math.ceil(math.log2(max(1, frames) / SHUFFLE_BUCKET_ROWS)))
+
+
+def _spill_rows(rows: pa.Table, seed: int) -> pa.Table:
+    """One movie's frames to shard as SPILL_SCHEMA (columns of stages not run yet are null)."""
+    columns = [rows[name] if name in rows.column_names else pa.nulls(rows.num_rows) for name in SAMPLE_COLUMNS]
+    columns.append(pa.array(shuffle_keys(rows["frame_id"].to_pylist(), seed), pa.uint64()))
+    return pa.table(columns, names=[*SAMPLE_COLUMNS, "key"]).cast(SPILL_SCHEMA)
+
+
+def _shuffled_bucket(path: Path, movies: pa.Array) -> tuple[pa.Table, np.ndarray]:
+    """A bucket's frames of `movies` (one split's films) and their row numbers in shuffle-key order."""
+    with pa.ipc.open_stream(path) as reader:
+        frames = reader.read_all()
+    frames = frames.filter(pc.is_in(frames["movie_id"], value_set=movies))
+    return frames, pc.sort_indices(frames, sort_keys=[("key", "ascending"), ("frame_id", "ascending")]).to_numpy()
 
 
 def samples_path(workdir: WorkDir, partition: str) -> Path:
@@ -260,31 +311,38 @@ def samples_path(workdir: WorkDir, partition: str) -> Path:
     return workdir.stage_dir(STAGE) / "samples" / f"{partition}.json"
 
 
-def plan_tars(frames: pa.Table, workdir: WorkDir, out: Path | str, settings: ShardSettings, taxonomy: Taxonomy,
-              movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
-    """Consecutive tars per split (`frames`' split column, in frame_id order, shuffled): a new one when
-    the last holds `maxcount` samples or would pass `maxsize` bytes. Each tar's specs go to its
-    samples file (`samples_path`) as soon as it is full; the partition says where, its split, sample
-    count and digest (of its specs and OUT)."""
+def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Path | str, settings: ShardSettings,
+              taxonomy: Taxonomy, movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
+    """Consecutive tars per split (`split`: movie_id -> split), its frames in the order of their shuffle
+    keys, bucket after bucket: a new tar when the last holds `maxcount` samples or would pass `maxsize`
+    bytes. Each tar's specs go to its samples file (`samples_path`) as soon as it is full; the
+    partition says where, its split, sample count and digest (of its specs and OUT)."""
     folder = samples_path(workdir, "").parent
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
     folder.mkdir(parents=True)
     partitions = []
-    for split in SPLITS:
-        rows = np.flatnonzero(pc.equal(frames["split"], split).to_numpy(zero_copy_only=False))
-        order = rows[np.random.default_rng(settings.seed).permutation(len(rows))]  # mix films and scenes
+    for name in SPLITS:
+        movies = pa.array(sorted(movie for movie, s in split.items() if s == name), pa.string())
         specs: list[dict] = []
         size = tars = 0
-        for spec in _specs(frames, order, str(workdir.root), taxonomy, movie_metadata or {}):
+        for spec in _split_specs(kept.buckets, movies, str(workdir.root), taxonomy, movie_metadata or {}):
             spec_bytes = _sample_bytes(spec)
             if specs and (len(specs) >= settings.maxcount or size + spec_bytes > settings.maxsize):
-                partitions.append(_planned_tar(workdir, out, tar_name(split, tars), split, specs))
+                partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, specs))
                 specs, size, tars = [], 0, tars + 1
             specs.append(spec)
             size += spec_bytes
         if specs:
-            partitions.append(_planned_tar(workdir, out, tar_name(split, tars), split, specs))
+            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, specs))
     return partitions
+
+
+def _split_specs(buckets: list[Path], movies: pa.Array, root: str, taxonomy: Taxonomy,
+                 movie_metadata: dict[str, dict]):
+    """The specs of the frames of `movies`, in shuffle-key order: one bucket held at a time."""
+    for path in buckets:
+        frames, order = _shuffled_bucket(path, movies)
+        yield from _specs(frames, order, root, taxonomy, movie_metadata)
 
 
 def _specs(frames: pa.Table, order: np.ndarray, root: str, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
@@ -324,18 +382,21 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
     given to unlabelled frames."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
     settings, taxonomy, out = settings or ShardSettings(), taxonomy or load_taxonomy(), shard_output(out)
-    frames, groups = kept_frames(workdir)
-    if not frames.num_rows:
-        raise InputError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
-    split = split_films(frames.select(["movie_id"]).to_pandas(), settings.test_fraction, settings.seed, groups)
-    at = pc.index_in(frames["movie_id"], value_set=pa.array(list(split), pa.string()))
-    frames = frames.append_column("split", pa.array(list(split.values()), pa.string()).take(at))
-    labels = frames.select(["movie_id", "label"])  # of each split, not a copy of all its columns
-    splits = {name: split_entry(part["movie_id"].to_pylist(), part["label"].to_pylist())
-              for name, part in ((s, labels.filter(pc.equal(frames["split"], s))) for s in SPLITS)}
-    partitions = plan_tars(frames, workdir, out, settings, taxonomy, movie_metadata)
-    del frames  # the writers fork from here: they inherit no frame table
-    pa.default_memory_pool().release_unused()
+    shuffle = workdir.stage_dir(STAGE) / "shuffle"
+    shutil.rmtree(shuffle, ignore_errors=True)  # a killed plan's buckets
+    shuffle.mkdir(parents=True)
+    try:
+        kept = spill_kept_frames(workdir, shuffle, settings.seed)
+        if not kept.counts:
+            raise InputError(f"{workdir.root}: no kept frames to shard (run extract and detect first)")
+        split = split_films(kept.counts, settings.test_fraction, settings.seed, kept.groups)
+        splits = {name: split_entry(Counter({m: n for m, n in kept.counts.items() if split[m] == name}),
+                                    sum((kept.labels[m] for m in kept.labels if split[m] == name), Counter()))
+                  for name in SPLITS}
+        partitions = plan_tars(kept, split, workdir, out, settings, taxonomy, movie_metadata)
+    finally:
+        shutil.rmtree(shuffle, ignore_errors=True)
+    pa.default_memory_pool().release_unused()  # the writers fork from here
 
     planned = {p.id for p in partitions}
     for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
@@ -354,6 +415,6 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
         raise InputError(f"{out}: {len(failures)} tars could not be written; first: {failures[0].id}: "
                          f"{failures[0].reason}")
     index = make_index(asdict(settings), taxonomy.sha256,
-                       [(p.info["tar"], p.info["split"], p.info["count"]) for p in partitions], splits, groups)
+                       [(p.info["tar"], p.info["split"], p.info["count"]) for p in partitions], splits, kept.groups)
     write_index(out, index)
     return index

@@ -379,10 +379,11 @@ def wids_index(index: dict, split: str) -> dict:
                           for entry in index["shards"] if entry["split"] == split]}
 
 
-def split_entry(movies: list[str], labels: list[str | None]) -> dict:
-    """A split's line in index.json: samples, films, and the label histogram."""
-    return {"samples": len(movies), "movies": len(set(movies)),
-            "labels": dict(sorted(Counter(label for label in labels if isinstance(label, str)).items()))}
+def split_entry(movies: Counter, labels: Counter) -> dict:
+    """A split's line in index.json, of its samples counted per film and per label (None: unlabelled):
+    samples, films, and the label histogram."""
+    return {"samples": sum(movies.values()), "movies": len(movies),
+            "labels": dict(sorted((label, n) for label, n in labels.items() if isinstance(label, str)))}
 
 
 def make_index(settings: dict, taxonomy_sha256: str, tars: list[tuple[str, str, int]], splits: dict,

@@ -230,6 +230,8 @@ def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_cop
     assert [m["movie_id"][0].as_py() for m in movies] == sorted(work.done("extract"))
     assert pa.concat_tables(movies).equals(whole)
     assert whole["split"].null_count == len(whole) - len(kept)
+    own = pa.concat_tables(manifest_module.manifest_by_movie(work, before="shard"))  # shard's own records: not read
+    assert own["split"].null_count == len(own) and own.drop_columns("split").equals(whole.drop_columns("split"))
     columns = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
     assert pa.concat_tables(manifest_module.manifest_by_movie(work, columns=columns)).equals(
         manifest_module.manifest_table(work, columns=columns))

@@ -31,8 +31,9 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
-from mhmd_builder.shard import (READ_BYTES, ShardSettings, _read_member, _spec, plan_tars, samples_path, shard,
-                                split_films)
+from mhmd_builder import shard as shard_module
+from mhmd_builder.shard import (READ_BYTES, SHUFFLE_BUCKET_ROWS, ShardSettings, _read_member, _shuffled_bucket,
+                                _spec, samples_path, shard, shuffle_keys, split_films)
 from mhmd_builder.stages import PartitionError
 from mhmd_builder.shards import tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
@@ -51,17 +52,16 @@ def films(tmp_path_factory, tmp_path):
 
 
 def test_films_are_split_whole_and_the_test_split_stays_near_its_fraction():
-    frames = pd.DataFrame({"movie_id": [f"m{i}" for i in range(20) for _ in range(10 + i)]})
-    split = split_films(frames, 0.2, seed=3)
-    sizes = frames.groupby("movie_id").size()
+    sizes = {f"m{i}": 10 + i for i in range(20)}
+    split = split_films(sizes, 0.2, seed=3)
     test = sum(sizes[m] for m, s in split.items() if s == "test")
-    assert 0 < test <= 0.2 * len(frames) and set(split.values()) == {"train", "test"}
-    assert split == split_films(frames, 0.2, seed=3) and split != split_films(frames, 0.2, seed=4)
-    assert set(split_films(frames.iloc[:10], 0.5, 0).values()) == {"train"}  # one film: train only
+    assert 0 < test <= 0.2 * sum(sizes.values()) and set(split.values()) == {"train", "test"}
+    assert split == split_films(sizes, 0.2, seed=3) and split != split_films(sizes, 0.2, seed=4)
+    assert set(split_films({"m0": 10}, 0.5, 0).values()) == {"train"}  # one film: train only
 
 
 def test_near_duplicate_films_are_one_unit_and_the_others_split_as_before():
-    frames = pd.DataFrame({"movie_id": [f"m{i:02d}" for i in range(20) for _ in range(10 + i)]})
+    frames = {f"m{i:02d}": 10 + i for i in range(20)}
     test = sorted(m for m, s in split_films(frames, 0.2, seed=0).items() if s == "test")
     assert test == ["m02", "m04", "m06", "m19"]  # the split before near-duplicates were grouped
     group = ["m01", "m07", "m13"]
@@ -450,10 +450,9 @@ def test_frames_extracted_by_an_earlier_version_are_sharded_unchecked(films, tmp
 
 def test_a_film_that_does_not_fit_the_test_split_does_not_stop_its_filling():
     sizes = [5, 30, 8, 40, 3, 12, 25, 7, 50, 6]
-    frames = pd.DataFrame({"movie_id": [f"m{i}" for i, n in enumerate(sizes) for _ in range(n)]})
     room = 0.3 * sum(sizes)
     for seed in range(20):
-        split = split_films(frames, 0.3, seed)
+        split = split_films({f"m{i}": n for i, n in enumerate(sizes)}, 0.3, seed)
         test = [sizes[int(m[1:])] for m, s in split.items() if s == "test"]
         train = [sizes[int(m[1:])] for m, s in split.items() if s == "train"]
         assert train  # the last film drawn is never taken
@@ -462,21 +461,14 @@ def test_a_film_that_does_not_fit_the_test_split_does_not_stop_its_filling():
 
 
 def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
-    frames = pd.DataFrame({"movie_id": [m for m in ("a", "b") for _ in range(10)]})
-    frames["frame_id"] = [f"{m}_{i}" for m, i in zip(frames.movie_id, range(20))]
-    frames["jpeg"] = frames.frame_id + ".jpg"
-    for name in frames.jpeg:
-        (tmp_path / name).write_bytes(b"jpeg")
-    frames = frames.assign(timestamp=0.0, width=64, height=48, boxes=None, mask=None, parsing=None, label=None,
-                           label_source=None, label_confidence=None, split="train")
+    work = many_frames(tmp_path / "work", films=2, frames=10)
 
     def order(seed: int) -> list[str]:
-        work = WorkDir(tmp_path)
-        [tar] = plan_tars(pa.Table.from_pandas(frames), work, tmp_path / "out", ShardSettings(seed=seed), load_taxonomy())
-        return [spec["movie_id"] for spec in json.loads(samples_path(work, tar.id).read_text())]
+        shard(work, tmp_path / f"out{seed}", ShardSettings(seed=seed, test_fraction=0), runner=LocalRunner(1))
+        return [spec["movie_id"] for spec in json.loads(samples_path(work, "train-000000").read_text())]
 
     films = order(0)
-    assert sorted(films) == sorted(frames.movie_id)
+    assert sorted(films) == [movie for movie in sorted(set(films)) for _ in range(10)]
     assert films not in (sorted(films), sorted(films, reverse=True))  # not film after film
     assert order(0) == films and order(1) != films
 
@@ -561,23 +553,33 @@ def test_shard_holds_each_frame_kept_with_a_jpeg_once_and_no_other(synthetic_cop
     assert sum(entry["count"] for entry in index["shards"]) == len(wanted)
 
 
-def test_the_plan_made_movie_by_movie_is_the_whole_manifests(synthetic_copy, tmp_path):
-    """Each tar's samples, planned from one movie's frames at a time and read by its writer from
-    its samples file, are those of the plan made from the whole manifest at once: the kept frames
-    with a JPEG in frame_id order, split by film, shuffled by the seed, cut every `maxcount`."""
+@pytest.mark.parametrize("bucket_rows", [SHUFFLE_BUCKET_ROWS, 100])
+def test_the_plan_made_movie_by_movie_and_bucket_by_bucket_is_the_whole_manifests(synthetic_copy, tmp_path,
+                                                                                  monkeypatch, bucket_rows):
+    """Each tar's samples, planned from one movie's frames at a time, then from one bucket of the
+    shuffle at a time, and read by its writer from its samples file, are those of the plan made from
+    the whole manifest at once: the kept frames with a JPEG, split by film, in the order of their
+    shuffle keys, cut every `maxcount`. Buckets of 100 frames: the plan never holds more than one."""
     work, taxonomy = synthetic_copy, load_taxonomy()
+    monkeypatch.setattr(shard_module, "SHUFFLE_BUCKET_ROWS", bucket_rows)
+    held = []
+    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path, movies: held.append(
+        pa.ipc.open_stream(path).read_all().num_rows) or _shuffled_bucket(path, movies))
     index = shard(work, tmp_path / "shards", ShardSettings(maxcount=300), runner=LocalRunner(1))
     frames = manifest(work).assign(parsing=None)
-    kept = frames[frames.kept.astype(bool) & frames.jpeg.notna()].sort_values("frame_id")
-    split = kept.movie_id.map(split_films(kept, ShardSettings().test_fraction, 0, index["near_duplicates"]))
+    kept = frames[frames.kept.astype(bool) & frames.jpeg.notna()]
+    kept = kept.assign(key=shuffle_keys(kept.frame_id.tolist(), 0)).sort_values(["key", "frame_id"])
+    assert max(held) <= (len(kept) if bucket_rows == SHUFFLE_BUCKET_ROWS else 3 * bucket_rows) and len(held) >= 2
+    split = kept.movie_id.map(split_films(Counter(kept.movie_id), ShardSettings().test_fraction, 0,
+                                          index["near_duplicates"]))
     for name in ("train", "test"):
         part = kept[split == name]
-        part = part.iloc[np.random.default_rng(0).permutation(len(part))]
-        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.to_dict("records")]
+        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.drop(columns="key").to_dict("records")]
         tars = [entry for entry in index["shards"] if entry["split"] == name]
         planned = [json.loads(samples_path(work, Path(tar["name"]).stem).read_text()) for tar in tars]
         assert [len(specs) for specs in planned] == [tar["count"] for tar in tars] == \
             [min(300, len(whole) - start) for start in range(0, len(whole), 300)]
         assert [spec for specs in planned for spec in specs] == json.loads(json.dumps(whole))
+    assert not (work.stage_dir("shard") / "shuffle").exists()  # the buckets are gone once planned
     written = work.read_table("shard")
     assert sorted(written.frame_id) == sorted(kept.frame_id)

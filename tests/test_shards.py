@@ -1,3 +1,4 @@
+from collections import Counter
 import fnmatch
 import json
 import subprocess
@@ -139,7 +140,8 @@ def test_sample_label_reads_cls_of_new_and_old_tars():
 
 def test_index_round_trip_and_a_folder_without_one(tmp_path):
     index = make_index({"seed": 0}, "abc", [(tar_name("train", 0), "train", 2), (tar_name("test", 0), "test", 1)],
-                       {"train": split_entry(["a", "a"], [LABEL.name, None]), "test": split_entry(["b"], [None])})
+                       {"train": split_entry(Counter(["a", "a"]), Counter([LABEL.name, None])),
+                        "test": split_entry(Counter(["b"]), Counter([None]))})
     assert not has_index(tmp_path)
     with pytest.raises(NoShardIndex, match=f"{tmp_path}: no index.json"):
         read_index(tmp_path)
