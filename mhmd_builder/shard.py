@@ -36,7 +36,7 @@ from .errors import InputError
 from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
 from .runners import LocalRunner
-from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json, folder_sizes,
+from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, folder_sizes,
                      is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
@@ -50,10 +50,9 @@ STAGE = SHARD
 FINGERPRINT_COLUMNS = ["movie_id", "flags", "phash_hi", "phash_lo"]
 EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_reason", "jpeg", "jpeg_bytes",
                    "jpeg_xxh3", *FINGERPRINT_COLUMNS]
-# What a sample is made of (`_spec`): the columns of the frames to shard held while planning.
+# What a sample is made of (`_members`): the columns of the frames to shard held while planning.
 SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes", "label", "label_source",
                   "label_confidence", "jpeg", "jpeg_bytes", "jpeg_xxh3", "mask", "parsing"]
-SPEC_ROWS = 4096  # frames turned into Python rows at once while planning
 # The plan's shuffle (`spill_kept_frames`): the frames to shard, with their shuffle keys, in bucket
 # files of about this many frames (~0.5 KB each in memory), one held at a time.
 SHUFFLE_BUCKET_ROWS = 250_000
@@ -61,6 +60,8 @@ _TYPES = {**MANIFEST_COLUMNS, **dict(zip(FRAME_SCHEMA.names, FRAME_SCHEMA.types)
           **dict(zip(DETECT_SCHEMA.names, DETECT_SCHEMA.types)), "parsing": pa.string()}
 SPILL_SCHEMA = pa.schema([*((name, _TYPES[name]) for name in SAMPLE_COLUMNS), ("key", pa.uint64())])
 SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")  # a third of the bytes, for little CPU
+# A tar's samples file: each frame's row, and its mask's size then (a mask written again rewrites the tar).
+TAR_COLUMNS = [*SAMPLE_COLUMNS, "target_bytes"]
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,10 @@ def split_films(counts: dict[str, int], test_fraction: float, seed: int,
 
 
 def sample_json(row: dict, taxonomy: Taxonomy, film: dict | None = None) -> dict:
-    """A sample's json, of a row of SAMPLE_COLUMNS (Arrow's, or pandas', with NaN for null). An
-    unlabelled frame of a film whose era / nationality are known (movie metadata) carries those, with
-    label_source "movie"."""
-    label = taxonomy.by_name(row["label"]) if isinstance(row["label"], str) else None
-    boxes = row["boxes"] if isinstance(row["boxes"], (list, np.ndarray)) else []
+    """A sample's json, of a frame's row of SAMPLE_COLUMNS (None for null). An unlabelled frame of a
+    film whose era / nationality are known (movie metadata) carries those, with label_source "movie"."""
+    label = taxonomy.by_name(row["label"]) if row["label"] is not None else None
+    boxes = row["boxes"] or []
     meta = {
         "frame_id": row["frame_id"], "movie": row["movie_id"], "timestamp": round(float(row["timestamp"]), 3),
         "width": int(row["width"]), "height": int(row["height"]),
@@ -115,24 +115,6 @@ def sample_json(row: dict, taxonomy: Taxonomy, film: dict | None = None) -> dict
     if label is None and film and (film.get("era") or film.get("nationality")):
         meta.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
     return meta
-
-
-def _spec(row: dict, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
-    """What a sample's members are made of: the json written out, `cls`, the files' paths and sizes
-    (plain strings and os.path: this runs once per frame, in one process). `cls` is UNLABELLED, not
-    None, for an unlabelled frame: the digest then differs from that of a tar written before `cls`
-    was in every sample, and a rerun writes such a tar again."""
-    meta = sample_json(row, taxonomy, film)
-    target = row["parsing"] if isinstance(row["parsing"], str) else row["mask"]
-    files = {JPG: os.path.join(root, row["jpeg"]),
-             **({MASK: os.path.join(root, target)} if isinstance(target, str) else {})}
-    spec = {"key": row["frame_id"], "movie_id": row["movie_id"], "json": encode_json(meta).decode(),
-            "cls": class_index(meta["label_id"]), "files": files,
-            "sizes": {k: _size(path) for k, path in files.items()}}
-    size, digest = row.get("jpeg_bytes"), row.get("jpeg_xxh3")
-    if isinstance(digest, str):  # not recorded by earlier versions: not checked (and their tars' digests stay)
-        spec["written"] = [int(size), digest]
-    return spec
 
 
 def _size(path: str) -> int | None:
@@ -169,10 +151,9 @@ def _read_member(member: str, path: str) -> bytes:
         raise PartitionError(f"{path}: {reason}: {_REMEDY[member]}") from None
 
 
-def _check_written(path: str, data: bytes, written: list) -> None:
+def _check_written(path: str, data: bytes, size: int, digest: str) -> None:
     """PartitionError naming the JPEG when its bytes are not those extract wrote (its size and XXH3,
     recorded then): a file cut short or overwritten since would go into the tar unnoticed."""
-    size, digest = written
     if len(data) != size:
         change = f"{len(data)} bytes, {size} when extracted"
     elif xxhash.xxh3_64_hexdigest(data) != digest:
@@ -182,12 +163,16 @@ def _check_written(path: str, data: bytes, written: list) -> None:
     raise PartitionError(f"{path}: damaged since it was extracted ({change}): {_REMEDY[JPG]}")
 
 
-def _members(spec: dict) -> dict:
-    """The sample as webdataset writes it: `jpg` (and `mask.png`) copied byte for byte, not re-encoded."""
-    files = {member: _read_member(member, path) for member, path in spec["files"].items()}
-    if "written" in spec:
-        _check_written(spec["files"][JPG], files[JPG], spec["written"])
-    return sample_members(spec["key"], spec["json"].encode(), spec["cls"], files)
+def _members(row: dict, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
+    """The sample of a frame's row (TAR_COLUMNS) as webdataset writes it: its json, `cls`, and `jpg`
+    (and `mask.png`: the parsing map, else the person mask) copied byte for byte, not re-encoded."""
+    meta = sample_json(row, taxonomy, film)
+    target = row["parsing"] or row["mask"]
+    paths = {JPG: os.path.join(root, row["jpeg"]), **({MASK: os.path.join(root, target)} if target else {})}
+    files = {member: _read_member(member, path) for member, path in paths.items()}
+    if row["jpeg_xxh3"] is not None:  # not recorded by earlier versions: not checked
+        _check_written(paths[JPG], files[JPG], row["jpeg_bytes"], row["jpeg_xxh3"])
+    return sample_members(row["frame_id"], encode_json(meta), meta["label_id"], files)
 
 
 @dataclass
@@ -197,6 +182,8 @@ class ShardStage:
 
     workdir: WorkDir
     out: Path | str
+    taxonomy: Taxonomy
+    movie_metadata: dict[str, dict] = field(default_factory=dict)  # movie_id -> {"era", "nationality"}
     name: str = STAGE
     # Forked writers: plain file work with what the parent imported, no threads or CUDA; a spawned
     # writer would spend a second or two importing.
@@ -209,28 +196,69 @@ class ShardStage:
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
         staging = self.workdir.begin(STAGE, partition.id)
-        specs, name = json.loads(samples_path(self.workdir, partition.id).read_bytes()), partition.info["tar"]
+        columns, name = json.loads(samples_path(self.workdir, partition.id).read_bytes()), partition.info["tar"]
+        rows, root = [dict(zip(columns, values)) for values in zip(*columns.values())], str(self.workdir.root)
         path = staging / name if is_remote(self.out) else self.out / name
         with AtomicTar(path) as tar:
-            for i, spec in enumerate(specs):
-                tar.write(_members(spec))
-                progress(i + 1, len(specs))
+            for i, row in enumerate(rows):
+                tar.write(_members(row, root, self.taxonomy, self.movie_metadata.get(row["movie_id"])))
+                progress(i + 1, len(rows))
         if is_remote(self.out):  # from this worker: fsspec makes its own client and IO thread after a fork
             upload_tar(path, self.out)
-        table = pa.table({"frame_id": [s["key"] for s in specs], "movie_id": [s["movie_id"] for s in specs],
-                          "split": [partition.info["split"]] * len(specs), "shard": [name] * len(specs)})
-        summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(specs),
-                   "frames_out": len(specs), "bytes": path.stat().st_size,
+        table = pa.table({"frame_id": columns["frame_id"], "movie_id": columns["movie_id"],
+                          "split": [partition.info["split"]] * len(rows), "shard": [name] * len(rows)})
+        summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(rows),
+                   "frames_out": len(rows), "bytes": path.stat().st_size,
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, partition.id, table, summary)
         return summary
 
 
-def _sample_bytes(spec: dict) -> int:
-    """A sample's share of a tar: its members plus a 512-byte header (and padding) for each."""
-    sizes = [size or 0 for size in spec["sizes"].values()]  # None: a missing file, whose tar fails anyway
-    members = [len(spec["json"]), *sizes, 8]  # 8: `cls`, a few digits
-    return sum(size + 1024 for size in members)
+def _with_sizes(frames: pa.Table, root: str, json_bound: "JsonBound") -> pa.Table:
+    """`frames` with `target_bytes` (the size of its mask or parsing map; null where it has none or it
+    cannot be stat'ed: its tar then fails, naming it) and `sample_bytes`, its share of a tar at most:
+    its members (the json at its largest: `JsonBound`) plus a 512-byte header and padding each."""
+    targets = pc.coalesce(frames["parsing"], frames["mask"]).to_pylist()
+    target_bytes = pa.array([_size(os.path.join(root, target)) if target else None for target in targets], pa.int64())
+    jpeg_bytes = frames["jpeg_bytes"]
+    if jpeg_bytes.null_count:  # not recorded by earlier versions: the file's size
+        jpeg_bytes = pa.array([size if size is not None else _size(os.path.join(root, jpeg))
+                               for size, jpeg in zip(jpeg_bytes.to_pylist(), frames["jpeg"].to_pylist())], pa.int64())
+    with_target = pc.is_valid(target_bytes).to_numpy(zero_copy_only=False)
+    sample = (json_bound(frames) + 1024) + (pc.fill_null(jpeg_bytes, 0).to_numpy() + 1024) + (8 + 1024) \
+        + np.where(with_target, pc.fill_null(target_bytes, 0).to_numpy() + 1024, 0)  # 8: `cls`, a few digits
+    return frames.append_column("target_bytes", target_bytes).append_column("sample_bytes", pa.array(sample))
+
+
+class JsonBound:
+    """The largest a sample's json (`sample_json`, `encode_json`) can be, per frame, from its row's
+    string lengths and box count: the plan cuts tars by size without making the json, which the
+    writers make. A string's character is at most 6 bytes escaped (`\\u00XX`, or 12 for 4 UTF-8 bytes);
+    a float's repr at most 24 characters ("-1.2345678901234567e-308"), an int32's 11."""
+
+    FLOAT, INT, NULL = 24, 11, 4
+    BOX = 4 * FLOAT + 3 * 2 + 2 + 2  # "[a, b, c, d]" and the ", " before the next
+
+    def __init__(self, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
+        def longest(values) -> int:
+            return max([self.NULL, *(len(json.dumps(value)) for value in values if value is not None)])
+
+        labels, films = taxonomy.labels, movie_metadata.values()
+        skeleton = {key: 0 for key in ("frame_id", "movie", "timestamp", "width", "height", "boxes",
+                                       *label_fields(None))}
+        self.fixed = (len(json.dumps(skeleton)) - len(skeleton)  # every value's place, taken by one "0"
+                      + 2 * self.FLOAT + 2 * self.INT + 2 + longest(label.id for label in labels)
+                      + longest(label.name for label in labels) + longest(label.garment for label in labels)
+                      + longest([*(label.era for label in labels), *(film.get("era") for film in films)])
+                      + longest([*(label.nationality for label in labels), *(film.get("nationality") for film in films)])
+                      + len(json.dumps("movie")))  # label_source when not the row's own: "movie" or null
+
+    def __call__(self, frames: pa.Table) -> np.ndarray:
+        """Per frame: the fixed part, its strings escaped at their longest in quotes, its boxes."""
+        strings = sum(pc.fill_null(pc.binary_length(frames[name]), 0).to_numpy() * 6 + 2
+                      for name in ("frame_id", "movie_id", "label_source"))
+        boxes = pc.fill_null(pc.list_value_length(frames["boxes"]), 0).to_numpy()
+        return self.fixed + strings + boxes * self.BOX
 
 
 @dataclass
@@ -297,17 +325,17 @@ def _spill_rows(rows: pa.Table, seed: int) -> pa.Table:
     return pa.table(columns, names=[*SAMPLE_COLUMNS, "key"]).cast(SPILL_SCHEMA)
 
 
-def _shuffled_bucket(path: Path, movies: pa.Array) -> tuple[pa.Table, np.ndarray]:
-    """A bucket's frames of `movies` (one split's films) and their row numbers in shuffle-key order."""
+def _shuffled_bucket(path: Path, movies: pa.Array) -> pa.Table:
+    """A bucket's frames of `movies` (one split's films), in shuffle-key order."""
     with pa.ipc.open_stream(path) as reader:
         frames = reader.read_all()
     frames = frames.filter(pc.is_in(frames["movie_id"], value_set=movies))
-    return frames, pc.sort_indices(frames, sort_keys=[("key", "ascending"), ("frame_id", "ascending")]).to_numpy()
+    return frames.take(pc.sort_indices(frames, sort_keys=[("key", "ascending"), ("frame_id", "ascending")]))
 
 
 def samples_path(workdir: WorkDir, partition: str) -> Path:
-    """W/shard/samples/<tar>.json: the specs of the samples a tar holds, as planned; its writer reads
-    them there, so that no process holds every sample's spec."""
+    """W/shard/samples/<tar>.json: the rows of the frames a tar holds (TAR_COLUMNS), as planned; its
+    writer makes the samples from them, so that no process holds every sample."""
     return workdir.stage_dir(STAGE) / "samples" / f"{partition}.json"
 
 
@@ -315,54 +343,43 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
               taxonomy: Taxonomy, movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
     """Consecutive tars per split (`split`: movie_id -> split), its frames in the order of their shuffle
     keys, bucket after bucket: a new tar when the last holds `maxcount` samples or would pass `maxsize`
-    bytes. Each tar's specs go to its samples file (`samples_path`) as soon as it is full; the
-    partition says where, its split, sample count and digest (of its specs and OUT)."""
+    bytes (`_with_sizes`). Each tar's rows go to its samples file (`samples_path`) as soon as it is
+    full; the partition says where, its split, sample count and digest (of its rows and OUT)."""
     folder = samples_path(workdir, "").parent
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
     folder.mkdir(parents=True)
-    partitions = []
+    bound, root, partitions = JsonBound(taxonomy, movie_metadata or {}), str(workdir.root), []
     for name in SPLITS:
         movies = pa.array(sorted(movie for movie, s in split.items() if s == name), pa.string())
-        specs: list[dict] = []
-        size = tars = 0
-        for spec in _split_specs(kept.buckets, movies, str(workdir.root), taxonomy, movie_metadata or {}):
-            spec_bytes = _sample_bytes(spec)
-            if specs and (len(specs) >= settings.maxcount or size + spec_bytes > settings.maxsize):
-                partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, specs))
-                specs, size, tars = [], 0, tars + 1
-            specs.append(spec)
-            size += spec_bytes
-        if specs:
-            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, specs))
+        rows: list[pa.Table] = []  # of the tar being filled
+        count = size = tars = 0
+        for path in kept.buckets:
+            frames = _with_sizes(_shuffled_bucket(path, movies), root, bound)
+            start = 0
+            for i, sample in enumerate(frames["sample_bytes"].to_pylist()):
+                if count and (count >= settings.maxcount or size + sample > settings.maxsize):
+                    rows.append(frames.slice(start, i - start))
+                    partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows))
+                    rows, count, size, tars, start = [], 0, 0, tars + 1, i
+                count, size = count + 1, size + sample
+            rows.append(frames.slice(start))
+        if count:
+            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows))
     return partitions
 
 
-def _split_specs(buckets: list[Path], movies: pa.Array, root: str, taxonomy: Taxonomy,
-                 movie_metadata: dict[str, dict]):
-    """The specs of the frames of `movies`, in shuffle-key order: one bucket held at a time."""
-    for path in buckets:
-        frames, order = _shuffled_bucket(path, movies)
-        yield from _specs(frames, order, root, taxonomy, movie_metadata)
-
-
-def _specs(frames: pa.Table, order: np.ndarray, root: str, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
-    """The specs of `frames`' rows in `order` (row numbers), made from a few thousand rows at a time
-    (Python dicts straight from Arrow: pandas rows cost more)."""
-    for start in range(0, len(order), SPEC_ROWS):
-        for row in frames.take(order[start:start + SPEC_ROWS]).to_pylist():
-            yield _spec(row, root, taxonomy, movie_metadata.get(row["movie_id"]))
-
-
-def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, specs: list[dict]) -> Partition:
-    """The partition of the tar `name`, its specs written to its samples file; its digest is that of
-    json.dumps([str(out), specs]), of which the specs' text is a part."""
-    text = json.dumps(specs)
+def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows: list[pa.Table]) -> Partition:
+    """The partition of the tar `name`, its rows written to its samples file (a column a list); its
+    digest is that of json.dumps([str(out), columns]), of which the file's text is a part: the
+    values, not Arrow's buffers, so the same rows give the same digest however they were read."""
+    table = pa.concat_tables(rows)
+    text = json.dumps({column: table[column].to_pylist() for column in TAR_COLUMNS})
     digest = hashlib.sha256(f"[{json.dumps(str(out))}, {text}]".encode()).hexdigest()[:16]
     pid = Path(name).stem
     # Not synced: every plan writes them again before a writer reads them.
     samples_path(workdir, pid).write_bytes(text.encode())
-    return Partition(pid, {"split": split, "tar": name, "count": len(specs), "digest": digest},
-                     record={"split": split, "samples": len(specs)})
+    return Partition(pid, {"split": split, "tar": name, "count": table.num_rows, "digest": digest},
+                     record={"split": split, "samples": table.num_rows})
 
 
 def _up_to_date(partition: Partition, done: dict | None, sizes: dict[str, int]) -> bool:
@@ -408,7 +425,8 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": p.info["count"], "digest": p.info["digest"]})
     gc.freeze()  # a forked writer's collections then never touch, and copy, the pages of this heap
     try:
-        failures = [r for r in (runner or LocalRunner()).run(ShardStage(workdir, out), todo) if not r.ok]
+        stage = ShardStage(workdir, out, taxonomy, movie_metadata or {})
+        failures = [r for r in (runner or LocalRunner()).run(stage, todo) if not r.ok]
     finally:
         gc.unfreeze()
     if failures:

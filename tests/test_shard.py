@@ -32,10 +32,10 @@ from mhmd_builder.report import write_report
 from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder import shard as shard_module
-from mhmd_builder.shard import (READ_BYTES, SHUFFLE_BUCKET_ROWS, ShardSettings, _read_member, _shuffled_bucket,
-                                _spec, samples_path, shard, shuffle_keys, split_films)
+from mhmd_builder.shard import (READ_BYTES, SHUFFLE_BUCKET_ROWS, SPILL_SCHEMA, JsonBound, ShardSettings, _read_member,
+                                _shuffled_bucket, sample_json, samples_path, shard, shuffle_keys, split_films)
 from mhmd_builder.stages import PartitionError
-from mhmd_builder.shards import tar_name
+from mhmd_builder.shards import encode_json, tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
@@ -465,12 +465,49 @@ def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
 
     def order(seed: int) -> list[str]:
         shard(work, tmp_path / f"out{seed}", ShardSettings(seed=seed, test_fraction=0), runner=LocalRunner(1))
-        return [spec["movie_id"] for spec in json.loads(samples_path(work, "train-000000").read_text())]
+        return json.loads(samples_path(work, "train-000000").read_text())["movie_id"]
 
     films = order(0)
     assert sorted(films) == [movie for movie in sorted(set(films)) for _ in range(10)]
     assert films not in (sorted(films), sorted(films, reverse=True))  # not film after film
     assert order(0) == films and order(1) != films
+
+
+def test_a_samples_json_is_never_longer_than_the_plan_counts_it():
+    """The plan cuts tars by size before the writers make the json: its bound must hold for the
+    hardest rows (strings that escape to 6 bytes a byte, the longest floats and ints, many boxes,
+    film metadata longer than any label's), and stay near a plain row's length."""
+    taxonomy = load_taxonomy()
+    longest = max(taxonomy.labels, key=lambda label: len(label.name))
+    metadata = {"m\u00e9\U0001F600": {"era": "\x01" * 40, "nationality": "\"\\" * 30}}
+    hostile = "\x00\x1f\"\\\u2028\u00e9\U0001F600 ."
+    rows = [
+        {"frame_id": "plain_0", "movie_id": "plain", "timestamp": 12.5, "width": 640, "height": 360, "boxes": None,
+         "label": None, "label_source": None, "label_confidence": None},
+        {"frame_id": hostile * 9, "movie_id": "m\u00e9\U0001F600", "timestamp": -1.2345678901234567e+300,
+         "width": -(2 ** 31), "height": 2 ** 31 - 1, "boxes": [[-3.4028234663852886e+38, 1e-38, -1.1754942e-38, 0.1]] * 7,
+         "label": None, "label_source": hostile, "label_confidence": None},
+        {"frame_id": "a" * 200, "movie_id": hostile, "timestamp": 1 / 3, "width": 1, "height": 1,
+         "boxes": [[0.1, 0.2, 0.3, 0.4]], "label": longest.name, "label_source": hostile * 3,
+         "label_confidence": 0.1 + 0.2},
+    ]
+    table = pa.Table.from_pylist([{**row, "key": 0} for row in rows],
+                                 pa.schema([SPILL_SCHEMA.field(name) for name in [*rows[0], "key"]]))
+    bound = JsonBound(taxonomy, metadata)(table)
+    lengths = [len(encode_json(sample_json(row, taxonomy, metadata.get(row["movie_id"])))) for row in rows]
+    assert all(length <= most for length, most in zip(lengths, bound)), (lengths, bound)
+    assert bound[0] < 2 * lengths[0] + 400  # a plain row is not counted at several times its size
+
+
+def test_a_tars_members_stay_within_maxsize(tmp_path):
+    work = many_frames(tmp_path / "work", films=2, frames=15)
+    index = shard(work, tmp_path / "out", ShardSettings(maxsize=20_000, test_fraction=0), runner=LocalRunner(1))
+    assert len(index["shards"]) > 1 and {entry["count"] for entry in index["shards"]} != {1}
+    for entry in index["shards"]:
+        with tarfile.open(tmp_path / "out" / entry["name"]) as tar:
+            members = tar.getmembers()
+        assert members[-1].offset_data + members[-1].size <= 20_000, entry
+    assert sum(entry["count"] for entry in index["shards"]) == 30
 
 
 def many_frames(root, films: int, frames: int) -> WorkDir:
@@ -560,7 +597,7 @@ def test_the_plan_made_movie_by_movie_and_bucket_by_bucket_is_the_whole_manifest
     shuffle at a time, and read by its writer from its samples file, are those of the plan made from
     the whole manifest at once: the kept frames with a JPEG, split by film, in the order of their
     shuffle keys, cut every `maxcount`. Buckets of 100 frames: the plan never holds more than one."""
-    work, taxonomy = synthetic_copy, load_taxonomy()
+    work = synthetic_copy
     monkeypatch.setattr(shard_module, "SHUFFLE_BUCKET_ROWS", bucket_rows)
     held = []
     monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path, movies: held.append(
@@ -574,12 +611,15 @@ def test_the_plan_made_movie_by_movie_and_bucket_by_bucket_is_the_whole_manifest
                                           index["near_duplicates"]))
     for name in ("train", "test"):
         part = kept[split == name]
-        whole = [_spec(row, str(work.root), taxonomy, None) for row in part.drop(columns="key").to_dict("records")]
         tars = [entry for entry in index["shards"] if entry["split"] == name]
         planned = [json.loads(samples_path(work, Path(tar["name"]).stem).read_text()) for tar in tars]
-        assert [len(specs) for specs in planned] == [tar["count"] for tar in tars] == \
-            [min(300, len(whole) - start) for start in range(0, len(whole), 300)]
-        assert [spec for specs in planned for spec in specs] == json.loads(json.dumps(whole))
+        assert [len(rows["frame_id"]) for rows in planned] == [tar["count"] for tar in tars] == \
+            [min(300, len(part) - start) for start in range(0, len(part), 300)]
+        for column in ("frame_id", "movie_id", "timestamp", "label", "jpeg", "jpeg_xxh3"):
+            assert [value for rows in planned for value in rows[column]] == part[column].tolist(), column
+        boxes = [None if not isinstance(b, (list, np.ndarray)) else [[float(v) for v in box] for box in b]
+                 for b in part.boxes]
+        assert [value for rows in planned for value in rows["boxes"]] == boxes
     assert not (work.stage_dir("shard") / "shuffle").exists()  # the buckets are gone once planned
     written = work.read_table("shard")
     assert sorted(written.frame_id) == sorted(kept.frame_id)

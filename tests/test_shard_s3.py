@@ -113,8 +113,10 @@ def test_index_json_goes_last_a_rerun_uploads_only_what_is_missing_and_a_failed_
     assert uploads[0] == tars[1] and sorted(uploads[1:-1]) == WIDS and uploads[-1] == "index.json"
     assert s3.objects("run") == first  # the missing tar again, the same bytes
 
-    jpeg = films.root / manifest(films).query("kept").jpeg.iloc[0]
-    jpeg.unlink()  # its tar fails: the run stops before the index, and the earlier one is gone
+    frame = manifest(films).query("kept").iloc[0]
+    written = films.read_table("shard").set_index("frame_id").shard
+    s3.fs.rm_file(f"{BUCKET}/run/{written[frame.frame_id]}")  # a tar to write again, whose JPEG is gone:
+    (films.root / frame.jpeg).unlink()  # it fails, the run stops before the index, and the earlier one is gone
     with pytest.raises(InputError, match="tars could not be written"):
         shard(films, url, settings, runner=LocalRunner(1))
     assert "index.json" not in s3.objects("run")
