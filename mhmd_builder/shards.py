@@ -89,9 +89,12 @@ def label_fields(label: Label | None, source: str | None = None, confidence: flo
             "label_confidence": float(confidence) if label else None}
 
 
+_JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(meta, sort_keys=True) without making an encoder each call
+
+
 def encode_json(meta: dict) -> bytes:
-    """A sample's `json` member."""
-    return json.dumps(meta, sort_keys=True).encode()
+    """A sample's `json` member: json.dumps(meta, sort_keys=True)."""
+    return _JSON.encode(meta).encode()
 
 
 def class_index(label_id: int | None) -> int:
@@ -132,6 +135,7 @@ def _tarfile_header(name: str, size: int) -> bytes:
 # the header's bytes with those 8 taken as spaces): the header of an empty name and size, built once.
 _BLANK = _tarfile_header("", 0)
 _BLANK_SUM = sum(_BLANK[:124]) + sum(_BLANK[136:148]) + 8 * ord(" ") + sum(_BLANK[156:])
+_OCTAL_SIZES = 8 ** 11  # 8 GiB: a larger member's size is written in base 256 (tarfile's GNU extension)
 
 
 def member_header(name: str, size: int) -> bytes:
@@ -139,12 +143,15 @@ def member_header(name: str, size: int) -> bytes:
     its checksum made again (tarfile's own code costs more than the member's bytes in a tar of JPEGs);
     a name over 100 bytes (GNU puts it in a `././@LongLink` member first) is left to tarfile."""
     encoded = name.encode(tarfile.ENCODING, _ERRORS)
-    if len(encoded) > tarfile.LENGTH_NAME:
+    if len(encoded) > tarfile.LENGTH_NAME or size >= _OCTAL_SIZES:
         return _tarfile_header(name, size)
-    size_field = tarfile.itn(size, 12, tarfile.GNU_FORMAT)
+    size_field = b"%011o\0" % size  # tarfile's field for a size in 11 octal digits
     checksum = _BLANK_SUM + sum(encoded) + sum(size_field)
     return b"".join((encoded, bytes(tarfile.LENGTH_NAME - len(encoded)), _BLANK[100:124], size_field,
                      _BLANK[136:148], b"%06o\0 " % checksum, _BLANK[156:]))
+
+
+_ZEROS = bytes(tarfile.BLOCKSIZE)  # a member's padding is a slice of it
 
 
 class AtomicTar:
@@ -171,9 +178,7 @@ class AtomicTar:
     def _add(self, name: str, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"{name}: a member is bytes, not {type(data).__name__}")
-        self.file.write(member_header(name, len(data)))
-        self.file.write(data)
-        self.file.write(bytes(-len(data) % tarfile.BLOCKSIZE))
+        self.file.writelines((member_header(name, len(data)), data, _ZEROS[:-len(data) % tarfile.BLOCKSIZE]))
 
     def __enter__(self) -> "AtomicTar":
         return self

@@ -8,9 +8,9 @@ import tarfile
 import pytest
 
 from mhmd_builder.errors import InputError
-from mhmd_builder.shards import (INDEX, SHARD_NAME, AtomicTar, NoShardIndex, clear_shard_dir, encode_json,
+from mhmd_builder.shards import (INDEX, SHARD_NAME, AtomicTar, NoShardIndex, _tarfile_header, clear_shard_dir, encode_json,
                                  folder_indexes, format_index, has_index, indexed_samples, label_fields,
-                                 make_index, open_shard, read_index, sample_label, sample_members, shard_urls,
+                                 make_index, member_header, open_shard, read_index, sample_label, sample_members, shard_urls,
                                  split_entry, tar_name, tar_pattern, with_json, write_index)
 from mhmd_builder.taxonomy import load_taxonomy
 
@@ -99,6 +99,14 @@ def test_atomic_tar_writes_the_bytes_of_webdatasets_tar_writer(tmp_path, count):
             {k: v for k, v in want.items() if not k.startswith("__")}
     with tarfile.open(tmp_path / "ours.tar") as tar:  # the long name read back whole by tarfile too
         assert f"{'é' * 80}_long.jpg" in tar.getnames()
+
+
+def test_a_members_header_is_tarfiles_at_the_size_fields_edge():
+    """Sizes to 8 GiB - 1 fit the header's 11 octal digits; from 8 GiB tarfile writes base 256
+    (members that large are only built as headers here, not written)."""
+    for size in (0, 7, 8, 8 ** 11 - 1, 8 ** 11, 2 ** 40):
+        for name in ("film-0123abcd_0.jpg", "é" * 40 + ".json"):
+            assert member_header(name, size) == _tarfile_header(name, size), (name, size)
 
 
 def test_an_empty_tar_is_that_of_webdataset(tmp_path):
