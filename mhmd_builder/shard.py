@@ -344,11 +344,15 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
     """Consecutive tars per split (`split`: movie_id -> split), its frames in the order of their shuffle
     keys, bucket after bucket: a new tar when the last holds `maxcount` samples or would pass `maxsize`
     bytes (`_with_sizes`). Each tar's rows go to its samples file (`samples_path`) as soon as it is
-    full; the partition says where, its split, sample count and digest (of its rows and OUT)."""
+    full; the partition says where, its split, sample count and digest (of its rows, OUT, the taxonomy and
+    the films' metadata)."""
     folder = samples_path(workdir, "").parent
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
     folder.mkdir(parents=True)
-    bound, root, partitions = JsonBound(taxonomy, movie_metadata or {}), str(workdir.root), []
+    metadata = movie_metadata or {}
+    bound, root, partitions = JsonBound(taxonomy, metadata), str(workdir.root), []
+    # What the writers make the samples' json with besides the rows: a tar made with others is redone.
+    made_with = [taxonomy.sha256, {movie: metadata[movie] for movie in sorted(metadata) if movie in split}]
     for name in SPLITS:
         movies = pa.array(sorted(movie for movie, s in split.items() if s == name), pa.string())
         rows: list[pa.Table] = []  # of the tar being filled
@@ -359,22 +363,23 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
             for i, sample in enumerate(frames["sample_bytes"].to_pylist()):
                 if count and (count >= settings.maxcount or size + sample > settings.maxsize):
                     rows.append(frames.slice(start, i - start))
-                    partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows))
+                    partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows, made_with))
                     rows, count, size, tars, start = [], 0, 0, tars + 1, i
                 count, size = count + 1, size + sample
             rows.append(frames.slice(start))
         if count:
-            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows))
+            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows, made_with))
     return partitions
 
 
-def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows: list[pa.Table]) -> Partition:
-    """The partition of the tar `name`, its rows written to its samples file (a column a list); its
-    digest is that of json.dumps([str(out), columns]), of which the file's text is a part: the
-    values, not Arrow's buffers, so the same rows give the same digest however they were read."""
+def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows: list[pa.Table],
+                 made_with: list) -> Partition:
+    """The partition of the tar `name`, its rows written to its samples file (a list per column); its
+    digest is that of json.dumps([str(out), *made_with, columns]), of which the file's text is a part:
+    the values, not Arrow's buffers, so the same rows give the same digest however they were read."""
     table = pa.concat_tables(rows)
     text = json.dumps({column: table[column].to_pylist() for column in TAR_COLUMNS})
-    digest = hashlib.sha256(f"[{json.dumps(str(out))}, {text}]".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{json.dumps([str(out), *made_with])[:-1]}, {text}]".encode()).hexdigest()[:16]
     pid = Path(name).stem
     # Not synced: every plan writes them again before a writer reads them.
     samples_path(workdir, pid).write_bytes(text.encode())

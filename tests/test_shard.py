@@ -499,6 +499,23 @@ def test_a_samples_json_is_never_longer_than_the_plan_counts_it():
     assert bound[0] < 2 * lengths[0] + 400  # a plain row is not counted at several times its size
 
 
+def test_a_rerun_with_other_film_metadata_writes_the_tars_again(tmp_path):
+    """The writers make the json from the rows and the films' metadata: a tar whose rows are the same
+    but whose films' era changed is not up to date."""
+    work, out = many_frames(tmp_path / "work", films=2, frames=5), tmp_path / "out"
+    label = load_taxonomy().labels[0]
+    film = "film0-00000000"
+
+    def eras(metadata) -> set:
+        shard(work, out, ShardSettings(test_fraction=0), runner=LocalRunner(1), movie_metadata=metadata)
+        return {(s["json"]["movie"], s["json"]["era"]) for s in wds.WebDataset(str(out / "train-000000.tar"),
+                                                                               shardshuffle=False).decode()}
+
+    assert eras({}) == {(film, None), ("film1-00000001", None)}
+    assert eras({film: {"era": label.era, "nationality": label.nationality}}) == \
+        {(film, label.era), ("film1-00000001", None)}
+
+
 def test_a_tars_members_stay_within_maxsize(tmp_path):
     work = many_frames(tmp_path / "work", films=2, frames=15)
     index = shard(work, tmp_path / "out", ShardSettings(maxsize=20_000, test_fraction=0), runner=LocalRunner(1))
