@@ -16,7 +16,6 @@ changed, or that are missing.
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, clear_shard_dir
                      is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
-from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD
+from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD, values_digest
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, writes
 
@@ -196,8 +195,9 @@ class ShardStage:
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
         staging = self.workdir.begin(STAGE, partition.id)
-        columns, name = json.loads(samples_path(self.workdir, partition.id).read_bytes()), partition.info["tar"]
-        rows, root = [dict(zip(columns, values)) for values in zip(*columns.values())], str(self.workdir.root)
+        with pa.ipc.open_file(samples_path(self.workdir, partition.id)) as file:
+            planned = file.read_all()
+        rows, name, root = planned.to_pylist(), partition.info["tar"], str(self.workdir.root)
         path = staging / name if is_remote(self.out) else self.out / name
         with AtomicTar(path) as tar:
             for i, row in enumerate(rows):
@@ -205,8 +205,9 @@ class ShardStage:
                 progress(i + 1, len(rows))
         if is_remote(self.out):  # from this worker: fsspec makes its own client and IO thread after a fork
             upload_tar(path, self.out)
-        table = pa.table({"frame_id": columns["frame_id"], "movie_id": columns["movie_id"],
-                          "split": [partition.info["split"]] * len(rows), "shard": [name] * len(rows)})
+        table = planned.select(["frame_id", "movie_id"]).append_column(
+            "split", pa.array([partition.info["split"]] * len(rows), pa.string())).append_column(
+            "shard", pa.array([name] * len(rows), pa.string()))
         summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(rows),
                    "frames_out": len(rows), "bytes": path.stat().st_size,
                    "seconds": round(time.monotonic() - started, 3)}
@@ -334,9 +335,9 @@ def _shuffled_bucket(path: Path, movies: pa.Array) -> pa.Table:
 
 
 def samples_path(workdir: WorkDir, partition: str) -> Path:
-    """W/shard/samples/<tar>.json: the rows of the frames a tar holds (TAR_COLUMNS), as planned; its
-    writer makes the samples from them, so that no process holds every sample."""
-    return workdir.stage_dir(STAGE) / "samples" / f"{partition}.json"
+    """W/shard/samples/<tar>.arrow: the rows of the frames a tar holds (TAR_COLUMNS, an Arrow IPC file),
+    as planned; its writer makes the samples from them, so that no process holds every sample."""
+    return workdir.stage_dir(STAGE) / "samples" / f"{partition}.arrow"
 
 
 def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Path | str, settings: ShardSettings,
@@ -344,8 +345,8 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
     """Consecutive tars per split (`split`: movie_id -> split), its frames in the order of their shuffle
     keys, bucket after bucket: a new tar when the last holds `maxcount` samples or would pass `maxsize`
     bytes (`_with_sizes`). Each tar's rows go to its samples file (`samples_path`) as soon as it is
-    full; the partition says where, its split, sample count and digest (of its rows, OUT, the taxonomy and
-    the films' metadata)."""
+    full; the partition says where, its split, sample count and digest (of its rows, OUT, the taxonomy
+    and the films' metadata)."""
     folder = samples_path(workdir, "").parent
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
     folder.mkdir(parents=True)
@@ -374,16 +375,15 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
 
 def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows: list[pa.Table],
                  made_with: list) -> Partition:
-    """The partition of the tar `name`, its rows written to its samples file (a list per column); its
-    digest is that of json.dumps([str(out), *made_with, columns]), of which the file's text is a part:
-    the values, not Arrow's buffers, so the same rows give the same digest however they were read."""
-    table = pa.concat_tables(rows)
-    text = json.dumps({column: table[column].to_pylist() for column in TAR_COLUMNS})
-    digest = hashlib.sha256(f"{json.dumps([str(out), *made_with])[:-1]}, {text}]".encode()).hexdigest()[:16]
+    """The partition of the tar `name`, its rows (TAR_COLUMNS) written to its samples file; its digest
+    is of OUT, `made_with` and the rows' values (`values_digest`)."""
+    table = pa.concat_tables(rows).select(TAR_COLUMNS)
     pid = Path(name).stem
     # Not synced: every plan writes them again before a writer reads them.
-    samples_path(workdir, pid).write_bytes(text.encode())
-    return Partition(pid, {"split": split, "tar": name, "count": table.num_rows, "digest": digest},
+    with pa.ipc.new_file(samples_path(workdir, pid), table.schema) as file:
+        file.write_table(table)
+    return Partition(pid, {"split": split, "tar": name, "count": table.num_rows,
+                           "digest": values_digest(table, [str(out), *made_with])},
                      record={"split": split, "samples": table.num_rows})
 
 

@@ -14,13 +14,16 @@ so it needs no stage module.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import os
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -127,6 +130,39 @@ def rows_by_movie(rows: pa.Table | None) -> dict[str, pa.Table]:
     counts = runs.field("counts").to_pylist()
     starts = itertools.accumulate(counts, initial=0)
     return {movie: rows.slice(start, n) for movie, start, n in zip(runs.field("values").to_pylist(), starts, counts)}
+
+
+def values_digest(table: pa.Table, head: list) -> str:
+    """SHA-256 (16 hex digits) of json.dumps(head) and the values of `table`'s columns, nulls included:
+    the same values give the same digest however Arrow holds them (chunks, slices, validity buffers),
+    so that a plan made again can tell the tables it made before from changed ones."""
+    digest = hashlib.sha256(json.dumps(head).encode())
+    for name in table.column_names:
+        digest.update(f"\0{name}\0".encode())
+        for part in _value_bytes(table[name].combine_chunks()):
+            digest.update(part)
+    return digest.hexdigest()[:16]
+
+
+def _value_bytes(values: pa.Array):
+    """A column's values as bytes: which are valid, then by type, nulls as zero or empty: numbers and
+    booleans as numpy holds them; strings their lengths and bytes end to end; lists their lengths and
+    their items' bytes."""
+    kind = values.type
+    yield np.packbits(pc.is_valid(values).to_numpy(zero_copy_only=False)).tobytes()
+    if pa.types.is_null(kind):
+        return
+    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+        filled = pc.fill_null(values, pa.scalar("" if pa.types.is_string(kind) else b"", kind))
+        yield pc.binary_length(filled).to_numpy().tobytes()
+        whole = pa.ListArray.from_arrays(pa.array([0, len(filled)], pa.int32()), filled)  # one list of them all
+        yield pc.binary_join(whole, pa.scalar("" if pa.types.is_string(kind) else b"", kind))[0].as_buffer() or b""
+    elif pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+        yield pc.fill_null(pc.list_value_length(values), 0).to_numpy().tobytes()
+        yield from _value_bytes(pc.list_flatten(values))
+    else:
+        zero = pa.scalar(False if pa.types.is_boolean(kind) else 0).cast(kind)
+        yield pc.fill_null(values, zero).to_numpy(zero_copy_only=False).tobytes()
 
 
 def decisions_path(workdir: WorkDir) -> Path:
