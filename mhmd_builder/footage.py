@@ -12,11 +12,14 @@ minutes (the share of the film that was left) is.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from .devices import machine_cores
 
 # The same picture re-encoded or scaled stays within a few bits of 64; a frame sampled a fraction of
 # a second off (a cut does not keep the sampling instants) moves a few more; unrelated frames differ
@@ -75,13 +78,22 @@ def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
     return duplicate_groups(fingerprints(pa.Table.from_pandas(frames[columns], preserve_index=False)))
 
 
-def duplicate_groups(prints: dict[str, np.ndarray]) -> list[list[str]]:
-    """`near_duplicates` of the movies' fingerprints (`fingerprints`, of one movie or several)."""
+def duplicate_groups(prints: dict[str, np.ndarray], workers: int | None = None) -> list[list[str]]:
+    """`near_duplicates` of the movies' fingerprints (`fingerprints`, of one movie or several). Every
+    pair is compared (a film's near duplicates may be anywhere), by `workers` threads (default: one
+    per core): numpy lets go of the GIL while it compares."""
     movies = sorted(prints)
+    with ThreadPoolExecutor(workers or machine_cores()) as pool:
+        near = [pair for pairs in pool.map(lambda i: _near_later(movies, prints, i), range(len(movies)))
+                for pair in pairs]
     group = {movie: {movie} for movie in movies}
-    for i, a in enumerate(movies):
-        for b in movies[i + 1:]:
-            if group[a] is not group[b] and reaches(prints[a], prints[b]) and reaches(prints[b], prints[a]):
-                merged = group[a] | group[b]
-                group.update({movie: merged for movie in merged})
+    for a, b in near:
+        merged = group[a] | group[b]
+        group.update({movie: merged for movie in merged})
     return [list(g) for g in sorted({tuple(sorted(g)) for g in group.values() if len(g) > 1})]
+
+
+def _near_later(movies: list[str], prints: dict[str, np.ndarray], i: int) -> list[tuple[str, str]]:
+    """The pairs of movies[i] and a later movie that are near duplicates."""
+    a = movies[i]
+    return [(a, b) for b in movies[i + 1:] if reaches(prints[a], prints[b]) and reaches(prints[b], prints[a])]

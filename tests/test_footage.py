@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import extract
-from mhmd_builder.footage import MAX_DISTANCE, MIN_SHARE, near_duplicates, reaches, share
+from mhmd_builder.footage import MAX_DISTANCE, MIN_SHARE, duplicate_groups, near_duplicates, reaches, share
 from mhmd_builder.manifest import manifest
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, shard
@@ -64,3 +64,15 @@ def test_reaches_is_share_at_the_threshold_wherever_the_near_hashes_are(near, wh
     b = np.concatenate([a[picked] ^ flips, far])
     assert share(a, b) == near / 256
     assert reaches(a, b) == (near >= 192) == (share(a, b) >= MIN_SHARE)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_groups_are_the_connected_near_duplicates_on_any_number_of_threads(workers):
+    """Films compared on threads group as one by one: a chain of copies is one group, whichever pair
+    is found first; an unrelated film stays alone."""
+    rng = np.random.default_rng(1)
+    films = {name: np.unique(rng.integers(0, 2**63, 400, dtype=np.uint64)) for name in ("a", "c", "e")}
+    flip = np.uint64(0b111) << np.uint64(40)  # 3 bits: a re-encode
+    prints = {"a": films["a"], "b": films["a"] ^ flip, "d": films["a"] ^ (flip << np.uint64(3)),
+              "c": films["c"], "c2": np.sort(films["c"] ^ np.uint64(1)), "e": films["e"]}
+    assert duplicate_groups(prints, workers) == [["a", "b", "d"], ["c", "c2"]]
