@@ -55,6 +55,7 @@ SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes
 # The plan's shuffle (`spill_kept_frames`): the frames to shard, with their shuffle keys, in bucket
 # files of about this many frames (~0.5 KB each in memory), one held at a time.
 SHUFFLE_BUCKET_ROWS = 250_000
+MAX_BUCKET_BITS = 8  # at most 256 buckets, each a file open while the movies are read
 _TYPES = {**MANIFEST_COLUMNS, **dict(zip(FRAME_SCHEMA.names, FRAME_SCHEMA.types)),
           **dict(zip(DETECT_SCHEMA.names, DETECT_SCHEMA.types)), "parsing": pa.string()}
 SPILL_SCHEMA = pa.schema([*((name, _TYPES[name]) for name in SAMPLE_COLUMNS), ("key", pa.uint64())])
@@ -314,9 +315,10 @@ def spill_kept_frames(workdir: WorkDir, folder: Path, seed: int) -> KeptFrames:
 
 def _bucket_bits(workdir: WorkDir) -> int:
     """log2 of the number of buckets: enough for SHUFFLE_BUCKET_ROWS frames each, from the frames
-    extract kept (its done markers' counts: more than shard keeps after detection, never fewer)."""
+    extract kept (its done markers' counts: more than shard keeps after detection, never fewer), up
+    to MAX_BUCKET_BITS (past 64 M frames, the buckets grow instead)."""
     frames = sum(int(summary.get("frames_out", 0)) for summary in workdir.done(EXTRACT).values())
-    return max(0, math.ceil(math.log2(max(1, frames) / SHUFFLE_BUCKET_ROWS)))
+    return min(MAX_BUCKET_BITS, max(0, math.ceil(math.log2(max(1, frames) / SHUFFLE_BUCKET_ROWS))))
 
 
 def _spill_rows(rows: pa.Table, seed: int) -> pa.Table:

@@ -473,6 +473,24 @@ def test_samples_of_a_tar_are_shuffled_across_films_by_the_seed(tmp_path):
     assert order(0) == films and order(1) != films
 
 
+def test_the_buckets_are_at_most_2_to_the_max_bits_and_the_tars_the_same(tmp_path, monkeypatch):
+    """Buckets of one frame asked for 80 frames: capped at 2**MAX_BUCKET_BITS files (each open while
+    the movies are read), and the tars are those of one bucket."""
+    work = many_frames(tmp_path / "work", films=4, frames=20)
+    for summary_path in work.parts_dir("extract").glob("*.done"):  # extract's kept counts, as it writes them
+        summary_path.write_text(json.dumps({**json.loads(summary_path.read_text()), "frames_out": 20}))
+    shard(work, tmp_path / "one", ShardSettings(maxcount=7), runner=LocalRunner(1))
+    monkeypatch.setattr(shard_module, "SHUFFLE_BUCKET_ROWS", 1)
+    monkeypatch.setattr(shard_module, "MAX_BUCKET_BITS", 3)
+    opened = []
+    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path, movies: opened.append(path.name) or
+                        _shuffled_bucket(path, movies))
+    shard(work, tmp_path / "many", ShardSettings(maxcount=7), runner=LocalRunner(1))
+    assert 4 < len(set(opened)) <= 8
+    for tar in (tmp_path / "one").glob("*.tar"):
+        assert (tmp_path / "many" / tar.name).read_bytes() == tar.read_bytes(), tar.name
+
+
 def test_a_samples_json_is_never_longer_than_the_plan_counts_it():
     """The plan cuts tars by size before the writers make the json: its bound must hold for the
     hardest rows (strings that escape to 6 bytes a byte, the longest floats and ints, many boxes,
