@@ -22,6 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from .errors import InputError
+from .errors import InputError, storage_error
 from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
 from .runners import LocalRunner
@@ -302,15 +303,27 @@ def spill_kept_frames(workdir: WorkDir, folder: Path, seed: int) -> KeptFrames:
             prints.update(fingerprints(movie.select([c for c in FINGERPRINT_COLUMNS if c in movie.column_names])))
             bucket = rows["key"].to_numpy() >> np.uint64(64 - bits) if bits else np.zeros(rows.num_rows, np.uint64)
             for b in np.unique(bucket):
-                if b not in writers:
-                    writers[b] = pa.ipc.new_stream(kept.buckets[b], SPILL_SCHEMA, options=SPILL_OPTIONS)
-                writers[b].write_table(rows.filter(bucket == b))
+                with _naming(kept.buckets[b]):  # Arrow's errors name no file
+                    if b not in writers:
+                        writers[b] = pa.ipc.new_stream(kept.buckets[b], SPILL_SCHEMA, options=SPILL_OPTIONS)
+                    writers[b].write_table(rows.filter(bucket == b))
     finally:
-        for writer in writers.values():
-            writer.close()
+        for b, writer in writers.items():
+            with _naming(kept.buckets[b]):
+                writer.close()
     kept.buckets = [path for b, path in enumerate(kept.buckets) if b in writers]
     kept.groups = duplicate_groups(prints)
     return kept
+
+
+@contextmanager
+def _naming(path: Path):
+    """A full, read-only or forbidden file system met while writing `path` as the one-line
+    StorageError naming it (Arrow's OSError names no file)."""
+    try:
+        yield
+    except OSError as error:
+        raise storage_error(error, path) or error
 
 
 def _bucket_bits(workdir: WorkDir) -> int:
@@ -382,7 +395,7 @@ def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows:
     table = pa.concat_tables(rows).select(TAR_COLUMNS)
     pid = Path(name).stem
     # Not synced: every plan writes them again before a writer reads them.
-    with pa.ipc.new_file(samples_path(workdir, pid), table.schema) as file:
+    with _naming(samples_path(workdir, pid)), pa.ipc.new_file(samples_path(workdir, pid), table.schema) as file:
         file.write_table(table)
     return Partition(pid, {"split": split, "tar": name, "count": table.num_rows,
                            "digest": values_digest(table, [str(out), *made_with])},

@@ -89,6 +89,22 @@ def test_extract_on_a_full_disk_records_the_movie_failed_in_one_line_and_leaves_
     assert not list(work.rglob(".*.tmp*")) and not any((work / "extract" / "tmp").glob("*/*"))
 
 
+def test_shard_on_a_full_disk_is_one_line_naming_the_file_and_leaves_no_buckets(tmp_path):
+    """The plan's buckets and samples files are written by Arrow, whose errors name no file."""
+    from test_shard import many_frames
+
+    work = many_frames(tmp_path / "w", films=3, frames=400)
+    small_file_system(work.stage_dir("shard"), "size=8k")  # the plan's folder, full after two pages
+    try:
+        result = CliRunner().invoke(main, ["shard", "-w", str(work.root), "-o", str(tmp_path / "out")])
+        assert result.exit_code == 1, result.output
+        assert result.output.count("\n") == 1 and result.output.endswith(": No space left on device\n"), result.output
+        assert f"{work.stage_dir('shard')}/shuffle/" in result.output and "a file" not in result.output
+        assert not (work.stage_dir("shard") / "shuffle").exists() and not (tmp_path / "out" / "index.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(work.stage_dir("shard"))], check=True)
+
+
 def test_extract_into_a_read_only_work_directory_is_one_line(read_only, movie_factory):
     movie = movie_factory("film.mp4", seconds=1)
     result = CliRunner().invoke(main, ["extract", str(movie), "-w", str(read_only / "w"), "--workers", "1"])
