@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .batching import prefetched
 from .errors import DamagedFileError
 from .filter import MovieDecisions, current_counts, current_decisions, fresh_decisions, with_decisions
 from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
@@ -177,14 +178,21 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
     shards = {} if before else rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD],
                                                                 columns=["frame_id", "movie_id", "split"]))
     parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
-    for movie in sorted(workdir.marked_done(EXTRACT)):
+
+    def movie_rows(movie: str) -> pa.Table | None:
         frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
         if frames is None:
-            continue
+            return None
         later = _Later(decisions=decisions.of(movie), human=human, shards=shards.get(movie),
                        parsing=parsing.get(movie), detections=workdir.read_partition(DETECT, movie, damaged[DETECT]),
                        predicted=workdir.read_partition(LABEL, movie, damaged[LABEL]))
-        yield _assemble(frames, later).sort_by([("timestamp", "ascending")])
+        return _assemble(frames, later).sort_by([("timestamp", "ascending")])
+
+    # A thread builds the next movies while the caller works on this one (Arrow lets go of the GIL);
+    # one thread, so that the movies' decisions are read in order (MovieDecisions keeps the last read).
+    for _, rows in prefetched(sorted(workdir.marked_done(EXTRACT)), movie_rows, threads=1, ahead=2):
+        if rows is not None:
+            yield rows
 
 
 @dataclass
