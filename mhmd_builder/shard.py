@@ -394,8 +394,9 @@ def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows:
     is of OUT, `made_with` and the rows' values (`values_digest`)."""
     table = pa.concat_tables(rows).select(TAR_COLUMNS)
     pid = Path(name).stem
+    path = samples_path(workdir, pid)
     # Not synced: every plan writes them again before a writer reads them.
-    with _naming(samples_path(workdir, pid)), pa.ipc.new_file(samples_path(workdir, pid), table.schema) as file:
+    with _naming(path), pa.ipc.new_file(path, table.schema) as file:
         file.write_table(table)
     return Partition(pid, {"split": split, "tar": name, "count": table.num_rows,
                            "digest": values_digest(table, [str(out), *made_with])},

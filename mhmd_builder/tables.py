@@ -153,10 +153,11 @@ def _value_bytes(values: pa.Array):
     if pa.types.is_null(kind):
         return
     if pa.types.is_string(kind) or pa.types.is_binary(kind):
-        filled = pc.fill_null(values, pa.scalar("" if pa.types.is_string(kind) else b"", kind))
+        empty = pa.scalar("" if pa.types.is_string(kind) else b"", kind)
+        filled = pc.fill_null(values, empty)
         yield pc.binary_length(filled).to_numpy().tobytes()
         whole = pa.ListArray.from_arrays(pa.array([0, len(filled)], pa.int32()), filled)  # one list of them all
-        yield pc.binary_join(whole, pa.scalar("" if pa.types.is_string(kind) else b"", kind))[0].as_buffer() or b""
+        yield pc.binary_join(whole, empty)[0].as_buffer() or b""
     elif pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
         yield pc.fill_null(pc.list_value_length(values), 0).to_numpy().tobytes()
         yield from _value_bytes(pc.list_flatten(values))
