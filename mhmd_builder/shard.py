@@ -36,8 +36,8 @@ from .errors import InputError, storage_error
 from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
 from .runners import LocalRunner
-from .shards import (BOX_DECIMALS, JPG, MASK, SPLITS, AtomicTar, clear_shard_dir, encode_json, folder_sizes,
-                     is_remote, label_fields, make_index, sample_members, shard_output, split_entry,
+from .shards import (BOX_DECIMALS, CLS, JPG, JSON, MASK, SPLITS, AtomicTar, class_index, clear_shard_dir, encode_json,
+                     folder_sizes, is_remote, label_fields, make_index, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
 from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD, values_digest
@@ -50,7 +50,7 @@ STAGE = SHARD
 FINGERPRINT_COLUMNS = ["movie_id", "flags", "phash_hi", "phash_lo"]
 EXTRACT_COLUMNS = ["frame_id", "timestamp", "width", "height", "kept", "reject_reason", "jpeg", "jpeg_bytes",
                    "jpeg_xxh3", *FINGERPRINT_COLUMNS]
-# What a sample is made of (`_members`): the columns of the frames to shard held while planning.
+# What a sample is made of (`ShardStage._samples`): the columns of the frames to shard held while planning.
 SAMPLE_COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "boxes", "label", "label_source",
                   "label_confidence", "jpeg", "jpeg_bytes", "jpeg_xxh3", "mask", "parsing"]
 # The plan's shuffle (`spill_kept_frames`): the frames to shard, with their shuffle keys, in bucket
@@ -102,20 +102,129 @@ def split_films(counts: dict[str, int], test_fraction: float, seed: int,
     return split
 
 
-def sample_json(row: dict, taxonomy: Taxonomy, film: dict | None = None) -> dict:
-    """A sample's json, of a frame's row of SAMPLE_COLUMNS (None for null). An unlabelled frame of a
-    film whose era / nationality are known (movie metadata) carries those, with label_source "movie"."""
-    label = taxonomy.by_name(row["label"]) if row["label"] is not None else None
-    boxes = row["boxes"] or []
-    meta = {
-        "frame_id": row["frame_id"], "movie": row["movie_id"], "timestamp": round(float(row["timestamp"]), 3),
-        "width": int(row["width"]), "height": int(row["height"]),
-        "boxes": [[round(float(v), BOX_DECIMALS) for v in box] for box in boxes],
-        **label_fields(label, row["label_source"], row["label_confidence"]),
-    }
-    if label is None and film and (film.get("era") or film.get("nationality")):
-        meta.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
-    return meta
+class SampleJson:
+    """The samples' json, made a column at a time in Arrow (json.dumps costs more than the rest of a
+    sample): of rows of SAMPLE_COLUMNS, the bytes `encode_json` (json.dumps, sorted keys) makes of each
+    frame's meta: frame_id, movie, timestamp (rounded to the millisecond), width, height, boxes
+    (rounded to BOX_DECIMALS) and the label fields (`label_fields`). An unlabelled frame of a film
+    whose era / nationality are known (movie metadata) carries those, with label_source "movie"."""
+
+    KEYS = ("boxes", "era", "frame_id", "garment", "height", "label", "label_confidence", "label_id",
+            "label_source", "movie", "nationality", "timestamp", "width")  # json.dumps' sorted order
+    # A label's fields, or an unlabelled film's, that do not change from frame to frame.
+    PART_KEYS = ("era", "garment", "label", "nationality", "label_source")
+
+    def __init__(self, taxonomy: Taxonomy, movie_metadata: dict[str, dict]):
+        self.taxonomy, self.movie_metadata = taxonomy, movie_metadata
+        self.labels: dict = {}  # label name -> its part (`_part`); None for an unknown name
+        self.films: dict = {}  # movie_id -> its json text, and the part of its unlabelled frames
+
+    def __call__(self, rows: pa.Table) -> tuple[list[bytes], list[int | None]]:
+        """Each row's json and label id (None: unlabelled)."""
+        films = [self._film(movie) for movie in rows["movie_id"].to_pylist()]
+        parts = [self._label(label) or film[1] for label, film in zip(rows["label"].to_pylist(), films)]
+        label_ids = [part[0] for part in parts]
+        texts = {key: pa.array([part[i + 1] for part in parts], pa.string()) for i, key in enumerate(self.PART_KEYS)}
+        texts["movie"] = pa.array([film[0] for film in films], pa.string())
+        texts["label_id"] = pa.array(label_ids, pa.int64()).cast(pa.string()).fill_null("null")
+        # A labelled frame's source and confidence are its own (its part's source is None).
+        sources = _json_strings(rows["label_source"]).to_pylist()
+        texts["label_source"] = pa.array([source if part[-1] is None else part[-1] for source, part in zip(sources, parts)],
+                                         pa.string())
+        confidences = iter(_float_texts([float(confidence) for confidence, label_id in
+                                         zip(rows["label_confidence"].to_pylist(), label_ids) if label_id is not None]))
+        texts["label_confidence"] = pa.array([next(confidences) if label_id is not None else "null"
+                                              for label_id in label_ids], pa.string())
+        texts["timestamp"] = pa.array(_float_texts([round(float(t), 3) for t in rows["timestamp"].to_pylist()]),
+                                      pa.string())
+        texts["frame_id"] = _json_strings(rows["frame_id"])
+        texts["boxes"] = _boxes_texts(rows["boxes"])
+        for key in ("width", "height"):
+            texts[key] = rows[key].cast(pa.int64()).cast(pa.string())  # int's repr
+        pieces = [piece for i, key in enumerate(self.KEYS) for piece in (("{" if i == 0 else ", ") + f'"{key}": ', texts[key])]
+        return pc.binary_join_element_wise(*pieces, "}", "").cast(pa.binary()).to_pylist(), label_ids
+
+    def _label(self, name: str | None) -> tuple | None:
+        """A label's part: (label_id, then PART_KEYS' texts, its label_source None: the frame's own);
+        None for no label or an unknown name."""
+        if name not in self.labels:
+            label = self.taxonomy.by_name(name) if name is not None else None
+            self.labels[name] = self._part(label_fields(label, "", 0.0), own_source=True) if label else None
+        return self.labels[name]
+
+    def _film(self, movie: str) -> tuple:
+        """A film's json text, and the part of its unlabelled frames: all null, or its era /
+        nationality (movie metadata) with label_source "movie"."""
+        if movie not in self.films:
+            fields, film = label_fields(None), self.movie_metadata.get(movie) or {}
+            if film.get("era") or film.get("nationality"):
+                fields.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
+            self.films[movie] = (encode_json(movie).decode(), self._part(fields))
+        return self.films[movie]
+
+    def _part(self, fields: dict, own_source: bool = False) -> tuple:
+        return (fields["label_id"], *(encode_json(fields[key]).decode() for key in self.PART_KEYS[:-1]),
+                None if own_source else encode_json(fields["label_source"]).decode())
+
+
+def _json_strings(strings: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Strings (null: null) as json writes them: in quotes, in Arrow where every one is printable
+    ASCII without a quote or backslash, else escaped one by one."""
+    strings = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+    if pc.all(pc.match_substring_regex(strings, r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$")).as_py() is not False:
+        return pc.fill_null(pc.binary_join_element_wise('"', strings, '"', ""), "null")
+    return pa.array([encode_json(value).decode() for value in strings.to_pylist()], pa.string())
+
+
+def _float_texts(values: list[float]) -> list[str]:
+    """Floats as json writes them (repr; NaN and Infinity as json's own, not repr's)."""
+    if all(map(math.isfinite, values)):
+        return list(map(float.__repr__, values))
+    return [encode_json(value).decode() for value in values]
+
+
+def _boxes_texts(boxes: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """Each row's boxes (a list of lists of floats; null: none) as json writes them, rounded to
+    BOX_DECIMALS: joined in Arrow."""
+    boxes = boxes.combine_chunks() if isinstance(boxes, pa.ChunkedArray) else boxes
+    flat = pc.list_flatten(boxes)
+    values = pc.list_flatten(flat)
+    texts = _rounded_texts(values)
+    if texts is None:  # a value rounding does not make plain: one at a time
+        texts = pa.array(_float_texts([round(float(v), BOX_DECIMALS) for v in values.to_pylist()]), pa.string())
+    return _json_lists(_json_lists(texts, flat), boxes)
+
+
+def _json_lists(items: pa.Array, lists: pa.Array) -> pa.Array:
+    """The json texts `items`, grouped as `lists` groups its values (a null list: none), each group
+    joined as json writes a list."""
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+    grouped = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()), items)
+    return pc.binary_join_element_wise("[", pc.fill_null(pc.binary_join(grouped, ", "), ""), "]", "")
+
+
+_DECIMALS = 10 ** BOX_DECIMALS
+
+
+def _rounded_texts(values: pa.Array) -> pa.Array | None:
+    """repr(round(v, BOX_DECIMALS)) of float32 values, made in Arrow; None when they are not float32,
+    or one is not finite or 10**9 or more. A float32 times 10**5 is exact in a float64, so rint of it
+    is round's integer k (half to even), and the repr of k / 10**5 its digits: 0.00123 (or 1e-05
+    under 10**-4, as repr writes it)."""
+    if values.type != pa.float32():
+        return None
+    scaled = values.to_numpy(zero_copy_only=False).astype(np.float64) * _DECIMALS
+    if not (np.isfinite(scaled).all() and (np.abs(scaled) < 1e9 * _DECIMALS).all()):
+        return None
+    k = np.rint(scaled)
+    digits = pa.array(np.abs(k).astype(np.int64)).cast(pa.string())
+    padded = pc.utf8_lpad(digits, BOX_DECIMALS + 1, "0")
+    fraction = pc.utf8_rtrim(pc.utf8_slice_codeunits(padded, -BOX_DECIMALS), characters="0")
+    fraction = pc.if_else(pc.equal(fraction, ""), "0", fraction)
+    sign = pc.if_else(pa.array(np.signbit(k)), "-", "")
+    positional = pc.binary_join_element_wise(sign, pc.utf8_slice_codeunits(padded, 0, -BOX_DECIMALS), ".", fraction, "")
+    exponent = pc.binary_join_element_wise(sign, digits, f"e-{BOX_DECIMALS:02d}", "")
+    return pc.if_else(pa.array((np.abs(k) > 0) & (np.abs(k) < 10)), exponent, positional)
 
 
 def _size(path: str) -> int | None:
@@ -131,19 +240,23 @@ _REMEDY = {JPG: "re-extract its film (`mhmd extract --redo`)",
            MASK: "write it again (`mhmd detect --masks` or `mhmd parsing attach`)"}
 
 
-READ_BYTES = 1 << 18  # a frame's JPEG (about 60 KB) in one read
+READ_BYTES = 1 << 18  # a frame's JPEG (about 60 KB) in one read, when its size is not known
+WRITE_BATCH = 1024  # samples made and written at once (their files' bytes held: ~60 MB of 60 KB JPEGs)
 
 
-def _read_member(member: str, path: str) -> bytes:
+def _read_member(member: str, path: str, size: int | None = None) -> bytes:
     """A member file's bytes; PartitionError naming the file when it is missing or unreadable.
-    os.read until the end: open() adds an ioctl, two fstats and a seek to each file, which cost
-    as much as the read of a small one."""
+    os.read: open() adds an ioctl, two fstats and a seek to each file, which cost as much as the read
+    of a small one. Of a file whose size was recorded, a first read of a byte more: `size` bytes
+    back is its end (one read, not two); a file that grew or shrank since is read to its end."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            chunks = [os.read(fd, READ_BYTES)]
-            while chunks[-1]:
+            chunks = [os.read(fd, READ_BYTES if size is None else size + 1)]
+            read = len(chunks[0])
+            while chunks[-1] and read != size:
                 chunks.append(os.read(fd, READ_BYTES))
+                read += len(chunks[-1])
         finally:
             os.close(fd)
         return b"".join(chunks)
@@ -164,18 +277,6 @@ def _check_written(path: str, data: bytes, size: int, digest: str) -> None:
     raise PartitionError(f"{path}: damaged since it was extracted ({change}): {_REMEDY[JPG]}")
 
 
-def _members(row: dict, root: str, taxonomy: Taxonomy, film: dict | None) -> dict:
-    """The sample of a frame's row (TAR_COLUMNS) as webdataset writes it: its json, `cls`, and `jpg`
-    (and `mask.png`: the parsing map, else the person mask) copied byte for byte, not re-encoded."""
-    meta = sample_json(row, taxonomy, film)
-    target = row["parsing"] or row["mask"]
-    paths = {JPG: os.path.join(root, row["jpeg"]), **({MASK: os.path.join(root, target)} if target else {})}
-    files = {member: _read_member(member, path) for member, path in paths.items()}
-    if row["jpeg_xxh3"] is not None:  # not recorded by earlier versions: not checked
-        _check_written(paths[JPG], files[JPG], row["jpeg_bytes"], row["jpeg_xxh3"])
-    return sample_members(row["frame_id"], encode_json(meta), meta["label_id"], files)
-
-
 @dataclass
 class ShardStage:
     """Writes one tar per partition into `out` (a folder or an object store's URL) and records which
@@ -192,29 +293,49 @@ class ShardStage:
     unit: str = "samples"
 
     def setup(self) -> None:
-        pass
+        self.sample_json = SampleJson(self.taxonomy, self.movie_metadata)  # its texts kept from tar to tar
 
     def process(self, partition: Partition, progress) -> dict:
         started = time.monotonic()
         staging = self.workdir.begin(STAGE, partition.id)
         with pa.ipc.open_file(samples_path(self.workdir, partition.id)) as file:
             planned = file.read_all()
-        rows, name, root = planned.to_pylist(), partition.info["tar"], str(self.workdir.root)
+        name = partition.info["tar"]
         path = staging / name if is_remote(self.out) else self.out / name
         with AtomicTar(path) as tar:
-            for i, row in enumerate(rows):
-                tar.write(_members(row, root, self.taxonomy, self.movie_metadata.get(row["movie_id"])))
-                progress(i + 1, len(rows))
+            for start in range(0, planned.num_rows, WRITE_BATCH):
+                tar.write_many(*self._samples(planned.slice(start, WRITE_BATCH)))
+                progress(min(start + WRITE_BATCH, planned.num_rows), planned.num_rows)
         if is_remote(self.out):  # from this worker: fsspec makes its own client and IO thread after a fork
             upload_tar(path, self.out)
+        count = planned.num_rows
         table = planned.select(["frame_id", "movie_id"]).append_column(
-            "split", pa.array([partition.info["split"]] * len(rows), pa.string())).append_column(
-            "shard", pa.array([name] * len(rows), pa.string()))
-        summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": len(rows),
-                   "frames_out": len(rows), "bytes": path.stat().st_size,
+            "split", pa.array([partition.info["split"]] * count, pa.string())).append_column(
+            "shard", pa.array([name] * count, pa.string()))
+        summary = {"digest": partition.info["digest"], "output": str(self.out), "frames_in": count,
+                   "frames_out": count, "bytes": path.stat().st_size,
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, partition.id, table, summary)
         return summary
+
+    def _samples(self, rows: pa.Table) -> tuple[list[str], dict[str, list]]:
+        """The samples of rows (TAR_COLUMNS) as webdataset writes them, by column (`write_many`):
+        their json (`SampleJson`), `cls`, and `jpg` (and `mask.png`: the parsing map, else the person
+        mask) copied byte for byte, not re-encoded."""
+        root = str(self.workdir.root)
+        jsons, label_ids = self.sample_json(rows)
+        jpegs = []
+        for jpeg, size, digest in zip(rows["jpeg"].to_pylist(), rows["jpeg_bytes"].to_pylist(),
+                                      rows["jpeg_xxh3"].to_pylist()):
+            path = os.path.join(root, jpeg)
+            jpegs.append(_read_member(JPG, path, size))
+            if digest is not None:  # not recorded by earlier versions: not checked
+                _check_written(path, jpegs[-1], size, digest)
+        targets = pc.coalesce(rows["parsing"], rows["mask"]).to_pylist()  # as the plan sized them
+        masks = [_read_member(MASK, os.path.join(root, target), size) if target else None
+                 for target, size in zip(targets, rows["target_bytes"].to_pylist())]
+        return rows["frame_id"].to_pylist(), {JSON: jsons, CLS: [str(class_index(i)).encode() for i in label_ids],
+                                              JPG: jpegs, MASK: masks}
 
 
 def _with_sizes(frames: pa.Table, root: str, json_bound: "JsonBound") -> pa.Table:
@@ -234,7 +355,7 @@ def _with_sizes(frames: pa.Table, root: str, json_bound: "JsonBound") -> pa.Tabl
 
 
 class JsonBound:
-    """The largest a sample's json (`sample_json`, `encode_json`) can be, per frame, from its row's
+    """The largest a sample's json (`SampleJson`) can be, per frame, from its row's
     string lengths and box count: the plan cuts tars by size without making the json, which the
     writers make. A string's character is at most 6 bytes escaped (`\\u00XX`, or 12 for 4 UTF-8 bytes);
     a float's repr at most 24 characters ("-1.2345678901234567e-308"), an int32's 11."""

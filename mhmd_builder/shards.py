@@ -16,7 +16,7 @@ unlabelled frame: `sample_label` reads both.
 
 - writing: `AtomicTar` (the bytes of webdataset's TarWriter with fixed metadata, so the same samples
   give the same bytes, under a temporary name until complete; its headers made from one of
-  tarfile's, `member_header`, since tarfile's own building was most of a tar's time),
+  tarfile's, `member_headers`, since tarfile's own building was most of a tar's time),
   `sample_members` / `with_json` (a sample as a tar holds it), `encode_json`, `label_fields`,
   `clear_shard_dir`;
 - object storage (`s3://bucket/prefix`, through fsspec): `shard_output`, `is_remote`, `upload_tar`,
@@ -37,7 +37,10 @@ import re
 import shutil
 import tarfile
 from collections import Counter
+from itertools import chain
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from .errors import InputError, MhmdError, first_line
 from .taxonomy import Label
@@ -132,23 +135,39 @@ def _tarfile_header(name: str, size: int) -> bytes:
 
 
 # Members differ only in their name (bytes 0-100), size (124-136) and checksum (148-156, the sum of
-# the header's bytes with those 8 taken as spaces): the header of an empty name and size, built once.
-_BLANK = _tarfile_header("", 0)
-_BLANK_SUM = sum(_BLANK[:124]) + sum(_BLANK[136:148]) + 8 * ord(" ") + sum(_BLANK[156:])
+# the header's bytes with those 8 taken as spaces): the header of an empty name and size, built once,
+# its size field zeros and its checksum field spaces, and the sum of its bytes.
+_BLANK = np.frombuffer(_tarfile_header("", 0), np.uint8).copy()
+_BLANK[124:136], _BLANK[148:156] = 0, ord(" ")
+_BLANK_SUM = int(_BLANK.sum())
 _OCTAL_SIZES = 8 ** 11  # 8 GiB: a larger member's size is written in base 256 (tarfile's GNU extension)
+_SIZE_DIGITS = 8 ** np.arange(10, -1, -1, dtype=np.uint64)  # the size field: 11 octal digits, then NUL
+_CHECKSUM_DIGITS = 8 ** np.arange(5, -1, -1, dtype=np.int64)  # the checksum: 6 octal digits, NUL, space
 
 
-def member_header(name: str, size: int) -> bytes:
-    """The header tarfile writes for a member `name` of `size` bytes: _BLANK with both filled in and
-    its checksum made again (tarfile's own code costs more than the member's bytes in a tar of JPEGs);
-    a name over 100 bytes (GNU puts it in a `././@LongLink` member first) is left to tarfile."""
-    encoded = name.encode(tarfile.ENCODING, _ERRORS)
-    if len(encoded) > tarfile.LENGTH_NAME or size >= _OCTAL_SIZES:
-        return _tarfile_header(name, size)
-    size_field = b"%011o\0" % size  # tarfile's field for a size in 11 octal digits
-    checksum = _BLANK_SUM + sum(encoded) + sum(size_field)
-    return b"".join((encoded, bytes(tarfile.LENGTH_NAME - len(encoded)), _BLANK[100:124], size_field,
-                     _BLANK[136:148], b"%06o\0 " % checksum, _BLANK[156:]))
+def member_headers(names: list[str], sizes: list[int]) -> list[bytes | memoryview]:
+    """The headers tarfile writes for members `names` of `sizes` bytes, made at once in numpy: _BLANK
+    with each name and size filled in and its checksum made again (tarfile's own code costs more than
+    the member's bytes in a tar of JPEGs); a name over 100 bytes (GNU puts it in a `././@LongLink`
+    member first) or a size of 8 GiB or more is left to tarfile."""
+    encoded = [name.encode(tarfile.ENCODING, _ERRORS) for name in names]
+    name_fields = np.frombuffer(b"".join(name[:tarfile.LENGTH_NAME].ljust(tarfile.LENGTH_NAME, b"\0")
+                                         for name in encoded), np.uint8).reshape(-1, tarfile.LENGTH_NAME)
+    octal = np.minimum(np.asarray(sizes, np.uint64).reshape(-1, 1), _OCTAL_SIZES - 1)
+    size_fields = (octal // _SIZE_DIGITS % 8 + ord("0")).astype(np.uint8)
+    checksums = (_BLANK_SUM + name_fields.sum(axis=1, dtype=np.int64)
+                 + size_fields.sum(axis=1, dtype=np.int64)).reshape(-1, 1)
+    headers = np.empty((len(names), tarfile.BLOCKSIZE), np.uint8)
+    headers[:] = _BLANK
+    headers[:, :tarfile.LENGTH_NAME], headers[:, 124:135] = name_fields, size_fields
+    headers[:, 148:154] = checksums // _CHECKSUM_DIGITS % 8 + ord("0")
+    headers[:, 154] = 0
+    made = memoryview(headers.tobytes())
+    block = tarfile.BLOCKSIZE
+    if max(map(len, encoded), default=0) <= tarfile.LENGTH_NAME and max(sizes, default=0) < _OCTAL_SIZES:
+        return [made[start:start + block] for start in range(0, len(made), block)]
+    return [_tarfile_header(name, size) if len(raw) > tarfile.LENGTH_NAME or size >= _OCTAL_SIZES
+            else made[i * block:(i + 1) * block] for i, (name, raw, size) in enumerate(zip(names, encoded, sizes))]
 
 
 _ZEROS = bytes(tarfile.BLOCKSIZE)  # a member's padding is a slice of it
@@ -158,7 +177,7 @@ class AtomicTar:
     """One tar written under a hidden temporary name and renamed on a clean exit (removed on an
     error): no partial tar is ever visible under its final name. Its bytes are those webdataset's
     TarWriter writes (fixed owner and times: the same samples give the same bytes), headers built
-    by `member_header` (tests/test_shards.py compares the two byte for byte)."""
+    by `member_headers` (tests/test_shards.py compares the two byte for byte)."""
 
     def __init__(self, path: Path):
         self.path, self.temp = path, path.with_name(f".{path.name}.tmp")
@@ -166,19 +185,29 @@ class AtomicTar:
 
     def write(self, sample: dict) -> None:
         """Write a sample (sample_members) as TarWriter does: its members in sorted order, named
-        `<key>.<member>`, those starting with "_" left out; a key with a dot is refused, since it
-        would be read back as another key and member."""
-        key = sample[KEY]
-        if "." in key:
-            raise InputError(f"{self.path}: sample key {key!r} holds a dot: a key must be a plain frame id")
-        for member in sorted(sample):
-            if member[0] != "_":
-                self._add(f"{key}.{member}", sample[member])
+        `<key>.<member>`, those starting with "_" left out."""
+        members = sorted(member for member in sample if member[0] != "_")
+        self.write_many([sample[KEY]], {member: [sample[member]] for member in members})
 
-    def _add(self, name: str, data: bytes) -> None:
-        if not isinstance(data, (bytes, bytearray)):
-            raise TypeError(f"{name}: a member is bytes, not {type(data).__name__}")
-        self.file.writelines((member_header(name, len(data)), data, _ZEROS[:-len(data) % tarfile.BLOCKSIZE]))
+    def write_many(self, keys: list[str], members: dict[str, list]) -> None:
+        """Write samples given by column: member name -> each sample's bytes (None: the sample has
+        no such member); as `write` writes them one by one, their headers made at once. A key with
+        a dot is refused, since it would be read back as another key and member."""
+        dotted = next((key for key in keys if "." in key), None)
+        if dotted is not None:
+            raise InputError(f"{self.path}: sample key {dotted!r} holds a dot: a key must be a plain frame id")
+        names, data, columns = [], [], sorted(members.items())
+        for i, key in enumerate(keys):
+            for member, column in columns:
+                if column[i] is not None:
+                    names.append(f"{key}.{member}")
+                    data.append(column[i])
+        for name, member in zip(names, data):
+            if not isinstance(member, (bytes, bytearray)):
+                raise TypeError(f"{name}: a member is bytes, not {type(member).__name__}")
+        headers = member_headers(names, [len(member) for member in data])
+        padding = [_ZEROS[:-len(member) % tarfile.BLOCKSIZE] for member in data]
+        self.file.writelines(chain.from_iterable(zip(headers, data, padding)))
 
     def __enter__(self) -> "AtomicTar":
         return self

@@ -33,9 +33,9 @@ from mhmd_builder.sample import sample_frames
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder import shard as shard_module
 from mhmd_builder.shard import (READ_BYTES, SHUFFLE_BUCKET_ROWS, SPILL_SCHEMA, JsonBound, ShardSettings, _read_member,
-                                _shuffled_bucket, sample_json, samples_path, shard, shuffle_keys, split_films)
+                                SampleJson, _rounded_texts, _shuffled_bucket, samples_path, shard, shuffle_keys, split_films)
 from mhmd_builder.stages import PartitionError
-from mhmd_builder.shards import encode_json, tar_name
+from mhmd_builder.shards import BOX_DECIMALS, encode_json, label_fields, tar_name
 from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
@@ -406,6 +406,16 @@ def test_a_member_file_is_read_whole_or_named_with_what_is_wrong(tmp_path):
         _read_member("mask.png", str(tmp_path / "folder.png"))
 
 
+@pytest.mark.parametrize("recorded", [0, 5, READ_BYTES - 1, READ_BYTES, 3 * READ_BYTES + 7])
+def test_a_member_file_of_a_recorded_size_is_read_whole_even_when_it_changed_since(tmp_path, recorded):
+    """One read of a byte more than recorded tells the file's end; a file that grew or was cut since
+    still comes back whole (its check then names it)."""
+    for size in {0, recorded - 1, recorded, recorded + 1, 2 * recorded + READ_BYTES} - {-1}:
+        data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+        (tmp_path / "member").write_bytes(data)
+        assert _read_member("jpg", str(tmp_path / "member"), recorded) == data, (recorded, size)
+
+
 def damage(jpeg, how: str) -> None:
     """Cut a file short, or flip one byte in its middle (same size)."""
     data = bytearray(jpeg.read_bytes())
@@ -491,28 +501,87 @@ def test_the_buckets_are_at_most_2_to_the_max_bits_and_the_tars_the_same(tmp_pat
         assert (tmp_path / "many" / tar.name).read_bytes() == tar.read_bytes(), tar.name
 
 
+HOSTILE = "\x00\x1f\"\\\u2028\u00e9\U0001F600 ."
+
+
+def hostile_rows(taxonomy) -> list[dict]:
+    """Rows of SAMPLE_COLUMNS' json fields at their hardest: strings that escape to 6 bytes a byte,
+    the longest floats and ints, many boxes, NaN and infinities, an unknown label, a label without
+    source, a box of another length."""
+    longest = max(taxonomy.labels, key=lambda label: len(label.name))
+    return [
+        {"frame_id": "plain_0", "movie_id": "plain", "timestamp": 12.5, "width": 640, "height": 360, "boxes": None,
+         "label": None, "label_source": None, "label_confidence": None},
+        {"frame_id": HOSTILE * 9, "movie_id": "m\u00e9\U0001F600", "timestamp": -1.2345678901234567e+300,
+         "width": -(2 ** 31), "height": 2 ** 31 - 1, "boxes": [[-3.4028234663852886e+38, 1e-38, -1.1754942e-38, 0.1]] * 7,
+         "label": None, "label_source": HOSTILE, "label_confidence": None},
+        {"frame_id": "a" * 200, "movie_id": HOSTILE, "timestamp": 1 / 3, "width": 1, "height": 1,
+         "boxes": [[0.1, 0.2, 0.3, 0.4]], "label": longest.name, "label_source": HOSTILE * 3,
+         "label_confidence": 0.1 + 0.2},
+        {"frame_id": "f_1", "movie_id": "plain", "timestamp": float("nan"), "width": 2, "height": 3,
+         "boxes": [[float("inf"), float("-inf"), -0.0, 0.123456789], [], [0.5]], "label": "no/such/label",
+         "label_source": "human", "label_confidence": 1.0},
+        {"frame_id": "f_2", "movie_id": "m\u00e9\U0001F600", "timestamp": float("inf"), "width": 2, "height": 3,
+         "boxes": [], "label": longest.name, "label_source": None, "label_confidence": float("nan")},
+    ]
+
+
+def hostile_table(rows: list[dict]) -> pa.Table:
+    boxes = pa.list_(pa.list_(pa.float32()))  # boxes of any length, which the plan's own type (4) refuses
+    schema = pa.schema([SPILL_SCHEMA.field(name) if name != "boxes" else pa.field(name, boxes) for name in rows[0]])
+    return pa.Table.from_pylist(rows, schema)
+
+
+def expected_json(row: dict, taxonomy, film: dict | None) -> bytes:
+    """What a sample's json says, made the plain way: json.dumps of its meta."""
+    label = taxonomy.by_name(row["label"]) if row["label"] is not None else None
+    round32 = lambda v: round(float(np.float32(v)), BOX_DECIMALS)  # noqa: E731 - the boxes are float32
+    meta = {"frame_id": row["frame_id"], "movie": row["movie_id"], "timestamp": round(row["timestamp"], 3),
+            "width": row["width"], "height": row["height"],
+            "boxes": [[round32(v) for v in box] for box in row["boxes"] or []],
+            **label_fields(label, row["label_source"], row["label_confidence"])}
+    if label is None and film and (film.get("era") or film.get("nationality")):
+        meta.update(era=film.get("era"), nationality=film.get("nationality"), label_source="movie")
+    return encode_json(meta)
+
+
+def test_a_samples_json_is_what_json_dumps_makes_of_its_meta_for_the_hardest_rows():
+    taxonomy = load_taxonomy()
+    metadata = {"m\u00e9\U0001F600": {"era": HOSTILE, "nationality": None}, "plain": {"era": "", "nationality": ""}}
+    rows = hostile_rows(taxonomy)
+    jsons, label_ids = SampleJson(taxonomy, metadata)(hostile_table(rows))
+    assert jsons == [expected_json(row, taxonomy, metadata.get(row["movie_id"])) for row in rows]
+    assert label_ids == [None, None, max(taxonomy.labels, key=lambda label: len(label.name)).id, None,
+                         max(taxonomy.labels, key=lambda label: len(label.name)).id]
+    assert json.loads(jsons[1])["label_source"] == "movie" and json.loads(jsons[3])["label_source"] is None
+
+
+def test_box_values_rounded_in_arrow_are_what_repr_of_round_writes():
+    """Boxes' values rounded and written in Arrow (`_rounded_texts`) as repr(round(v, 5)) writes
+    them: at every magnitude up to 10**9, around 10**-4 (where repr turns to 1e-05), zeros of both
+    signs, values that round to them, and the last float32 under 10**9."""
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, 1e-6, -4e-6, 5e-6, 1e-5, 9.4e-5, 9.5e-5, 9.99996e-5, 1e-4, -1e-4, 0.5, 0.99999, 0.999995, 1.0,
+             123.456785, -0.1, np.nextafter(np.float32(1e9), np.float32(0))]
+    magnitudes = 10.0 ** rng.uniform(-7, 9, 200_000) * rng.choice([-1, 1], 200_000)
+    values = np.concatenate([np.array(edges), magnitudes, rng.random(100_000)]).astype(np.float32)
+    texts = _rounded_texts(pa.array(values)).to_pylist()
+    assert texts == [repr(round(float(v), BOX_DECIMALS)) for v in values]
+    assert _rounded_texts(pa.array([1e9], pa.float32())) is None and _rounded_texts(pa.array([np.nan], pa.float32())) is None
+    assert _rounded_texts(pa.array([0.5])) is None  # a float64 times 10**5 is not exact: repr of round, one by one
+
+
 def test_a_samples_json_is_never_longer_than_the_plan_counts_it():
     """The plan cuts tars by size before the writers make the json: its bound must hold for the
     hardest rows (strings that escape to 6 bytes a byte, the longest floats and ints, many boxes,
     film metadata longer than any label's), and stay near a plain row's length."""
     taxonomy = load_taxonomy()
-    longest = max(taxonomy.labels, key=lambda label: len(label.name))
     metadata = {"m\u00e9\U0001F600": {"era": "\x01" * 40, "nationality": "\"\\" * 30}}
-    hostile = "\x00\x1f\"\\\u2028\u00e9\U0001F600 ."
-    rows = [
-        {"frame_id": "plain_0", "movie_id": "plain", "timestamp": 12.5, "width": 640, "height": 360, "boxes": None,
-         "label": None, "label_source": None, "label_confidence": None},
-        {"frame_id": hostile * 9, "movie_id": "m\u00e9\U0001F600", "timestamp": -1.2345678901234567e+300,
-         "width": -(2 ** 31), "height": 2 ** 31 - 1, "boxes": [[-3.4028234663852886e+38, 1e-38, -1.1754942e-38, 0.1]] * 7,
-         "label": None, "label_source": hostile, "label_confidence": None},
-        {"frame_id": "a" * 200, "movie_id": hostile, "timestamp": 1 / 3, "width": 1, "height": 1,
-         "boxes": [[0.1, 0.2, 0.3, 0.4]], "label": longest.name, "label_source": hostile * 3,
-         "label_confidence": 0.1 + 0.2},
-    ]
+    rows = hostile_rows(taxonomy)[:3]
     table = pa.Table.from_pylist([{**row, "key": 0} for row in rows],
                                  pa.schema([SPILL_SCHEMA.field(name) for name in [*rows[0], "key"]]))
     bound = JsonBound(taxonomy, metadata)(table)
-    lengths = [len(encode_json(sample_json(row, taxonomy, metadata.get(row["movie_id"])))) for row in rows]
+    lengths = [len(made) for made in SampleJson(taxonomy, metadata)(table)[0]]
     assert all(length <= most for length, most in zip(lengths, bound)), (lengths, bound)
     assert bound[0] < 2 * lengths[0] + 400  # a plain row is not counted at several times its size
 

@@ -10,7 +10,7 @@ import pytest
 from mhmd_builder.errors import InputError
 from mhmd_builder.shards import (INDEX, SHARD_NAME, AtomicTar, NoShardIndex, _tarfile_header, clear_shard_dir, encode_json,
                                  folder_indexes, format_index, has_index, indexed_samples, label_fields,
-                                 make_index, member_header, open_shard, read_index, sample_label, sample_members, shard_urls,
+                                 make_index, member_headers, open_shard, read_index, sample_label, sample_members, shard_urls,
                                  split_entry, tar_name, tar_pattern, with_json, write_index)
 from mhmd_builder.taxonomy import load_taxonomy
 
@@ -28,9 +28,14 @@ def samples(count: int = 3) -> list[dict]:
     return out
 
 
-def write_tar(path, items) -> bytes:
+def write_tar(path, items, at_once: bool = False) -> bytes:
+    """`items` written one sample at a time, or all in one `write_many` (by column)."""
     with AtomicTar(path) as tar:
-        for sample in items:
+        if at_once:
+            names = sorted({name for sample in items for name in sample if name[0] != "_"})
+            tar.write_many([sample["__key__"] for sample in items],
+                           {name: [sample.get(name) for sample in items] for name in names})
+        for sample in items if not at_once else []:
             tar.write(sample)
     return path.read_bytes()
 
@@ -86,10 +91,11 @@ def odd_samples() -> list[dict]:
     ]
 
 
+@pytest.mark.parametrize("at_once", [False, True])
 @pytest.mark.parametrize("count", [0, 1, 3, 30])
-def test_atomic_tar_writes_the_bytes_of_webdatasets_tar_writer(tmp_path, count):
+def test_atomic_tar_writes_the_bytes_of_webdatasets_tar_writer(tmp_path, count, at_once):
     items = odd_samples() + samples(count)
-    ours = write_tar(tmp_path / "ours.tar", items)
+    ours = write_tar(tmp_path / "ours.tar", items, at_once)
     assert ours == webdataset_tar(tmp_path / "theirs.tar", items)
     assert len(ours) % tarfile.RECORDSIZE == 0
     read = list(open_shard(tmp_path / "ours.tar"))  # the real reader
@@ -104,9 +110,11 @@ def test_atomic_tar_writes_the_bytes_of_webdatasets_tar_writer(tmp_path, count):
 def test_a_members_header_is_tarfiles_at_the_size_fields_edge():
     """Sizes to 8 GiB - 1 fit the header's 11 octal digits; from 8 GiB tarfile writes base 256
     (members that large are only built as headers here, not written)."""
-    for size in (0, 7, 8, 8 ** 11 - 1, 8 ** 11, 2 ** 40):
-        for name in ("film-0123abcd_0.jpg", "é" * 40 + ".json"):
-            assert member_header(name, size) == _tarfile_header(name, size), (name, size)
+    members = [(name, size) for size in (0, 7, 8, 8 ** 11 - 1, 8 ** 11, 2 ** 40)
+               for name in ("film-0123abcd_0.jpg", "é" * 40 + ".json", "é" * 51)]  # the last: 102 bytes
+    headers = member_headers(*zip(*members))
+    for (name, size), header in zip(members, headers, strict=True):
+        assert header == _tarfile_header(name, size), (name, size)
 
 
 def test_an_empty_tar_is_that_of_webdataset(tmp_path):
