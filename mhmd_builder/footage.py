@@ -38,8 +38,9 @@ def fingerprints(frames: pa.Table) -> dict[str, np.ndarray]:
     passed = frames.filter(pc.equal(pc.list_value_length(frames["flags"]), 0))
     hi, lo = (passed[name].to_numpy(zero_copy_only=False).astype(np.uint64) for name in ("phash_hi", "phash_lo"))
     hashes = (hi << np.uint64(32)) | lo
-    movies, which = np.unique(passed["movie_id"].to_numpy(zero_copy_only=False), return_inverse=True)
-    return {movie: np.unique(hashes[which == i]) for i, movie in enumerate(movies)}
+    movies = pc.dictionary_encode(passed["movie_id"]).combine_chunks()  # not numpy's sort of Python strings
+    which = movies.indices.to_numpy()
+    return {movie: np.unique(hashes[which == i]) for i, movie in enumerate(movies.dictionary.to_pylist())}
 
 
 def share(a: np.ndarray, b: np.ndarray) -> float:
