@@ -147,23 +147,34 @@ def values_digest(table: pa.Table, head: list) -> str:
 def _value_bytes(values: pa.Array):
     """A column's values as bytes: which are valid, then by type, nulls as zero or empty: numbers and
     booleans as numpy holds them; strings their lengths and bytes end to end; lists their lengths and
-    their items' bytes."""
-    kind = values.type
-    yield np.packbits(pc.is_valid(values).to_numpy(zero_copy_only=False)).tobytes()
+    their items' bytes. (A column without nulls is read from its buffers: a plan digests a thousand
+    tables, and each Arrow call costs more than a small column's bytes.)"""
+    kind, whole = values.type, not values.null_count
+    yield _all_valid(len(values)) if whole else np.packbits(pc.is_valid(values).to_numpy(zero_copy_only=False)).tobytes()
     if pa.types.is_null(kind):
         return
-    if pa.types.is_string(kind) or pa.types.is_binary(kind):
+    if whole and (pa.types.is_string(kind) or pa.types.is_binary(kind)):
+        offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+        yield np.diff(offsets).tobytes()
+        yield values.buffers()[2][offsets[0]:offsets[-1]] if offsets[-1] > offsets[0] else b""
+    elif pa.types.is_string(kind) or pa.types.is_binary(kind):
         empty = pa.scalar("" if pa.types.is_string(kind) else b"", kind)
         filled = pc.fill_null(values, empty)
         yield pc.binary_length(filled).to_numpy().tobytes()
-        whole = pa.ListArray.from_arrays(pa.array([0, len(filled)], pa.int32()), filled)  # one list of them all
-        yield pc.binary_join(whole, empty)[0].as_buffer() or b""
+        joined = pa.ListArray.from_arrays(pa.array([0, len(filled)], pa.int32()), filled)  # one list of them all
+        yield pc.binary_join(joined, empty)[0].as_buffer() or b""
     elif pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
-        yield pc.fill_null(pc.list_value_length(values), 0).to_numpy().tobytes()
+        lengths = pc.list_value_length(values)
+        yield (lengths if whole else pc.fill_null(lengths, 0)).to_numpy().tobytes()
         yield from _value_bytes(pc.list_flatten(values))
     else:
         zero = pa.scalar(False if pa.types.is_boolean(kind) else 0).cast(kind)
-        yield pc.fill_null(values, zero).to_numpy(zero_copy_only=False).tobytes()
+        yield (values if whole else pc.fill_null(values, zero)).to_numpy(zero_copy_only=False).tobytes()
+
+
+def _all_valid(count: int) -> bytes:
+    """np.packbits of `count` Trues."""
+    return b"\xff" * (count // 8) + (bytes([0xFF << (8 - count % 8) & 0xFF]) if count % 8 else b"")
 
 
 def decisions_path(workdir: WorkDir) -> Path:

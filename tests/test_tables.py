@@ -55,3 +55,14 @@ def test_the_values_digest_is_of_the_values_not_of_how_arrow_holds_them():
               table.rename_columns([*table.column_names[:-1], "parsing"]), table.take([1, 0, 2, 3])]
     assert len({digest, *(values_digest(other, ["out", "sha"]) for other in others)}) == len(others) + 1
     assert values_digest(table, ["out", "other"]) != digest
+
+
+def test_the_values_digest_of_columns_without_nulls_read_from_their_buffers_is_the_same_at_any_offset():
+    table = pa.table({"frame_id": ["a_0", "", "é_2", "b"], "width": pa.array([1, 2, 3, 4], pa.int32()),
+                      "kept": [True, False, True, True], "boxes": pa.array([[[0.1, 0.2, 0.3, 0.4]], [], [], []], BOXES)})
+    digest = values_digest(table, [])
+    doubled = pa.concat_tables([table.slice(1), table, table]).combine_chunks()  # one chunk: offsets 3 and 7
+    assert values_digest(doubled.slice(3, 4), []) == values_digest(doubled.slice(7, 4), []) == digest
+    assert values_digest(pa.Table.from_batches(table.to_batches(max_chunksize=3)), []) == digest
+    assert values_digest(doubled.slice(4, 4), []) != digest  # the same values in another order
+    assert values_digest(table.set_column(0, "frame_id", pa.array(["a_0", "", "é_", "2b"])), []) != digest
