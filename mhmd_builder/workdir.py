@@ -68,12 +68,14 @@ def _temporary_sibling(path: Path) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, flushed to the disk, and rename."""
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary sibling, flushed to the disk (unless not `durable`: a file that a crash
+    may lose or leave empty), and rename."""
     with _temporary_sibling(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -81,8 +83,8 @@ def json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=1, sort_keys=True, default=str).encode()
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> None:
+    atomic_write_bytes(path, json_bytes(obj), durable)
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
@@ -263,7 +265,9 @@ class WorkDir:
 
     # -- plan ---------------------------------------------------------------------------------
     def plan(self, stage: str, partition: str, info: dict) -> None:
-        atomic_write_json(self.stage_dir(stage) / "plan" / f"{partition}.json", info)
+        # Not synced (a shard plan writes a thousand): one that a crash empties reads as damaged, and
+        # is written again by the next plan.
+        atomic_write_json(self.stage_dir(stage) / "plan" / f"{partition}.json", info, durable=False)
 
     def _plans(self, stage: str) -> dict[str, dict | None]:
         return {p.stem: _record(p) for p in sorted((self.stage_dir(stage) / "plan").glob("*.json"))}
