@@ -462,11 +462,10 @@ def _spill_rows(rows: pa.Table, seed: int) -> pa.Table:
     return pa.table(columns, names=[*SAMPLE_COLUMNS, "key"]).cast(SPILL_SCHEMA)
 
 
-def _shuffled_bucket(path: Path, movies: pa.Array) -> pa.Table:
-    """A bucket's frames of `movies` (one split's films), in shuffle-key order."""
+def _shuffled_bucket(path: Path) -> pa.Table:
+    """A bucket's frames in shuffle-key order."""
     with pa.ipc.open_stream(path) as reader:
         frames = reader.read_all()
-    frames = frames.filter(pc.is_in(frames["movie_id"], value_set=movies))
     return frames.take(pc.sort_indices(frames, sort_keys=[("key", "ascending"), ("frame_id", "ascending")]))
 
 
@@ -476,37 +475,56 @@ def samples_path(workdir: WorkDir, partition: str) -> Path:
     return workdir.stage_dir(STAGE) / "samples" / f"{partition}.arrow"
 
 
+@dataclass
+class _SplitTars:
+    """A split's tars as the plan cuts them: the tars made, and the rows, sample count and bytes of
+    the one being filled."""
+
+    name: str
+    made: list[Partition] = field(default_factory=list)
+    rows: list[pa.Table] = field(default_factory=list)
+    count: int = 0
+    size: int = 0
+
+
 def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Path | str, settings: ShardSettings,
               taxonomy: Taxonomy, movie_metadata: dict[str, dict] | None = None) -> list[Partition]:
     """Consecutive tars per split (`split`: movie_id -> split), its frames in the order of their shuffle
-    keys, bucket after bucket: a new tar when the last holds `maxcount` samples or would pass `maxsize`
-    bytes (`_with_sizes`). Each tar's rows go to its samples file (`samples_path`) as soon as it is
-    full; the partition says where, its split, sample count and digest (of its rows, OUT, the taxonomy
-    and the films' metadata)."""
+    keys, bucket after bucket (each read once for both splits): a new tar when the last holds
+    `maxcount` samples or would pass `maxsize` bytes (`_with_sizes`). Each tar's rows go to its samples
+    file (`samples_path`) as soon as it is full; the partition says where, its split, sample count and
+    digest (of its rows, OUT, the taxonomy and the films' metadata). Train's tars come first."""
     folder = samples_path(workdir, "").parent
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole by every plan
     folder.mkdir(parents=True)
     metadata = movie_metadata or {}
-    bound, root, partitions = JsonBound(taxonomy, metadata), str(workdir.root), []
+    bound, root = JsonBound(taxonomy, metadata), str(workdir.root)
     # What the writers make the samples' json with besides the rows: a tar made with others is redone.
     made_with = [taxonomy.sha256, {movie: metadata[movie] for movie in sorted(metadata) if movie in split}]
-    for name in SPLITS:
-        movies = pa.array(sorted(movie for movie, s in split.items() if s == name), pa.string())
-        rows: list[pa.Table] = []  # of the tar being filled
-        count = size = tars = 0
-        for path in kept.buckets:
-            frames = _with_sizes(_shuffled_bucket(path, movies), root, bound)
+    movies = {name: pa.array(sorted(movie for movie, s in split.items() if s == name), pa.string()) for name in SPLITS}
+    tars = [_SplitTars(name) for name in SPLITS]
+
+    def finish(tar: _SplitTars) -> None:
+        name = tar_name(tar.name, len(tar.made))
+        tar.made.append(_planned_tar(workdir, out, name, tar.name, tar.rows, made_with))
+        tar.rows, tar.count, tar.size = [], 0, 0
+
+    for path in kept.buckets:
+        bucket = _shuffled_bucket(path)
+        for tar in tars:
+            frames = _with_sizes(bucket.filter(pc.is_in(bucket["movie_id"], value_set=movies[tar.name])), root, bound)
             start = 0
             for i, sample in enumerate(frames["sample_bytes"].to_pylist()):
-                if count and (count >= settings.maxcount or size + sample > settings.maxsize):
-                    rows.append(frames.slice(start, i - start))
-                    partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows, made_with))
-                    rows, count, size, tars, start = [], 0, 0, tars + 1, i
-                count, size = count + 1, size + sample
-            rows.append(frames.slice(start))
-        if count:
-            partitions.append(_planned_tar(workdir, out, tar_name(name, tars), name, rows, made_with))
-    return partitions
+                if tar.count and (tar.count >= settings.maxcount or tar.size + sample > settings.maxsize):
+                    tar.rows.append(frames.slice(start, i - start))
+                    finish(tar)
+                    start = i
+                tar.count, tar.size = tar.count + 1, tar.size + sample
+            tar.rows.append(frames.slice(start))
+    for tar in tars:
+        if tar.count:
+            finish(tar)
+    return [partition for tar in tars for partition in tar.made]
 
 
 def _planned_tar(workdir: WorkDir, out: Path | str, name: str, split: str, rows: list[pa.Table],

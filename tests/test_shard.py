@@ -493,8 +493,8 @@ def test_the_buckets_are_at_most_2_to_the_max_bits_and_the_tars_the_same(tmp_pat
     monkeypatch.setattr(shard_module, "SHUFFLE_BUCKET_ROWS", 1)
     monkeypatch.setattr(shard_module, "MAX_BUCKET_BITS", 3)
     opened = []
-    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path, movies: opened.append(path.name) or
-                        _shuffled_bucket(path, movies))
+    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path: opened.append(path.name) or
+                        _shuffled_bucket(path))
     shard(work, tmp_path / "many", ShardSettings(maxcount=7), runner=LocalRunner(1))
     assert 4 < len(set(opened)) <= 8
     for tar in (tmp_path / "one").glob("*.tar"):
@@ -706,17 +706,19 @@ def test_the_plan_made_movie_by_movie_and_bucket_by_bucket_is_the_whole_manifest
     """Each tar's samples, planned from one movie's frames at a time, then from one bucket of the
     shuffle at a time, and read by its writer from its samples file, are those of the plan made from
     the whole manifest at once: the kept frames with a JPEG, split by film, in the order of their
-    shuffle keys, cut every `maxcount`. Buckets of 100 frames: the plan never holds more than one."""
+    shuffle keys, cut every `maxcount`. Buckets of 100 frames: the plan never holds more than one,
+    and reads each once."""
     work = synthetic_copy
     monkeypatch.setattr(shard_module, "SHUFFLE_BUCKET_ROWS", bucket_rows)
     held = []
-    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path, movies: held.append(
-        pa.ipc.open_stream(path).read_all().num_rows) or _shuffled_bucket(path, movies))
+    monkeypatch.setattr(shard_module, "_shuffled_bucket", lambda path: held.append(
+        pa.ipc.open_stream(path).read_all().num_rows) or _shuffled_bucket(path))
     index = shard(work, tmp_path / "shards", ShardSettings(maxcount=300), runner=LocalRunner(1))
     frames = manifest(work).assign(parsing=None)
     kept = frames[frames.kept.astype(bool) & frames.jpeg.notna()]
     kept = kept.assign(key=shuffle_keys(kept.frame_id.tolist(), 0)).sort_values(["key", "frame_id"])
-    assert max(held) <= (len(kept) if bucket_rows == SHUFFLE_BUCKET_ROWS else 3 * bucket_rows) and len(held) >= 2
+    assert max(held) <= (len(kept) if bucket_rows == SHUFFLE_BUCKET_ROWS else 3 * bucket_rows)
+    assert sum(held) == len(kept)  # every bucket read once, for both splits
     split = kept.movie_id.map(split_films(Counter(kept.movie_id), ShardSettings().test_fraction, 0,
                                           index["near_duplicates"]))
     for name in ("train", "test"):
