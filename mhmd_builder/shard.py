@@ -252,11 +252,12 @@ def _read_member(member: str, path: str, size: int | None = None) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
-            chunks = [os.read(fd, READ_BYTES if size is None else size + 1)]
-            read = len(chunks[0])
-            while chunks[-1] and read != size:
+            data = os.read(fd, READ_BYTES if size is None else size + 1)
+            if len(data) == size:
+                return data
+            chunks = [data]
+            while chunks[-1]:
                 chunks.append(os.read(fd, READ_BYTES))
-                read += len(chunks[-1])
         finally:
             os.close(fd)
         return b"".join(chunks)
@@ -322,17 +323,16 @@ class ShardStage:
         """The samples of rows (TAR_COLUMNS) as webdataset writes them, by column (`write_many`):
         their json (`SampleJson`), `cls`, and `jpg` (and `mask.png`: the parsing map, else the person
         mask) copied byte for byte, not re-encoded."""
-        root = str(self.workdir.root)
+        root = f"{self.workdir.root}{os.sep}"  # the tables' paths are relative to it
         jsons, label_ids = self.sample_json(rows)
         jpegs = []
         for jpeg, size, digest in zip(rows["jpeg"].to_pylist(), rows["jpeg_bytes"].to_pylist(),
                                       rows["jpeg_xxh3"].to_pylist()):
-            path = os.path.join(root, jpeg)
-            jpegs.append(_read_member(JPG, path, size))
+            jpegs.append(_read_member(JPG, root + jpeg, size))
             if digest is not None:  # not recorded by earlier versions: not checked
-                _check_written(path, jpegs[-1], size, digest)
+                _check_written(root + jpeg, jpegs[-1], size, digest)
         targets = pc.coalesce(rows["parsing"], rows["mask"]).to_pylist()  # as the plan sized them
-        masks = [_read_member(MASK, os.path.join(root, target), size) if target else None
+        masks = [_read_member(MASK, root + target, size) if target else None
                  for target, size in zip(targets, rows["target_bytes"].to_pylist())]
         return rows["frame_id"].to_pylist(), {JSON: jsons, CLS: [str(class_index(i)).encode() for i in label_ids],
                                               JPG: jpegs, MASK: masks}

@@ -37,7 +37,7 @@ import re
 import shutil
 import tarfile
 from collections import Counter
-from itertools import chain
+from itertools import chain, repeat
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -196,15 +196,15 @@ class AtomicTar:
         dotted = next((key for key in keys if "." in key), None)
         if dotted is not None:
             raise InputError(f"{self.path}: sample key {dotted!r} holds a dot: a key must be a plain frame id")
-        names, data, columns = [], [], sorted(members.items())
-        for i, key in enumerate(keys):
-            for member, column in columns:
-                if column[i] is not None:
-                    names.append(f"{key}.{member}")
-                    data.append(column[i])
-        for name, member in zip(names, data):
-            if not isinstance(member, (bytes, bytearray)):
-                raise TypeError(f"{name}: a member is bytes, not {type(member).__name__}")
+        present = [(member, column) for member, column in sorted(members.items()) if any(v is not None for v in column)]
+        # Sample by sample, each one's members in order.
+        names = list(chain.from_iterable(zip(*([f"{key}.{member}" for key in keys] for member, _ in present))))
+        data = list(chain.from_iterable(zip(*(column for _, column in present))))
+        if None in data:  # a member only some samples have
+            names, data = [name for name, value in zip(names, data) if value is not None], [v for v in data if v is not None]
+        if not all(map(isinstance, data, repeat((bytes, bytearray)))):
+            name, member = next((n, m) for n, m in zip(names, data) if not isinstance(m, (bytes, bytearray)))
+            raise TypeError(f"{name}: a member is bytes, not {type(member).__name__}")
         headers = member_headers(names, [len(member) for member in data])
         padding = [_ZEROS[:-len(member) % tarfile.BLOCKSIZE] for member in data]
         self.file.writelines(chain.from_iterable(zip(headers, data, padding)))

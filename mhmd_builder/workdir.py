@@ -346,7 +346,9 @@ class WorkDir:
         return self.stage_dir(stage) / "progress" / f"{partition}.json"
 
     def write_progress(self, stage: str, partition: str, done: float, total: float) -> None:
-        atomic_write_json(self._progress_path(stage, partition), {"done": done, "total": total, "at": time.time()})
+        # Not synced: a report a crash loses only says less about a run that is over.
+        atomic_write_json(self._progress_path(stage, partition), {"done": done, "total": total, "at": time.time()},
+                          durable=False)
 
     def clear_progress(self, stage: str, partition: str) -> None:
         self._progress_path(stage, partition).unlink(missing_ok=True)
