@@ -12,8 +12,9 @@ extract, detect and labeler predict leave it: of every sampled frame 60% pass qu
 1,353,166 kept of ~3.4 M sampled; every frame that passed detection has a model label. Every kept
 JPEG is a hard link to one tiny real JPEG (a new one every 50,000 links: ext4 allows 65,000), so
 the JPEG bytes are small and `tar cf --hard-dereference` (each link stored as a whole file, as shard
-does) measures per-file costs, the part of shard that grows with N; `--jpeg-kb 60` links to a JPEG
-of a real 640 px frame's size instead, where the bytes written weigh as they do in a real build.
+does) of the JPEGs the shards hold (listed from shard's records: not the frames detection rejected)
+measures per-file costs, the part of shard that grows with N; `--jpeg-kb 60` links to a JPEG of a
+real 640 px frame's size instead, where the bytes written weigh as they do in a real build.
 `--films` is the same at every size (a film's frames grow with N); `--frames-per-film` makes the
 films grow instead, as a collection of ever more films of a film's length does (23,130: the paper's
 ~3.4 M sampled frames over its 147 films).
@@ -244,12 +245,27 @@ def run_size(root: Path, frames: int, films: int, commands: list[str],
         print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB "
               f"{results[name][2]:8.1f} CPU s", flush=True)
     if "tar cf" in commands:
-        results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w, "frames"],
-                                     root)
+        listed = sharded_jpegs(work, root / "sharded.txt")
+        results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w,
+                                      "--verbatim-files-from", "-T", str(listed)], root)
         (root / "plain.tar").unlink()
         print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
               f"{results['tar cf'][2]:8.1f} CPU s", flush=True)
     return results
+
+
+def sharded_jpegs(work: WorkDir, out: Path) -> Path:
+    """The JPEGs the last `mhmd shard` wrote into its tars (its records), one path a line relative to
+    the work directory, written to `out`: what `tar cf` is timed on (the frames detection rejected
+    have JPEGs too, which shard does not write)."""
+    records = work.read_arrow("shard", columns=["frame_id", "movie_id"])
+    if records is None:
+        raise SystemExit("tar cf: run shard first (it tars the JPEGs the shards hold)")
+    jpegs = pa.table({"frame_id": records["frame_id"], "movie_id": records["movie_id"]}).join(
+        pa.concat_tables(work.read_partition(EXTRACT, movie, columns=["frame_id", "jpeg"])
+                         for movie in sorted(set(records["movie_id"].to_pylist()))), "frame_id")
+    out.write_text("".join(f"{jpeg}\n" for jpeg in sorted(jpegs["jpeg"].to_pylist())))
+    return out
 
 
 def exponent(sizes: list[int], values: list[float]) -> float:
