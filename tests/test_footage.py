@@ -6,7 +6,9 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import extract
-from mhmd_builder.footage import MAX_DISTANCE, MIN_SHARE, duplicate_groups, near_duplicates, reaches, share
+from mhmd_builder.footage import (INDEX_CANDIDATES, MAX_DISTANCE, MIN_SHARE, RANGE_HASHES, _candidate_pairs, _nearest,
+                                  _queries, _ruled_out_after, duplicate_groups, near_duplicates, reaches, share)
+from mhmd_builder import footage
 from mhmd_builder.manifest import manifest
 from mhmd_builder.runners import LocalRunner
 from mhmd_builder.shard import ShardSettings, shard
@@ -76,3 +78,33 @@ def test_groups_are_the_connected_near_duplicates_on_any_number_of_threads(worke
     prints = {"a": films["a"], "b": films["a"] ^ flip, "d": films["a"] ^ (flip << np.uint64(3)),
               "c": films["c"], "c2": np.sort(films["c"] ^ np.uint64(1)), "e": films["e"]}
     assert duplicate_groups(prints, workers) == [["a", "b", "d"], ["c", "c2"]]
+
+
+def _flips(bits: list[int]) -> np.uint64:
+    """A mask of bits[i] low bits set in each 16-bit piece i (the index's pieces)."""
+    return np.uint64(sum(((1 << n) - 1) << (16 * i) for i, n in enumerate(bits)))
+
+
+@pytest.mark.parametrize("most, per_range", [(INDEX_CANDIDATES, RANGE_HASHES), (7, 100)])  # many spans, ranges
+def test_the_hash_index_finds_exactly_the_pairs_reaches_does_not_rule_out_at_once(monkeypatch, most, per_range):
+    """A pair is a candidate when one of each film's first queries lies within MAX_DISTANCE bits of
+    the other's hashes: found through the 16-bit pieces whichever pieces the differing bits fall in
+    (10 bits spread 3+3+2+2 or 0+0+5+5: still near; 11 bits 3+3+3+2: not), as comparing every pair
+    finds them."""
+    monkeypatch.setattr(footage, "INDEX_CANDIDATES", most)
+    monkeypatch.setattr(footage, "RANGE_HASHES", per_range)  # 100: the index built over 15 ranges of each piece
+    rng = np.random.default_rng(2)
+    films = [np.unique(rng.integers(0, 2**63, size, dtype=np.uint64)) for size in (300, 40, 700, 5, 300, 1)]
+    films[1] = np.unique(np.concatenate([films[1], films[0][:3] ^ _flips([3, 3, 2, 2])]))  # near 0 both ways?
+    films[3] = np.unique(films[2][:5] ^ _flips([0, 0, 5, 5]))  # a few of 2's frames, 10 bits off
+    films[4] = np.unique(np.concatenate([films[4][:200], films[2][:100] ^ _flips([3, 3, 3, 2])]))  # 11 bits: never
+    films[5] = films[3][:1] ^ _flips([2, 2, 2, 2])  # 8 bits from one of 3's
+
+    def first_queries_hit(a, b) -> bool:
+        query = _queries(films[a])[:_ruled_out_after(min(len(films[a]), 256))]
+        return bool((_nearest(query, films[b]) <= MAX_DISTANCE).any())
+
+    brute = {(a, b) for a in range(len(films)) for b in range(a + 1, len(films))
+             if first_queries_hit(a, b) and first_queries_hit(b, a)}
+    assert _candidate_pairs(films, workers=2) == brute
+    assert {(2, 3), (3, 5)} <= brute and not {pair for pair in brute if 4 in pair}
