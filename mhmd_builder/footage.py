@@ -7,9 +7,9 @@ other frames every film has would otherwise look shared. Two movies are near-dup
 ways, at least MIN_SHARE of one's hashes lie within MAX_DISTANCE bits of one of the other's; groups
 are the connected movies. Measured both ways, a film that merely shares some shots with another
 (a reused scene, the same photo) is not grouped, while a re-encode (share ~1) or a cut of a few
-minutes (the share of the film that was left) is. Most pairs of films share no frame: one index of
-every film's hashes by their 16-bit pieces finds the few pairs worth comparing, instead of passing
-over every pair's hashes.
+minutes (the share of the film that was left) is. Most pairs of films share no frame: an index of
+the films' hashes by their 16-bit pieces finds the few pairs worth comparing, instead of passing over
+every pair's hashes.
 """
 from __future__ import annotations
 
