@@ -394,6 +394,19 @@ def test_a_missing_kept_jpeg_fails_its_tar_naming_it(films, tmp_path):
     assert len(left) == 1 and left[0].endswith("-000000.tar")  # the other split's tar: no partial one, no index
 
 
+def test_tars_written_a_few_samples_at_a_time_are_those_written_a_batch_at_once(films, tmp_path, monkeypatch):
+    """The writers make WRITE_BATCH samples at a time (json, headers, reads): a tar cut into batches
+    of 3 (slices of its rows: boxes, labels, masks at every offset) has the same bytes."""
+    settings = ShardSettings(maxcount=100, test_fraction=0.3, seed=1)
+    shard(films, tmp_path / "once", settings, runner=LocalRunner(1))
+    monkeypatch.setattr(shard_module, "WRITE_BATCH", 3)
+    shard(films, tmp_path / "batched", settings, runner=LocalRunner(1))
+    tars = sorted(path.name for path in (tmp_path / "once").glob("*.tar"))
+    assert len(tars) >= 2 and all(tarfile.open(tmp_path / "once" / tar).getmembers() for tar in tars)
+    for tar in tars:
+        assert (tmp_path / "batched" / tar).read_bytes() == (tmp_path / "once" / tar).read_bytes(), tar
+
+
 def test_a_member_file_is_read_whole_or_named_with_what_is_wrong(tmp_path):
     large = bytes(range(256)) * (3 * READ_BYTES // 256 + 7)  # several reads, the last one short
     for name, data in (("large.png", large), ("empty.jpg", b""), ("exact.jpg", b"x" * READ_BYTES)):
