@@ -91,7 +91,7 @@ def near_duplicates(frames: pd.DataFrame) -> list[list[str]]:
 def duplicate_groups(prints: dict[str, np.ndarray], workers: int | None = None) -> list[list[str]]:
     """`near_duplicates` of the movies' fingerprints (`fingerprints`, of one movie or several). A
     film's near duplicates may be anywhere, but most pairs share no frame: the pairs that `reaches`
-    would not rule out at once both ways are found through one index of all the hashes
+    would not rule out at once both ways are found through an index of the hashes by their pieces
     (`_candidate_pairs`), and only those are compared, by `workers` threads (default: one per core;
     numpy lets go of the GIL while it compares)."""
     movies = sorted(prints)
@@ -154,11 +154,12 @@ class _RangeIndex:
             piece = _piece(hashes, shift)
             inside.append(hashes[(piece >= low) & (piece < high)])
         hashes = np.concatenate(inside)
-        order = np.argsort((_piece(hashes, shift) - low).astype(np.uint16), kind="stable")  # a radix sort
+        pieces = _piece(hashes, shift)
+        order = np.argsort((pieces - low).astype(np.uint16), kind="stable")  # a radix sort
         self.hashes = hashes[order]
         self.owner = np.repeat(np.arange(len(prints), dtype=np.int32), [len(h) for h in inside])[order]
         self.query = asking  # the query of each probe
-        starts = np.searchsorted(_piece(self.hashes, shift), np.arange(low, high + 1, dtype=np.int32))
+        starts = np.searchsorted(pieces[order], np.arange(low, high + 1, dtype=np.int32))
         self.lo, self.lengths = starts[probes - low], starts[probes - low + 1] - starts[probes - low]
         self.ends = np.cumsum(self.lengths)  # candidates up to each probe
 

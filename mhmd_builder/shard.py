@@ -124,7 +124,7 @@ class SampleJson:
         films = [self._film(movie) for movie in rows["movie_id"].to_pylist()]
         parts = [self._label(label) or film[1] for label, film in zip(rows["label"].to_pylist(), films)]
         label_ids = [part[0] for part in parts]
-        texts = {key: pa.array([part[i + 1] for part in parts], pa.string()) for i, key in enumerate(self.PART_KEYS)}
+        texts = {key: pa.array([part[i + 1] for part in parts], pa.string()) for i, key in enumerate(self.PART_KEYS[:-1])}
         texts["movie"] = pa.array([film[0] for film in films], pa.string())
         texts["label_id"] = pa.array(label_ids, pa.int64()).cast(pa.string()).fill_null("null")
         # A labelled frame's source and confidence are its own (its part's source is None).
@@ -328,9 +328,10 @@ class ShardStage:
         jpegs = []
         for jpeg, size, digest in zip(rows["jpeg"].to_pylist(), rows["jpeg_bytes"].to_pylist(),
                                       rows["jpeg_xxh3"].to_pylist()):
-            jpegs.append(_read_member(JPG, root + jpeg, size))
+            path = root + jpeg
+            jpegs.append(_read_member(JPG, path, size))
             if digest is not None:  # not recorded by earlier versions: not checked
-                _check_written(root + jpeg, jpegs[-1], size, digest)
+                _check_written(path, jpegs[-1], size, digest)
         targets = pc.coalesce(rows["parsing"], rows["mask"]).to_pylist()  # as the plan sized them
         masks = [_read_member(MASK, root + target, size) if target else None
                  for target, size in zip(targets, rows["target_bytes"].to_pylist())]

@@ -186,8 +186,7 @@ class AtomicTar:
     def write(self, sample: dict) -> None:
         """Write a sample (sample_members) as TarWriter does: its members in sorted order, named
         `<key>.<member>`, those starting with "_" left out."""
-        members = sorted(member for member in sample if member[0] != "_")
-        self.write_many([sample[KEY]], {member: [sample[member]] for member in members})
+        self.write_many([sample[KEY]], {member: [sample[member]] for member in sample if member[0] != "_"})
 
     def write_many(self, keys: list[str], members: dict[str, list]) -> None:
         """Write samples given by column: member name -> each sample's bytes (None: the sample has

@@ -154,9 +154,10 @@ def _value_bytes(values: pa.Array):
     if pa.types.is_null(kind):
         return
     if whole and (pa.types.is_string(kind) or pa.types.is_binary(kind)):
-        offsets = np.frombuffer(values.buffers()[1], np.int32, len(values) + 1, values.offset * 4)
+        _, offsets, data = values.buffers()
+        offsets = np.frombuffer(offsets, np.int32, len(values) + 1, values.offset * 4)
         yield np.diff(offsets).tobytes()
-        yield values.buffers()[2][offsets[0]:offsets[-1]] if offsets[-1] > offsets[0] else b""
+        yield data[offsets[0]:offsets[-1]] if offsets[-1] > offsets[0] else b""
     elif pa.types.is_string(kind) or pa.types.is_binary(kind):
         empty = pa.scalar("" if pa.types.is_string(kind) else b"", kind)
         filled = pc.fill_null(values, empty)
