@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import combinations
 
 import numpy as np
 import pandas as pd
@@ -31,12 +33,16 @@ MIN_SHARE = 0.75
 QUERY_HASHES = 256  # hashes of one movie looked up in the other: bounds the cost of a pair
 CHUNK = 8192  # hashes of the other movie compared at once: bounds the memory
 # The index of every movie's hashes by their four 16-bit pieces: two hashes within MAX_DISTANCE bits
-# differ in at most MAX_DISTANCE // 4 = 2 bits of one piece (pigeonhole), so a query's neighbours are
-# among the hashes whose piece is one of the 137 values within 2 bits of the query's.
-PIECES, PIECE_BITS = 4, 16
-_NEAR_PIECES = np.array([v for v in range(1 << PIECE_BITS) if v.bit_count() <= MAX_DISTANCE // PIECES], np.int32)
+# differ in at most MAX_DISTANCE // 4 = 2 bits of one piece (pigeonhole), so a query's neighbours
+# are among the hashes whose piece is one of the 137 values within 2 bits of the query's.
+PIECE_BITS = (16, 16, 16, 16)
+PIECE_RADIUS = MAX_DISTANCE // len(PIECE_BITS)
+# The index holds one range of a piece's values at a time, those that share their bits above these
+# (16 ranges of a piece, on as many threads): the start of each value's hashes (4,096 of them, 16 KB)
+# stays in the CPU's cache while the probes look them up in no order.
+RANGE_BITS = 12
+PROBES = 1 << 20  # probes (a query's piece XOR a nearby value) made at once: bounds their memory (~20 MB)
 INDEX_CANDIDATES = 1 << 18  # hashes compared with queries at once, a thread: bounds the lookup's memory (~15 MB)
-RANGE_HASHES = 1 << 18  # hashes indexed at once (those of one range of a piece's values): bounds the index's memory
 
 
 def fingerprints(frames: pa.Table) -> dict[str, np.ndarray]:
@@ -115,63 +121,127 @@ def _candidate_pairs(prints: list[np.ndarray], workers: int = 1) -> set[tuple[in
     """Pairs (a, b), a < b, of movies (their places in `prints`) where one of a's first queries (those
     `reaches` tries before it can rule a pair out) lies within MAX_DISTANCE bits of one of b's hashes,
     and one of b's of one of a's: exactly the pairs `reaches` does not rule out at once both ways.
-    Found through an index of the hashes by one piece at a time, over one range of its values at a
-    time (about RANGE_HASHES hashes, so that the index's memory does not grow with the films), its
-    lookups on `workers` threads."""
+    Found through an index of the hashes by one piece and one range of its values at a time
+    (`_PieceIndex`), the ranges on `workers` threads."""
     if len(prints) < 2:
         return set()
     firsts = [_queries(p)[:_ruled_out_after(min(len(p), QUERY_HASHES))] for p in prints]
     queries, asker = np.concatenate(firsts), np.repeat(np.arange(len(prints), dtype=np.int32), [len(q) for q in firsts])
-    ranges = math.ceil(sum(len(p) for p in prints) / RANGE_HASHES)
-    bounds = np.linspace(0, 1 << PIECE_BITS, ranges + 1).astype(np.int32)
+    hashes, ends = np.concatenate(prints), np.cumsum([len(p) for p in prints])
     hits: set[tuple[int, int]] = set()
     with ThreadPoolExecutor(workers) as pool:
-        for piece in range(PIECES):
-            shift = np.uint64(piece * PIECE_BITS)
-            probes = (_piece(queries, shift)[:, None] ^ _NEAR_PIECES[None, :]).ravel()  # each query's 137, in order
-            for low, high in zip(bounds[:-1], bounds[1:]):
-                here = np.flatnonzero((probes >= low) & (probes < high))
-                index = _RangeIndex(prints, shift, int(low), int(high), probes[here], (here // len(_NEAR_PIECES)))
-                for found in pool.map(lambda span: index.hits(queries, asker, *span), _spans(index.ends, INDEX_CANDIDATES)):
-                    hits |= found
+        for shift, bits in zip(np.cumsum([0, *PIECE_BITS[:-1]]).tolist(), PIECE_BITS):
+            piece = _PieceIndex(hashes, ends, queries, asker, shift, bits)
+            for found in pool.map(piece.range_hits, range(piece.ranges)):
+                hits |= found
+            del piece  # before the next piece's
     return {(a, b) for a, b in hits if a < b and (b, a) in hits}
 
 
-def _piece(hashes: np.ndarray, shift: np.uint64) -> np.ndarray:
-    """The 16-bit piece of each hash at `shift`, as int32."""
-    return ((hashes >> shift) & np.uint64((1 << PIECE_BITS) - 1)).astype(np.int32)
+def _piece(hashes: np.ndarray, shift: int, bits: int) -> np.ndarray:
+    """The piece of `bits` bits at `shift` of each hash, as int32."""
+    return ((hashes >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.int32)
+
+
+def _near_values(bits: int) -> np.ndarray:
+    """The values of `bits` bits with at most PIECE_RADIUS bits set, in order (a piece XOR one: its
+    neighbours)."""
+    return np.array(sorted(sum(1 << b for b in chosen) for n in range(PIECE_RADIUS + 1)
+                           for chosen in combinations(range(bits), n)), np.int32)
+
+
+def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions of the runs [start, start + length), one run after the other."""
+    if not len(lengths):
+        return np.zeros(0, np.int64)
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts - before, lengths) + np.arange(before[-1] + lengths[-1])
+
+
+class _PieceIndex:
+    """The lookups of every query's probes (its piece XOR a nearby value) in the hashes by one piece
+    (`bits` at `shift`), a range of the piece's values at a time: a range holds the values of the
+    same top bits (those above RANGE_BITS). A probe's top bits are its query's XOR its nearby
+    value's, so a range takes the nearby values of each top bits from the queries whose top bits
+    XOR those make its own."""
+
+    def __init__(self, hashes: np.ndarray, ends: np.ndarray, queries: np.ndarray, asker: np.ndarray,
+                 shift: int, bits: int):
+        # ends: where each movie's hashes end in `hashes`
+        self.hashes, self.ends, self.queries, self.asker, self.shift = hashes, ends, queries, asker, shift
+        self.low = low = min(bits, RANGE_BITS)
+        self.ranges = 1 << (bits - low)
+        near = _near_values(bits)
+        self.near_tops = np.unique(near >> low).tolist()
+        self.near = [near[(near >> low) == top] & ((1 << low) - 1) for top in self.near_tops]
+        pieces = _piece(queries, shift, bits)
+        self.low_pieces = pieces & ((1 << low) - 1)
+        self.queries_by_top, self.query_tops = _by_top(pieces >> low, self.ranges)
+        self.hashes_by_top, self.hash_tops = _by_top(_piece(hashes, shift + low, bits - low), self.ranges)
+
+    def range_hits(self, top: int) -> set[tuple[int, int]]:
+        """(asking movie, other movie) of the queries within MAX_DISTANCE bits of another movie's
+        hash through the range of top bits `top`: its index, then its probes, PROBES at most at once."""
+        here = self.hashes_by_top[self.hash_tops[top]:self.hash_tops[top + 1]]
+        owner = np.searchsorted(self.ends, here, side="right").astype(np.int32)
+        index, hits = _RangeIndex(self.hashes[here], owner, self.shift, self.low), set()
+        for near_top, nearby in zip(self.near_tops, self.near):
+            start = top ^ near_top  # the queries of these top bits
+            asking = self.queries_by_top[self.query_tops[start]:self.query_tops[start + 1]]
+            block = max(1, PROBES // len(nearby))
+            for first in range(0, len(asking), block):
+                asks = asking[first:first + block]
+                probes = index.probe(np.repeat(asks, len(nearby)), (self.low_pieces[asks][:, None] ^ nearby[None, :]).ravel())
+                for span in _spans(probes.ends, INDEX_CANDIDATES):
+                    hits |= index.hits(probes, self.queries, self.asker, *span)
+        return hits
+
+
+def _by_top(tops: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The places of `tops` (values below `count`) in order of their value, and where each value's
+    places start there (count + 1 of them)."""
+    order = np.argsort(tops.astype(np.uint16), kind="stable").astype(np.int32)  # a radix sort
+    return order, np.searchsorted(tops[order], np.arange(count + 1))
+
+
+@dataclass
+class _Probes:
+    """Probes of a range's index: the query of each, and the run of the index's hashes that are its
+    candidates (start, length; `ends`: candidates up to each probe)."""
+
+    query: np.ndarray
+    lo: np.ndarray
+    lengths: np.ndarray
+    ends: np.ndarray
 
 
 class _RangeIndex:
-    """The hashes whose piece at `shift` lies in [low, high), sorted by it, and the probes (a query's
-    piece XOR one of _NEAR_PIECES) that fall in that range: each probe's candidates are a run of
-    the sorted hashes."""
+    """Hashes whose pieces (`low` bits at `shift`, the range's part of a piece) are sorted: each
+    probe's candidates (the hashes of its value) are a run of them."""
 
-    def __init__(self, prints: list[np.ndarray], shift: np.uint64, low: int, high: int, probes: np.ndarray,
-                 asking: np.ndarray):
-        inside = []
-        for hashes in prints:
-            piece = _piece(hashes, shift)
-            inside.append(hashes[(piece >= low) & (piece < high)])
-        hashes = np.concatenate(inside)
-        pieces = _piece(hashes, shift)
-        order = np.argsort((pieces - low).astype(np.uint16), kind="stable")  # a radix sort
-        self.hashes = hashes[order]
-        self.owner = np.repeat(np.arange(len(prints), dtype=np.int32), [len(h) for h in inside])[order]
-        self.query = asking  # the query of each probe
-        starts = np.searchsorted(pieces[order], np.arange(low, high + 1, dtype=np.int32))
-        self.lo, self.lengths = starts[probes - low], starts[probes - low + 1] - starts[probes - low]
-        self.ends = np.cumsum(self.lengths)  # candidates up to each probe
+    def __init__(self, hashes: np.ndarray, owner: np.ndarray, shift: int, low: int):
+        values = _piece(hashes, shift, low)
+        order = np.argsort(values.astype(np.uint16), kind="stable")  # a radix sort (RANGE_BITS is under 16)
+        self.hashes, self.owner = hashes[order], owner[order]
+        self.starts = np.concatenate([[0], np.cumsum(np.bincount(values, minlength=1 << low))]).astype(np.int32)
 
-    def hits(self, queries: np.ndarray, asker: np.ndarray, first: int, last: int) -> set[tuple[int, int]]:
+    def probe(self, asking: np.ndarray, values: np.ndarray) -> _Probes:
+        """The probes of values (their places in the range) asked by queries `asking`."""
+        lo = self.starts[values]
+        lengths = self.starts[values + 1] - lo
+        return _Probes(asking, lo, lengths, np.cumsum(lengths))
+
+    def hits(self, probes: _Probes, queries: np.ndarray, asker: np.ndarray, first: int, last: int) -> set[tuple[int, int]]:
         """(asking movie, other movie) of each query of probes first..last-1 within MAX_DISTANCE bits
         of a candidate of another movie."""
-        count = self.lengths[first:last]
-        before = self.ends[first:last] - count - (self.ends[first - 1] if first else 0)  # each run's start among them
-        at = np.repeat(self.lo[first:last] - before, count) + np.arange(before[-1] + count[-1])
-        which = np.repeat(self.query[first:last], count)  # each candidate's query
-        near = np.bitwise_count(self.hashes[at] ^ queries[which]) <= MAX_DISTANCE
-        found = np.unique(np.stack([asker[which[near]], self.owner[at[near]]], axis=1), axis=0)
+        count = probes.lengths[first:last]
+        at = _runs(probes.lo[first:last], count)
+        if not len(at):
+            return set()
+        asked = np.repeat(queries[probes.query[first:last]], count)  # each candidate's query
+        near = np.flatnonzero(np.bitwise_count(self.hashes[at] ^ asked) <= MAX_DISTANCE)
+        which = probes.query[first:last][np.searchsorted(np.cumsum(count), near, side="right")]
+        found = np.unique(np.stack([asker[which], self.owner[at[near]]], axis=1), axis=0)
         return set(map(tuple, found[found[:, 0] != found[:, 1]].tolist()))
 
 

@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder.extract import extract
-from mhmd_builder.footage import (INDEX_CANDIDATES, MAX_DISTANCE, MIN_SHARE, RANGE_HASHES, _candidate_pairs, _nearest,
+from mhmd_builder.footage import (INDEX_CANDIDATES, MAX_DISTANCE, MIN_SHARE, PROBES, RANGE_BITS, _candidate_pairs, _nearest,
                                   _queries, _ruled_out_after, duplicate_groups, near_duplicates, reaches, share)
 from mhmd_builder import footage
 from mhmd_builder.manifest import manifest
@@ -80,31 +80,67 @@ def test_groups_are_the_connected_near_duplicates_on_any_number_of_threads(worke
     assert duplicate_groups(prints, workers) == [["a", "b", "d"], ["c", "c2"]]
 
 
-def _flips(bits: list[int]) -> np.uint64:
-    """A mask of bits[i] low bits set in each 16-bit piece i (the index's pieces)."""
-    return np.uint64(sum(((1 << n) - 1) << (16 * i) for i, n in enumerate(bits)))
-
-
-@pytest.mark.parametrize("most, per_range", [(INDEX_CANDIDATES, RANGE_HASHES), (7, 100)])  # many spans, ranges
-def test_the_hash_index_finds_exactly_the_pairs_reaches_does_not_rule_out_at_once(monkeypatch, most, per_range):
-    """A pair is a candidate when one of each film's first queries lies within MAX_DISTANCE bits of
-    the other's hashes: found through the 16-bit pieces whichever pieces the differing bits fall in
-    (10 bits spread 3+3+2+2 or 0+0+5+5: still near; 11 bits 3+3+3+2: not), as comparing every pair
-    finds them."""
-    monkeypatch.setattr(footage, "INDEX_CANDIDATES", most)
-    monkeypatch.setattr(footage, "RANGE_HASHES", per_range)  # 100: the index built over 15 ranges of each piece
-    rng = np.random.default_rng(2)
-    films = [np.unique(rng.integers(0, 2**63, size, dtype=np.uint64)) for size in (300, 40, 700, 5, 300, 1)]
-    films[1] = np.unique(np.concatenate([films[1], films[0][:3] ^ _flips([3, 3, 2, 2])]))  # near 0 both ways?
-    films[3] = np.unique(films[2][:5] ^ _flips([0, 0, 5, 5]))  # a few of 2's frames, 10 bits off
-    films[4] = np.unique(np.concatenate([films[4][:200], films[2][:100] ^ _flips([3, 3, 3, 2])]))  # 11 bits: never
-    films[5] = films[3][:1] ^ _flips([2, 2, 2, 2])  # 8 bits from one of 3's
-
+def _every_pair(films: list[np.ndarray]) -> set[tuple[int, int]]:
+    """The pairs `_candidate_pairs` must find, from comparing every pair."""
     def first_queries_hit(a, b) -> bool:
         query = _queries(films[a])[:_ruled_out_after(min(len(films[a]), 256))]
         return bool((_nearest(query, films[b]) <= MAX_DISTANCE).any())
 
-    brute = {(a, b) for a in range(len(films)) for b in range(a + 1, len(films))
-             if first_queries_hit(a, b) and first_queries_hit(b, a)}
+    return {(a, b) for a in range(len(films)) for b in range(a + 1, len(films))
+            if first_queries_hit(a, b) and first_queries_hit(b, a)}
+
+
+@pytest.mark.parametrize("range_bits", [RANGE_BITS, 8])
+def test_the_hash_index_finds_the_pairs_of_copies_with_any_bits_flipped(monkeypatch, range_bits):
+    """Films that hold copies of others' hashes, each with 6 to 11 bits flipped anywhere: the index
+    finds the pairs comparing every pair finds, wherever the bits fall (pieces, ranges, top bits)."""
+    monkeypatch.setattr(footage, "RANGE_BITS", range_bits)
+    rng = np.random.default_rng(3)
+    films = [rng.integers(0, 2**64, 120, dtype=np.uint64) for _ in range(40)]
+    for film in films:
+        for other in rng.integers(0, len(films), 3):
+            bits = [rng.choice(64, rng.integers(6, 12), replace=False) for _ in range(8)]
+            film[rng.integers(0, len(film), 8)] = films[other][:8] ^ np.array([sum(1 << int(b) for b in chosen) for chosen in bits], np.uint64)
+    films = [np.unique(film) for film in films]
+    brute = _every_pair(films)
+    assert len(brute) >= 20
     assert _candidate_pairs(films, workers=2) == brute
-    assert {(2, 3), (3, 5)} <= brute and not {pair for pair in brute if 4 in pair}
+
+
+def _mask(positions: list) -> np.uint64:
+    """A mask of the bits at `positions[i]` of each 16-bit piece i of the index."""
+    return np.uint64(sum(1 << (16 * piece + bit) for piece, bits in enumerate(positions) for bit in bits))
+
+
+def _flips(counts: list[int], at: int = 0) -> np.uint64:
+    """A mask of counts[i] bits set from bit `at` of each piece i."""
+    return _mask([range(at, at + n) for n in counts])
+
+
+@pytest.mark.parametrize("most, range_bits, probes", [(INDEX_CANDIDATES, RANGE_BITS, PROBES), (7, 8, 500)])
+def test_the_hash_index_finds_exactly_the_pairs_reaches_does_not_rule_out_at_once(monkeypatch, most, range_bits, probes):
+    """A pair is a candidate when one of each film's first queries lies within MAX_DISTANCE bits of
+    the other's hashes, found through the 16-bit pieces as comparing every pair finds it, whichever
+    pieces the differing bits fall in (10 bits spread 1+3+3+3 or 0+3+3+4, 8 bits 2+2+2+2: near; 11
+    bits 3+3+3+2: not); near hashes found only through the first or the last value of a range,
+    through a probe in another range than its query's, or through the last nearby value of its top
+    bits; with candidates, ranges and probes cut small (many spans, 256 ranges of a piece, a few
+    queries' probes at a time) as with none."""
+    monkeypatch.setattr(footage, "INDEX_CANDIDATES", most)
+    monkeypatch.setattr(footage, "RANGE_BITS", range_bits)
+    monkeypatch.setattr(footage, "PROBES", probes)
+    rng = np.random.default_rng(2)
+    films = [np.unique(rng.integers(0, 2**63, size, dtype=np.uint64)) for size in (300, 40, 700, 5, 300, 1)]
+    range_firsts = films[0][:3] & ~np.uint64(0xFFF)  # piece 0 the first value of its range
+    films[0] = np.unique(np.concatenate([range_firsts, films[0][3:]]))
+    films[1] = np.unique(np.concatenate([films[1], range_firsts ^ _mask([[15], range(3), range(3), range(3)])]))
+    range_lasts = films[2][:5] | np.uint64(0xFFF)  # piece 0 the last value of its range
+    films[2] = np.unique(np.concatenate([range_lasts, films[2][5:]]))
+    films[3] = np.unique(range_lasts ^ _flips([0, 3, 3, 4], at=4))  # a few of 2's frames, 10 bits off
+    films[4] = np.unique(np.concatenate([films[4][:200], films[2][:100] ^ _flips([3, 3, 3, 2], at=8)]))  # 11 bits: never
+    films[5] = films[3][:1] ^ _mask([[11, 15]] * 4)  # 8 bits from one of 3's: the last nearby value of their top bits
+    films.append(np.unique(films[0][3:6] ^ _mask([[0], range(4, 7), range(4, 7), range(4, 7)])))  # bit 0 of a piece
+
+    brute = _every_pair(films)
+    assert _candidate_pairs(films, workers=2) == brute
+    assert {(0, 1), (0, 6), (2, 3), (3, 5)} <= brute and not {pair for pair in brute if 4 in pair}
