@@ -576,12 +576,13 @@ def shard(workdir: WorkDir | str | Path, out: str | Path, settings: ShardSetting
         shutil.rmtree(shuffle, ignore_errors=True)
     pa.default_memory_pool().release_unused()  # the writers fork from here
 
-    planned = {p.id for p in partitions}
-    for stale in (set(workdir.done(STAGE)) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
+    planned, done = {p.id for p in partitions}, workdir.done(STAGE)
+    for stale in (set(done) | set(workdir.failed(STAGE)) | set(workdir.planned(STAGE))) - planned:
         workdir.drop(STAGE, stale)  # tars of an earlier, larger plan
-    done, sizes = workdir.done(STAGE), folder_sizes(out)
-    todo = [p for p in partitions if not _up_to_date(p, done.get(p.id), sizes)]
-    clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p not in todo})
+    sizes = folder_sizes(out)
+    current = {p.id for p in partitions if _up_to_date(p, done.get(p.id), sizes)}
+    todo = [p for p in partitions if p.id not in current]
+    clear_shard_dir(out, keep={p.info["tar"] for p in partitions if p.id in current})
     for p in partitions:
         workdir.plan(STAGE, p.id, {"split": p.info["split"], "samples": p.info["count"], "digest": p.info["digest"]})
     gc.freeze()  # a forked writer's collections then never touch, and copy, the pages of this heap
