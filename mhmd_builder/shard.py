@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
+from .batching import prefetched
 from .errors import InputError, storage_error
 from .footage import duplicate_groups, fingerprints
 from .manifest import manifest_by_movie
@@ -510,8 +511,7 @@ def plan_tars(kept: KeptFrames, split: dict[str, str], workdir: WorkDir, out: Pa
         tar.made.append(_planned_tar(workdir, out, name, tar.name, tar.rows, made_with))
         tar.rows, tar.count, tar.size = [], 0, 0
 
-    for path in kept.buckets:
-        bucket = _shuffled_bucket(path)
+    for _, bucket in prefetched(kept.buckets, _shuffled_bucket, threads=1, ahead=1):  # the next read and sorted meanwhile
         for tar in tars:
             frames = _with_sizes(bucket.filter(pc.is_in(bucket["movie_id"], value_set=movies[tar.name])), root, bound)
             start = 0
