@@ -569,6 +569,25 @@ def test_a_samples_json_is_what_json_dumps_makes_of_its_meta_for_the_hardest_row
     assert json.loads(jsons[1])["label_source"] == "movie" and json.loads(jsons[3])["label_source"] is None
 
 
+
+def test_each_rows_label_film_and_source_go_to_its_own_json_in_a_batch_of_many():
+    """Rows of many films and labels in one batch (label and film texts are made once per distinct
+    value, then taken per row): each json is its own row's, whichever label (known, unknown or none),
+    film (with metadata or not) and source it has, against json.dumps row by row."""
+    taxonomy = load_taxonomy()
+    rng = np.random.default_rng(4)
+    metadata = {"film_a": {"era": HOSTILE, "nationality": "fr"}, "film_b": {"era": "", "nationality": ""},
+                "film_c": {"era": None, "nationality": "de"}}
+    names = [None, None, "no/such/label", *(label.name for label in taxonomy.labels[:5])]
+    rows = [{"frame_id": f"f{i}", "movie_id": f"film_{'abcd'[rng.integers(4)]}", "timestamp": float(rng.random() * 100),
+             "width": 640, "height": 360, "boxes": [[0.1, 0.2, 0.3, 0.4]] if i % 3 else None,
+             "label": (label := names[rng.integers(len(names))]), "label_source": [None, "human", HOSTILE][rng.integers(3)],
+             "label_confidence": float(rng.random()) if label else None} for i in range(300)]
+    jsons, label_ids = SampleJson(taxonomy, metadata)(hostile_table(rows))
+    assert jsons == [expected_json(row, taxonomy, metadata.get(row["movie_id"])) for row in rows]
+    known = {label.name: label.id for label in taxonomy.labels}
+    assert label_ids == [known.get(row["label"]) for row in rows] and len(set(label_ids)) == 6
+
 def test_box_values_rounded_in_arrow_are_what_repr_of_round_writes():
     """Boxes' values rounded and written in Arrow (`_rounded_texts`) as repr(round(v, 5)) writes
     them: at every magnitude up to 10**9, around 10**-4 (where repr turns to 1e-05), zeros of both
