@@ -462,7 +462,8 @@ def _drop_chunk(workdir: WorkDir, chunk: str) -> None:
 
 def _drop_stale_chunks(workdir: WorkDir, planned: dict[str, list[Partition]]) -> None:
     """Records of chunks that will never be joined: of films done since (a run killed between a
-    film's commit and the removal of its chunks), or of a film now cut at other borders."""
+    film's commit and the removal of its chunks, or before its join and the film extracted whole
+    since), or of a film now cut at other borders."""
     done_films = workdir.done(STAGE)
     wanted = {c.id for chunks in planned.values() for c in chunks}
     recorded = {*workdir.done(CHUNKS), *workdir.failed(CHUNKS),
@@ -581,6 +582,7 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     todo, runner = [p for p in partitions if p.id not in done], runner or LocalRunner()
     if settings.chunk_seconds is None:
         results = {r.id: r for r in runner.run(stage, todo)}
+        _drop_stale_chunks(workdir, {})  # those of a chunked run killed before, of films done now
     else:
         results = _extract_in_chunks(workdir, settings, todo, runner, redo)
     for p in partitions:

@@ -165,6 +165,40 @@ def test_a_run_killed_inside_a_chunk_resumes_with_only_the_unfinished_chunks(tmp
     assert status["frames_in"] == len(rows(reference))
 
 
+
+class Killed(Exception):
+    """The run stopped (as a SIGKILL stops it) after some partitions."""
+
+
+class KilledAfter:
+    """A runner that runs the first `n` partitions it is given, then stops the run."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def run(self, stage, partitions):
+        LocalRunner(1).run(stage, partitions[:self.n])
+        raise Killed
+
+
+def test_an_undivided_extract_after_a_killed_chunked_one_leaves_no_chunk_behind(tmp_path):
+    """A chunked run stopped with two chunks done, then the film extracted whole: the chunks' records
+    and JPEGs, which nothing would ever join, go once the film is done; a film not done keeps its
+    chunks for a chunked run to come."""
+    film = make_movie(tmp_path / "film.mp4", seconds=8, size="320x240", codec=GOP_1S)
+    settings = ExtractSettings(sampling=Sampling("fps", 2.0), chunk_seconds=2.0)
+    work, reference = tmp_path / "work", tmp_path / "reference"
+    with pytest.raises(Killed):
+        extract([film], work, settings, KilledAfter(2))
+    chunks = work / "extract" / "chunks"
+    assert len(list(chunks.glob("parts/*.done"))) == 2 and list(chunks.glob("frames/*/*.jpg"))
+    (chunks / "frames" / "broken-0123abcd@000000").mkdir()  # a chunk of a film not done: kept
+    extract([film], work, replace(settings, chunk_seconds=None), LocalRunner(1))
+    extract([film], reference, replace(settings, chunk_seconds=None), LocalRunner(1))
+    assert sorted(p.name for p in chunks.glob("frames/*")) == ["broken-0123abcd@000000"]
+    (chunks / "frames" / "broken-0123abcd@000000").rmdir()
+    assert_same_extract(work, reference)
+
 def test_chunk_seconds_must_be_positive_and_not_with_scene_cuts(tmp_path):
     film = make_movie(tmp_path / "a.mp4", seconds=1)
     for bad in ("0", "-5", "nan"):
