@@ -177,12 +177,12 @@ class _PieceIndex:
         pieces = _piece(queries, shift, bits)
         self.low_pieces = pieces & ((1 << low) - 1)
         self.queries_by_top, self.query_tops = _by_top(pieces >> low, self.ranges)
-        self.hashes_by_top, self.hash_tops = _by_top(_piece(hashes, shift + low, bits - low), self.ranges)
+        self.hash_tops = _tops(hashes, shift + low, bits - low)
 
     def range_hits(self, top: int) -> set[tuple[int, int]]:
         """(asking movie, other movie) of the queries within MAX_DISTANCE bits of another movie's
         hash through the range of top bits `top`: its index, then its probes, PROBES at most at once."""
-        here = self.hashes_by_top[self.hash_tops[top]:self.hash_tops[top + 1]]
+        here = np.flatnonzero(self.hash_tops == top)  # a pass over 2 bytes a hash: no order of them all held
         owner = np.searchsorted(self.ends, here, side="right").astype(np.int32)
         index, hits = _RangeIndex(self.hashes[here], owner, self.shift, self.low), set()
         for near_top, nearby in zip(self.near_tops, self.near):
@@ -197,10 +197,19 @@ class _PieceIndex:
         return hits
 
 
+def _tops(hashes: np.ndarray, shift: int, bits: int) -> np.ndarray:
+    """`_piece` of every hash as uint16 (bits: 16 at most), PROBES hashes at a time: no temporary
+    array as large as all the hashes."""
+    tops = np.empty(len(hashes), np.uint16)
+    for start in range(0, len(hashes), PROBES):
+        tops[start:start + PROBES] = _piece(hashes[start:start + PROBES], shift, bits)
+    return tops
+
+
 def _by_top(tops: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The places of `tops` (values below `count`) in order of their value, and where each value's
     places start there (count + 1 of them)."""
-    order = np.argsort(tops.astype(np.uint16), kind="stable").astype(np.int32)  # a radix sort
+    order = np.argsort(tops.astype(np.uint16), kind="stable")  # a radix sort
     return order, np.searchsorted(tops[order], np.arange(count + 1))
 
 
