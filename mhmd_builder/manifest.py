@@ -7,13 +7,15 @@ the work directory: asked again in the same process while no table changed, it i
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -21,8 +23,8 @@ import pyarrow.parquet as pq
 from .batching import prefetched
 from .errors import DamagedFileError
 from .filter import MovieDecisions, current_counts, current_decisions, fresh_decisions, with_decisions
-from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, decisions_path,
-                     human_labels_path, parsing_table_path, rows_by_movie)
+from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, SPILL_OPTIONS,
+                     decisions_path, human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_table_writer, changes
 
 if TYPE_CHECKING:  # pandas costs seconds to import, which `mhmd status` does not need
@@ -168,31 +170,116 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
                       columns: list[str] | None = None) -> Iterator[pa.Table]:
     """`manifest_table` one movie at a time, in the manifest's order: each movie's rows built from
     its own partitions and its rows of the whole-dataset tables (the filter's decisions, read per
-    movie: `MovieDecisions`; the shard records and the parsing maps, read once and cut per movie),
-    so that a command holds one movie's frames, not every frame. A damaged record of a stage
+    movie: `MovieDecisions`; the shard records and the parsing maps, spilled once into buckets of
+    movies: `MovieBuckets`), so that a command holds one movie's frames, not every frame. A damaged record of a stage
     before `before` raises when it is reached. A caller of a stage (`before`: every stage is shard
     or before it) gets no split: the shard records, out of date once it runs, are not read."""
     refused = set(FUNNEL[:FUNNEL.index(before)] if before else FUNNEL)
     damaged = {stage: None if stage in refused else [] for stage in FUNNEL}  # None: raise
-    decisions = MovieDecisions(workdir)
-    shards = {} if before else rows_by_movie(workdir.read_arrow(SHARD, damaged[SHARD],
-                                                                columns=["frame_id", "movie_id", "split"]))
-    parsing, human = rows_by_movie(_parsing(workdir)), _human_labels(workdir)
+    decisions, human = MovieDecisions(workdir), _human_labels(workdir)
+    movies, done = sorted(workdir.marked_done(EXTRACT)), workdir.done(EXTRACT)
+    sizes = {movie: int(done.get(movie, {}).get("frames_out", 0)) for movie in movies}  # buckets' sizes
+    with tempfile.TemporaryDirectory(prefix="mhmd-manifest-") as spill:
+        shards = MovieBuckets(() if before else _shard_records(workdir, damaged[SHARD]), SHARD_RECORD, sizes,
+                              Path(spill) / "shard")
+        parsing = MovieBuckets(_parsing_batches(workdir), PARSING_RECORD, sizes, Path(spill) / "parsing")
 
-    def movie_rows(movie: str) -> pa.Table | None:
-        frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
-        if frames is None:
+        def movie_rows(movie: str) -> pa.Table | None:
+            frames = workdir.read_partition(EXTRACT, movie, damaged[EXTRACT], columns)
+            if frames is None:
+                return None
+            later = _Later(decisions=decisions.of(movie), human=human, shards=shards.get(movie),
+                           parsing=parsing.get(movie), detections=workdir.read_partition(DETECT, movie, damaged[DETECT]),
+                           predicted=workdir.read_partition(LABEL, movie, damaged[LABEL]))
+            return _in_time_order(_assemble(frames, later))
+
+        # A thread builds the next movies while the caller works on this one (Arrow lets go of the
+        # GIL); one thread, so that the movies' decisions and buckets are read in order
+        # (MovieDecisions and MovieBuckets keep the last read).
+        for _, rows in prefetched(movies, movie_rows, threads=1, ahead=2):
+            if rows is not None:
+                yield rows
+
+
+SHARD_RECORD = ["frame_id", "movie_id", "split"]
+PARSING_RECORD = ["frame_id", "movie_id", "parsing"]
+MOVIE_BUCKET_ROWS = 250_000  # rows of a whole-dataset table a reader going movie by movie holds at once
+
+
+def _shard_records(workdir: WorkDir, damaged: list[str] | None) -> Iterator[pa.Table]:
+    """The shard records (SHARD_RECORD's columns), a tar's at a time."""
+    for tar in workdir.marked_done(SHARD):
+        records = workdir.read_partition(SHARD, tar, damaged, columns=SHARD_RECORD)
+        if records is not None:
+            yield records
+
+
+def _parsing_batches(workdir: WorkDir) -> Iterator[pa.Table]:
+    """The parsing maps attached (PARSING_RECORD's columns), a batch at a time."""
+    path = parsing_table_path(workdir)
+    if path.exists():
+        for batch in pq.ParquetFile(path).iter_batches(columns=PARSING_RECORD):
+            yield pa.Table.from_batches([batch])
+
+
+class MovieBuckets:
+    """The rows of a whole-dataset table (a movie_id column: the shard records, whose tars mix every
+    film; the parsing maps) one movie at a time, in the movies' order, without holding them all:
+    spilled once into files of consecutive movies (about MOVIE_BUCKET_ROWS rows each, by the movies'
+    `sizes`), a file read when one of its movies is first asked and dropped for the next."""
+
+    def __init__(self, tables: Iterable[pa.Table], columns: list[str], sizes: dict[str, int], folder: Path):
+        self.bucket_of, rows, bucket = {}, 0, 0
+        for movie in sorted(sizes):
+            if rows and rows + sizes[movie] > MOVIE_BUCKET_ROWS:
+                bucket, rows = bucket + 1, 0
+            self.bucket_of[movie], rows = bucket, rows + sizes[movie]
+        folder.mkdir()
+        self.paths = [folder / f"{b:05d}.arrow" for b in range(bucket + 1)]
+        writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+        pending: dict[int, list[pa.Table]] = {}  # rows not written yet, a bucket's written together
+
+        def write(bucket: int) -> None:
+            rows = pa.concat_tables(pending.pop(bucket)).combine_chunks()
+            if bucket not in writers:
+                writers[bucket] = pa.ipc.new_stream(self.paths[bucket], rows.schema, options=SPILL_OPTIONS)
+            writers[bucket].write_table(rows)
+
+        try:
+            schema, held = None, 0  # the first table's schema: the others are cast to it
+            for table in tables:
+                table = table.select(columns) if schema is None else table.select(columns).cast(schema)
+                schema = table.schema
+                movies = pc.dictionary_encode(table["movie_id"]).combine_chunks()
+                # -1: a movie no one will ask for (not extracted, or no movie_id)
+                of_movie = np.array([self.bucket_of.get(movie, -1) for movie in movies.dictionary.to_pylist()] + [-1])
+                buckets = of_movie[pc.fill_null(movies.indices, -1).to_numpy()]
+                for b in np.unique(buckets[buckets >= 0]).tolist():
+                    pending.setdefault(b, []).append(table.filter(buckets == b))
+                held += table.num_rows
+                while held > MOVIE_BUCKET_ROWS and pending:  # the bucket holding most goes to its file
+                    largest = max(pending, key=lambda b: sum(len(rows) for rows in pending[b]))
+                    held -= sum(len(rows) for rows in pending[largest])
+                    write(largest)
+            for b in list(pending):
+                write(b)
+        finally:
+            for writer in writers.values():
+                writer.close()
+        self.loaded, self.rows = None, {}
+
+    def get(self, movie: str) -> pa.Table | None:
+        """The movie's rows; None when it has none."""
+        bucket = self.bucket_of.get(movie)
+        if bucket is None:
             return None
-        later = _Later(decisions=decisions.of(movie), human=human, shards=shards.get(movie),
-                       parsing=parsing.get(movie), detections=workdir.read_partition(DETECT, movie, damaged[DETECT]),
-                       predicted=workdir.read_partition(LABEL, movie, damaged[LABEL]))
-        return _in_time_order(_assemble(frames, later))
-
-    # A thread builds the next movies while the caller works on this one (Arrow lets go of the GIL);
-    # one thread, so that the movies' decisions are read in order (MovieDecisions keeps the last read).
-    for _, rows in prefetched(sorted(workdir.marked_done(EXTRACT)), movie_rows, threads=1, ahead=2):
-        if rows is not None:
-            yield rows
+        if bucket != self.loaded:
+            path, self.rows = self.paths[bucket], {}  # the last bucket's rows dropped first
+            if path.exists():
+                with pa.ipc.open_stream(path) as reader:
+                    self.rows = rows_by_movie(reader.read_all())
+            self.loaded = bucket
+        return self.rows.get(movie)
 
 
 def _in_time_order(frames: pa.Table) -> pa.Table:

@@ -41,7 +41,7 @@ from .shards import (BOX_DECIMALS, CLS, JPG, JSON, MASK, SPLITS, AtomicTar, clas
                      folder_sizes, is_remote, label_fields, make_index, shard_output, split_entry,
                      tar_name, upload_tar, write_index)
 from .stages import Partition, PartitionError, Resources
-from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD, values_digest
+from .tables import DETECT_SCHEMA, EXTRACT, FRAME_SCHEMA, MANIFEST_COLUMNS, SHARD, SPILL_OPTIONS, values_digest
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, writes
 
@@ -61,7 +61,6 @@ MAX_BUCKET_BITS = 8  # at most 256 buckets, each a file open while the movies ar
 _TYPES = {**MANIFEST_COLUMNS, **dict(zip(FRAME_SCHEMA.names, FRAME_SCHEMA.types)),
           **dict(zip(DETECT_SCHEMA.names, DETECT_SCHEMA.types)), "parsing": pa.string()}
 SPILL_SCHEMA = pa.schema([*((name, _TYPES[name]) for name in SAMPLE_COLUMNS), ("key", pa.uint64())])
-SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")  # a third of the bytes, for little CPU
 # A tar's samples file: each frame's row, and its mask's size then (a mask written again rewrites the tar).
 TAR_COLUMNS = [*SAMPLE_COLUMNS, "target_bytes"]
 

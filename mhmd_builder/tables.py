@@ -40,6 +40,9 @@ EXTRACT, FILTER, DETECT, PARSING, LABEL, SAMPLE, SHARD, RELABEL = (
 # chunk of a film is done and joined into the film's own partition: W/extract/chunks/{parts,tmp,progress,frames}.
 EXTRACT_CHUNKS = f"{EXTRACT}/chunks"
 FUNNEL = (EXTRACT, DETECT, LABEL, SHARD)  # the partitioned stages of a work directory, in the order frames pass them
+# Arrow IPC files a whole-dataset step spills rows to and reads back (shard's shuffle, the manifest's
+# buckets of movies): zstd, a third of the bytes for little CPU.
+SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 FRAME_SCHEMA = pa.schema([
     ("frame_id", pa.string()),

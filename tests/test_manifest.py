@@ -6,14 +6,15 @@ import time
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from mhmd_builder import manifest as manifest_module
 from mhmd_builder.filter import current_decisions, refilter
 from mhmd_builder.labels import write_human_labels
 from mhmd_builder.manifest import export_manifest, format_status, status
 from mhmd_builder.quality import QualityThresholds
-from mhmd_builder.tables import MANIFEST_COLUMNS
-from mhmd_builder.workdir import WorkDir
+from mhmd_builder.tables import MANIFEST_COLUMNS, parsing_table_path
+from mhmd_builder.workdir import WorkDir, atomic_write_table
 
 
 def test_status_counts_pending_partitions(tmp_path):
@@ -213,7 +214,11 @@ def test_the_manifest_takes_each_stages_row_of_a_frame_that_reached_it(synthetic
     assert frames.reject_reason.isin(["no_person"]).sum() == (~detected.kept).sum()
 
 
-def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_copy):
+@pytest.mark.parametrize("bucket_rows", [manifest_module.MOVIE_BUCKET_ROWS, 1, 1200])
+def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_copy, monkeypatch, bucket_rows):
+    """Movie by movie, the shard records (their tars mix every film) spilled into buckets of one movie,
+    of two or three, or of all six, then read a bucket at a time: the whole manifest all the same."""
+    monkeypatch.setattr(manifest_module, "MOVIE_BUCKET_ROWS", bucket_rows)
     work = synthetic_copy
     refilter(work, QualityThresholds(min_colorfulness=0))  # decisions of the filter
     frames = manifest_module.manifest_table(work)
@@ -225,11 +230,15 @@ def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_cop
                     {"frames_in": len(tar), "frames_out": len(tar)})
     write_human_labels(work, pd.DataFrame({"frame_id": kept.frame_id[:50], "label": kept.label[:50], "label_id": 0,
                                            "source": "people.csv", "line": range(50)}))
+    mapped = mixed.iloc[::7]  # parsing maps of some frames, of every film, in no order
+    atomic_write_table(parsing_table_path(work), pa.table({"frame_id": mapped.frame_id, "movie_id": mapped.movie_id,
+                                                           "parsing": "parsing/" + mapped.frame_id + ".png"}))
     whole = manifest_module.manifest_table(work)
     movies = list(manifest_module.manifest_by_movie(work))
     assert [m["movie_id"][0].as_py() for m in movies] == sorted(work.done("extract"))
     assert pa.concat_tables(movies).equals(whole)
     assert whole["split"].null_count == len(whole) - len(kept)
+    assert whole["parsing"].null_count == len(whole) - len(mapped)
     own = pa.concat_tables(manifest_module.manifest_by_movie(work, before="shard"))  # shard's own records: not read
     assert own["split"].null_count == len(own) and own.drop_columns("split").equals(whole.drop_columns("split"))
     columns = ["frame_id", "movie_id", "timestamp", "kept", "reject_reason", "flags", "jpeg"]
