@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections import Counter
+from contextlib import closing
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,10 +196,12 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
 
         # A thread builds the next movies while the caller works on this one (Arrow lets go of the
         # GIL); one thread, so that the movies' decisions and buckets are read in order
-        # (MovieDecisions and MovieBuckets keep the last read).
-        for _, rows in prefetched(movies, movie_rows, threads=1, ahead=2):
-            if rows is not None:
-                yield rows
+        # (MovieDecisions and MovieBuckets keep the last read). Closed before the spill folder goes,
+        # should the caller stop early: no thread is left reading it.
+        with closing(prefetched(movies, movie_rows, threads=1, ahead=2)) as built:
+            for _, rows in built:
+                if rows is not None:
+                    yield rows
 
 
 SHARD_RECORD = ["frame_id", "movie_id", "split"]
@@ -256,7 +259,7 @@ class MovieBuckets:
                 buckets = of_movie[pc.fill_null(movies.indices, -1).to_numpy()]
                 for b in np.unique(buckets[buckets >= 0]).tolist():
                     pending.setdefault(b, []).append(table.filter(buckets == b))
-                held += table.num_rows
+                held += int((buckets >= 0).sum())
                 while held > MOVIE_BUCKET_ROWS and pending:  # the bucket holding most goes to its file
                     largest = max(pending, key=lambda b: sum(len(rows) for rows in pending[b]))
                     held -= sum(len(rows) for rows in pending[largest])

@@ -252,6 +252,24 @@ def test_the_manifest_by_movie_is_the_whole_manifest_cut_per_movie(synthetic_cop
         manifest_module.manifest_table(work, columns=columns))
 
 
+
+def test_a_reader_that_stops_after_one_movie_leaves_no_spilled_bucket(synthetic_copy, tmp_path, monkeypatch):
+    """The shard records spilled for a pass over the movies are removed when the pass ends, also
+    when its reader stops early (the thread building the next movies stopped first)."""
+    spills = tmp_path / "spills"
+    spills.mkdir()
+    monkeypatch.setattr(manifest_module.tempfile, "tempdir", str(spills))
+    work = synthetic_copy
+    frames = manifest_module.manifest_table(work).to_pandas()
+    work.commit("shard", "train-000000", pa.table({"frame_id": frames.frame_id, "movie_id": frames.movie_id,
+                                                   "split": ["train"] * len(frames), "shard": ["0"] * len(frames)}),
+                {"frames_in": len(frames), "frames_out": len(frames)})
+    movies = manifest_module.manifest_by_movie(work)
+    first = next(movies)
+    assert first["split"].null_count == 0 and [p.name for p in spills.iterdir()][0].startswith("mhmd-manifest-")
+    movies.close()
+    assert not list(spills.iterdir())
+
 def test_the_export_written_movie_by_movie_is_the_whole_manifest(synthetic_copy, tmp_path):
     """Each movie's rows are written as they are built; the file is still the whole manifest's table,
     with its columns where one movie has no record of a later stage (not detected, not labelled,
