@@ -22,7 +22,7 @@ from mhmd_builder.runners import LocalRunner
 from mhmd_builder.stages import Partition, run_partition
 from mhmd_builder.workdir import WorkDir
 
-from conftest import ffmpeg, ffprobe_pts, first_at_or_after, make_movie
+from conftest import INTERRUPTIBLE_MHMD, ffmpeg, ffprobe_pts, first_at_or_after, make_movie
 
 
 def run_cli(*args: str):
@@ -284,14 +284,15 @@ def test_a_renamed_or_copied_film_keeps_its_movie_id_and_is_not_extracted_again(
 def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory):
     args, reference = four_films_extracted_once(tmp_path, movie_factory, workers=2)
     work = tmp_path / "work"
-    proc = subprocess.Popen([*MHMD, *args, "-w", str(work)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *INTERRUPTIBLE_MHMD, *args, "-w", str(work)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not list(work.glob("extract/progress/*.json")):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     # stderr is a pipe: the progress comes as plain lines, the last one where the run stopped
     *progress, last = err.strip().splitlines()
     assert out == "" and last == "interrupted: rerun the same command to resume"

@@ -40,6 +40,7 @@ from mhmd_builder.tables import FRAME_SCHEMA
 from mhmd_builder.taxonomy import load_taxonomy
 from mhmd_builder.workdir import WorkDir
 
+from conftest import INTERRUPTIBLE_MHMD
 from test_sample import copy_films, write_predictions  # two films, extracted and detected once per session
 
 
@@ -691,7 +692,7 @@ def test_ctrl_c_while_tars_are_written_leaves_no_partial_tar_and_the_rerun_ends_
     # A Ray actor sees the interrupt at its next progress report, so a tar may finish meanwhile:
     # then it is left whole, with its done marker or without (and then written again).
     work = many_frames(tmp_path / "work", films=2, frames=30_000)
-    args = [sys.executable, "-m", "mhmd_builder.cli", "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
+    args = [sys.executable, *INTERRUPTIBLE_MHMD, "shard", "-w", str(work.root), "-o", str(tmp_path / "out"),
             "--maxcount", "30000", "--test-fraction", "0"]  # a writer per core: two here
     args += ["--runner", "ray", "--ray-address", "local"] if runner == "ray" else []
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
