@@ -150,14 +150,6 @@ def _near_values(bits: int) -> np.ndarray:
                            for chosen in combinations(range(bits), n)), np.int32)
 
 
-def _runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """The positions of the runs [start, start + length), one run after the other."""
-    if not len(lengths):
-        return np.zeros(0, np.int64)
-    before = np.cumsum(lengths) - lengths
-    return np.repeat(starts - before, lengths) + np.arange(before[-1] + lengths[-1])
-
-
 class _PieceIndex:
     """The lookups of every query's probes (its piece XOR a nearby value) in the hashes by one piece
     (`bits` at `shift`), a range of the piece's values at a time: a range holds the values of the
@@ -244,12 +236,13 @@ class _RangeIndex:
         """(asking movie, other movie) of each query of probes first..last-1 within MAX_DISTANCE bits
         of a candidate of another movie."""
         count = probes.lengths[first:last]
-        at = _runs(probes.lo[first:last], count)
-        if not len(at):
+        ends = probes.ends[first:last] - (probes.ends[first - 1] if first else 0)  # candidates up to each probe here
+        if not ends[-1]:
             return set()
+        at = np.repeat(probes.lo[first:last] - (ends - count), count) + np.arange(ends[-1])  # each probe's run
         asked = np.repeat(queries[probes.query[first:last]], count)  # each candidate's query
         near = np.flatnonzero(np.bitwise_count(self.hashes[at] ^ asked) <= MAX_DISTANCE)
-        which = probes.query[first:last][np.searchsorted(np.cumsum(count), near, side="right")]
+        which = probes.query[first:last][np.searchsorted(ends, near, side="right")]
         found = np.unique(np.stack([asker[which], self.owner[at[near]]], axis=1), axis=0)
         return set(map(tuple, found[found[:, 0] != found[:, 1]].tolist()))
 

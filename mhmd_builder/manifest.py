@@ -260,10 +260,10 @@ class MovieBuckets:
                 for b in np.unique(buckets[buckets >= 0]).tolist():
                     pending.setdefault(b, []).append(table.filter(buckets == b))
                 held += int((buckets >= 0).sum())
-                while held > MOVIE_BUCKET_ROWS and pending:  # the bucket holding most goes to its file
-                    largest = max(pending, key=lambda b: sum(len(rows) for rows in pending[b]))
-                    held -= sum(len(rows) for rows in pending[largest])
-                    write(largest)
+                if held > MOVIE_BUCKET_ROWS:  # each bucket's rows go to its file
+                    for b in list(pending):
+                        write(b)
+                    held = 0
             for b in list(pending):
                 write(b)
         finally:
@@ -313,7 +313,7 @@ def _human_labels(workdir: WorkDir) -> pa.Table | None:
 
 def _parsing(workdir: WorkDir) -> pa.Table | None:
     path = parsing_table_path(workdir)
-    return pq.read_table(path, columns=["frame_id", "movie_id", "parsing"]) if path.exists() else None
+    return pq.read_table(path, columns=PARSING_RECORD) if path.exists() else None
 
 
 def _assemble(frames: pa.Table, later: _Later) -> pa.Table:
