@@ -468,7 +468,13 @@ def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tup
     return max(2, int(w * scale / 2 + 1e-6) * 2), max(2, int(h * scale / 2 + 1e-6) * 2)
 
 
-_PTS_TIME = re.compile(rb"\bpts_time:\s*(-?[0-9.eE+-]+|nan)")
+# showinfo's time base, logged once, and each frame's pts in it: a frame's time is pts x time base,
+# exact. Its printed pts_time is not: ffmpeg 5.1 and 6 print it to 6 significant digits (1234.5678 s
+# -> "1234.57": off by up to 5 ms past 1,000 s, 50 ms past 10,000 s), 7.0 to the microsecond, so
+# frame ids made from it would differ with the release. pts_time only where no time base was logged.
+_TIME_BASE = re.compile(rb"config in time_base:\s*(\d+)/([1-9]\d*)")
+_PTS = re.compile(rb"\bpts:\s*(-?\d+)")
+_PTS_TIME = re.compile(rb"\bpts_time:\s*(-?[0-9.eE+-]+)")
 
 
 @dataclass
@@ -574,16 +580,29 @@ def _read_exactly(pipe, n: int) -> bytes | None:
 _HWACCEL_REFUSED = b"hwaccel initialisation returned error"
 
 
+def _frame_time(line: bytes, time_base: Fraction | None) -> float:
+    """A showinfo line's frame time in seconds; 0 for a frame without one (NOPTS, nan)."""
+    pts = _PTS.search(line)
+    if pts and time_base is not None:
+        return float(int(pts.group(1)) * time_base)
+    try:
+        value = float(_PTS_TIME.search(line).group(1))
+    except (AttributeError, ValueError):  # none printed, or not a number
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
 def _read_stderr(pipe, times: queue.Queue, tail: deque, stats: DecodeStats) -> None:
-    """Collect showinfo's pts_time for each frame, in order; keep other lines for error messages;
-    note NVDEC's refusal of the stream."""
+    """Collect each frame's time from showinfo (its pts in its time base), in order; keep other lines
+    for error messages; note NVDEC's refusal of the stream."""
+    time_base: Fraction | None = None
     for line in iter(pipe.readline, b""):
         stats.gpu_refused |= _HWACCEL_REFUSED in line
         if b"Parsed_showinfo" in line:
-            m = _PTS_TIME.search(line)
-            if m and b" n:" in line:
-                value = float(m.group(1))
-                times.put(value if math.isfinite(value) else 0.0)
+            if b" n:" in line and b" pts:" in line:  # a frame's line
+                times.put(_frame_time(line, time_base))
+            elif base := _TIME_BASE.search(line):
+                time_base = Fraction(int(base.group(1)), int(base.group(2)))
             continue
         text = line.decode(errors="replace").strip()
         if text:

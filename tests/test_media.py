@@ -300,10 +300,36 @@ def test_nvdecs_refusal_of_a_stream_is_noted_from_ffmpegs_warning():
                b"[Parsed_showinfo_3 @ 0x5582] n:   0 pts:      0 pts_time:0.5 duration:1\n")
     stats, times = media.DecodeStats(), queue.Queue()
     media._read_stderr(io.BytesIO(refused), times, deque(), stats)
-    assert stats.gpu_refused and times.get() == 0.5
+    assert stats.gpu_refused and times.get() == 0.5  # no time base logged: the printed time
     plain = media.DecodeStats()
     media._read_stderr(io.BytesIO(refused.splitlines(keepends=True)[1]), queue.Queue(), deque(), plain)
     assert not plain.gpu_refused
+
+
+def test_frame_times_are_pts_times_the_time_base_not_the_rounded_printed_ones(tmp_path):
+    """ffmpeg 5.1 prints pts_time to 6 digits ("1234.57" for 1234.567 s): a film's frames past
+    1,000 s keep their exact time (and frame id) only when read from their pts."""
+    movie = make_movie(tmp_path / "long.mp4", seconds=0.4, rate=25, vf="settb=1/1000,setpts='if(eq(N,0),0,1234.567+N*0.04)/TB'",
+                       extra=["-fps_mode", "vfr", "-enc_time_base", "1/1000", "-video_track_timescale", "1000"])
+    pts = ffprobe_pts(movie)
+    assert pts[1] == pytest.approx(1234.607, abs=1e-9)
+    times = [t for t, _ in decode_frames(movie, Sampling("fps", 25.0), (64, 48))]
+    assert times == pytest.approx(pts, abs=1e-9)
+
+
+def test_showinfo_lines_without_a_time_still_count_a_frame():
+    """Every frame line gives a time, so that frames and times stay paired: NOPTS and nan give 0."""
+    lines = (b"[Parsed_showinfo_3 @ 0x1] config in time_base: 1/90000, frame_rate: 25/1\n"
+             b"[Parsed_showinfo_3 @ 0x1] n:   0 pts:  90045 pts_time:1.0005 duration:3600\n"
+             b"[Parsed_showinfo_3 @ 0x1] n:   1 pts:NOPTS pts_time:NOPTS duration:3600\n"
+             b"[Parsed_showinfo_3 @ 0x1] color_range:tv color_space:bt709\n")
+    times = queue.Queue()
+    media._read_stderr(io.BytesIO(lines), times, deque(), media.DecodeStats())
+    assert list(times.queue) == [1.0005, 0.0, None]
+    printed = queue.Queue()
+    media._read_stderr(io.BytesIO(b"[Parsed_showinfo_3 @ 0x1] n:   0 pts:  7 pts_time:nan duration:1\n"), printed,
+                       deque(), media.DecodeStats())
+    assert list(printed.queue) == [0.0, None]
 
 
 @pytest.mark.parametrize("sampling,bounds", [(Sampling("fps", 2.5), [7, 12]), (Sampling("keyframes"), [2.5, 4.2])])
