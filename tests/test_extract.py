@@ -61,6 +61,18 @@ def test_extract_records_every_sampled_frame_and_writes_kept_jpegs(tmp_path, mov
     assert report["frames_in"] == 10 and report["frames_out"] == int(frames.kept.sum())
 
 
+def test_frame_ids_past_a_thousand_seconds_keep_the_millisecond(tmp_path, movie_factory):
+    """A frame at 1234.607 s is `<movie>_1234607`, not the `_1234610` that ffmpeg 5.1's printed
+    time (6 significant digits) gave."""
+    movie_factory("late.mp4", seconds=0.4, vf="settb=1/1000,setpts='if(eq(N,0),0,1234.567+N*0.04)/TB'",
+                  extra=["-fps_mode", "vfr", "-enc_time_base", "1/1000", "-video_track_timescale", "1000"])
+    work = tmp_path / "work"
+    assert run_cli("extract", movie_factory.folder, "-w", work, "--fps", 1).exit_code == 0
+    frames = export(work)
+    assert sorted(frames.timestamp) == pytest.approx([0.0, 1234.607], abs=1e-9)
+    assert sorted(frames.frame_id) == sorted(f"{frames.movie_id[0]}_{ms}" for ms in (0, 1234607))
+
+
 def test_rerun_skips_done_movies(tmp_path, movie_factory):
     movie_factory("a.mp4", seconds=2)
     work = WorkDir(tmp_path / "work")
