@@ -411,6 +411,11 @@ class Sampling:
             terms += _bounds("t", part)
         return "*".join(terms) or None
 
+    def position(self, origin: float, time: float) -> float:
+        """What a part's bounds are compared with for a frame at `time` (as `decode_frames` gives it):
+        its slot (fps), computed as the select expression computes it, or the time itself."""
+        return math.floor((time - origin) * self.fps + 0.001) if self.mode == "fps" else time
+
     def border_time(self, origin: float, bound: float) -> float:
         """Where a part's bound lies in the film: where its slot starts (fps), or the time itself."""
         return origin + (bound - 0.001) / self.fps if self.mode == "fps" else bound
@@ -469,7 +474,9 @@ def output_size(info: MovieInfo, crop: Crop | None, max_side: int | None) -> tup
 
 
 # showinfo's time base, logged once, and each frame's pts in it: a frame's time is pts x time base,
-# exact. Its printed pts_time is not: ffmpeg 5.1 and 6 print it to 6 significant digits (1234.5678 s
+# computed as the select filter computes its `t` (the pts times the time base as a double), so that
+# the slot Python finds for a frame (`Sampling.position`) is the one select chose it by, to the last
+# bit. The printed pts_time is not that: ffmpeg 5.1 and 6 print it to 6 significant digits (1234.5678 s
 # -> "1234.57": off by up to 5 ms past 1,000 s, 50 ms past 10,000 s), 7.0 to the microsecond, so
 # frame ids made from it would differ with the release. pts_time only where no time base was logged.
 _TIME_BASE = re.compile(rb"config in time_base:\s*(\d+)/([1-9]\d*)")
@@ -480,6 +487,7 @@ _PTS_TIME = re.compile(rb"\bpts_time:\s*(-?[0-9.eE+-]+)")
 @dataclass
 class DecodeStats:
     returncode: int | None = None
+    frames: int = 0  # frames decoded so far
     last_time: float | None = None
     error: str | None = None
     # NVDEC refused the stream (a profile or pixel format it lacks) and ffmpeg decoded it on the CPU
@@ -542,6 +550,7 @@ def decode_frames(path: Path, sampling: Sampling, size: tuple[int, int], crop: C
             t = times.get()
             if t is None:  # stderr closed before this frame's line: should not happen
                 break
+            stats.frames += 1
             stats.last_time = t
             yield t, np.frombuffer(buf, np.uint8).reshape(height, width, 3)
     finally:
@@ -581,10 +590,11 @@ _HWACCEL_REFUSED = b"hwaccel initialisation returned error"
 
 
 def _frame_time(line: bytes, time_base: Fraction | None) -> float:
-    """A showinfo line's frame time in seconds; 0 for a frame without one (NOPTS, nan)."""
+    """A showinfo line's frame time in seconds, as select's `t` (`TS2D(pts) * av_q2d(time_base)`);
+    0 for a frame without one (NOPTS, nan)."""
     pts = _PTS.search(line)
     if pts and time_base is not None:
-        return float(int(pts.group(1)) * time_base)
+        return float(int(pts.group(1))) * (time_base.numerator / time_base.denominator)
     try:
         value = float(_PTS_TIME.search(line).group(1))
     except (AttributeError, ValueError):  # none printed, or not a number
