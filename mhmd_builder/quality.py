@@ -134,7 +134,13 @@ def sharpness(gray: np.ndarray) -> float:
 
 
 def _gradient(image: np.ndarray) -> np.ndarray:
-    return cv2.magnitude(cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1))
+    """The Sobel gradient's magnitude. Not cv2.magnitude: its last bit depends on where numpy
+    happened to place its output (SIMD for aligned elements, scalar code for the rest), so the same
+    frame's blur_sigma differed from one call to the next."""
+    dx, dy = cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)
+    dx *= dx
+    dx += np.square(dy, out=dy)
+    return np.sqrt(dx, out=dx)  # in place: a new array per step cost as much as the Sobel filters
 
 
 def weighted_sum(weight: np.ndarray, values: np.ndarray) -> float:
