@@ -374,3 +374,18 @@ def test_the_first_slot_after_a_key_frame_seeks_to_it_and_the_slot_before_does_n
     for key in (origin, origin + 3.0, origin + 3.0 + 0.5 / fps, 7.123, origin + 10.0 - slack):
         slot = sampling.first_slot_after(origin, key)
         assert sampling.border_time(origin, slot) - slack >= key > sampling.border_time(origin, slot - 1) - slack
+
+
+def test_python_finds_each_frame_in_the_slot_select_took_it_for(tmp_path):
+    """A frame at pts 47976 of a 1/24000 time base (1.999 s): select's t, the pts times the time base
+    as a double, puts it in slot 1 at 1 fps (1.9989999... + 0.001 < 2); the exact 1.999 s would give
+    slot 2. Chunks sort a run's frames by `Sampling.position`, which must agree with select."""
+    movie = make_movie(tmp_path / "edge.mp4", seconds=0.24, rate=25, vf="settb=1/24000,setpts='N*12000-eq(N,4)*24'",
+                       extra=["-fps_mode", "vfr", "-enc_time_base", "1/24000", "-video_track_timescale", "24000"])
+    every = [t for t, _ in decode_frames(movie, Sampling("fps", 25.0), (64, 48))]
+    assert len(every) == 6 and every[4] == pytest.approx(1.999, abs=1e-12)
+    sampling = Sampling("fps", 1.0)
+    slots = [sampling.position(0.0, t) for t in every]
+    assert slots == [0, 0, 1, 1, 1, 2]
+    firsts = [t for k, t in enumerate(every) if k == 0 or slots[k] > slots[k - 1]]
+    assert [t for t, _ in decode_frames(movie, sampling, (64, 48))] == firsts == [every[0], every[2], every[5]]
