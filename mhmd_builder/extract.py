@@ -2,6 +2,7 @@
 encode a JPEG only for frames that pass, and record a row for every sampled frame."""
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import math
@@ -116,37 +117,46 @@ class ExtractStage:
         shutil.rmtree(final_frames, ignore_errors=True)  # left by an attempt killed after its rename
 
         geometry = film_geometry(path, self.settings)
-        rows, stats, decoder, fallback = self._decode(path, movie, geometry, None, staging, progress,
-                                                      self.settings.quality)
+        decoded = Decoded()
+        rows = [self._row(v, movie, geometry, staging)
+                for v in self._decode(path, movie, geometry, None, progress, self.settings.quality, decoded)]
         if not rows:
-            raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
+            raise PartitionError(f"no frames decoded{_ffmpeg_detail(decoded.stats)}")
 
         final_frames.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final_frames)
         summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
-                   "decoder": decoder, **_counts(rows),
-                   "warnings": _warnings(stats, geometry.end, geometry.span, fallback),
+                   "decoder": decoded.decoder, **_counts(rows),
+                   "warnings": _warnings(decoded.stats, decoded.fallback)
+                   + _stopped_early(decoded.stats.last_time, geometry.end, geometry.span),
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
         progress(geometry.span, geometry.span)
         return summary
 
-    def _decode(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
-                quality: QualityThresholds) -> tuple[list[dict], DecodeStats, str, str | None]:
-        """Every sampled frame's row of the film or of its `part` judged by `quality`, kept frames'
-        JPEGs written to `folder`; how ffmpeg ended, the decoder that decoded it and why the GPU
-        did not (None)."""
-        decoder, fallback, codec = self.decoder, None, geometry.info.codec
-        if decoder == "cuda" and not cuda_decodes(codec):
-            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
-        rows, stats = self._rows(path, movie, geometry, part, folder, progress, decoder, quality)
-        if decoder == "cuda" and stats.gpu_refused:  # ffmpeg decoded it on the CPU itself
-            decoder, fallback = self._not_on_gpu(movie, f"NVDEC cannot decode this {codec} stream "
-                                                        f"({geometry.info.pix_fmt})")
-        elif decoder == "cuda" and not rows:
-            decoder, fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(stats)}")
-            rows, stats = self._rows(path, movie, geometry, part, folder, progress, decoder, quality)
-        return rows, stats, decoder, fallback
+    def _decode(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, progress,
+                quality: QualityThresholds, decoded: "Decoded") -> Iterator[FrameVerdict]:
+        """Every sampled frame's verdict by `quality`, in time order, of the film or of its `part`;
+        `decoded` says how it goes as it goes: the decoder decoding, why not the GPU, ffmpeg's stats."""
+        decoded.decoder, codec = self.decoder, geometry.info.codec
+        if decoded.decoder == "cuda" and not cuda_decodes(codec):
+            decoded.decoder, decoded.fallback = self._not_on_gpu(movie, f"NVDEC cannot decode {codec}")
+        decoded.stats = DecodeStats()
+        for verdict in self._verdicts(path, movie, geometry, part, decoded.stats, progress, decoded.decoder, quality):
+            self._check_gpu_refused(movie, geometry, decoded)
+            yield verdict
+        self._check_gpu_refused(movie, geometry, decoded)
+        if decoded.decoder == "cuda" and not decoded.stats.frames:
+            decoded.decoder, decoded.fallback = self._not_on_gpu(movie, f"GPU decoding failed{_ffmpeg_detail(decoded.stats)}")
+            decoded.stats = DecodeStats()
+            yield from self._verdicts(path, movie, geometry, part, decoded.stats, progress, decoded.decoder, quality)
+
+    def _check_gpu_refused(self, movie: str, geometry: "MovieGeometry", decoded: "Decoded") -> None:
+        """NVDEC refused the stream and ffmpeg decodes it on the CPU itself: said on stderr before its
+        first frame's line, so known once a frame arrived (or ffmpeg ended)."""
+        if decoded.decoder == "cuda" and decoded.stats.gpu_refused:
+            decoded.decoder, decoded.fallback = self._not_on_gpu(
+                movie, f"NVDEC cannot decode this {geometry.info.codec} stream ({geometry.info.pix_fmt})")
 
     def _not_on_gpu(self, movie: str, reason: str) -> tuple[str, str]:
         """A film the GPU cannot decode: PartitionError with --decoder cuda, else ("cpu", reason) and a warning."""
@@ -154,13 +164,6 @@ class ExtractStage:
             raise PartitionError(f"{reason}: use --decoder cpu or auto")
         log.warning("%s: %s; the CPU decodes it", movie, reason)
         return "cpu", reason
-
-    def _rows(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, folder: Path, progress,
-              decoder: str, quality: QualityThresholds) -> tuple[list[dict], DecodeStats]:
-        """Every sampled frame's row from one decoding pass with `decoder`, and how ffmpeg ended."""
-        stats = DecodeStats()
-        verdicts = self._verdicts(path, movie, geometry, part, stats, progress, decoder, quality)
-        return [self._row(v, movie, geometry, folder) for v in verdicts], stats
 
     def _verdicts(self, path: Path, movie: str, geometry: "MovieGeometry", part: Part | None, stats: DecodeStats,
                   progress, decoder: str, thresholds: QualityThresholds) -> Iterator[FrameVerdict]:
@@ -194,40 +197,65 @@ class ExtractStage:
 
 @dataclass
 class ChunkStage(ExtractStage):
-    """One chunk of a film (`--chunk-seconds`): a time range decoded by its own ffmpeg with the
-    film's geometry (decided once, by the driver), its rows recorded as a partition of
-    W/extract/chunks and its JPEGs written to its own folder there, until `join_chunks` makes the
-    film's partition of them. Duplicate runs are decided only then, over the whole film: a run
-    may cross a border, so every frame that passes the other checks is encoded here."""
+    """A run of consecutive chunks of one film (`--chunk-seconds`, `chunk_runs`), decoded by one
+    ffmpeg from the run's seek point with the film's geometry (decided once, by the driver). Each
+    chunk's rows are recorded as a partition of W/extract/chunks, its JPEGs in its own folder there,
+    as soon as the first frame past it arrives, so a killed run loses one chunk at most; `join_chunks`
+    makes the film's partition of them. Duplicate runs are decided only then, over the whole film: a
+    run may cross a border, so every frame that passes the other checks is encoded here."""
 
     name: str = CHUNKS
 
     def process(self, partition: Partition, progress) -> dict:
-        started = time.monotonic()
-        info = partition.info
-        path, movie, geometry, part = Path(info["path"]), info["movie_id"], info["geometry"], Part(*info["part"])
-        self.workdir.begin(CHUNKS, partition.id)
-        folder = chunk_frames_dir(self.workdir, partition.id)
-        shutil.rmtree(folder, ignore_errors=True)  # JPEGs of an attempt killed before its commit
-        folder.mkdir(parents=True)
-        sampling = self.settings.sampling
-        begin = geometry.start if part.first is None else sampling.border_time(geometry.start, part.first)
-        end = _chunk_end(geometry, part, sampling)
+        chunks: list[Partition] = partition.info["chunks"]
+        info, sampling = chunks[0].info, self.settings.sampling
+        path, movie, geometry = Path(info["path"]), info["movie_id"], info["geometry"]
+        part = Part(info["part"][0], chunks[-1].info["part"][1])
+        begin, end = _chunk_begin(geometry, part, sampling), _chunk_end(geometry, part, sampling)
         span = 0.0 if end is None else end - begin
 
-        def chunk_progress(done: float, _total: float) -> None:  # seconds of this chunk, not of the film
+        def run_progress(done: float, _total: float) -> None:  # seconds of this run, not of the film
             progress(done - (begin - geometry.start), max(span, done - (begin - geometry.start)))
 
+        for chunk in chunks:
+            self.workdir.begin(CHUNKS, chunk.id)
+            folder = chunk_frames_dir(self.workdir, chunk.id)
+            shutil.rmtree(folder, ignore_errors=True)  # JPEGs of an attempt killed before its commit
+            folder.mkdir(parents=True)
+        firsts = [chunk.info["part"][0] for chunk in chunks[1:]]  # where each later chunk starts
         no_runs = replace(self.settings.quality, max_hash_distance=-1)
-        rows, stats, decoder, fallback = self._decode(path, movie, geometry, part, folder, chunk_progress, no_runs)
-        if not rows and stats.returncode:
-            raise PartitionError(f"no frames decoded{_ffmpeg_detail(stats)}")
-        summary = {"inputs": chunk_inputs(info, self.settings), "decoder": decoder, "frames_in": len(rows),
-                   "warnings": _warnings(stats, end, geometry.span, fallback),
-                   "seconds": round(time.monotonic() - started, 3)}
-        self.workdir.commit(CHUNKS, partition.id, _rows_to_table(rows), summary)
+        decoded, rows, committed, started = Decoded(), [], [], time.monotonic()
+        for verdict in self._decode(path, movie, geometry, part, run_progress, no_runs, decoded):
+            while len(committed) < bisect.bisect_right(firsts, sampling.position(geometry.start,
+                                                                                 verdict.meta["timestamp"])):
+                committed.append(self._commit_chunk(chunks[len(committed)], rows, decoded, started))
+                rows, started = [], time.monotonic()
+            rows.append(self._row(verdict, movie, geometry, chunk_frames_dir(self.workdir, chunks[len(committed)].id)))
+        # The chunk ffmpeg ended in carries its error, if any; the chunks after it have no frames, as
+        # in an undivided decode that stopped there (a film cut short: the join says so).
+        committed.append(self._commit_chunk(chunks[len(committed)], rows, decoded, started))
+        nothing = replace(decoded, stats=DecodeStats())
+        committed += [self._commit_chunk(chunk, [], nothing, time.monotonic()) for chunk in chunks[len(committed):]]
         progress(span, span)
+        return committed[-1]
+
+    def _commit_chunk(self, chunk: Partition, rows: list[dict], decoded: "Decoded", started: float) -> dict:
+        """Record a chunk's rows (its JPEGs are in its folder) and its done marker."""
+        summary = {"inputs": chunk_inputs(chunk.info, self.settings), "decoder": decoded.decoder,
+                   "frames_in": len(rows), "warnings": _warnings(decoded.stats, decoded.fallback),
+                   "seconds": round(time.monotonic() - started, 3)}
+        self.workdir.commit(CHUNKS, chunk.id, _rows_to_table(rows), summary)
         return summary
+
+
+@dataclass
+class Decoded:
+    """How a decode goes, filled in as it goes: ffmpeg's stats, the decoder decoding (cpu, cuda) and
+    why not the GPU (None: nothing kept it off)."""
+
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    decoder: str = "cpu"
+    fallback: str | None = None
 
 
 @dataclass(frozen=True)
@@ -272,15 +300,21 @@ def _ffmpeg_detail(stats: DecodeStats) -> str:
     return f" (ffmpeg exit {stats.returncode})" + (f": {stats.error}" if stats.error else "")
 
 
-def _warnings(stats: DecodeStats, end: float | None, span: float, fallback: str | None) -> list[str]:
-    """Why the GPU did not decode the film, ffmpeg's own error, and decoding that stopped well
-    before the `end` of what it decoded (a truncated file; `span`: the film's decoded seconds)."""
+def _warnings(stats: DecodeStats, fallback: str | None) -> list[str]:
+    """Why the GPU did not decode the film, and ffmpeg's own error."""
     warnings = [f"{fallback}; decoded on the CPU"] if fallback else []
     if stats.returncode:
-        warnings.append(f"ffmpeg exit {stats.returncode} after {stats.last_time:.1f} s: {stats.error}")
-    if end is not None and stats.last_time is not None and end - stats.last_time > max(5.0, 0.05 * span):
-        warnings.append(f"decoding stopped at {stats.last_time:.1f} s of {end:.1f} s (truncated file?)")
+        at = "before its first frame" if stats.last_time is None else f"after {stats.last_time:.1f} s"
+        warnings.append(f"ffmpeg exit {stats.returncode} {at}: {stats.error}")
     return warnings
+
+
+def _stopped_early(last_time: float | None, end: float | None, span: float) -> list[str]:
+    """Decoding that stopped well before the film's `end` (a truncated file; `span`: the film's
+    decoded seconds), from its last frame's time."""
+    if end is not None and last_time is not None and end - last_time > max(5.0, 0.05 * span):
+        return [f"decoding stopped at {last_time:.1f} s of {end:.1f} s (truncated file?)"]
+    return []
 
 
 @dataclass
@@ -419,6 +453,10 @@ def _after_key_frames(path: Path, geometry: MovieGeometry, sampling: Sampling, s
     return sorted({b for b in moved if 0 < b < geometry.span * sampling.fps})
 
 
+def _chunk_begin(geometry: MovieGeometry, part: Part, sampling: Sampling) -> float:
+    return geometry.start if part.first is None else sampling.border_time(geometry.start, part.first)
+
+
 def _chunk_end(geometry: MovieGeometry, part: Part, sampling: Sampling) -> float | None:
     return geometry.end if part.end is None else sampling.border_time(geometry.start, part.end)
 
@@ -500,16 +538,39 @@ def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[
                if redo or done.get(c.id, {}).get("inputs") != chunk_inputs(c.info, settings)]
     for movie in planned:  # no film looks done while its chunks write again (a --redo)
         workdir.begin(STAGE, movie)
-    ran = {r.id: r for r in runner.run(ChunkStage(workdir, settings), pending)}
+    stage = ChunkStage(workdir, settings)
+    runs = {run.id: run for run in chunk_runs(pending, runner.worker_count(stage))}
+    failures: dict[str, str] = {}
+    for result in runner.run(stage, list(runs.values())):
+        chunks = runs[result.id].info["chunks"]
+        if not result.ok:
+            named = chunks[0].id if len(chunks) == 1 else f"{chunks[0].id} to {chunks[-1].id}"
+            failures.setdefault(chunks[0].info["movie_id"], f"chunk{'s' * (len(chunks) > 1)} {named}: {result.reason}")
     done = workdir.done(CHUNKS)
     for film in films:
         chunks = planned.get(film.id, [])
-        failed = [ran[c.id] for c in chunks if c.id in ran and not ran[c.id].ok]
-        if failed:
-            results[film.id] = _film_failed(workdir, film, f"chunk {failed[0].id}: {failed[0].reason}")
+        if film.id in failures:
+            results[film.id] = _film_failed(workdir, film, failures[film.id])
         elif chunks:
             results[film.id] = join_chunks(workdir, film, chunks, [done[c.id] for c in chunks], settings)
     return results
+
+
+def chunk_runs(chunks: list[Partition], workers: int) -> list[Partition]:
+    """The `chunks` to decode (in film and time order) as runs, one ffmpeg each: consecutive chunks
+    of one film, at most an even share of all of them each (so every one of `workers` gets a run).
+    One ffmpeg start (about 0.2 CPU s) then serves many chunks, and each chunk is still committed
+    on its own. A run is the partition of its last chunk's id: the chunk it commits last."""
+    most = max(1, math.ceil(len(chunks) / max(1, workers)))
+    runs: list[list[Partition]] = []
+    for chunk in chunks:
+        before = runs[-1][-1] if runs else None
+        if (before is not None and len(runs[-1]) < most and before.info["movie_id"] == chunk.info["movie_id"]
+                and before.info["part"][1] == chunk.info["part"][0]):
+            runs[-1].append(chunk)
+        else:
+            runs.append([chunk])
+    return [Partition(run[-1].id, {"chunks": run}, run[0].record) for run in runs]
 
 
 def decide_duplicates(rows: list[dict], max_distance: int) -> list[dict]:
@@ -538,7 +599,9 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summ
     for row in table.to_pylist():  # two frames within a millisecond on either side of a border: the first
         unique.setdefault(row["frame_id"], row)
     rows = decide_duplicates(list(unique.values()), settings.quality.max_hash_distance)
-    warnings = list(dict.fromkeys(w for s in summaries for w in s["warnings"]))
+    geometry: MovieGeometry = chunks[0].info["geometry"]
+    warnings = list(dict.fromkeys(w for s in summaries for w in s["warnings"])) + _stopped_early(
+        rows[-1]["timestamp"] if rows else None, geometry.end, geometry.span)
     if not rows:
         return _film_failed(workdir, film, "no frames decoded" + (f" ({warnings[0]})" if warnings else ""))
     staging = workdir.begin(STAGE, movie) / "frames"
@@ -552,7 +615,6 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summ
     shutil.rmtree(final_frames, ignore_errors=True)
     final_frames.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staging, final_frames)
-    geometry: MovieGeometry = chunks[0].info["geometry"]
     seconds = sum(s["seconds"] for s in summaries) + time.monotonic() - started
     summary = {**film.info, "movie_id": movie, **geometry.summary(), "settings": settings.to_dict(),
                "decoder": "cuda" if all(s["decoder"] == "cuda" for s in summaries) else "cpu", **_counts(rows),

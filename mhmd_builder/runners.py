@@ -333,7 +333,7 @@ class RayRunner:
         from ray.exceptions import RayActorError
 
         todo = deque(partitions)
-        idle = [new_actor() for _ in range(self._actor_count(ray, stage, len(partitions)))]
+        idle = [new_actor() for _ in range(min(len(partitions), self.worker_count(stage)))]
         running = {}  # the result's ObjectRef -> (actor, partition)
         attempts: Counter[str] = Counter()
         results: list[PartitionResult] = []
@@ -375,13 +375,13 @@ class RayRunner:
             raise
         return results
 
-    def _actor_count(self, ray, stage: Stage, partitions: int) -> int:
+    def worker_count(self, stage: Stage) -> int:
         """As many actors as the cluster's CPUs and GPUs hold now, at most `workers`, at least one.
         Never more than fit: an actor waiting for resources would hold its partition back until the
         others are done and release theirs."""
-        have, need = ray.cluster_resources(), stage.resources
+        have, need = connect_ray(self.address).cluster_resources(), stage.resources
         fits = [have.get(kind, 0) / amount for kind, amount in (("CPU", need.cpus), ("GPU", need.gpus)) if amount]
-        return max(1, int(min(partitions, self.workers or partitions, *fits)))
+        return max(1, int(min([*fits, *([self.workers] if self.workers else [])], default=1)))
 
 
 class _RayProgress:

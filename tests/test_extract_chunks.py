@@ -15,17 +15,17 @@ from click.testing import CliRunner
 
 from mhmd_builder.cli import main
 from mhmd_builder import extract as extract_module
-from mhmd_builder.extract import ExtractSettings, extract, film_geometry, film_parts
+from mhmd_builder.extract import (CHUNKS, ChunkStage, ExtractSettings, chunk_frames_dir, chunk_runs, extract,
+                                  film_geometry, film_parts)
 from mhmd_builder.errors import InputError
 from mhmd_builder.media import Sampling
 from mhmd_builder.runners import LocalRunner
+from mhmd_builder.stages import Partition
 from mhmd_builder.workdir import WorkDir
 
 from conftest import make_movie
 
 MHMD = [sys.executable, "-m", "mhmd_builder.cli"]
-COLUMNS = ["frame_id", "movie_id", "timestamp", "width", "height", "kept", "reject_reason", "flags", "jpeg",
-           "jpeg_bytes", "jpeg_xxh3", "phash_hi", "phash_lo", "sharpness"]
 # Frames 3 s to 7 s frozen (at 25 fps): one duplicate run across the border at 5 s of 2.5 s chunks.
 FREEZE = "split[a][b];[a][b]freezeframes=first=75:last=175:replace=75"
 
@@ -41,7 +41,8 @@ def run_cli(*args):
 
 
 def rows(work: Path) -> pd.DataFrame:
-    return WorkDir(work).read_table("extract")[COLUMNS]
+    """Every column: the frames' records and all their scores."""
+    return WorkDir(work).read_table("extract")
 
 
 def jpegs(work: Path) -> dict[str, bytes]:
@@ -110,6 +111,74 @@ def test_borders_after_key_frames_give_the_rows_jpegs_and_shards_of_an_undivided
     assert_same_shards(chunked, whole)
 
 
+def chunk(movie: str, k: int) -> Partition:
+    return Partition(f"{movie}@{k}", {"movie_id": movie, "part": [k or None, k + 1]}, {"path": movie})
+
+
+def test_runs_are_consecutive_chunks_of_one_film_an_even_share_of_them_each():
+    pending = [chunk("a", k) for k in (0, 1, 2, 4, 5)] + [chunk("b", k) for k in (0, 1, 2)]  # a@3: done before
+
+    def runs(workers):
+        return [[c.id for c in run.info["chunks"]] for run in chunk_runs(pending, workers)]
+
+    assert runs(1) == [["a@0", "a@1", "a@2"], ["a@4", "a@5"], ["b@0", "b@1", "b@2"]]
+    assert runs(3) == [["a@0", "a@1", "a@2"], ["a@4", "a@5"], ["b@0", "b@1", "b@2"]]
+    assert runs(4) == [["a@0", "a@1"], ["a@2"], ["a@4", "a@5"], ["b@0", "b@1"], ["b@2"]]
+    assert runs(8) == [[c.id] for c in pending]
+    [run, *_] = chunk_runs(pending, 4)
+    assert run.id == "a@1" and run.record == {"path": "a"}  # named after the chunk it commits last
+
+
+@pytest.mark.parametrize("sampling,skip_head", [(Sampling("fps", 2.0), 0.3), (Sampling("keyframes"), 0.0)])
+def test_a_run_of_chunks_records_each_chunk_as_its_own_ffmpeg_would(tmp_path, sampling, skip_head):
+    """One ffmpeg for the run, each frame recorded in the chunk its slot (or time) lies in: the
+    records of every chunk, rows and JPEGs, are those of the chunk decoded alone."""
+    film = make_movie(tmp_path / "film.mkv", seconds=12, size="320x240", vf=FREEZE, codec=GOP_1S)
+    settings = ExtractSettings(sampling=sampling, skip_head=skip_head, chunk_seconds=2.5)
+    geometry = film_geometry(film, settings)
+    movie = Partition("film-0123abcd", {"path": str(film), "content_hash": "0123abcd"})
+    chunks = extract_module._chunk_partitions(movie, geometry, settings)
+    assert len(chunks) == 5
+    records = []
+    for workers in (1, len(chunks)):  # one run of every chunk; a run of one chunk each
+        work = WorkDir(tmp_path / f"work-{workers}")
+        stage = ChunkStage(work, settings)
+        stage.setup()
+        for run in chunk_runs(chunks, workers):
+            stage.process(run, lambda done, total: None)
+        records.append([(work.read_partition(CHUNKS, c.id).to_pylist(),
+                         sorted(p.name for p in chunk_frames_dir(work, c.id).iterdir())) for c in chunks])
+    assert all(rows for rows, _ in records[0]) and records[0] == records[1]
+
+
+class InOneProcess:
+    """A runner that plans runs for `workers` workers and runs them one after the other here."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+
+    def worker_count(self, stage):
+        return self.workers
+
+    def run(self, stage, partitions):
+        return LocalRunner(1).run(stage, partitions)
+
+
+def test_a_film_cut_short_gives_the_frames_and_warning_of_an_undivided_extract(tmp_path):
+    """The file ends at 6.5 s of its 12: ffmpeg stops there without an error, in the run that holds
+    it, and the runs after it get no frame; the join judges the film's end as an undivided decode does."""
+    film = make_movie(tmp_path / "film.mp4", seconds=12, size="320x240", codec=GOP_1S, extra=["-movflags", "+faststart"])
+    os.truncate(film, int(film.stat().st_size * 0.55))
+    settings = ExtractSettings(sampling=Sampling("fps", 2.0))
+    [whole] = extract([film], tmp_path / "whole", settings)
+    assert whole.status == "done" and whole.summary["warnings"] == ["decoding stopped at 6.5 s of 12.0 s (truncated file?)"]
+    for workers in (1, 3):  # one run; runs of two chunks, of which the last decodes nothing
+        work = tmp_path / f"chunked-{workers}"
+        [chunked] = extract([film], work, replace(settings, chunk_seconds=2.0), InOneProcess(workers))
+        assert chunked.status == "done" and chunked.summary["warnings"] == whole.summary["warnings"]
+        assert_same_extract(work, tmp_path / "whole")
+
+
 def test_a_film_without_a_usable_key_frame_index_is_cut_at_plain_borders(tmp_path, monkeypatch):
     """key_frames_at's None: ffprobe failed, timed out or answered other than one key frame a time."""
     film = make_movie(tmp_path / "film.mp4", seconds=12, size="320x240", codec=GOP_1S)
@@ -152,13 +221,25 @@ def test_a_run_killed_inside_a_chunk_resumes_with_only_the_unfinished_chunks(tmp
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(list(chunks.glob("parts/*.done")))
-    assert 2 <= done_at_kill < 8
+    done_at_kill = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks.glob("parts/*.done")}
+    assert 2 <= len(done_at_kill) < 8
     status = json.loads(run_cli("status", "-w", work, "--json").output)["extract"]
     assert status["partitions"] == {"done": 0, "failed": 0, "pending": 1}  # one film, whatever its chunks
 
-    again = subprocess.run([*MHMD, *args, "-w", str(work)], capture_output=True, text=True, check=True)
-    assert f"extract/chunks: {8 - done_at_kill}/{8 - done_at_kill} partitions, 0 failed" in again.stderr
+    # The rerun decodes the unfinished chunks only (one run, from the first of them): the chunks
+    # done stay as they were until the join, which reads their records and removes them.
+    real_join = extract_module.join_chunks
+    kept_at_join = {}
+
+    def join_chunks(workdir, film, films_chunks, summaries, settings):
+        kept_at_join.update({p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks.glob("parts/*.done")})
+        return real_join(workdir, film, films_chunks, summaries, settings)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(extract_module, "join_chunks", join_chunks)
+        again = run_cli(*args, "-w", work)
+    assert again.exit_code == 0, again.output
+    assert len(kept_at_join) == 8 and all(kept_at_join[name] == done_at_kill[name] for name in done_at_kill)
     assert_same_extract(work, reference)
     status = json.loads(run_cli("status", "-w", work, "--json").output)["extract"]
     assert status["partitions"] == {"done": 1, "failed": 0, "pending": 0}
@@ -175,6 +256,9 @@ class KilledAfter:
 
     def __init__(self, n: int):
         self.n = n
+
+    def worker_count(self, stage):
+        return 100  # runs of one chunk each
 
     def run(self, stage, partitions):
         LocalRunner(1).run(stage, partitions[:self.n])

@@ -198,14 +198,13 @@ def test_ray_runner_records_every_partition_when_no_actor_can_start(ray_cluster,
 
 
 def test_ray_runner_sizes_its_pool_from_the_cluster(ray_cluster, tmp_path):
-    def actors(runner: RayRunner, partitions: int, **resources) -> int:
-        stage = CountingStage(WorkDir(tmp_path), resources=Resources(**resources))
-        return runner._actor_count(ray_cluster, stage, partitions)
+    def actors(runner: RayRunner, **resources) -> int:
+        return runner.worker_count(CountingStage(WorkDir(tmp_path), resources=Resources(**resources)))
 
-    assert actors(RayRunner(), 10) == 2 and actors(RayRunner(), 10, cpus=0.5) == 4
-    assert actors(RayRunner(), 1) == 1 and actors(RayRunner(workers=1), 3) == 1
-    assert actors(RayRunner(workers=5), 3) == 2  # never more than the 2 CPUs hold
-    assert actors(RayRunner(), 3, gpus=1) == 1  # no GPU yet: one actor waits for one (an autoscaler adds it)
+    assert actors(RayRunner()) == 2 and actors(RayRunner(), cpus=0.5) == 4
+    assert actors(RayRunner(workers=1)) == 1
+    assert actors(RayRunner(workers=5)) == 2  # never more than the 2 CPUs hold
+    assert actors(RayRunner(), gpus=1) == 1  # no GPU yet: one actor waits for one (an autoscaler adds it)
 
 
 def test_a_model_stage_asks_for_a_gpu_only_when_its_model_runs_on_cuda():
