@@ -14,7 +14,7 @@ import click
 
 from . import __version__, logs
 from .devices import machine_cores
-from .errors import MhmdError, storage_error
+from .errors import InputError, MhmdError, storage_error
 from .quality import QualityThresholds, with_overrides
 from .ranges import choice_type, option_type
 from .runners import make_runner
@@ -204,9 +204,10 @@ def format_outcomes(outcomes: list[MovieOutcome]) -> str:
               help="Where ffmpeg decodes: cuda (NVIDIA NVDEC; a film it cannot decode fails), cpu, or auto "
                    "(cuda when ffmpeg can use a GPU here, a film it cannot decode decoded again on the CPU).")
 @click.option("--chunk-seconds", type=option_type("extract.chunk_seconds"), default=None,
-              help="Decode each film in chunks of about this many seconds, each by its own ffmpeg: one film's "
-                   "chunks run on several workers at once, and a killed run loses one chunk at most. The frames "
-                   "are those of an undivided decode. Not with --scenes.")
+              help="Record each film in chunks of about this many seconds: a killed run loses one chunk at most, "
+                   "and one film's chunks run on several workers when films are fewer than workers. The frames "
+                   "are those of an undivided decode. 0: whole films. [default: 60; whole films with --scenes, "
+                   "which cannot be cut]")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help=f"Movies decoded at once [default: the machine's cores, {machine_cores()}; "
                    "with --runner ray, what the cluster's CPUs hold].")
@@ -217,7 +218,7 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
                     skip_head, skip_tail, crop, jpeg_quality, decoder, chunk_seconds, workers, redo, runner,
                     ray_address, **thresholds) -> None:
     """Extract frames from movies (files or folders) into WORKDIR, resumably."""
-    from .extract import ExtractSettings, extract
+    from .extract import SCENES_IN_CHUNKS, ExtractSettings, extract
     from .media import Sampling
 
     if keyframes and scenes:
@@ -226,7 +227,10 @@ def extract_command(inputs, workdir, fps, keyframes, scenes, scene_threshold, sc
     settings = ExtractSettings(
         sampling=Sampling(mode, fps, scene_threshold, scene_max_gap), max_side=max_side or None,
         skip_head=skip_head, skip_tail=skip_tail, crop_letterbox=crop, jpeg_quality=jpeg_quality,
-        decoder=decoder, chunk_seconds=chunk_seconds, quality=with_overrides(QualityThresholds(), thresholds))
+        decoder=decoder, quality=with_overrides(QualityThresholds(), thresholds),
+        **({} if chunk_seconds is None else {"chunk_seconds": chunk_seconds}))
+    if scenes and chunk_seconds:  # asked for, not the default (which scene cuts leave aside)
+        raise InputError(SCENES_IN_CHUNKS)
     outcomes = extract(list(inputs), WorkDir(workdir), settings, make_runner(runner, workers, ray_address), redo)
     say(format_outcomes(outcomes))
     if any(o.status == "failed" for o in outcomes):

@@ -3,6 +3,7 @@ encode a JPEG only for frames that pass, and record a row for every sampled fram
 from __future__ import annotations
 
 import bisect
+import errno
 import json
 import logging
 import math
@@ -39,6 +40,13 @@ log = logging.getLogger(__name__)
 # films at once (NVDEC engines, no session limit on data-centre GPUs), each worker needing one core
 # for its filters and JPEG encoding.
 FILMS_PER_GPU = 8
+# --chunk-seconds by default. Measured (benchmarks/RESULTS.md, "extract in chunks"): a chunk costs
+# its records, about 7 ms of CPU (one ffmpeg decodes each worker's run of chunks), 1-2% of the
+# cheapest 60 s there is to decode (720p, x264 ultrafast); what it buys is a kill that loses a
+# minute of film, not a whole film (12 minutes of decoding for 2 hours of 1080p on 2 cores).
+DEFAULT_CHUNK_SECONDS = 60.0
+SCENES_IN_CHUNKS = ("--chunk-seconds: scene-cut sampling (--scenes) cannot be cut into chunks, since whether a "
+                    "frame is taken depends on the last one taken: leave out one of them")
 
 @dataclass(frozen=True)
 class ExtractSettings:
@@ -54,10 +62,11 @@ class ExtractSettings:
     # setting a done movie must share (`_check_same_settings`): it changes where frames are
     # decoded, not which.
     decoder: str = "auto"
-    # Seconds of film each ffmpeg decodes (None: a whole film each): the chunks of one film run at
-    # once on several workers and a killed run loses one chunk at most. Not a setting a done movie
-    # must share either: chunked or not, a film gives the same rows and JPEGs.
-    chunk_seconds: float | None = None
+    # Seconds of film between commits (None or 0: whole films): a killed run loses one chunk at
+    # most, and the chunks of one film run at once on several workers when films are fewer than
+    # workers. Scene-cut sampling cannot be cut and decodes whole films by default. Not a setting a
+    # done movie must share either: chunked or not, a film gives the same rows and JPEGs.
+    chunk_seconds: float | None = DEFAULT_CHUNK_SECONDS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,10 +231,25 @@ class ChunkStage(ExtractStage):
             folder = chunk_frames_dir(self.workdir, chunk.id)
             shutil.rmtree(folder, ignore_errors=True)  # JPEGs of an attempt killed before its commit
             folder.mkdir(parents=True)
+        committed: list[dict] = []
+        try:
+            self._decode_run(chunks, path, movie, geometry, part, run_progress, committed)
+        except BaseException:
+            for chunk in chunks[len(committed):]:  # on a full disk, this frees the room the failure's record needs
+                shutil.rmtree(chunk_frames_dir(self.workdir, chunk.id), ignore_errors=True)
+            raise
+        progress(span, span)
+        return committed[-1]
+
+    def _decode_run(self, chunks: list[Partition], path: Path, movie: str, geometry: "MovieGeometry", part: Part,
+                    progress, committed: list[dict]) -> None:
+        """Decode the run with one ffmpeg, each frame's row going to the chunk its slot (or time) lies
+        in, and commit each chunk once a frame past it arrives, appending its summary to `committed`."""
+        sampling = self.settings.sampling
         firsts = [chunk.info["part"][0] for chunk in chunks[1:]]  # where each later chunk starts
         no_runs = replace(self.settings.quality, max_hash_distance=-1)
-        decoded, rows, committed, started = Decoded(), [], [], time.monotonic()
-        for verdict in self._decode(path, movie, geometry, part, run_progress, no_runs, decoded):
+        decoded, rows, started = Decoded(), [], time.monotonic()
+        for verdict in self._decode(path, movie, geometry, part, progress, no_runs, decoded):
             while len(committed) < bisect.bisect_right(firsts, sampling.position(geometry.start,
                                                                                  verdict.meta["timestamp"])):
                 committed.append(self._commit_chunk(chunks[len(committed)], rows, decoded, started))
@@ -236,8 +260,6 @@ class ChunkStage(ExtractStage):
         committed.append(self._commit_chunk(chunks[len(committed)], rows, decoded, started))
         nothing = replace(decoded, stats=DecodeStats())
         committed += [self._commit_chunk(chunk, [], nothing, time.monotonic()) for chunk in chunks[len(committed):]]
-        progress(span, span)
-        return committed[-1]
 
     def _commit_chunk(self, chunk: Partition, rows: list[dict], decoded: "Decoded", started: float) -> dict:
         """Record a chunk's rows (its JPEGs are in its folder) and its done marker."""
@@ -342,16 +364,19 @@ def _compared(settings: dict) -> dict:
     return {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in ("decoder", "chunk_seconds")}
 
 
-def _check_chunks(settings: ExtractSettings) -> None:
-    """--chunk-seconds: a positive number, and not with scene-cut sampling."""
-    if settings.chunk_seconds is None:
-        return
+def _with_chunks(settings: ExtractSettings) -> ExtractSettings:
+    """The settings with the chunks they decode in: 0 is None (whole films), and so is the default
+    with scene-cut sampling; InputError for a length out of range, or one asked of scene cuts."""
+    if not settings.chunk_seconds:
+        return replace(settings, chunk_seconds=None)
     problem = RANGES["extract.chunk_seconds"].problem(settings.chunk_seconds)
     if problem:
         raise InputError(f"--chunk-seconds: {problem}")
     if settings.sampling.mode == "scenes":
-        raise InputError("--chunk-seconds: scene-cut sampling (--scenes) cannot be cut into chunks, since whether "
-                         "a frame is taken depends on the last one taken: leave out one of them")
+        if settings.chunk_seconds == DEFAULT_CHUNK_SECONDS:
+            return replace(settings, chunk_seconds=None)
+        raise InputError(SCENES_IN_CHUNKS)
+    return settings
 
 
 _HASH = re.compile(r"[0-9a-f]{8}")
@@ -610,7 +635,7 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summ
     for chunk in chunks:
         for jpeg in chunk_frames_dir(workdir, chunk.id).iterdir():
             if jpeg.name in kept:
-                os.link(jpeg, staging / jpeg.name)
+                _link_or_copy(jpeg, staging / jpeg.name)
     final_frames = workdir.frames_dir(movie)
     shutil.rmtree(final_frames, ignore_errors=True)
     final_frames.parent.mkdir(parents=True, exist_ok=True)
@@ -625,6 +650,17 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summ
     return PartitionResult(movie, True, None, summary)
 
 
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link, or a copy on a file system without them (FAT, exFAT, some network and FUSE
+    mounts): either way the chunk keeps its JPEG until the film is committed."""
+    try:
+        os.link(source, target)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        shutil.copyfile(source, target)
+
+
 @writes("workdir")
 def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: ExtractSettings | None = None,
             runner=None, redo: bool = False) -> list[MovieOutcome]:
@@ -632,8 +668,7 @@ def extract(inputs: list[str | Path], workdir: WorkDir | str | Path, settings: E
     Movies already done are skipped, so a killed run resumes where it stopped; `redo` extracts
     them again (e.g. with new quality thresholds)."""
     workdir = workdir if isinstance(workdir, WorkDir) else WorkDir(workdir)
-    settings = settings or ExtractSettings()
-    _check_chunks(settings)
+    settings = _with_chunks(settings or ExtractSettings())
     require_ffmpeg()  # here, not in the workers: an old ffmpeg stops the command, not each movie
     stage = ExtractStage(workdir, settings)
     pick_decoder(stage.settings.decoder)  # --decoder cuda without a GPU: one line here, not a failure per movie

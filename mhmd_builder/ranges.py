@@ -59,7 +59,7 @@ RANGES: dict[str, Range] = {
     "extract.skip_head": AT_LEAST_0,
     "extract.skip_tail": AT_LEAST_0,
     "extract.jpeg_quality": Range(1, 100),
-    "extract.chunk_seconds": POSITIVE,
+    "extract.chunk_seconds": AT_LEAST_0,
     "detect.batch": AT_LEAST_1,
     "detect.imgsz": Range(32),
     "detect.conf": FRACTION,

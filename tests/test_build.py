@@ -49,13 +49,13 @@ def test_shipped_recipes_load_and_bad_ones_are_refused_with_file_and_key(tmp_pat
     assert paper.sample.fraction == 0.01 and abs(paper.shard.test_fraction - 100_001 / 1_353_166) < 1e-4
     assert paper.labeler.arch == "resnet50" and paper.labels is None
     assert load_pipeline("demo.yaml").extract.sampling.fps == 2.0  # a shipped recipe by name
-    assert paper.extract.chunk_seconds is None
+    assert paper.extract.chunk_seconds == 60
     bad = tmp_path / "bad.yaml"
     for text, message in [("detect: {max_persns: 3}", "detect: unknown setting 'max_persns'"),
                           ("shard: {maxcount: many}", "shard.maxcount: expected int"),
                           ("extract: {sampling: {fps: 1.5x}}", "extract.sampling.fps: expected float"),
                           ("extract: {crop_letterbox: 1}", "expected true or false"),
-                          ("extract: {chunk_seconds: 0}", r"extract.chunk_seconds: 0.0 is not in the range 0 < x"),
+                          ("extract: {chunk_seconds: -1}", r"extract.chunk_seconds: -1.0 is not in the range 0 <= x"),
                           ("extract: {chunk_seconds: soon}", "extract.chunk_seconds: expected float"),
                           ("extract: [1, 2]", "extract: expected a map"),
                           ("detect: {detector: yolo", "not valid YAML")]:

@@ -52,16 +52,16 @@ def test_results_go_to_stdout_and_notices_to_stderr_which_q_silences(movies, tmp
     work = tmp_path / "w"
     plain = mhmd("extract", str(movies), "-w", str(work))
     # CliRunner's stderr is no terminal: the progress comes as a plain line there, never on stdout.
-    assert "extract: 1/1 partitions, 0 failed" in plain.stderr
+    assert "extract/chunks: 1/1 partitions, 0 failed" in plain.stderr  # the film's run of chunks
     assert "partitions" not in plain.stdout and "1 movies extracted" in plain.stdout
     quiet = mhmd("-q", "extract", str(movies), "-w", str(work), "--redo")
     assert quiet.exit_code == 0 and quiet.stderr == "" and "1 movies extracted" in quiet.stdout
-    assert (work / LOG_NAME).read_text().count("extract: 1/1 partitions") == 2  # the log has it all the same
+    assert (work / LOG_NAME).read_text().count("extract/chunks: 1/1 partitions") == 2  # the log has it all the same
 
 
 def test_v_adds_each_partitions_time(movies, tmp_path):
     verbose = mhmd("-v", "extract", str(movies), "-w", str(tmp_path / "w"))
-    assert re.search(r"^extract: a-\w+ done after \d+\.\d s$", verbose.stderr, re.M)
+    assert re.search(r"^extract/chunks: a-\w+@0 done after \d+\.\d s$", verbose.stderr, re.M)
     assert "DEBUG" not in (tmp_path / "w" / LOG_NAME).read_text()  # the log keeps INFO and above
 
 

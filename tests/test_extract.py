@@ -214,18 +214,31 @@ def assert_resumed_as_never_interrupted(work: Path, reference: Path, args: list[
     assert len(jpegs) == int(ours.kept.sum())
 
 
-def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory):
+@pytest.mark.parametrize("chunks,committed,writing", [
+    # whole films: a film's JPEGs are written to its staging folder, its table committed at its end
+    ("0", "extract/parts/*.done", "extract/tmp/*/frames/*.jpg"),
+    # the default, a run of chunks per film (one chunk each here): a chunk's JPEGs are written to its
+    # own folder, its records committed at its end; the films are joined once all are done
+    ("60", "extract/chunks/parts/*.done", "extract/chunks/frames/*/*.jpg"),
+])
+def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory, chunks, committed, writing):
     args, reference = four_films_extracted_once(tmp_path, movie_factory, workers=1)
+    args += ["--chunk-seconds", chunks]
     work = tmp_path / "work"
     proc = subprocess.Popen([*MHMD, *args, "-w", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 60
-    while not list((work / "extract" / "tmp").glob("*/frames/*.jpg")) or not list(work.glob("extract/parts/*.done")):
+
+    def being_written() -> set[str]:  # the folders of films or chunks with JPEGs and no record yet
+        done = {p.name.removesuffix(".done") for p in work.glob(committed)}
+        return {p.parent.name if chunks != "0" else p.parents[1].name for p in work.glob(writing)} - done
+
+    while not being_written() or not list(work.glob(committed)):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-movie, after at least one movie was committed
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-movie, after at least one movie (or chunk) was committed
     proc.wait()
-    done_at_kill = len(list(work.glob("extract/parts/*.done")))
+    done_at_kill = len(list(work.glob(committed)))
     assert 1 <= done_at_kill < 4
     assert_resumed_as_never_interrupted(work, reference, args)
     assert not list((work / "extract" / "tmp").glob("*"))
@@ -299,7 +312,7 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
     proc = subprocess.Popen([sys.executable, *INTERRUPTIBLE_MHMD, *args, "-w", str(work)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not list(work.glob("extract/progress/*.json")):
+    while not list(work.glob("extract/chunks/progress/*.json")):  # runs of a film's chunks (a run per film here)
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -308,7 +321,7 @@ def test_ctrl_c_stops_in_one_line_and_the_rerun_resumes(tmp_path, movie_factory)
     # stderr is a pipe: the progress comes as plain lines, the last one where the run stopped
     *progress, last = err.strip().splitlines()
     assert out == "" and last == "interrupted: rerun the same command to resume"
-    assert progress and all(re.fullmatch(r"extract: [0-3]/4 partitions, 0 failed", line) for line in progress)
+    assert progress and all(re.fullmatch(r"extract/chunks: [0-3]/4 partitions, 0 failed", line) for line in progress)
     assert "ERROR interrupted" in (work / LOG_NAME).read_text()
     assert not [p for p in work.rglob("*") if ".tmp" in p.name]
     assert_resumed_as_never_interrupted(work, reference, args)

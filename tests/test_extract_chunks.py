@@ -1,5 +1,6 @@
 """extract --chunk-seconds: a film decoded in time ranges gives the rows, JPEGs and shards of an
 undivided extract, duplicate runs included, and a killed run loses one chunk at most."""
+import errno
 import json
 import os
 import signal
@@ -179,6 +180,21 @@ def test_a_film_cut_short_gives_the_frames_and_warning_of_an_undivided_extract(t
         assert_same_extract(work, tmp_path / "whole")
 
 
+def test_on_a_file_system_without_hard_links_the_join_copies_the_jpegs(tmp_path, monkeypatch):
+    """exFAT, FAT and some network mounts refuse link(2) with EPERM: the chunks' JPEGs are copied."""
+    film = make_movie(tmp_path / "film.mp4", seconds=6, size="320x240", codec=GOP_1S)
+    settings = ExtractSettings(sampling=Sampling("fps", 2.0))
+    extract([film], tmp_path / "whole", settings)
+
+    def refuse(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(target))
+
+    monkeypatch.setattr(os, "link", refuse)
+    [outcome] = extract([film], tmp_path / "chunked", replace(settings, chunk_seconds=2.0), InOneProcess(2))
+    assert outcome.status == "done" and outcome.summary["chunks"] == 3
+    assert_same_extract(tmp_path / "chunked", tmp_path / "whole")
+
+
 def test_a_film_without_a_usable_key_frame_index_is_cut_at_plain_borders(tmp_path, monkeypatch):
     """key_frames_at's None: ffprobe failed, timed out or answered other than one key frame a time."""
     film = make_movie(tmp_path / "film.mp4", seconds=12, size="320x240", codec=GOP_1S)
@@ -285,14 +301,14 @@ def test_an_undivided_extract_after_a_killed_chunked_one_leaves_no_chunk_behind(
 
 def test_chunk_seconds_must_be_positive_and_not_with_scene_cuts(tmp_path):
     film = make_movie(tmp_path / "a.mp4", seconds=1)
-    for bad in ("0", "-5", "nan"):
+    for bad in ("-5", "nan"):
         result = run_cli("extract", film, "-w", tmp_path / "w", "--chunk-seconds", bad)
         assert result.exit_code == 2 and "--chunk-seconds" in result.output
     scenes = run_cli("extract", film, "-w", tmp_path / "w", "--scenes", "--chunk-seconds", 60)
     assert scenes.exit_code == 1 and scenes.output.count("\n") == 1
     assert scenes.output.startswith("Error: --chunk-seconds: scene-cut sampling (--scenes) cannot be cut into chunks")
-    with pytest.raises(InputError, match=r"^--chunk-seconds: 0 is not in the range 0 < x$"):
-        extract([film], tmp_path / "w", ExtractSettings(chunk_seconds=0))
+    with pytest.raises(InputError, match=r"^--chunk-seconds: -1 is not in the range 0 <= x$"):
+        extract([film], tmp_path / "w", ExtractSettings(chunk_seconds=-1))
     with pytest.raises(InputError, match="scene-cut sampling"):
         extract([film], tmp_path / "w", ExtractSettings(sampling=Sampling("scenes"), chunk_seconds=10))
     assert not (tmp_path / "w" / "extract").exists()
