@@ -6,7 +6,7 @@
 Makes a film with ffmpeg (testsrc2, 16:9 at `--height` lines (1280x720 unless told), 24 fps, H.264
 at x264's `--preset` with a 10 s GOP, a minute encoded once and repeated), then runs each
 of these `--repeats` times, round-robin, each in a fresh work directory:
-  1. `mhmd extract F -w W --workers 1`                         the undivided film
+  1. `mhmd extract F -w W --workers 1 --chunk-seconds 0`      the undivided film
   2. `mhmd extract F -w W --workers 1 --chunk-seconds C`       goal: <= 1.05 x (1), wall and CPU
   3. `mhmd extract F -w W --workers 2 --chunk-seconds C`       the chunks of one film on two workers
 (2 and 3 for each of `--workers`, 1 and 2 unless told)
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="mhmd-chunks-"))
     film = make_film(args.keep or scratch, args.seconds, args.height, args.preset)
-    runs = {"undivided, 1 worker": ["--workers", "1"]}
+    runs = {"undivided, 1 worker": ["--workers", "1", "--chunk-seconds", "0"]}
     for chunk in args.chunks:
         for workers in args.workers:
             runs[f"chunks of {chunk:g} s, {workers} worker{'s' * (workers > 1)}"] = [
