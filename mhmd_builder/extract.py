@@ -547,8 +547,9 @@ def _film_failed(workdir: WorkDir, film: Partition, reason: str) -> PartitionRes
 
 def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[Partition], runner,
                        redo: bool) -> dict[str, PartitionResult]:
-    """Each film's chunks through the runner (the chunks done with the same inputs in an earlier
-    run kept, unless `redo`), then each film whose chunks are all done joined into its partition."""
+    """Each film's chunks through the runner as runs (the chunks done with the same inputs in an
+    earlier run kept, unless `redo`), each film joined into its partition as soon as its last run
+    ends (a film with no chunk left to do, right away)."""
     results: dict[str, PartitionResult] = {}
     planned: dict[str, list[Partition]] = {}
     chunked = _films_in_chunks(films, settings)
@@ -565,19 +566,31 @@ def _extract_in_chunks(workdir: WorkDir, settings: ExtractSettings, films: list[
         workdir.begin(STAGE, movie)
     stage = ChunkStage(workdir, settings)
     runs = {run.id: run for run in chunk_runs(pending, runner.worker_count(stage))}
+    runs_left = Counter(run.info["chunks"][0].info["movie_id"] for run in runs.values())
+    films_by_id = {film.id: film for film in films}
     failures: dict[str, str] = {}
-    for result in runner.run(stage, list(runs.values())):
-        chunks = runs[result.id].info["chunks"]
-        if not result.ok:
-            named = chunks[0].id if len(chunks) == 1 else f"{chunks[0].id} to {chunks[-1].id}"
-            failures.setdefault(chunks[0].info["movie_id"], f"chunk{'s' * (len(chunks) > 1)} {named}: {result.reason}")
-    done = workdir.done(CHUNKS)
-    for film in films:
-        chunks = planned.get(film.id, [])
+
+    def settle(film: Partition) -> None:
+        """The film joined, or recorded failed with its first failed run's reason."""
         if film.id in failures:
             results[film.id] = _film_failed(workdir, film, failures[film.id])
-        elif chunks:
-            results[film.id] = join_chunks(workdir, film, chunks, [done[c.id] for c in chunks], settings)
+        else:
+            results[film.id] = join_chunks(workdir, film, planned[film.id], settings)
+
+    def run_ended(result: PartitionResult) -> None:
+        chunks = runs[result.id].info["chunks"]
+        movie = chunks[0].info["movie_id"]
+        if not result.ok:
+            named = chunks[0].id if len(chunks) == 1 else f"{chunks[0].id} to {chunks[-1].id}"
+            failures.setdefault(movie, f"chunk{'s' * (len(chunks) > 1)} {named}: {result.reason}")
+        runs_left[movie] -= 1
+        if not runs_left[movie]:
+            settle(films_by_id[movie])
+
+    for movie in planned:
+        if not runs_left[movie]:
+            settle(films_by_id[movie])
+    runner.run(stage, list(runs.values()), run_ended)
     return results
 
 
@@ -611,13 +624,15 @@ def decide_duplicates(rows: list[dict], max_distance: int) -> list[dict]:
     return rows
 
 
-def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], summaries: list[dict],
-                settings: ExtractSettings) -> PartitionResult:
-    """The film's partition from its done chunks (and their done markers' `summaries`): their rows
+def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], settings: ExtractSettings) -> PartitionResult:
+    """The film's partition from its done chunks (their tables and done markers): their rows
     in time order with duplicate runs decided over the whole film, the kept frames' JPEGs linked
     into W/frames/<movie> (the chunks keep theirs until the film is committed, so a join killed
     halfway is simply done again), the film's table and done marker; the chunks' records go last."""
     started, movie = time.monotonic(), film.id
+    summaries = [workdir.done_record(CHUNKS, c.id) for c in chunks]
+    if None in summaries:  # a run ended well but its chunk's records do not read (changed under it)
+        return _film_failed(workdir, film, f"chunk {chunks[summaries.index(None)].id}: its records do not read")
     tables = [workdir.read_partition(CHUNKS, c.id) for c in chunks]  # DamagedFileError names a damaged one
     table = pa.concat_tables(tables, promote_options="default")
     unique = {}

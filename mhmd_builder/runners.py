@@ -203,27 +203,31 @@ class LocalRunner:
     def worker_count(self, stage: Stage) -> int:
         return max(1, self.workers or stage.resources.local_workers or machine_cores())
 
-    def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
+    def run(self, stage: Stage, partitions: list[Partition], on_result=None) -> list[PartitionResult]:
+        """Every partition's result; `on_result(result)` (optional) is called here as each ends."""
         if not partitions:
             return []
         display = ProgressDisplay(stage.name, len(partitions), stage.workdir, stage.unit)
+        finish = _finisher(display, on_result)
         try:
             if self.worker_count(stage) == 1 or len(partitions) == 1:
-                return self._run_inline(stage, partitions, display)
-            return self._run_pool(stage, partitions, display)
+                return self._run_inline(stage, partitions, display, finish)
+            return self._run_pool(stage, partitions, display, finish)
         finally:
             display.close()
 
     @staticmethod
-    def _run_inline(stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
+    def _run_inline(stage: Stage, partitions: list[Partition], display: ProgressDisplay,
+                    finish) -> list[PartitionResult]:
         worker = _Worker(stage, lambda msg: display.update(*msg))
         results = []
         for partition in partitions:
             results.append(worker.run(partition))
-            display.finish(results[-1])
+            finish(results[-1])
         return results
 
-    def _run_pool(self, stage: Stage, partitions: list[Partition], display: ProgressDisplay) -> list[PartitionResult]:
+    def _run_pool(self, stage: Stage, partitions: list[Partition], display: ProgressDisplay,
+                  finish) -> list[PartitionResult]:
         ctx = mp.get_context(stage.resources.start_method)
         progress_queue = ctx.Queue()
         stop = threading.Event()
@@ -239,7 +243,7 @@ class LocalRunner:
                     futures = {pool.submit(_worker_run, p): p for p in partitions}
                     for future in as_completed(futures):
                         results.append(self._result_of(stage, futures[future], future))
-                        display.finish(results[-1])
+                        finish(results[-1])
                 except KeyboardInterrupt:
                     _stop_pool(pool)
                     raise
@@ -254,6 +258,15 @@ class LocalRunner:
             return future.result()
         except Exception as e:  # noqa: BLE001 - a worker that died (killed, out of memory)
             return _worker_died(stage, partition, e)
+
+
+def _finisher(display: ProgressDisplay, on_result):
+    """What the driver does as each partition ends: the display's line, then the caller's `on_result`."""
+    def finish(result: PartitionResult) -> None:
+        display.finish(result)
+        if on_result is not None:
+            on_result(result)
+    return finish
 
 
 def _drain(progress_queue, display: ProgressDisplay, stop: threading.Event) -> None:
@@ -300,7 +313,8 @@ class RayRunner:
     def __init__(self, address: str | None = None, workers: int | None = None, retries: int = 2):
         self.address, self.workers, self.retries = address, workers, retries
 
-    def run(self, stage: Stage, partitions: list[Partition]) -> list[PartitionResult]:
+    def run(self, stage: Stage, partitions: list[Partition], on_result=None) -> list[PartitionResult]:
+        """Every partition's result; `on_result(result)` (optional) is called here as each ends."""
         if not partitions:
             return []
         ray = connect_ray(self.address)
@@ -319,7 +333,7 @@ class RayRunner:
             return actors[-1]
 
         try:
-            return self._schedule(ray, stage, partitions, new_actor, display)
+            return self._schedule(ray, stage, partitions, new_actor, _finisher(display, on_result))
         finally:
             stop.set()
             drainer.join()
@@ -329,7 +343,7 @@ class RayRunner:
             display.close()
 
     def _schedule(self, ray, stage: Stage, partitions: list[Partition], new_actor,
-                  display: ProgressDisplay) -> list[PartitionResult]:
+                  finished) -> list[PartitionResult]:
         from ray.exceptions import RayActorError
 
         todo = deque(partitions)
@@ -341,7 +355,7 @@ class RayRunner:
 
         def finish(result: PartitionResult) -> None:
             results.append(result)
-            display.finish(result)
+            finished(result)
 
         try:
             while todo or running:

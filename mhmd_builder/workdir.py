@@ -280,8 +280,12 @@ class WorkDir:
     def is_done(self, stage: str, partition: str) -> bool:
         """Whether one partition is done by the rules of `done`: its marker reads and so does its
         table's footer."""
-        return (_record(self._marker(stage, partition, "done")) is not None
-                and _table_problem(self.table_path(stage, partition)) is None)
+        return self.done_record(stage, partition) is not None
+
+    def done_record(self, stage: str, partition: str) -> dict | None:
+        """One partition's done marker if it is done by the rules of `done`, else None."""
+        record = _record(self._marker(stage, partition, "done"))
+        return record if record is not None and _table_problem(self.table_path(stage, partition)) is None else None
 
     def _markers(self, stage: str, kind: str) -> dict[str, dict | None]:
         """Every `kind` marker of a stage: its json object, or None when it is damaged."""

@@ -214,14 +214,14 @@ def assert_resumed_as_never_interrupted(work: Path, reference: Path, args: list[
     assert len(jpegs) == int(ours.kept.sum())
 
 
-@pytest.mark.parametrize("chunks,committed,writing", [
+@pytest.mark.parametrize("chunks,writing,recorded", [
     # whole films: a film's JPEGs are written to its staging folder, its table committed at its end
-    ("0", "extract/parts/*.done", "extract/tmp/*/frames/*.jpg"),
+    ("0", "extract/tmp/*/frames/*.jpg", "extract/parts/*.done"),
     # the default, a run of chunks per film (one chunk each here): a chunk's JPEGs are written to its
-    # own folder, its records committed at its end; the films are joined once all are done
-    ("60", "extract/chunks/parts/*.done", "extract/chunks/frames/*/*.jpg"),
+    # own folder, its records committed at its end, and the film joined right after
+    ("60", "extract/chunks/frames/*/*.jpg", "extract/chunks/parts/*.done"),
 ])
-def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory, chunks, committed, writing):
+def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_factory, chunks, writing, recorded):
     args, reference = four_films_extracted_once(tmp_path, movie_factory, workers=1)
     args += ["--chunk-seconds", chunks]
     work = tmp_path / "work"
@@ -229,16 +229,16 @@ def test_killed_run_resumes_with_no_frame_lost_or_duplicated(tmp_path, movie_fac
                             start_new_session=True)
     deadline = time.monotonic() + 60
 
-    def being_written() -> set[str]:  # the folders of films or chunks with JPEGs and no record yet
-        done = {p.name.removesuffix(".done") for p in work.glob(committed)}
-        return {p.parent.name if chunks != "0" else p.parents[1].name for p in work.glob(writing)} - done
+    def being_written() -> set[str]:  # films (or chunks) with JPEGs written and no record yet
+        folders = {p.parent.name if chunks != "0" else p.parents[1].name for p in work.glob(writing)}
+        return folders - {p.name.removesuffix(".done") for p in work.glob(recorded)}
 
-    while not being_written() or not list(work.glob(committed)):
+    while not being_written() or not list(work.glob("extract/parts/*.done")):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-movie, after at least one movie (or chunk) was committed
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-movie, after at least one movie was committed
     proc.wait()
-    done_at_kill = len(list(work.glob(committed)))
+    done_at_kill = len(list(work.glob("extract/parts/*.done")))
     assert 1 <= done_at_kill < 4
     assert_resumed_as_never_interrupted(work, reference, args)
     assert not list((work / "extract" / "tmp").glob("*"))

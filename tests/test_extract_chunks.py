@@ -161,8 +161,8 @@ class InOneProcess:
     def worker_count(self, stage):
         return self.workers
 
-    def run(self, stage, partitions):
-        return LocalRunner(1).run(stage, partitions)
+    def run(self, stage, partitions, on_result=None):
+        return LocalRunner(1).run(stage, partitions, on_result)
 
 
 def test_a_film_cut_short_gives_the_frames_and_warning_of_an_undivided_extract(tmp_path):
@@ -178,6 +178,24 @@ def test_a_film_cut_short_gives_the_frames_and_warning_of_an_undivided_extract(t
         [chunked] = extract([film], work, replace(settings, chunk_seconds=2.0), InOneProcess(workers))
         assert chunked.status == "done" and chunked.summary["warnings"] == whole.summary["warnings"]
         assert_same_extract(work, tmp_path / "whole")
+
+
+def test_each_film_is_joined_as_soon_as_its_last_run_ends(tmp_path, monkeypatch):
+    """Films are committed one by one as their runs end, not all after the last run: `status` counts
+    them done, and a kill later keeps them."""
+    (tmp_path / "films").mkdir()
+    for name, hue in (("a", 0), ("b", 90)):  # two films, not two copies of one
+        make_movie(tmp_path / "films" / f"{name}.mp4", seconds=4, size="320x240", vf=f"hue=h={hue}", codec=GOP_1S)
+    events = []
+    real_process, real_join = ChunkStage.process, extract_module.join_chunks
+    monkeypatch.setattr(ChunkStage, "process", lambda self, run, progress: events.append(("run", run.id[0], len(
+        run.info["chunks"]))) or real_process(self, run, progress))
+    monkeypatch.setattr(extract_module, "join_chunks", lambda workdir, film, *rest: events.append(
+        ("join", film.id[0], len(workdir.done("extract")))) or real_join(workdir, film, *rest))
+    settings = ExtractSettings(sampling=Sampling("fps", 2.0), chunk_seconds=2.0)
+    outcomes = extract([tmp_path / "films"], tmp_path / "work", settings, InOneProcess(1))
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert events == [("run", "a", 2), ("join", "a", 0), ("run", "b", 2), ("join", "b", 1)]
 
 
 def test_on_a_file_system_without_hard_links_the_join_copies_the_jpegs(tmp_path, monkeypatch):
@@ -247,9 +265,9 @@ def test_a_run_killed_inside_a_chunk_resumes_with_only_the_unfinished_chunks(tmp
     real_join = extract_module.join_chunks
     kept_at_join = {}
 
-    def join_chunks(workdir, film, films_chunks, summaries, settings):
+    def join_chunks(workdir, film, films_chunks, settings):
         kept_at_join.update({p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in chunks.glob("parts/*.done")})
-        return real_join(workdir, film, films_chunks, summaries, settings)
+        return real_join(workdir, film, films_chunks, settings)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(extract_module, "join_chunks", join_chunks)
@@ -276,8 +294,8 @@ class KilledAfter:
     def worker_count(self, stage):
         return 100  # runs of one chunk each
 
-    def run(self, stage, partitions):
-        LocalRunner(1).run(stage, partitions[:self.n])
+    def run(self, stage, partitions, on_result=None):
+        LocalRunner(1).run(stage, partitions[:self.n], on_result)
         raise Killed
 
 
