@@ -20,9 +20,11 @@ from typing import Iterator
 import cv2
 import pyarrow as pa
 import xxhash
+from tqdm import tqdm
 
 from .devices import machine_cores, pick_decoder
 from .errors import InputError
+from .logs import bars_disable
 from .media import (BORDER_MARGIN, EXACT_SEEK_CONTAINERS, SEEK_SLACK, Crop, DecodeStats, MediaError, MovieInfo,
                     Part, Sampling, content_hash, cuda_decodes, decode_frames, detect_letterbox, find_movies,
                     key_frames_at, movie_id, output_size, probe, require_ffmpeg, slug)
@@ -497,7 +499,8 @@ def chunk_inputs(info: dict, settings: ExtractSettings) -> dict:
 
 def _films_in_chunks(films: list[Partition], settings: ExtractSettings) -> dict[str, list[Partition] | PartitionError]:
     """Each film's chunks, cut from its geometry (probe, window, letterbox: decided once for all its
-    chunks) and key frames; the films at once, since each is mostly waiting for ffprobe and ffmpeg."""
+    chunks) and key frames; the films at once, since each is mostly waiting for ffprobe and ffmpeg.
+    About half a second a film before any decoding starts: a bar shows it."""
     def chunks(film: Partition) -> list[Partition] | PartitionError:
         try:
             return _chunk_partitions(film, film_geometry(Path(film.info["path"]), settings), settings)
@@ -505,7 +508,9 @@ def _films_in_chunks(films: list[Partition], settings: ExtractSettings) -> dict[
             return e
 
     with ThreadPoolExecutor(machine_cores()) as pool:
-        return dict(zip([f.id for f in films], pool.map(chunks, films)))
+        planned = tqdm(pool.map(chunks, films), desc="extract: cutting films into chunks", total=len(films),
+                       unit="film", leave=False, disable=bars_disable())
+        return dict(zip([f.id for f in films], planned))
 
 
 def _chunk_partitions(film: Partition, geometry: MovieGeometry, settings: ExtractSettings) -> list[Partition]:
