@@ -1,9 +1,10 @@
 """Whole-dataset commands at scale: time and peak memory of `mhmd status`, `manifest export`,
 `filter`, `sample`, `labels import`, `shard` and `report` on synthetic work directories of N frames,
-with a growth fit, and `mhmd shard` against `tar cf` of the same JPEGs in the same run.
+with a growth fit, and `mhmd shard` against two plain tar writes in the same run: `tar cf` of the
+same JPEGs, and `tar cf members` of the same members (the bytes shard writes).
 
     uv run python benchmarks/scale.py [--sizes 20000 60000] [--films 20 | --frames-per-film K]
-                                      [--jpeg-kb KB] [--keep DIR [--reuse]] [--commands shard "tar cf"]
+                                      [--jpeg-kb KB] [--keep DIR [--reuse]] [--commands shard "tar cf" ...]
 
 The work directory is written through the stages' own table schemas (`tables.py`) and the work
 directory's own commit (`WorkDir.commit`: table, then done marker with the stage's counts), as
@@ -18,6 +19,11 @@ real 640 px frame's size instead, where the bytes written weigh as they do in a 
 `--films` is the same at every size (a film's frames grow with N); `--frames-per-film` makes the
 films grow instead, as a collection of ever more films of a film's length does (23,130: the paper's
 ~3.4 M sampled frames over its 147 films).
+
+`tar cf members` extracts each of shard's tars (untimed: a sample's jpg, json and cls as three
+files) and times `tar cf` of those files in the tar's order, a tar a shard (`members_tars`): a plain
+tar write of the bytes shard writes, three members of a header and padding each a sample where `tar
+cf` of the JPEGs writes one (with 1 KB JPEGs, ~3.5 KB against ~1.5 KB a sample).
 
 Peak memory: the largest sum of the proportional set sizes (PSS, Linux) of the command's process
 and all its descendants, sampled every 50 ms with psutil: a page shared by forked writers counts
@@ -64,6 +70,9 @@ GOOD_SCORES = {"colorfulness": 30.0, "chroma": 20.0, "chroma_spread": 10.0, "hue
                "white_fraction": 0.02, "short_side": 480.0}
 # The commands run at each size, in this order ("status, built": status again after filter and shard).
 STEPS = ("status", "manifest export", "filter", "sample", "labels import", "shard", "report", "status, built")
+# Shard's baselines, after the commands: `tar cf` of the JPEGs the shards hold, and of the members they
+# hold (every sample's jpg, json and cls as files: the bytes shard writes).
+BASELINES = ("tar cf", "tar cf members")
 
 
 def tiny_jpeg() -> bytes:
@@ -217,7 +226,7 @@ def filled_labels(todo: Path, out: Path) -> None:
 
 def run_size(root: Path, frames: int, films: int, commands: list[str],
              jpeg: bytes | None = None) -> dict[str, tuple[float, int, float]]:
-    """Time `commands` (every one of STEPS and "tar cf" by default) on the work directory of `frames`
+    """Time `commands` (every one of STEPS and BASELINES by default) on the work directory of `frames`
     frames in root/work, made unless it is there (--reuse)."""
     started = time.perf_counter()
     work = WorkDir(root / "work") if (root / "work").is_dir() else make_workdir(root, frames, films, data=jpeg)
@@ -242,16 +251,56 @@ def run_size(root: Path, frames: int, films: int, commands: list[str],
         if name == "labels import":
             filled_labels(root / "todo.csv", root / "labelled.csv")
         results[name] = measured([MHMD, "-q", *args], root)
-        print(f"  {name:<16}{results[name][0]:8.1f} s {results[name][1] / 2**20:8.0f} MiB "
-              f"{results[name][2]:8.1f} CPU s", flush=True)
+        if name == "shard":
+            results[name] += (sum(tar.stat().st_size for tar in (root / "shards").glob("*.tar")),)
+        print(f"  {name:<16}{format_run(*results[name])}", flush=True)
     if "tar cf" in commands:
         listed = sharded_jpegs(work, root / "sharded.txt")
-        results["tar cf"] = measured(["tar", "cf", str(root / "plain.tar"), "--hard-dereference", "-C", w,
-                                      "--verbatim-files-from", "-T", str(listed)], root)
-        (root / "plain.tar").unlink()
-        print(f"  {'tar cf':<16}{results['tar cf'][0]:8.1f} s {results['tar cf'][1] / 2**20:8.0f} MiB "
-              f"{results['tar cf'][2]:8.1f} CPU s", flush=True)
+        results["tar cf"] = plain_tar(root, ["--hard-dereference", "-C", w], listed)
+        print(f"  {'tar cf':<16}{format_run(*results['tar cf'])}", flush=True)
+    if "tar cf members" in commands:
+        results["tar cf members"] = members_tars(root, root / "shards")
+        print(f"  {'tar cf members':<16}{format_run(*results['tar cf members'])} (a tar a shard)", flush=True)
     return results
+
+
+def format_run(seconds: float, memory: int, cpu: float, written: int | None = None) -> str:
+    return (f"{seconds:8.1f} s {memory / 2**20:8.0f} MiB {cpu:8.1f} CPU s"
+            + ("" if written is None else f" {written / 2**30:8.2f} GiB written"))
+
+
+def plain_tar(root: Path, options: list[str], listed: Path) -> tuple[float, int, float, int]:
+    """`tar cf` of the files `listed` names, in that order, timed, and the bytes it wrote.
+    --hard-dereference stores every file whole; it also spares tar the table of every file it
+    archived that it keeps otherwise (75 MB at 900,000 files)."""
+    plain = root / "plain.tar"
+    seconds, memory, cpu = measured(["tar", "cf", str(plain), *options, "--verbatim-files-from", "-T", str(listed)], root)
+    written = plain.stat().st_size
+    plain.unlink()
+    return seconds, memory, cpu, written
+
+
+def members_tars(root: Path, shards: Path) -> tuple[float, int, float, int]:
+    """A plain tar write of the bytes `mhmd shard` wrote: each of its tars extracted (untimed) into a
+    folder of files, a sample's jpg, json and cls each a file, then `tar cf` of them in the tar's order
+    timed, one tar a shard as a plain-tar shard writer works (the webdataset format is any tar whose
+    samples' files lie together); the sums over the shards (memory: the largest). A shard at a time,
+    in memory (/dev/shm where there is one), so that the files tar reads are in the page cache, as
+    shard's inputs are: at the paper's size the extracted files of every shard (~4 M, 4 KB a file on
+    disk) do not fit in this machine's memory, and ext4 made files at ~0.7 ms each after a few
+    million had been removed."""
+    listed, total = root / "members.txt", [0.0, 0, 0.0, 0]
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else root) as scratch:
+        for number, tar in enumerate(sorted(shards.glob("*.tar"))):
+            folder = Path(scratch) / str(number)
+            folder.mkdir()
+            names = subprocess.run(["tar", "xvf", str(tar), "-C", str(folder)], check=True,
+                                   capture_output=True, text=True).stdout
+            listed.write_text(names)
+            run = plain_tar(root, ["--hard-dereference", "-C", str(folder)], listed)
+            total = [total[0] + run[0], max(total[1], run[1]), total[2] + run[2], total[3] + run[3]]
+            shutil.rmtree(folder)
+    return tuple(total)
 
 
 def sharded_jpegs(work: WorkDir, out: Path) -> Path:
@@ -289,7 +338,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="Make the work directories here and keep them.")
     parser.add_argument("--reuse", action="store_true",
                         help="Use the work directories --keep holds from an earlier run.")
-    parser.add_argument("--commands", nargs="+", default=[*STEPS, "tar cf"], choices=[*STEPS, "tar cf"],
+    parser.add_argument("--commands", nargs="+", default=[*STEPS, *BASELINES], choices=[*STEPS, *BASELINES],
                         help="Run only these (a command that needs an earlier one's output needs it run too).")
     args = parser.parse_args()
     jpeg = jpeg_of_size(args.jpeg_kb) if args.jpeg_kb else None
@@ -315,9 +364,12 @@ def main() -> None:
         cells = [f"{t:.1f} / {c:.1f} / {m:.0f}" for t, c, m in zip(seconds, cpu, memory)]
         print(f"| {name} | {' | '.join(cells)} | {exponent(sizes, seconds):.2f} | {exponent(sizes, memory):.2f} "
               f"| {linear(sizes, seconds):.0f} / {linear(sizes, cpu):.0f} / {linear(sizes, memory):.0f} |")
-    for n in sizes if {"shard", "tar cf"} <= set(args.commands) else []:
-        shard, tar = runs[n]["shard"], runs[n]["tar cf"]
-        print(f"N={n:,}: shard / tar cf = {shard[0] / tar[0]:.2f}x wall, {shard[2] / max(tar[2], 1e-3):.2f}x CPU")
+    for n in sizes:
+        for baseline in BASELINES if "shard" in runs[n] else ():
+            if baseline in runs[n]:
+                shard, tar = runs[n]["shard"], runs[n][baseline]
+                print(f"N={n:,}: shard / {baseline} = {shard[0] / tar[0]:.2f}x wall, "
+                      f"{shard[2] / max(tar[2], 1e-3):.2f}x CPU, {shard[3] / tar[3]:.2f}x the bytes")
 
 if __name__ == "__main__":
     main()
