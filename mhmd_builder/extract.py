@@ -139,7 +139,7 @@ class ExtractStage:
         summary = {**partition.info, "movie_id": movie, **geometry.summary(), "settings": self.settings.to_dict(),
                    "decoder": decoded.decoder, **_counts(rows),
                    "warnings": _warnings(decoded.stats, decoded.fallback)
-                   + _stopped_early(decoded.stats.last_time, geometry.end, geometry.span),
+                   + _stopped_early([row["timestamp"] for row in rows], geometry.end, geometry.span),
                    "seconds": round(time.monotonic() - started, 3)}
         self.workdir.commit(STAGE, movie, _rows_to_table(rows), summary)
         progress(geometry.span, geometry.span)
@@ -333,11 +333,17 @@ def _warnings(stats: DecodeStats, fallback: str | None) -> list[str]:
     return warnings
 
 
-def _stopped_early(last_time: float | None, end: float | None, span: float) -> list[str]:
+def _stopped_early(times: list[float], end: float | None, span: float) -> list[str]:
     """Decoding that stopped well before the film's `end` (a truncated file; `span`: the film's
-    decoded seconds), from its last frame's time."""
-    if end is not None and last_time is not None and end - last_time > max(5.0, 0.05 * span):
-        return [f"decoding stopped at {last_time:.1f} s of {end:.1f} s (truncated file?)"]
+    decoded seconds), judged from the sampled frames' `times`: more than max(5 s, 5% of the span)
+    after the last, and more than 1.5 times the largest gap between two of them, since the sampling
+    itself may leave that much after its last frame (1/fps, a long GOP of key frames, a long shot)."""
+    if end is None or not times:
+        return []
+    ordered = sorted(times)
+    gap = max((later - earlier for earlier, later in zip(ordered, ordered[1:])), default=0.0)
+    if end - ordered[-1] > max(5.0, 0.05 * span, 1.5 * gap):
+        return [f"decoding stopped at {ordered[-1]:.1f} s of {end:.1f} s (truncated file?)"]
     return []
 
 
@@ -646,7 +652,7 @@ def join_chunks(workdir: WorkDir, film: Partition, chunks: list[Partition], sett
     rows = decide_duplicates(list(unique.values()), settings.quality.max_hash_distance)
     geometry: MovieGeometry = chunks[0].info["geometry"]
     warnings = list(dict.fromkeys(w for s in summaries for w in s["warnings"])) + _stopped_early(
-        rows[-1]["timestamp"] if rows else None, geometry.end, geometry.span)
+        [row["timestamp"] for row in rows], geometry.end, geometry.span)
     if not rows:
         return _film_failed(workdir, film, "no frames decoded" + (f" ({warnings[0]})" if warnings else ""))
     staging = workdir.begin(STAGE, movie) / "frames"

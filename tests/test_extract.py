@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -14,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from mhmd_builder.cli import main
-from mhmd_builder.extract import ExtractSettings, ExtractStage, extract, frame_id, plan_movies
+from mhmd_builder.extract import ExtractSettings, ExtractStage, _stopped_early, extract, frame_id, plan_movies
 from mhmd_builder.logs import LOG_NAME
 from mhmd_builder.tables import MANIFEST_COLUMNS
 from mhmd_builder.media import Sampling, cuda_decoding_problem
@@ -411,3 +412,33 @@ def test_a_codec_nvdec_lacks_fails_or_is_decoded_on_the_cpu_without_asking_the_g
     else:
         assert result.ok and result.summary["decoder"] == "cpu"
         assert result.summary["warnings"] == ["NVDEC cannot decode ffv1; decoded on the CPU"]
+
+
+# Key frames every 8 s and nowhere else (25 fps): the last of a 30 s film at 24 s, 6 s before its end.
+GOP_8S = ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast", "-x264-params", "keyint=200:min-keyint=200:scenecut=0"]
+
+
+def test_key_frames_far_apart_are_not_taken_for_a_truncated_file_and_a_cut_file_still_is(tmp_path):
+    """The last key frame 6 s before the end is where key-frame sampling ends (a film of 30 s warned
+    when its last frame lay over 5 s before the end), undivided or in chunks; the same film cut at 40%
+    of its bytes still stops at 8 s."""
+    film = make_movie(tmp_path / "film.mp4", seconds=30, codec=GOP_8S, extra=["-movflags", "+faststart"])
+    settings = ExtractSettings(sampling=Sampling("keyframes"))
+    for chunk_seconds in (None, 10.0):
+        work = tmp_path / f"work-{chunk_seconds}"
+        [outcome] = extract([film], work, replace(settings, chunk_seconds=chunk_seconds))
+        assert outcome.status == "done" and outcome.summary["warnings"] == []
+        assert WorkDir(work).read_table("extract")["timestamp"].tolist() == [0.0, 8.0, 16.0, 24.0]
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(film.read_bytes()[: int(film.stat().st_size * 0.4)])
+    [outcome] = extract([cut], tmp_path / "cut", settings)
+    assert outcome.summary["warnings"] == ["decoding stopped at 8.0 s of 30.0 s (truncated file?)"]
+
+
+@pytest.mark.parametrize("times,end,warns", [
+    ([0.0, 8.0, 16.0, 24.0], 36.0, False), ([0.0, 8.0, 16.0, 24.0], 36.1, True),  # 1.5 gaps of 8 s: 12 s
+    ([i / 2 for i in range(41)], 25.0, False), ([i / 2 for i in range(41)], 25.1, True),  # at least 5 s
+    ([0.0, 1.0], 1000.0, True), ([0.0, 1.0], None, False),  # no known end: nothing to judge
+])
+def test_a_film_is_taken_for_truncated_past_5_s_and_one_and_a_half_sampling_gaps_after_its_last_frame(times, end, warns):
+    assert bool(_stopped_early(times, end, end or 0.0)) == warns
