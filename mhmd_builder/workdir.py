@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import glob
 import inspect
 import json
 import os
@@ -323,6 +324,9 @@ class WorkDir:
         self._marker(stage, partition, "done").unlink(missing_ok=True)
         self._marker(stage, partition, "failed").unlink(missing_ok=True)
         self.table_path(stage, partition).unlink(missing_ok=True)
+        for path in (self.table_path(stage, partition), *(self._marker(stage, partition, k) for k in ("done", "failed"))):
+            for left in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # a write killed before its rename
+                left.unlink(missing_ok=True)
         tmp = self.tmp_dir(stage, partition)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

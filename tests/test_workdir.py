@@ -38,6 +38,19 @@ def test_restart_clears_a_failed_or_killed_attempt(tmp_path):
     assert wd.failed("extract") == {} and list(staging.iterdir()) == []
 
 
+def test_restart_removes_the_temporary_files_a_killed_write_left(tmp_path):
+    """A kill between a table's or marker's write and its rename leaves `.<name>.tmp<pid>` beside it:
+    the partition's next start removes its own, not those of a partition whose name it begins."""
+    wd = WorkDir(tmp_path)
+    parts = wd.parts_dir("extract")
+    parts.mkdir(parents=True)
+    others = [parts / ".m10.parquet.tmp4242", parts / ".m1.done"]
+    for path in [*(parts / f".m1.{kind}.tmp4242" for kind in ("parquet", "done", "failed")), *others]:
+        path.write_bytes(b"partial")
+    wd.begin("extract", "m1")
+    assert sorted(parts.iterdir()) == sorted(others)
+
+
 def test_read_table_unifies_partitions_with_different_columns(tmp_path):
     wd = WorkDir(tmp_path)
     for pid, table in [("a", pa.table({"x": [1]})), ("b", pa.table({"x": [2], "y": [0.5]}))]:
