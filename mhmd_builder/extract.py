@@ -20,11 +20,10 @@ from typing import Iterator
 import cv2
 import pyarrow as pa
 import xxhash
-from tqdm import tqdm
 
 from .devices import machine_cores, pick_decoder
 from .errors import InputError
-from .logs import bars_disable
+from .logs import progress_bar
 from .media import (BORDER_MARGIN, EXACT_SEEK_CONTAINERS, SEEK_SLACK, Crop, DecodeStats, MediaError, MovieInfo,
                     Part, Sampling, content_hash, cuda_decodes, decode_frames, detect_letterbox, find_movies,
                     key_frames_at, movie_id, output_size, probe, require_ffmpeg, slug)
@@ -514,8 +513,7 @@ def _films_in_chunks(films: list[Partition], settings: ExtractSettings) -> dict[
             return e
 
     with ThreadPoolExecutor(machine_cores()) as pool:
-        planned = tqdm(pool.map(chunks, films), desc="extract: cutting films into chunks", total=len(films),
-                       unit="film", leave=False, disable=bars_disable())
+        planned = progress_bar(pool.map(chunks, films), "extract: cutting films into chunks", "film", len(films))
         return dict(zip([f.id for f in films], planned))
 
 

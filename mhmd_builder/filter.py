@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .logs import progress_bar
 from .quality import SCORE_NAMES, DuplicateRuns, FrameVerdict, QualityThresholds, judge_columns
 from .tables import EXTRACT, FILTER, decisions_path, movie_paths
 from .workdir import WorkDir, atomic_table_writer, atomic_write_json, read_json, writes
@@ -223,7 +224,7 @@ def refilter(workdir: WorkDir | str, thresholds: QualityThresholds) -> dict:
     # Written as decided, a row group per movie (what MovieDecisions reads); the file read for the
     # earlier decisions is replaced only once the new one is whole.
     with atomic_table_writer(decisions_path(workdir), DECISIONS_SCHEMA) as writer:
-        for movie in movies:
+        for movie in progress_bar(movies, "filter", "film"):
             table = workdir.read_partition(EXTRACT, movie)
             decided_on = table.select([name for name in DECIDED_ON if name in table.column_names])
             decisions = _movie_decisions(workdir, movie, decided_on.to_pandas(), thresholds)

@@ -18,7 +18,7 @@ from .labeler import (INPUTS, MEAN, STD, LabelerError, boxes_listed, build_model
                       initial_weights, load_rgb, metrics_path, normalise, save_checkpoint)
 from .labeler_pseudo import confident_per_class, unlabelled_pool
 from .labeler_split import Split, split_for_validation
-from .logs import bars_disable
+from .logs import progress_bar
 from .tables import DETECT, read_human_labels
 from .taxonomy import Taxonomy, load_taxonomy
 from .workdir import WorkDir, atomic_write_json, read_json, writes
@@ -419,11 +419,10 @@ def fit(model, loaders: tuple, settings: TrainSettings, device: str, names: list
 def train_one_epoch(model, loader, optimiser, schedule, device: str, description: str) -> float:
     """One pass over `loader`; returns the loss of its last batch."""
     import torch
-    from tqdm import tqdm
 
     model.train()
     loss_fn = torch.nn.CrossEntropyLoss()
-    bar = tqdm(loader, desc=description, unit="batch", leave=False, disable=bars_disable())
+    bar = progress_bar(loader, description, "batch")
     for images, labels in bar:
         loss = loss_fn(model(normalise(images, device)), labels.to(device))
         optimiser.zero_grad(set_to_none=True)

@@ -90,6 +90,12 @@ def bars_disable() -> bool | None:
     return True if quiet else None
 
 
+def progress_bar(items, description: str, unit: str, total: int | None = None) -> tqdm:
+    """A bar over `items` while a command works through them, on stderr as the command's other bars
+    (`bars_disable`), removed when it ends."""
+    return tqdm(items, desc=description, total=total, unit=unit, leave=False, disable=bars_disable())
+
+
 def versions() -> str:
     """mhmd's, Python's and torch's versions (torch's without importing it: that takes seconds)."""
     try:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from .batching import prefetched
 from .errors import DamagedFileError
 from .filter import MovieDecisions, current_counts, current_decisions, fresh_decisions, with_decisions
+from .logs import progress_bar
 from .tables import (DETECT, EXTRACT, EXTRACT_CHUNKS, FILTER, FUNNEL, LABEL, MANIFEST_COLUMNS, SHARD, SPILL_OPTIONS,
                      decisions_path, human_labels_path, parsing_table_path, rows_by_movie)
 from .workdir import WorkDir, atomic_table_writer, changes
@@ -199,7 +200,7 @@ def manifest_by_movie(workdir: WorkDir, before: str | None = None,
         # (MovieDecisions and MovieBuckets keep the last read). Closed before the spill folder goes,
         # should the caller stop early: no thread is left reading it.
         with closing(prefetched(movies, movie_rows, threads=1, ahead=2)) as built:
-            for _, rows in built:
+            for _, rows in progress_bar(built, "films read", "film", len(movies)):
                 if rows is not None:
                     yield rows
 

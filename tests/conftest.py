@@ -4,6 +4,7 @@ weights, and a suite that runs offline on every machine."""
 from __future__ import annotations
 
 import functools
+import io
 import ipaddress
 import json
 import os
@@ -60,6 +61,13 @@ def offline(tmp_path_factory):
         patch.setenv("MHMD_WEIGHTS_DIR", str(empty))
         patch.setenv("TORCH_HOME", str(empty))
         yield
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal (tqdm draws its bars only there), keeping what was written."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def ffmpeg(*args: str) -> None:

@@ -24,7 +24,7 @@ from mhmd_builder.runners import LocalRunner
 from mhmd_builder.stages import Partition
 from mhmd_builder.workdir import WorkDir
 
-from conftest import make_movie
+from conftest import Terminal, make_movie
 
 MHMD = [sys.executable, "-m", "mhmd_builder.cli"]
 # Frames 3 s to 7 s frozen (at 25 fps): one duplicate run across the border at 5 s of 2.5 s chunks.
@@ -330,3 +330,12 @@ def test_chunk_seconds_must_be_positive_and_not_with_scene_cuts(tmp_path):
     with pytest.raises(InputError, match="scene-cut sampling"):
         extract([film], tmp_path / "w", ExtractSettings(sampling=Sampling("scenes"), chunk_seconds=10))
     assert not (tmp_path / "w" / "extract").exists()
+
+
+def test_the_films_probed_before_any_chunk_is_decoded_go_by_on_a_bar(tmp_path, monkeypatch):
+    """Each film is probed and its letterbox found before decoding starts (half a second a film: a
+    minute for the paper's 147), shown on a bar."""
+    films = [make_movie(tmp_path / f"{seconds}s.mp4", seconds=seconds) for seconds in (2, 3)]
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    extract(films, tmp_path / "w", ExtractSettings(chunk_seconds=1.0), InOneProcess(1))
+    assert "extract: cutting films into chunks:   0%" in sys.stderr.getvalue() and "0/2 [" in sys.stderr.getvalue()

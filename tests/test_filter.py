@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -22,7 +23,7 @@ from mhmd_builder.runners import LocalRunner
 from mhmd_builder.tables import decisions_path
 from mhmd_builder.workdir import WorkDir
 
-from conftest import make_movie
+from conftest import Terminal, make_movie
 
 DEFAULT = QualityThresholds()
 
@@ -221,3 +222,10 @@ def test_the_decisions_read_per_movie_are_the_whole_files_rows_of_it(synthetic_c
             assert got[movie].equals(whole.filter(pa.compute.equal(whole["movie_id"], movie))), movie
         pq.write_table(pq.read_table(decisions_path(work)), decisions_path(work))  # one row group
         assert pq.ParquetFile(decisions_path(work)).num_row_groups == 1
+
+
+def test_refilter_shows_a_bar_over_the_films(synthetic_copy, monkeypatch):
+    """Half a minute at the paper's size: the films go by on a bar, not in silence."""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    refilter(synthetic_copy, DEFAULT)
+    assert "filter:   0%" in sys.stderr.getvalue() and "0/6 [" in sys.stderr.getvalue()

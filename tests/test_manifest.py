@@ -16,6 +16,8 @@ from mhmd_builder.quality import QualityThresholds
 from mhmd_builder.tables import MANIFEST_COLUMNS, parsing_table_path
 from mhmd_builder.workdir import WorkDir, atomic_write_table
 
+from conftest import Terminal
+
 
 def test_status_counts_pending_partitions(tmp_path):
     wd = WorkDir(tmp_path)
@@ -293,3 +295,11 @@ def test_the_export_written_movie_by_movie_is_the_whole_manifest(synthetic_copy,
     assert written.schema.equals(whole.schema) and written.equals(whole)
     assert pq.ParquetFile(out).num_row_groups == len(movies)  # one movie's rows at a time
     assert written["boxes"].null_count < 3000 and written["split"].null_count == 3000 - len(kept)
+
+
+def test_the_commands_that_read_the_films_one_by_one_show_a_bar_over_them(synthetic_copy, monkeypatch):
+    """report, sample, shard's plan, labels import and manifest export go through manifest_by_movie:
+    a minute at the paper's size, shown on a bar over the films."""
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert len(list(manifest_module.manifest_by_movie(synthetic_copy))) == 6
+    assert "films read:   0%" in sys.stderr.getvalue() and "0/6 [" in sys.stderr.getvalue()
