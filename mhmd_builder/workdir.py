@@ -53,12 +53,24 @@ def _changed() -> None:
     _changes += 1
 
 
+def _temporary_prefix(path: Path) -> str:
+    """The name of `path`'s temporary siblings, less the writer's process id that ends it."""
+    return f".{path.name}.tmp"
+
+
+def _remove_killed_writes(path: Path) -> None:
+    """Remove the temporary siblings a write of `path` killed before its rename left (SIGKILL: no
+    cleanup ran). Only where no other process can be writing `path` now."""
+    for left in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*"):
+        left.unlink(missing_ok=True)
+
+
 @contextmanager
 def _temporary_sibling(path: Path) -> Iterator[Path]:
     """A hidden temporary name beside `path`, renamed to it when the block succeeds and removed when
     it fails (a full disk, Ctrl-C): readers never see a partial file, and nothing is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -321,12 +333,10 @@ class WorkDir:
         """Start (or restart) a partition: drop what an earlier attempt left behind. The done
         marker goes first, so a redo that is killed leaves the partition pending, not stale."""
         _changed()
-        self._marker(stage, partition, "done").unlink(missing_ok=True)
-        self._marker(stage, partition, "failed").unlink(missing_ok=True)
-        self.table_path(stage, partition).unlink(missing_ok=True)
-        for path in (self.table_path(stage, partition), *(self._marker(stage, partition, k) for k in ("done", "failed"))):
-            for left in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # a write killed before its rename
-                left.unlink(missing_ok=True)
+        for path in (self._marker(stage, partition, "done"), self._marker(stage, partition, "failed"),
+                     self.table_path(stage, partition)):
+            path.unlink(missing_ok=True)
+            _remove_killed_writes(path)
         tmp = self.tmp_dir(stage, partition)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
